@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The project's two commands. Each one sets up everything it needs on a fresh machine:
+#   bash dev.sh run [hydra overrides...]   run the default job (or any fl-sim job)
+#   bash dev.sh test                       lint (ruff), types (mypy) and the test suite (pytest)
+# Also: bash dev.sh setup (install only), bash dev.sh <console-script> [...] (e.g. fl-sim, fl-sweep).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV=.venv
+STAMP="$VENV/.fedlora-installed"
+
+setup() {
+  local want
+  want=$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
+  if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+    return 0
+  fi
+  echo "==> setting up $VENV (Python 3.11, CPU torch, pinned versions from constraints.txt)" >&2
+  [ -x "$VENV/bin/python" ] || python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  # torch first, by exact version: pip takes the CPU build from this machine's disk (uv would fetch CUDA).
+  "$VENV/bin/python" -m pip install -q "torch==2.13.0"
+  "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[dev]"
+  "$VENV/bin/python" -m pip check
+  echo "$want" > "$STAMP"
+}
+
+export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 RAY_USAGE_STATS_ENABLED=0
+export FLWR_HOME="${FLWR_HOME:-$PWD/.flwr}"
+
+cmd="${1:-run}"
+shift || true
+case "$cmd" in
+  setup) setup ;;
+  run) setup; exec "$VENV/bin/fl-sim" "$@" ;;
+  test)
+    setup
+    "$VENV/bin/ruff" format --check .
+    "$VENV/bin/ruff" check .
+    "$VENV/bin/mypy"
+    exec "$VENV/bin/pytest" -q "$@"
+    ;;
+  *) setup; exec "$VENV/bin/$cmd" "$@" ;;
+esac

@@ -1,0 +1,237 @@
+"""PEFT adapters for each federated LoRA method, their trainable tensors, and export to plain PEFT.
+
+Three adapter kinds, registered by name (a strategy names the kind it needs):
+
+- ``lora``  W0 + s·B·A, A and B trainable (FedIT, LoRA-FAIR).
+- ``ffa``   the same, A frozen at its seeded initialisation, only B trains (FFA-LoRA).
+- ``fedsb`` W0 + B·R·A with A and B frozen and R (r × r) trainable, scaling 1 (Fed-SB). PEFT's LoRA
+  layer computes ``lora_B(lora_A(x))``; Fed-SB replaces ``lora_B`` with `RB`, whose forward is
+  ``B(R(h))`` and whose R is an ``nn.Linear`` so Opacus computes R's per-example gradients.
+
+Every kind also trains the classification head (PEFT ``modules_to_save``). Tensors travel under their
+PEFT parameter names. `export_peft` writes a standard LoRA adapter folder for any kind (Fed-SB folds
+R into B: lora_B = B·R, lora_alpha = r) that ``PeftModel.from_pretrained`` loads.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import PreTrainedModel
+
+from fl.models import head_name, linear_module_names
+
+ADAPTER = "default"  # PEFT adapter name
+A_SUFFIX = f".lora_A.{ADAPTER}.weight"
+B_SUFFIX = f".lora_B.{ADAPTER}.weight"
+SB_B_SUFFIX = f".lora_B.{ADAPTER}.B.weight"
+SB_R_SUFFIX = f".lora_B.{ADAPTER}.R.weight"
+
+
+class RB(torch.nn.Module):
+    """Fed-SB's ``h -> B(R h)``: R (r × r) trainable, B (d_out × r) frozen; stands in for lora_B."""
+
+    def __init__(self, rank: int, out_features: int) -> None:
+        super().__init__()
+        self.R = torch.nn.Linear(rank, rank, bias=False)
+        self.B = torch.nn.Linear(rank, out_features, bias=False)
+        self.B.weight.requires_grad_(False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.B(self.R(h))
+
+
+@dataclass(frozen=True)
+class AdapterKind:
+    """How one method shapes its adapter: LoRA scaling and what stays frozen after PEFT builds it."""
+
+    name: str
+    fixed_alpha_equals_rank: bool  # scaling 1 (Fed-SB)
+    prepare: Callable[[PeftModel, int, int], None]  # (model, rank, seed) -> None, in place
+
+
+def _prepare_lora(model: PeftModel, rank: int, seed: int) -> None:
+    """Plain LoRA: PEFT's own init (A Kaiming-uniform, B zero), both trainable."""
+
+
+def _prepare_ffa(model: PeftModel, rank: int, seed: int) -> None:
+    """FFA-LoRA: freeze A (drawn from the shared seed when the model was built)."""
+    for name, p in model.named_parameters():
+        if name.endswith(A_SUFFIX):
+            p.requires_grad_(False)
+
+
+def _prepare_fedsb(model: PeftModel, rank: int, seed: int) -> None:
+    """Fed-SB: swap each lora_B for `RB`; random orthonormal A, B and R = 0 (W = W0 at start).
+
+    `strategy.init=federated` later overwrites A, B, R with the gradient-SVD initialisation.
+    """
+    gen = torch.Generator().manual_seed(seed + 7919)
+    for module in model.modules():
+        if not (hasattr(module, "lora_A") and hasattr(module, "lora_B")):
+            continue
+        if ADAPTER not in module.lora_B:
+            continue
+        lora_a = module.lora_A[ADAPTER]
+        d_in, d_out = lora_a.in_features, module.lora_B[ADAPTER].out_features
+        rb = RB(rank, d_out)
+        with torch.no_grad():
+            qa, _ = torch.linalg.qr(torch.randn(d_in, rank, generator=gen))
+            qb, _ = torch.linalg.qr(torch.randn(d_out, rank, generator=gen))
+            lora_a.weight.copy_(qa.T[:rank])
+            rb.B.weight.copy_(qb[:, :rank])
+            rb.R.weight.zero_()
+        lora_a.weight.requires_grad_(False)
+        module.lora_B[ADAPTER] = rb
+
+
+ADAPTER_KINDS: dict[str, AdapterKind] = {
+    "lora": AdapterKind("lora", False, _prepare_lora),
+    "ffa": AdapterKind("ffa", False, _prepare_ffa),
+    "fedsb": AdapterKind("fedsb", True, _prepare_fedsb),
+}
+
+
+def get_kind(name: str) -> AdapterKind:
+    """Look up an adapter kind; the error lists the valid names."""
+    if name not in ADAPTER_KINDS:
+        raise KeyError(f"Unknown adapter kind {name!r}; valid kinds: {sorted(ADAPTER_KINDS)}.")
+    return ADAPTER_KINDS[name]
+
+
+def lora_config(
+    base: PreTrainedModel, *, targets: list[str], rank: int, alpha: float, dropout: float
+) -> LoraConfig:
+    """A PEFT LoraConfig on the resolved target modules, with the head in modules_to_save."""
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=linear_module_names(base, targets),
+        modules_to_save=[head_name(base)],
+        bias="none",
+    )
+
+
+def build_adapter(
+    base: PreTrainedModel,
+    *,
+    kind: str,
+    strategy_cfg: DictConfig,
+    targets: list[str],
+    seed: int,
+) -> PeftModel:
+    """Wrap `base` with the adapter of `kind`; deterministic in `seed` (forked RNG).
+
+    `base` is consumed (PEFT injects layers into it). Build on CPU before any device move.
+    """
+    ak = get_kind(kind)
+    rank = int(strategy_cfg.rank)
+    alpha = float(rank) if ak.fixed_alpha_equals_rank else float(strategy_cfg.alpha)
+    cfg = lora_config(
+        base, targets=list(targets), rank=rank, alpha=alpha, dropout=float(strategy_cfg.dropout)
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        model = get_peft_model(base, cfg)
+    ak.prepare(model, rank, seed)
+    return model
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of the parameters that train (what a client sends), by name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def fixed_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter tensors that stay frozen (FFA's A; Fed-SB's A and B), by name."""
+    return {
+        n: p.detach().clone()
+        for n, p in model.named_parameters()
+        if ".lora_" in n and not p.requires_grad
+    }
+
+
+def load_tensors(
+    model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, expect: set[str] | None = None
+) -> None:
+    """Copy `state` into the model's parameters by name, checking names and shapes.
+
+    Parameters
+    ----------
+    expect : set of str, optional
+        If given, the exact key set `state` must have (e.g. the trainable names).
+    """
+    params = dict(model.named_parameters())
+    keys = set(state)
+    if expect is not None and keys != expect:
+        missing, extra = sorted(expect - keys)[:3], sorted(keys - expect)[:3]
+        raise KeyError(f"Adapter tensors do not match the model: missing {missing}, extra {extra}.")
+    with torch.no_grad():
+        for name, value in state.items():
+            if name not in params:
+                raise KeyError(f"No parameter named {name!r} in the model.")
+            p = params[name]
+            if tuple(p.shape) != tuple(value.shape):
+                raise ValueError(
+                    f"Shape mismatch for {name!r}: model {tuple(p.shape)}, got {tuple(value.shape)}."
+                )
+            p.copy_(value.to(p.dtype))
+
+
+def export_peft(model: PeftModel, *, kind: str, base: PreTrainedModel, out_dir: str | Path) -> Path:
+    """Write a standard PEFT LoRA adapter folder that gives this model's predictions.
+
+    Parameters
+    ----------
+    model : PeftModel
+        The framework's model (any adapter kind), holding the final tensors.
+    kind : str
+        Its adapter kind.
+    base : PreTrainedModel
+        A fresh base model like the one `model` wraps; consumed when `kind` is ``fedsb``.
+    out_dir : path
+        Destination folder (created).
+    """
+    out = Path(out_dir)
+    if kind != "fedsb":
+        model.save_pretrained(str(out))
+        return out
+    cfg = copy.deepcopy(model.peft_config[ADAPTER])
+    # Fed-SB: W0 + B R A == W0 + (r/r) · (B R) · A, a plain LoRA with lora_alpha = r.
+    cfg.lora_alpha = cfg.r
+    plain = get_peft_model(base, cfg)
+    src = dict(model.named_parameters())
+    state: dict[str, torch.Tensor] = {}
+    for name, p in plain.named_parameters():
+        if name.endswith(B_SUFFIX):
+            prefix = name[: -len(B_SUFFIX)]
+            state[name] = src[prefix + SB_B_SUFFIX] @ src[prefix + SB_R_SUFFIX]
+        elif name in src and p.requires_grad:
+            state[name] = src[name]
+    load_tensors(plain, state)
+    plain.save_pretrained(str(out))
+    return out
+
+
+def module_factors(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per adapted module, the factors (B_eff, A) with update B_eff·A (up to the LoRA scaling).
+
+    For Fed-SB B_eff = B·R. `state` must hold every factor (trainable and frozen).
+    """
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, a in state.items():
+        if not name.endswith(A_SUFFIX):
+            continue
+        prefix = name[: -len(A_SUFFIX)]
+        if prefix + B_SUFFIX in state:
+            out[prefix] = (state[prefix + B_SUFFIX], a)
+        elif prefix + SB_B_SUFFIX in state and prefix + SB_R_SUFFIX in state:
+            out[prefix] = (state[prefix + SB_B_SUFFIX] @ state[prefix + SB_R_SUFFIX], a)
+    return out

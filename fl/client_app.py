@@ -1,0 +1,115 @@
+"""The Flower ClientApp: load the server's tensors, train locally, reply with the trainable tensors.
+
+The config comes from the overrides in each message (the server's), composed with `fl.config.compose`,
+so every client sees the server's config whichever way the run was started. Tensors a method keeps
+frozen and sends only once (Fed-SB's A and B) are kept in the node's `Context.state`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.evaluate import evaluate
+from clients.train import local_train, round_seed
+from fl import constants as K
+from fl.adapters import load_tensors, trainable_state
+from fl.data import IndexedDataset, TokenizedSplit, client_partition
+from fl.wire import from_record, to_record
+from fl.workspace import Workspace, get_workspace
+
+log = logging.getLogger(__name__)
+
+app = ClientApp()
+
+
+def _partition(context: Context, ws: Workspace) -> tuple[int, IndexedDataset]:
+    pid = int(context.node_config[K.NODE_PARTITION_ID])
+    n = int(context.node_config.get(K.NODE_NUM_PARTITIONS, ws.cfg.sim.num_clients))
+    if n != ws.cfg.sim.num_clients:
+        raise ValueError(
+            f"This node was started with num-partitions={n} but sim.num_clients={ws.cfg.sim.num_clients}; "
+            "start every SuperNode with --node-config 'partition-id=i num-partitions=N' matching the run."
+        )
+    idx = client_partition(ws.task, ws.cfg.data, pid=pid, num_partitions=n, seed=int(ws.cfg.seed))
+    return pid, IndexedDataset(ws.task.train, idx)
+
+
+def _load_global(msg: Message, context: Context, ws: Workspace) -> None:
+    """Put the server's tensors (and any frozen ones, sent now or kept from before) into the model."""
+    content = msg.content
+    if K.FROZEN in content.array_records:  # sent once: keep for the rounds after
+        context.state[K.STATE_FROZEN] = content.array_records[K.FROZEN]
+    if K.STATE_FROZEN in context.state.array_records:
+        load_tensors(ws.model, from_record(context.state.array_records[K.STATE_FROZEN]))
+    expected = {n for n, p in ws.model.named_parameters() if p.requires_grad}
+    load_tensors(ws.model, from_record(content.array_records[K.ARRAYS]), expect=expected)
+
+
+def _workspace(msg: Message) -> tuple[Workspace, int]:
+    conf = msg.content.config_records[K.CONFIG]
+    ws = get_workspace(json.loads(str(conf[K.OVERRIDES])))
+    return ws, int(conf[K.SERVER_ROUND])
+
+
+@app.query()
+def hello(msg: Message, context: Context) -> Message:
+    """Tell the server this node's partition id (used for reproducible sampling)."""
+    pid = int(context.node_config[K.NODE_PARTITION_ID])
+    return Message(RecordDict({K.METRICS: MetricRecord({K.PARTITION_ID: pid})}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of local training (or, in phase init-grad, Fed-SB's init gradient)."""
+    ws, server_round = _workspace(msg)
+    pid, data = _partition(context, ws)
+    conf = msg.content.config_records[K.CONFIG]
+    if str(conf[K.PHASE]) == K.PHASE_INIT_GRAD:
+        from clients.fedsb_init import init_gradient_reply
+
+        return init_gradient_reply(msg, context, ws, data, pid=pid)
+    _load_global(msg, context, ws)
+    cfg = ws.cfg
+    steps = int(cfg.train.local_steps)
+    if cfg.train.local_epochs is not None:
+        steps = max(1, round(float(cfg.train.local_epochs) * len(data) / int(cfg.train.batch_size)))
+    result = local_train(
+        ws.model,
+        data,
+        steps=steps,
+        batch_size=int(cfg.train.batch_size),
+        lr=float(cfg.strategy.lr),
+        weight_decay=float(cfg.train.weight_decay),
+        pad_id=ws.pad_id,
+        seed=round_seed(int(cfg.seed), server_round, pid),
+    )
+    metrics = MetricRecord(
+        {
+            K.NUM_EXAMPLES: result.num_examples,
+            K.PARTITION_ID: pid,
+            K.SERVER_ROUND: server_round,
+            K.TRAIN_LOSS: result.loss,
+            K.TRAIN_STEPS: result.steps,
+            K.TRAIN_SECONDS: result.seconds,
+            K.DECLINED: 0,
+        }
+    )
+    arrays: ArrayRecord = to_record(trainable_state(ws.model))
+    return Message(RecordDict({K.ARRAYS: arrays, K.METRICS: metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_local(msg: Message, context: Context) -> Message:
+    """Federated evaluation: the global adapter on this client's own partition."""
+    ws, _ = _workspace(msg)
+    _, data = _partition(context, ws)
+    _load_global(msg, context, ws)
+    ids = [data.split.input_ids[int(i)] for i in data.indices]
+    split = TokenizedSplit(ids, data.split.labels[data.indices])
+    loss, acc = evaluate(ws.model, split, batch_size=int(ws.cfg.train.eval_batch_size), pad_id=ws.pad_id)
+    metrics = MetricRecord({K.NUM_EXAMPLES: len(data), "eval-loss": loss, "eval-accuracy": acc})
+    return Message(RecordDict({K.METRICS: metrics}), reply_to=msg)

@@ -1,0 +1,265 @@
+"""Config schemas (Hydra structured configs) and the one function every party composes config with.
+
+`fl-sim`, `flwr run` (ServerApp and every ClientApp) and the sweep harness all call `compose(overrides)`
+on the same list of Hydra overrides, so server and clients always see one config. The schemas make a
+misspelt key fail at compose time with Hydra's own message ("Key 'rnak' not in 'LoraStrategyConfig'").
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class ModelConfig:
+    """Base model: `minilm` (embedded all-MiniLM-L6-v2), `tiny` (random BERT), or any HF name/path."""
+
+    name: str = "minilm"
+    task: str = "seq_cls"  # sequence classification; the field leaves room for causal LM
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    tokenizer: str | None = None  # defaults to the model's own (tiny reuses MiniLM's)
+    # Only for name=tiny: a random BERT built in-process.
+    hidden_size: int = 32
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 64
+
+
+@dataclass
+class DataConfig:
+    """Dataset, held-out split and partitioning (flwr-datasets partitioners)."""
+
+    source: str = "tweets"  # tweets | file | hf
+    path: str | None = None  # file path (csv/json/jsonl/parquet) or HF dataset name
+    split: str = "train"  # HF split to read
+    text_column: str = "text"
+    label_column: str = "label"
+    test_size: int = 2000  # examples held out on the server for central evaluation
+    max_examples: int | None = None  # subsample the training pool (quick runs)
+    max_length: int = 64  # tokens; batches are padded dynamically up to this
+    partitioner: str = "dirichlet"  # iid | dirichlet | pathological | natural
+    alpha: float = 0.5  # Dirichlet concentration (smaller = more heterogeneous)
+    labels_per_client: int = 2  # pathological: classes per client
+    natural_column: str | None = None  # natural: the column that names each example's owner
+    min_partition_size: int = 10  # Dirichlet resamples until every client has this many
+    self_balancing: bool = True  # Dirichlet: stop filling a client past the mean size (flwr-datasets)
+
+
+@dataclass
+class StrategyConfig:
+    """Fields every federated LoRA strategy has; methods extend it (see strategies/)."""
+
+    name: str = MISSING
+    rank: int = 8
+    alpha: float = 16.0  # LoRA scaling s = alpha / rank
+    dropout: float = 0.0
+    lr: float = 1e-3  # client learning rate (AdamW); methods tune their own default
+
+
+@dataclass
+class LoraFairConfig(StrategyConfig):
+    """LoRA-FAIR server correction (Bian et al., ICCV 2025)."""
+
+    solver: str = "sgd"  # sgd (the paper's) | closed_form (ridge, an r x r solve)
+    steps: int = 1000
+    solver_lr: float = 1e-2
+    lam: float = 0.01
+
+
+@dataclass
+class FedSBConfig(StrategyConfig):
+    """Fed-SB (Singhal et al., 2025): W0 + B R A with only R (r x r) trained and averaged."""
+
+    init: str = "federated"  # federated (gradient SVD) | random
+    init_examples: int = 64  # per client, for the federated init gradient
+    init_lr: float = 1e-3  # eta of the first full fine-tuning step the init approximates
+
+
+@dataclass
+class TrainConfig:
+    """Local training on a client."""
+
+    batch_size: int = 16
+    local_steps: int = 20
+    local_epochs: float | None = None  # if set, overrides local_steps (epochs of the partition)
+    weight_decay: float = 0.0
+    eval_batch_size: int = 128
+    threads: int = 0  # torch threads per process (0 = leave torch's default)
+
+
+@dataclass
+class PrivacyConfig:
+    """Client-side DP-SGD with Opacus; `enabled: false` is `privacy=off`."""
+
+    enabled: bool = False
+    target_epsilon: float = 3.0
+    delta: float | None = None  # default: below 1 / n_k for each client
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"  # rdp | prv
+    poisson_sampling: bool = True
+
+
+@dataclass
+class SimConfig:
+    """Federation shape and the Simulation Runtime's resources."""
+
+    num_clients: int = 10
+    rounds: int = 5
+    fraction_train: float = 1.0
+    min_train_clients: int = 2
+    fraction_evaluate: float = 0.0  # federated (client-side) evaluation; central eval always runs
+    client_cpus: float = 1.0  # Ray CPUs per virtual client (2 cores here -> 2 clients at once)
+    timeout: float = 3600.0  # seconds the server waits for a round's replies
+
+
+@dataclass
+class Config:
+    """The whole run. `strategy` is typed Any because each method's schema validates its own group."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    strategy: Any = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    sim: SimConfig = field(default_factory=SimConfig)
+    seed: int = 0
+    run_dir: str | None = None  # where outputs go; fl-sim sets it to Hydra's run dir
+    cache_dir: str | None = None  # tokenised data cache; default ~/.cache/fedlora
+
+
+STRATEGY_SCHEMAS: dict[str, type[StrategyConfig]] = {
+    "lora": StrategyConfig,
+    "lora_fair": LoraFairConfig,
+    "fed_sb": FedSBConfig,
+}
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    # Schemas live in their own groups so they never show up as options of the real groups;
+    # each YAML extends one with `defaults: [/schema/<group>/<name>@_here_]`.
+    cs.store(group="schema/model", name="model", node=ModelConfig)
+    cs.store(group="schema/data", name="data", node=DataConfig)
+    cs.store(group="schema/privacy", name="privacy", node=PrivacyConfig)
+    cs.store(group="schema/sim", name="sim", node=SimConfig)
+    for name, node in STRATEGY_SCHEMAS.items():
+        cs.store(group="schema/strategy", name=name, node=node)
+
+
+def split_overrides(overrides: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """Overrides as a list: a run-config string is split like a shell command line."""
+    if overrides is None:
+        return []
+    if isinstance(overrides, str):
+        return shlex.split(overrides)
+    return list(overrides)
+
+
+@lru_cache(maxsize=32)
+def _compose_cached(overrides: tuple[str, ...]) -> DictConfig:
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def compose(overrides: str | list[str] | tuple[str, ...] | None = None) -> DictConfig:
+    """Compose the run config from Hydra overrides; the single entry point for every party.
+
+    Parameters
+    ----------
+    overrides : str or list of str
+        e.g. ``["strategy=fed_sb", "sim.num_clients=20"]`` or the same as one string.
+
+    Returns
+    -------
+    DictConfig
+        Read-only, validated against the schemas (a misspelt key or a bad value raises).
+    """
+    cfg = _compose_cached(tuple(split_overrides(overrides)))
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, field_name: str, value: object, fix: str) -> None:
+    if not ok:
+        raise ValueError(f"{field_name}={value!r} is invalid: {fix}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check values the schemas' types cannot: ranges and cross-field rules. Raises ValueError."""
+    s, d, sim, t, p = cfg.strategy, cfg.data, cfg.sim, cfg.train, cfg.privacy
+    known = {f for schema in STRATEGY_SCHEMAS.values() for f in schema.__dataclass_fields__}
+    unknown = sorted(set(s.keys()) - known)
+    _require(not unknown, "strategy", unknown, f"unknown key(s); strategy keys are {sorted(known)}.")
+    _require(s.rank > 0, "strategy.rank", s.rank, "the LoRA rank must be a positive integer.")
+    _require(s.lr > 0, "strategy.lr", s.lr, "the client learning rate must be > 0.")
+    _require(0 <= s.dropout < 1, "strategy.dropout", s.dropout, "use a value in [0, 1).")
+    _require(
+        sim.num_clients >= 1, "sim.num_clients", sim.num_clients, "need at least one client."
+    )
+    _require(sim.rounds >= 1, "sim.rounds", sim.rounds, "need at least one round.")
+    _require(
+        0 < sim.fraction_train <= 1,
+        "sim.fraction_train",
+        sim.fraction_train,
+        "use a fraction in (0, 1].",
+    )
+    _require(
+        0 <= sim.fraction_evaluate <= 1,
+        "sim.fraction_evaluate",
+        sim.fraction_evaluate,
+        "use a fraction in [0, 1] (0 skips federated evaluation).",
+    )
+    _require(
+        1 <= sim.min_train_clients <= sim.num_clients,
+        "sim.min_train_clients",
+        sim.min_train_clients,
+        f"must be between 1 and sim.num_clients ({sim.num_clients}).",
+    )
+    _require(d.alpha > 0, "data.alpha", d.alpha, "the Dirichlet concentration must be > 0.")
+    _require(d.test_size > 0, "data.test_size", d.test_size, "hold out at least one example.")
+    _require(d.max_length > 1, "data.max_length", d.max_length, "use at least 2 tokens.")
+    _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "use at least 1.")
+    _require(t.local_steps >= 1, "train.local_steps", t.local_steps, "use at least 1 step.")
+    _require(
+        t.local_epochs is None or t.local_epochs > 0,
+        "train.local_epochs",
+        t.local_epochs,
+        "use a positive number of epochs, or null to use train.local_steps.",
+    )
+    if p.enabled:
+        _require(
+            p.target_epsilon > 0,
+            "privacy.target_epsilon",
+            p.target_epsilon,
+            "must be > 0; use privacy=off for no DP.",
+        )
+        _require(
+            p.delta is None or 0 < p.delta < 1,
+            "privacy.delta",
+            p.delta,
+            "use a value in (0, 1), below 1/n_k, or null for the default.",
+        )
+        _require(p.max_grad_norm > 0, "privacy.max_grad_norm", p.max_grad_norm, "must be > 0.")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML (what a run folder's config.yaml holds)."""
+    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -1,0 +1,40 @@
+"""Message, record and metric keys, defined once in one casing (kebab-case on the wire)."""
+
+from __future__ import annotations
+
+# Records inside a Flower Message
+ARRAYS = "arrays"  # ArrayRecord: the tensors a party sends
+CONFIG = "config"  # ConfigRecord: round instructions to a client
+METRICS = "metrics"  # MetricRecord: a client's reply metrics
+FROZEN = "frozen"  # ArrayRecord: frozen shared tensors sent once (Fed-SB's A and B)
+
+# ConfigRecord keys (server -> client)
+SERVER_ROUND = "server-round"
+OVERRIDES = "overrides"  # the Hydra overrides every party composes the config from
+PHASE = "phase"  # what a train message asks for, one of the PHASE_* values
+PHASE_TRAIN = "train"
+PHASE_INIT_GRAD = "init-grad"  # Fed-SB: send the gradient sum over init examples
+ADAPTER_KIND = "adapter-kind"
+
+# MetricRecord keys (client -> server)
+NUM_EXAMPLES = "num-examples"  # the aggregation weight n_k (Flower's default key)
+PARTITION_ID = "partition-id"
+TRAIN_LOSS = "train-loss"
+TRAIN_SECONDS = "train-seconds"
+TRAIN_STEPS = "train-steps"
+EPSILON = "epsilon"
+DECLINED = "declined"  # 1 when a client declined to train (e.g. privacy budget), else 0
+
+# Node config keys (Flower's own names)
+NODE_PARTITION_ID = "partition-id"
+NODE_NUM_PARTITIONS = "num-partitions"
+
+# Context.state keys on a client
+STATE_FROZEN = "fedlora-frozen"
+STATE_PRIVACY = "fedlora-privacy"
+
+# Run outputs
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.yaml"
+ADAPTER_DIR = "adapter"

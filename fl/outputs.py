@@ -1,0 +1,59 @@
+"""A run's output folder: config.yaml, metrics.jsonl (one line per round), summary.json, adapter/."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from fl import constants as K
+from fl.config import to_yaml
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN/Inf become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    return value
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write, then rename: a reader never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunOutputs:
+    """Writer for one run folder."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.dir / K.METRICS_FILE
+        self.adapter_dir = self.dir / K.ADAPTER_DIR
+
+    def write_config(self, cfg: DictConfig) -> None:
+        write_atomic(self.dir / K.CONFIG_FILE, to_yaml(cfg))
+
+    def reset_metrics(self) -> None:
+        self.metrics_path.write_text("")
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(_clean(row)) + "\n")
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_atomic(self.dir / K.SUMMARY_FILE, json.dumps(_clean(summary), indent=2) + "\n")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl."""
+    path = Path(run_dir) / K.METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,141 @@
+"""The Flower ServerApp: build the model and the method's strategy, run the rounds, write outputs.
+
+`app` reads the overrides from the run config (``flwr run . --run-config "overrides='...'"``);
+`make_server_app(overrides)` binds them for the in-process Simulation Runtime (`fl-sim`). Both call
+`run_server`, which composes the config with `fl.config.compose`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from clients.evaluate import evaluate
+from fl.adapters import export_peft, fixed_state, load_tensors, trainable_state
+from fl.config import split_overrides
+from fl.outputs import RunOutputs
+from fl.wire import to_record
+from fl.workspace import get_workspace
+from strategies import get_strategy
+
+log = logging.getLogger(__name__)
+
+
+def default_run_dir() -> Path:
+    """outputs/<date>/<time>, like Hydra's default run dir."""
+    now = datetime.now()
+    return Path("outputs") / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S")
+
+
+def run_server(grid: Grid, overrides: list[str]) -> Path:
+    """Run one federated training job and write its run folder. Returns the folder."""
+    t_start = time.perf_counter()
+    ws = get_workspace(overrides)
+    cfg = ws.cfg
+    out = RunOutputs(cfg.run_dir or default_run_dir())
+    out.write_config(cfg)
+    out.reset_metrics()
+    strategy = get_strategy(cfg.strategy.name)(cfg, overrides=list(overrides), fixed=fixed_state(ws.model))
+    rounds = int(cfg.sim.rounds)
+    cumulative = {"bytes_up": 0, "bytes_down": 0}
+    history: list[dict[str, Any]] = []
+
+    def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        t_eval = time.perf_counter()
+        load_tensors(ws.model, strategy.materialize(arrays))
+        loss, acc = evaluate(ws.model, ws.task.test, batch_size=int(cfg.train.eval_batch_size), pad_id=ws.pad_id)
+        eval_seconds = time.perf_counter() - t_eval
+        st = strategy.stats.get(server_round)
+        row: dict[str, Any] = {"round": server_round, "accuracy": acc, "loss": loss}
+        if st is not None:
+            cumulative["bytes_up"] += st.bytes_up
+            cumulative["bytes_down"] += st.bytes_down
+            row.update(
+                bytes_up=st.bytes_up,
+                bytes_down=st.bytes_down,
+                floats_up=st.floats_up,
+                floats_down=st.floats_down,
+                sampled=st.sampled,
+                aggregated=st.aggregated,
+                failed=st.failed,
+                rejected=st.rejected,
+                declined=st.declined,
+                train_loss=st.train_loss,
+                residual=st.residual,
+                client_seconds=st.client_seconds,
+                aggregate_seconds=st.aggregate_seconds,
+                round_seconds=st.round_seconds,
+                **st.extra,
+            )
+        row.update(
+            eval_seconds=eval_seconds,
+            cum_bytes_up=cumulative["bytes_up"],
+            cum_bytes_down=cumulative["bytes_down"],
+            wall_seconds=time.perf_counter() - t_start,
+        )
+        out.append_metrics(row)
+        history.append(row)
+        log.info(
+            "[round %d/%d] accuracy=%.4f loss=%.4f up=%s B down=%s B residual=%s wall=%.1fs",
+            server_round,
+            rounds,
+            acc,
+            loss,
+            row.get("bytes_up", 0),
+            row.get("bytes_down", 0),
+            row.get("residual"),
+            row["wall_seconds"],
+        )
+        return MetricRecord({"accuracy": acc, "loss": loss})
+
+    result = strategy.start(
+        grid,
+        to_record(trainable_state(ws.model)),
+        num_rounds=rounds,
+        timeout=float(cfg.sim.timeout),
+        evaluate_fn=central_evaluate,
+    )
+    final_arrays = result.arrays if result.arrays is not None and len(result.arrays) else None
+    if final_arrays is not None:
+        load_tensors(ws.model, strategy.materialize(final_arrays))
+    export_peft(ws.model, kind=ws.kind, base=ws.fresh_base(), out_dir=out.adapter_dir)  # type: ignore[arg-type]
+    last = history[-1]
+    out.write_summary(
+        {
+            "strategy": cfg.strategy.name,
+            "rounds": rounds,
+            "num_clients": int(cfg.sim.num_clients),
+            "final_accuracy": last["accuracy"],
+            "best_accuracy": max(r["accuracy"] for r in history),
+            "final_loss": last["loss"],
+            "cum_bytes_up": last["cum_bytes_up"],
+            "cum_bytes_down": last["cum_bytes_down"],
+            "wall_seconds": time.perf_counter() - t_start,
+            "client_seconds": sum(r.get("client_seconds", 0.0) for r in history),
+            "label_names": ws.task.label_names,
+            "adapter_dir": str(out.adapter_dir),
+        }
+    )
+    log.info("Run finished: outputs in %s", out.dir.resolve())
+    return out.dir
+
+
+def make_server_app(overrides: list[str] | None = None) -> ServerApp:
+    """A ServerApp bound to `overrides`, or reading them from the run config when None."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        ov = overrides if overrides is not None else split_overrides(str(context.run_config.get("overrides", "")))
+        run_server(grid, ov)
+
+    return server_app
+
+
+app = make_server_app()

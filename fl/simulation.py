@@ -1,0 +1,51 @@
+"""Run one job on Flower's Simulation Runtime (Ray), in this process, and clean up after it."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from fl.config import compose
+from fl.runtime_env import set_quiet_env
+
+log = logging.getLogger(__name__)
+
+
+def run_simulation(overrides: list[str]) -> Path:
+    """Compose the config from `overrides`, simulate `sim.num_clients` clients, return the run folder.
+
+    The ServerApp runs in this process; ClientApps run in Ray actors (`sim.client_cpus` CPUs each).
+    Ray is shut down before returning, also on error, so no Flower or Ray process outlives the call.
+    """
+    set_quiet_env()
+    cfg = compose(overrides)  # fail fast, before Ray starts
+    if cfg.run_dir is None:
+        from fl.server_app import default_run_dir
+
+        overrides = [*overrides, f"run_dir={default_run_dir()}"]
+        cfg = compose(overrides)
+    import ray
+    from flwr.simulation import run_simulation as flwr_run_simulation
+
+    from fl.client_app import app as client_app
+    from fl.server_app import make_server_app
+
+    backend_config = {
+        "client_resources": {"num_cpus": float(cfg.sim.client_cpus), "num_gpus": 0.0},
+        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
+    }
+    try:
+        flwr_run_simulation(
+            server_app=make_server_app(list(overrides)),
+            client_app=client_app,
+            num_supernodes=int(cfg.sim.num_clients),
+            backend_config=backend_config,  # type: ignore[arg-type]
+        )
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    run_dir = Path(str(cfg.run_dir))
+    if not (run_dir / "summary.json").is_file():
+        raise RuntimeError(f"The simulation ended without writing {run_dir / 'summary.json'}; see the log above.")
+    return run_dir

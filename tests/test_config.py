@@ -1,0 +1,75 @@
+"""Config composition: one function, schemas that reject typos, values checked with the field named."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+from fl.config import compose, split_overrides
+
+
+def test_compose_defaults_and_overrides() -> None:
+    cfg = compose(["strategy=fedit", "sim.num_clients=20", "data.alpha=0.1"])
+    assert cfg.strategy.name == "fedit"
+    assert cfg.sim.num_clients == 20
+    assert cfg.data.alpha == pytest.approx(0.1)
+    assert cfg.model.name == "minilm"
+    assert cfg.privacy.enabled is False
+
+
+def test_run_config_string_gives_the_same_config() -> None:
+    as_list = compose(["strategy=fedit", "sim.rounds=3"])
+    as_string = compose("strategy=fedit sim.rounds=3")
+    assert as_list == as_string
+    assert split_overrides("a=1 'b=x y'") == ["a=1", "b=x y"]
+
+
+def test_unknown_strategy_lists_valid_names() -> None:
+    with pytest.raises(MissingConfigException, match="nosuch") as err:
+        compose(["strategy=nosuch"])
+    assert "fedit" in str(err.value)
+
+
+@pytest.mark.parametrize("bad", ["sim.num_clientz=3", "strategy.rnak=3", "data.alhpa=1"])
+def test_misspelt_key_fails_at_compose(bad: str) -> None:
+    with pytest.raises(ConfigCompositionException, match=bad.split("=")[0]):
+        compose([bad])
+
+
+def test_appended_unknown_strategy_key_is_refused() -> None:
+    with pytest.raises(ValueError, match="rnak"):
+        compose(["+strategy.rnak=3"])
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("strategy.rank=0", "strategy.rank"),
+        ("data.alpha=0", "data.alpha"),
+        ("sim.fraction_train=1.5", "sim.fraction_train"),
+        ("sim.fraction_train=0", "sim.fraction_train"),
+        ("sim.min_train_clients=11", "sim.min_train_clients"),
+        ("privacy=dp", None),
+        ("privacy=dp privacy.target_epsilon=0", "privacy.target_epsilon"),
+    ],
+)
+def test_bad_values_name_the_field(override: str, field: str | None) -> None:
+    if field is None:
+        assert compose(override.split()).privacy.enabled
+        return
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        compose(override.split())
+
+
+@pytest.mark.parametrize(
+    ("arg", "needle"), [("strategy=nosuch", "nosuch"), ("sim.num_clientz=3", "num_clientz")]
+)
+def test_fl_sim_fails_at_once_on_bad_input(arg: str, needle: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fl.cli", arg], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode != 0
+    assert needle in proc.stdout + proc.stderr
