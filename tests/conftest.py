@@ -33,3 +33,9 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 def tiny_overrides(cache_dir: str, tmp_path: Path) -> list[str]:
     """Overrides for a tiny, fast run writing into a temporary run folder."""
     return [*TINY, f"cache_dir={cache_dir}", f"run_dir={tmp_path / 'run'}"]
+
+
+@pytest.fixture(scope="session")
+def tiny(cache_dir: str) -> list[str]:
+    """The tiny-run overrides (no run_dir), with the session's data cache."""
+    return [*TINY, f"cache_dir={cache_dir}"]
