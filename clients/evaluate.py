@@ -8,9 +8,7 @@ from fl.data import IndexedDataset, TokenizedSplit, collate
 
 
 @torch.no_grad()
-def evaluate(
-    model: torch.nn.Module, split: TokenizedSplit, *, batch_size: int, pad_id: int
-) -> tuple[float, float]:
+def evaluate(model: torch.nn.Module, split: TokenizedSplit, *, batch_size: int, pad_id: int) -> tuple[float, float]:
     """Return (mean cross-entropy loss, accuracy) of `model` on `split`.
 
     Batches are formed from length-sorted examples so dynamic padding wastes little compute.

@@ -18,8 +18,8 @@ from fl.data import IndexedDataset, collate
 
 # (model, optimizer, loader) -> (model, optimizer, loader): e.g. Opacus' make_private.
 Wrapper = Callable[
-    [torch.nn.Module, torch.optim.Optimizer, DataLoader],  # type: ignore[type-arg]
-    tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader],  # type: ignore[type-arg]
+    [torch.nn.Module, torch.optim.Optimizer, DataLoader],
+    tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader],
 ]
 
 
@@ -38,9 +38,7 @@ def round_seed(seed: int, server_round: int, partition_id: int) -> int:
     return (seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**31 - 1)
 
 
-def make_loader(
-    dataset: IndexedDataset, *, batch_size: int, pad_id: int, seed: int
-) -> DataLoader:  # type: ignore[type-arg]
+def make_loader(dataset: IndexedDataset, *, batch_size: int, pad_id: int, seed: int) -> DataLoader:
     """Shuffled mini-batches with dynamic padding, in an order fixed by `seed`."""
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(
@@ -51,7 +49,7 @@ def make_loader(
     )
 
 
-def _cycle(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:  # type: ignore[type-arg]
+def _cycle(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
     while True:
         yield from loader
 
@@ -90,9 +88,7 @@ def local_train(
     if len(dataset) == 0:
         raise ValueError("This client's partition is empty; it cannot train.")
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer: torch.optim.Optimizer = torch.optim.AdamW(
-        params, lr=lr, weight_decay=weight_decay
-    )
+    optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     loader = make_loader(dataset, batch_size=batch_size, pad_id=pad_id, seed=seed)
     net = model
     if wrap is not None:
@@ -118,6 +114,4 @@ def local_train(
             taken += 1
     net.eval()
     seconds = time.perf_counter() - t0
-    return TrainResult(
-        loss=total / max(taken, 1), steps=taken, seconds=seconds, num_examples=len(dataset)
-    )
+    return TrainResult(loss=total / max(taken, 1), steps=taken, seconds=seconds, num_examples=len(dataset))

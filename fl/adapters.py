@@ -16,6 +16,7 @@ R into B: lora_B = B·R, lora_alpha = r) that ``PeftModel.from_pretrained`` load
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedModel
 
 from fl.models import head_name, linear_module_names
@@ -74,12 +76,11 @@ def _prepare_fedsb(model: PeftModel, rank: int, seed: int) -> None:
     """
     gen = torch.Generator().manual_seed(seed + 7919)
     for module in model.modules():
-        if not (hasattr(module, "lora_A") and hasattr(module, "lora_B")):
-            continue
-        if ADAPTER not in module.lora_B:
+        if not isinstance(module, LoraLayer) or ADAPTER not in module.lora_B:
             continue
         lora_a = module.lora_A[ADAPTER]
-        d_in, d_out = lora_a.in_features, module.lora_B[ADAPTER].out_features
+        assert isinstance(lora_a, torch.nn.Linear)
+        d_in, d_out = int(lora_a.in_features), int(module.out_features or 0)
         rb = RB(rank, d_out)
         with torch.no_grad():
             qa, _ = torch.linalg.qr(torch.randn(d_in, rank, generator=gen))
@@ -105,13 +106,11 @@ def get_kind(name: str) -> AdapterKind:
     return ADAPTER_KINDS[name]
 
 
-def lora_config(
-    base: PreTrainedModel, *, targets: list[str], rank: int, alpha: float, dropout: float
-) -> LoraConfig:
+def lora_config(base: PreTrainedModel, *, targets: list[str], rank: int, alpha: float, dropout: float) -> LoraConfig:
     """A PEFT LoraConfig on the resolved target modules, with the head in modules_to_save."""
     return LoraConfig(
         r=rank,
-        lora_alpha=alpha,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # PEFT annotates int; a float is valid
         lora_dropout=dropout,
         target_modules=linear_module_names(base, targets),
         modules_to_save=[head_name(base)],
@@ -134,10 +133,10 @@ def build_adapter(
     ak = get_kind(kind)
     rank = int(strategy_cfg.rank)
     alpha = float(rank) if ak.fixed_alpha_equals_rank else float(strategy_cfg.alpha)
-    cfg = lora_config(
-        base, targets=list(targets), rank=rank, alpha=alpha, dropout=float(strategy_cfg.dropout)
-    )
-    with torch.random.fork_rng(devices=[]):
+    cfg = lora_config(base, targets=list(targets), rank=rank, alpha=alpha, dropout=float(strategy_cfg.dropout))
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # PEFT calls transformers' deprecated is_gradient_checkpointing; nothing for users to act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(seed + 1)
         model = get_peft_model(base, cfg)
     ak.prepare(model, rank, seed)
@@ -151,16 +150,10 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def fixed_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Adapter tensors that stay frozen (FFA's A; Fed-SB's A and B), by name."""
-    return {
-        n: p.detach().clone()
-        for n, p in model.named_parameters()
-        if ".lora_" in n and not p.requires_grad
-    }
+    return {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" in n and not p.requires_grad}
 
 
-def load_tensors(
-    model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, expect: set[str] | None = None
-) -> None:
+def load_tensors(model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, expect: set[str] | None = None) -> None:
     """Copy `state` into the model's parameters by name, checking names and shapes.
 
     Parameters
@@ -179,9 +172,7 @@ def load_tensors(
                 raise KeyError(f"No parameter named {name!r} in the model.")
             p = params[name]
             if tuple(p.shape) != tuple(value.shape):
-                raise ValueError(
-                    f"Shape mismatch for {name!r}: model {tuple(p.shape)}, got {tuple(value.shape)}."
-                )
+                raise ValueError(f"Shape mismatch for {name!r}: model {tuple(p.shape)}, got {tuple(value.shape)}.")
             p.copy_(value.to(p.dtype))
 
 
@@ -204,6 +195,7 @@ def export_peft(model: PeftModel, *, kind: str, base: PreTrainedModel, out_dir: 
         model.save_pretrained(str(out))
         return out
     cfg = copy.deepcopy(model.peft_config[ADAPTER])
+    assert isinstance(cfg, LoraConfig)
     # Fed-SB: W0 + B R A == W0 + (r/r) · (B R) · A, a plain LoRA with lora_alpha = r.
     cfg.lora_alpha = cfg.r
     plain = get_peft_model(base, cfg)
@@ -220,7 +212,9 @@ def export_peft(model: PeftModel, *, kind: str, base: PreTrainedModel, out_dir: 
     return out
 
 
-def module_factors(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def module_factors(
+    state: Mapping[str, torch.Tensor],
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per adapted module, the factors (B_eff, A) with update B_eff·A (up to the LoRA scaling).
 
     For Fed-SB B_eff = B·R. `state` must hold every factor (trainable and frozen).

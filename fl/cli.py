@@ -25,6 +25,7 @@ def setup_logging() -> None:
         if not logger.handlers:
             logger.addHandler(handler)
         logger.propagate = False
+    logging.getLogger("flwr").propagate = False  # Flower has its own handler; Hydra's root one would repeat it
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")

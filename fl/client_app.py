@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
+import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -18,6 +20,7 @@ from clients.train import local_train, round_seed
 from fl import constants as K
 from fl.adapters import load_tensors, trainable_state
 from fl.data import IndexedDataset, TokenizedSplit, client_partition
+from fl.runtime_env import CLIENT_THREADS_ENV
 from fl.wire import from_record, to_record
 from fl.workspace import Workspace, get_workspace
 
@@ -27,8 +30,8 @@ app = ClientApp()
 
 
 def _partition(context: Context, ws: Workspace) -> tuple[int, IndexedDataset]:
-    pid = int(context.node_config[K.NODE_PARTITION_ID])
-    n = int(context.node_config.get(K.NODE_NUM_PARTITIONS, ws.cfg.sim.num_clients))
+    pid = int(str(context.node_config[K.NODE_PARTITION_ID]))
+    n = int(str(context.node_config.get(K.NODE_NUM_PARTITIONS, ws.cfg.sim.num_clients)))
     if n != ws.cfg.sim.num_clients:
         raise ValueError(
             f"This node was started with num-partitions={n} but sim.num_clients={ws.cfg.sim.num_clients}; "
@@ -52,13 +55,16 @@ def _load_global(msg: Message, context: Context, ws: Workspace) -> None:
 def _workspace(msg: Message) -> tuple[Workspace, int]:
     conf = msg.content.config_records[K.CONFIG]
     ws = get_workspace(json.loads(str(conf[K.OVERRIDES])))
-    return ws, int(conf[K.SERVER_ROUND])
+    threads = int(ws.cfg.train.threads) or int(os.environ.get(CLIENT_THREADS_ENV, "0"))
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return ws, int(str(conf[K.SERVER_ROUND]))
 
 
 @app.query()
 def hello(msg: Message, context: Context) -> Message:
     """Tell the server this node's partition id (used for reproducible sampling)."""
-    pid = int(context.node_config[K.NODE_PARTITION_ID])
+    pid = int(str(context.node_config[K.NODE_PARTITION_ID]))
     return Message(RecordDict({K.METRICS: MetricRecord({K.PARTITION_ID: pid})}), reply_to=msg)
 
 

@@ -211,9 +211,7 @@ def validate(cfg: DictConfig) -> None:
     _require(s.rank > 0, "strategy.rank", s.rank, "the LoRA rank must be a positive integer.")
     _require(s.lr > 0, "strategy.lr", s.lr, "the client learning rate must be > 0.")
     _require(0 <= s.dropout < 1, "strategy.dropout", s.dropout, "use a value in [0, 1).")
-    _require(
-        sim.num_clients >= 1, "sim.num_clients", sim.num_clients, "need at least one client."
-    )
+    _require(sim.num_clients >= 1, "sim.num_clients", sim.num_clients, "need at least one client.")
     _require(sim.rounds >= 1, "sim.rounds", sim.rounds, "need at least one round.")
     _require(
         0 < sim.fraction_train <= 1,

@@ -84,7 +84,10 @@ def load_pool(data_cfg: DictConfig) -> datasets.Dataset:
 
 
 def _check_columns(ds: datasets.Dataset, data_cfg: DictConfig) -> None:
-    needed = [("data.text_column", data_cfg.text_column), ("data.label_column", data_cfg.label_column)]
+    needed = [
+        ("data.text_column", data_cfg.text_column),
+        ("data.label_column", data_cfg.label_column),
+    ]
     if data_cfg.partitioner == "natural":
         needed.append(("data.natural_column", data_cfg.natural_column))
     for field_name, col in needed:
@@ -94,7 +97,12 @@ def _check_columns(ds: datasets.Dataset, data_cfg: DictConfig) -> None:
 
 def _cache_key(data_cfg: DictConfig, tokenizer_name: str, seed: int) -> str:
     payload = json.dumps(
-        {"data": OmegaConf.to_container(data_cfg, resolve=True), "tok": tokenizer_name, "seed": seed, "v": 1},
+        {
+            "data": OmegaConf.to_container(data_cfg, resolve=True),
+            "tok": tokenizer_name,
+            "seed": seed,
+            "v": 1,
+        },
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -111,15 +119,13 @@ def _tokenize(texts: list[str], tokenizer: object, max_length: int) -> list[torc
     return [torch.tensor(ids, dtype=torch.int32) for ids in enc["input_ids"]]
 
 
-def build_task_data(
-    data_cfg: DictConfig, tokenizer: object, *, seed: int, cache_dir: str | None = None
-) -> TaskData:
+def build_task_data(data_cfg: DictConfig, tokenizer: object, *, seed: int, cache_dir: str | None = None) -> TaskData:
     """Load, split (seeded shuffle; the first `test_size` are the server's test set), tokenise; cached."""
     tok_name = str(getattr(tokenizer, "name_or_path", type(tokenizer).__name__))
     path = cache_root(cache_dir) / f"task-{_cache_key(data_cfg, tok_name, seed)}.pt"
     if path.is_file():
         try:
-            return torch.load(path, weights_only=False)  # type: ignore[no-any-return]
+            return torch.load(path, weights_only=False)
         except Exception as e:  # a torn or stale cache file is rebuilt, never trusted
             log.warning("Ignoring unreadable data cache %s (%s); rebuilding it.", path, e)
     ds = load_pool(data_cfg)
@@ -181,14 +187,15 @@ def make_partitioner(data_cfg: DictConfig, *, num_partitions: int, seed: int) ->
         )
     if kind == "natural":
         return P.NaturalIdPartitioner(partition_by="natural")
-    raise ValueError(
-        f"data.partitioner={kind!r} is unknown; use one of iid, dirichlet, pathological, natural."
-    )
+    raise ValueError(f"data.partitioner={kind!r} is unknown; use one of iid, dirichlet, pathological, natural.")
 
 
 def partition_indices(task: TaskData, data_cfg: DictConfig, *, num_partitions: int, seed: int) -> list[np.ndarray]:
     """Indices into `task.train` for every partition (flwr-datasets decides them)."""
-    cols: dict[str, list[object]] = {"idx": list(range(len(task.train))), "label": task.train_labels.tolist()}
+    cols: dict[str, list[object]] = {
+        "idx": list(range(len(task.train))),
+        "label": task.train_labels.tolist(),
+    }
     if task.train_natural is not None:
         cols["natural"] = list(task.train_natural)
     part = make_partitioner(data_cfg, num_partitions=num_partitions, seed=seed)
@@ -221,9 +228,7 @@ def partition_indices(task: TaskData, data_cfg: DictConfig, *, num_partitions: i
 _PARTITIONS: dict[tuple[int, str, int, int], list[np.ndarray]] = {}
 
 
-def client_partition(
-    task: TaskData, data_cfg: DictConfig, *, pid: int, num_partitions: int, seed: int
-) -> np.ndarray:
+def client_partition(task: TaskData, data_cfg: DictConfig, *, pid: int, num_partitions: int, seed: int) -> np.ndarray:
     """One client's indices; the partitioning is computed once per process and task."""
     if not 0 <= pid < num_partitions:
         raise ValueError(f"partition-id={pid} is outside [0, {num_partitions}).")

@@ -55,9 +55,7 @@ def resolve_name(name: str) -> str:
 
 def load_tokenizer(model_cfg: DictConfig) -> PreTrainedTokenizerBase:
     """The tokenizer of `model.tokenizer`, else of the model (tiny reuses MiniLM's)."""
-    name = model_cfg.tokenizer or (
-        EMBEDDED_MODEL if model_cfg.name == TINY_MODEL else model_cfg.name
-    )
+    name = model_cfg.tokenizer or (EMBEDDED_MODEL if model_cfg.name == TINY_MODEL else model_cfg.name)
     tok = AutoTokenizer.from_pretrained(resolve_name(name))
     if tok.pad_token is None:  # causal LMs often have none
         tok.pad_token = tok.eos_token
@@ -77,9 +75,7 @@ def load_base_model(model_cfg: DictConfig, *, num_labels: int, seed: int) -> Pre
         Seeds the head's initialisation (inside a forked RNG).
     """
     if model_cfg.task != "seq_cls":
-        raise ValueError(
-            f"model.task={model_cfg.task!r} is not supported yet; use model.task=seq_cls."
-        )
+        raise ValueError(f"model.task={model_cfg.task!r} is not supported yet; use model.task=seq_cls.")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if model_cfg.name == TINY_MODEL:
@@ -91,8 +87,8 @@ def load_base_model(model_cfg: DictConfig, *, num_labels: int, seed: int) -> Pre
                 num_attention_heads=model_cfg.num_heads,
                 intermediate_size=model_cfg.intermediate_size,
                 max_position_embeddings=512,
-                num_labels=num_labels,
             )
+            config.num_labels = num_labels
             model: PreTrainedModel = BertForSequenceClassification(config)
         else:
             # The load report ("classifier MISSING: newly initialized") is expected for a new head.
@@ -117,9 +113,7 @@ def head_name(model: torch.nn.Module) -> str:
     for name in HEAD_NAMES:
         if isinstance(getattr(model, name, None), torch.nn.Module):
             return name
-    raise ValueError(
-        f"{type(model).__name__} has no classification head named one of {HEAD_NAMES}."
-    )
+    raise ValueError(f"{type(model).__name__} has no classification head named one of {HEAD_NAMES}.")
 
 
 def linear_module_names(model: torch.nn.Module, targets: list[str]) -> list[str]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+CLIENT_THREADS_ENV = "FEDLORA_CLIENT_THREADS"  # torch threads per ClientApp process (simulation)
+
 QUIET_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",

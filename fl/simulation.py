@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from fl.config import compose
-from fl.runtime_env import set_quiet_env
+from fl.runtime_env import CLIENT_THREADS_ENV, set_quiet_env
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,9 @@ def run_simulation(overrides: list[str]) -> Path:
     from fl.client_app import app as client_app
     from fl.server_app import make_server_app
 
+    # Each actor's torch gets as many threads as the CPUs Ray reserves for it (read by the ClientApp;
+    # actors inherit this environment); without it every actor starts one thread per core.
+    os.environ[CLIENT_THREADS_ENV] = str(max(1, int(cfg.train.threads or cfg.sim.client_cpus)))
     backend_config = {
         "client_resources": {"num_cpus": float(cfg.sim.client_cpus), "num_gpus": 0.0},
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},

@@ -59,14 +59,16 @@ def get_workspace(overrides: list[str] | tuple[str, ...]) -> Workspace:
         return _CACHE[key]
     _CACHE.clear()
     cfg = compose(list(key))
-    if cfg.train.threads > 0:
-        torch.set_num_threads(int(cfg.train.threads))
     tokenizer = load_tokenizer(cfg.model)
     task = build_task_data(cfg.data, tokenizer, seed=int(cfg.seed), cache_dir=cfg.cache_dir)
     kind = get_strategy(cfg.strategy.name).adapter_kind
     base = load_base_model(cfg.model, num_labels=len(task.label_names), seed=int(cfg.seed))
     model = build_adapter(
-        base, kind=kind, strategy_cfg=cfg.strategy, targets=list(cfg.model.target_modules), seed=int(cfg.seed)
+        base,
+        kind=kind,
+        strategy_cfg=cfg.strategy,
+        targets=list(cfg.model.target_modules),
+        seed=int(cfg.seed),
     )
     model.eval()
     ws = Workspace(cfg=cfg, overrides=key, tokenizer=tokenizer, task=task, model=model, kind=kind)

@@ -68,8 +68,14 @@ def throughput(steps: int, chunks: int) -> dict[str, float]:
         batches = [next(it) for _ in range(steps)]  # the batches local_train will draw
         bare_s += bare_loop(bare_model, batches, float(cfg.strategy.lr))
         res = local_train(
-            ws.model, data, steps=steps, batch_size=16, lr=float(cfg.strategy.lr), weight_decay=0.0,
-            pad_id=ws.pad_id, seed=seed,
+            ws.model,
+            data,
+            steps=steps,
+            batch_size=16,
+            lr=float(cfg.strategy.lr),
+            weight_decay=0.0,
+            pad_id=ws.pad_id,
+            seed=seed,
         )
         fw_s += res.seconds
     n = steps * chunks

@@ -1,8 +1,14 @@
 """Federated LoRA server strategies, one method per module, selected by name from the registry."""
 
+from strategies.fed_sb import FedSB
 from strategies.fedit import FedIT
+from strategies.ffa_lora import FFALoRA
+from strategies.lora_fair import LoraFAIR
 from strategies.registry import get_strategy, names, register
 
 register("fedit", FedIT)
+register("ffa_lora", FFALoRA)
+register("lora_fair", LoraFAIR)
+register("fed_sb", FedSB)
 
-__all__ = ["FedIT", "get_strategy", "names", "register"]
+__all__ = ["FFALoRA", "FedIT", "FedSB", "LoraFAIR", "get_strategy", "names", "register"]

@@ -34,6 +34,11 @@ from strategies.validation import reply_problem
 log = logging.getLogger(__name__)
 
 
+def scalars(record: MetricRecord) -> dict[str, float]:
+    """The scalar entries of a MetricRecord as floats (lists are left out)."""
+    return {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
+
+
 @dataclass
 class RoundStats:
     """What the server saw in one round (one line of metrics.jsonl, with central evaluation)."""
@@ -73,9 +78,7 @@ class LoraStrategy(FedAvg):
 
     adapter_kind: ClassVar[str] = "lora"
 
-    def __init__(
-        self, cfg: Any, *, overrides: list[str], fixed: Mapping[str, torch.Tensor]
-    ) -> None:
+    def __init__(self, cfg: Any, *, overrides: list[str], fixed: Mapping[str, torch.Tensor]) -> None:
         sim = cfg.sim
         super().__init__(
             fraction_train=float(sim.fraction_train),
@@ -166,15 +169,16 @@ class LoraStrategy(FedAvg):
         new = [n for n in node_ids if n not in self.partition_of]
         if not new:
             return
-        msgs = [
-            Message(RecordDict({K.CONFIG: self.config_record(0, "hello")}), n, MessageType.QUERY)
-            for n in new
-        ]
+        msgs = [Message(RecordDict({K.CONFIG: self.config_record(0, "hello")}), n, MessageType.QUERY) for n in new]
         for reply in grid.send_and_receive(msgs, timeout=float(self.cfg.sim.timeout)):
             if reply.has_error():
-                log.warning("Node %d did not answer the hello query: %s", reply.metadata.src_node_id, reply.error.reason)
+                log.warning(
+                    "Node %d did not answer the hello query: %s",
+                    reply.metadata.src_node_id,
+                    reply.error.reason,
+                )
                 continue
-            pid = reply.content.metric_records[K.METRICS][K.PARTITION_ID]
+            pid = scalars(reply.content.metric_records[K.METRICS])[K.PARTITION_ID]
             self.partition_of[reply.metadata.src_node_id] = int(pid)
 
     def sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
@@ -182,7 +186,7 @@ class LoraStrategy(FedAvg):
         self.wait_for_nodes(grid)
         self.discover(grid)
         known = sorted(self.partition_of, key=self.partition_of.__getitem__)
-        k = min(len(known), max(minimum, int(round(fraction * len(known)))))
+        k = min(len(known), max(minimum, round(fraction * len(known))))
         if k == len(known):
             return known
         picks = self.rng.choice(len(known), size=k, replace=False)
@@ -212,11 +216,14 @@ class LoraStrategy(FedAvg):
             content = self.arrays_for(node, arrays)
             content[K.CONFIG] = self.config_record(server_round, K.PHASE_TRAIN)
             stats.bytes_down += array_bytes(content)
-            stats.floats_down += sum(
-                num_floats(from_record(r)) for r in content.array_records.values()
-            )
+            stats.floats_down += sum(num_floats(from_record(r)) for r in content.array_records.values())
             msgs.append(Message(content, node, MessageType.TRAIN))
-        log.info("round %d: sending to %d clients, %d bytes down", server_round, len(nodes), stats.bytes_down)
+        log.info(
+            "round %d: sending to %d clients, %d bytes down",
+            server_round,
+            len(nodes),
+            stats.bytes_down,
+        )
         return msgs
 
     def aggregate_train(
@@ -224,7 +231,7 @@ class LoraStrategy(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check every reply, aggregate the sound ones with the method's rule."""
         stats = self.stats.setdefault(server_round, RoundStats())
-        good: list[tuple[int, dict[str, torch.Tensor], float, MetricRecord]] = []
+        good: list[tuple[int, dict[str, torch.Tensor], float, dict[str, float]]] = []
         replies = list(replies)
         stats.failed += max(0, stats.sampled - len(replies))
         for msg in replies:
@@ -235,8 +242,9 @@ class LoraStrategy(FedAvg):
                 continue
             stats.replied += 1
             stats.bytes_up += array_bytes(msg.content)
-            metrics = msg.content.metric_records.get(K.METRICS)
-            if metrics is not None and int(metrics.get(K.DECLINED, 0)):
+            record = msg.content.metric_records.get(K.METRICS)
+            metrics = scalars(record) if record is not None else {}
+            if metrics.get(K.DECLINED, 0.0):
                 stats.declined += 1
                 log.warning("round %d: client on node %d declined to train", server_round, node)
                 continue
@@ -245,10 +253,9 @@ class LoraStrategy(FedAvg):
                 stats.rejected += 1
                 log.warning("round %d: rejected the reply of node %d: %s", server_round, node, problem)
                 continue
-            assert metrics is not None
             state = from_record(msg.content.array_records[K.ARRAYS])
             stats.floats_up += num_floats(state)
-            good.append((self.partition_of.get(node, node), state, float(metrics[K.NUM_EXAMPLES]), metrics))
+            good.append((self.partition_of.get(node, node), state, metrics[K.NUM_EXAMPLES], metrics))
         if len(good) < self.min_train_nodes:
             log.warning(
                 "round %d: only %d usable replies (< sim.min_train_clients=%d); the global adapter stays as it was",
@@ -265,9 +272,9 @@ class LoraStrategy(FedAvg):
         stats.aggregated = len(good)
         stats.residual = self.residual(states, weights, agg)
         total = sum(weights)
-        stats.train_loss = sum(w * float(g[3].get(K.TRAIN_LOSS, 0.0)) for g, w in zip(good, weights, strict=True)) / total
-        stats.client_seconds = sum(float(g[3].get(K.TRAIN_SECONDS, 0.0)) for g in good)
-        eps = [float(g[3][K.EPSILON]) for g in good if K.EPSILON in g[3]]
+        stats.train_loss = sum(w * g[3].get(K.TRAIN_LOSS, 0.0) for g, w in zip(good, weights, strict=True)) / total
+        stats.client_seconds = sum(g[3].get(K.TRAIN_SECONDS, 0.0) for g in good)
+        eps = [g[3][K.EPSILON] for g in good if K.EPSILON in g[3]]
         if eps:
             stats.extra["epsilon_max"] = max(eps)
             stats.extra["epsilon_mean"] = sum(eps) / len(eps)

@@ -12,9 +12,7 @@ from fl import constants as K
 from fl.wire import from_record
 
 
-def reply_problem(
-    msg: Message, *, expected: Mapping[str, tuple[int, ...]], server_round: int
-) -> str | None:
+def reply_problem(msg: Message, *, expected: Mapping[str, tuple[int, ...]], server_round: int) -> str | None:
     """Why a training reply must be rejected, or None if it is sound.
 
     Parameters
@@ -34,7 +32,7 @@ def reply_problem(
     if not isinstance(n, int | float) or not math.isfinite(n) or n <= 0:
         return f"{K.NUM_EXAMPLES}={n!r} must be a positive number"
     got_round = metrics.get(K.SERVER_ROUND)
-    if got_round is not None and int(got_round) != server_round:
+    if isinstance(got_round, int | float) and int(got_round) != server_round:
         return f"{K.SERVER_ROUND}={got_round} but the server is in round {server_round}"
     if K.ARRAYS not in content.array_records:
         return f"no ArrayRecord {K.ARRAYS!r}"

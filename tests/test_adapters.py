@@ -61,13 +61,21 @@ def test_fedsb_starts_at_the_base_model_and_r_is_the_only_adapter_tensor() -> No
 def test_export_reloads_with_plain_peft_to_the_same_logits(kind: str, tmp_path: Path) -> None:
     model = _build(kind)
     gen = torch.Generator().manual_seed(1)
-    load_tensors(model, {k: torch.randn(v.shape, generator=gen) * 0.1 for k, v in trainable_state(model).items()})
+    load_tensors(
+        model,
+        {k: torch.randn(v.shape, generator=gen) * 0.1 for k, v in trainable_state(model).items()},
+    )
     x = torch.randint(5, 500, (4, 12), generator=gen)
     mask = torch.ones_like(x)
     with torch.no_grad():
         ours = model(input_ids=x, attention_mask=mask).logits
     cfg = compose(["model=tiny"])
-    out = export_peft(model, kind=kind, base=load_base_model(cfg.model, num_labels=LABELS, seed=0), out_dir=tmp_path / "adapter")
+    out = export_peft(
+        model,
+        kind=kind,
+        base=load_base_model(cfg.model, num_labels=LABELS, seed=0),
+        out_dir=tmp_path / "adapter",
+    )
     assert (out / "adapter_config.json").is_file()
     reloaded = PeftModel.from_pretrained(load_base_model(cfg.model, num_labels=LABELS, seed=0), str(out))
     reloaded.eval()

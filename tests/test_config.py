@@ -64,12 +64,8 @@ def test_bad_values_name_the_field(override: str, field: str | None) -> None:
         compose(override.split())
 
 
-@pytest.mark.parametrize(
-    ("arg", "needle"), [("strategy=nosuch", "nosuch"), ("sim.num_clientz=3", "num_clientz")]
-)
+@pytest.mark.parametrize(("arg", "needle"), [("strategy=nosuch", "nosuch"), ("sim.num_clientz=3", "num_clientz")])
 def test_fl_sim_fails_at_once_on_bad_input(arg: str, needle: str) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "fl.cli", arg], capture_output=True, text=True, timeout=60
-    )
+    proc = subprocess.run([sys.executable, "-m", "fl.cli", arg], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert needle in proc.stdout + proc.stderr

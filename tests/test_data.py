@@ -64,17 +64,26 @@ def test_local_csv_with_custom_columns(tokenizer, tmp_path: Path) -> None:  # ty
     df = pd.DataFrame({"body": [f"text number {i}" for i in range(300)], "y": rng.integers(0, 2, 300)})
     path = tmp_path / "d.csv"
     df.to_csv(path, index=False)
-    cfg = compose(["model=tiny", "data=file", f"data.path={path}", "data.text_column=body", "data.label_column=y", "data.test_size=50"])
+    cfg = compose(
+        [
+            "model=tiny",
+            "data=file",
+            f"data.path={path}",
+            "data.text_column=body",
+            "data.label_column=y",
+            "data.test_size=50",
+        ]
+    )
     task = build_task_data(cfg.data, tokenizer, seed=0, cache_dir=str(tmp_path / "c"))
     assert len(task.train) == 250 and task.label_names == ["0", "1"]
 
 
 def test_missing_file_and_column_are_named(tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     cfg = compose(["data=file", f"data.path={tmp_path / 'nope.csv'}"])
-    with pytest.raises(FileNotFoundError, match="data.path"):
+    with pytest.raises(FileNotFoundError, match=r"data\.path"):
         build_task_data(cfg.data, tokenizer, seed=0, cache_dir=str(tmp_path))
     path = tmp_path / "d.csv"
     pd.DataFrame({"text": ["a", "b"], "label": [0, 1]}).to_csv(path, index=False)
     cfg = compose(["data=file", f"data.path={path}", "data.label_column=target", "data.test_size=1"])
-    with pytest.raises(KeyError, match="data.label_column"):
+    with pytest.raises(KeyError, match=r"data\.label_column"):
         build_task_data(cfg.data, tokenizer, seed=0, cache_dir=str(tmp_path))

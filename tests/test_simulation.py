@@ -51,7 +51,9 @@ def test_outputs_are_written(run: tuple[Path, list[str]]) -> None:
     assert not _no_ray_children()
 
 
-def test_adapter_reloads_with_plain_peft_to_the_framework_predictions(run: tuple[Path, list[str]]) -> None:
+def test_adapter_reloads_with_plain_peft_to_the_framework_predictions(
+    run: tuple[Path, list[str]],
+) -> None:
     run_dir, overrides = run
     ws = get_workspace(overrides)  # the server ran in this process: its model holds the final adapter
     reloaded = PeftModel.from_pretrained(
