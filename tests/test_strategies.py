@@ -17,9 +17,9 @@ from fl.simulation import run_simulation
 from fl.workspace import get_workspace
 from strategies import names
 
-H, I, LAYERS, LABELS, R, CLIENTS, ROUNDS = 32, 64, 2, 3, 4, 2, 2
+H, INTER, LAYERS, LABELS, R, CLIENTS, ROUNDS = 32, 64, 2, 3, 4, 2, 2
 HEAD = H * LABELS + LABELS
-MODULES = [(H, H)] * 4 + [(I, H), (H, I)]  # (d_out, d_in) per layer: q, k, v, attn-out, intermediate, output
+MODULES = [(H, H)] * 4 + [(INTER, H), (H, INTER)]  # (d_out, d_in) per layer: q, k, v, attn-out, intermediate, output
 HEADER = 128  # numpy .npy header bytes per array in Flower's wire format
 
 
