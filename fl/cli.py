@@ -28,12 +28,24 @@ def setup_logging() -> None:
     logging.getLogger("flwr").propagate = False  # Flower has its own handler; Hydra's root one would repeat it
 
 
+def resume_overrides(run_dir: str, cli: list[str]) -> list[str]:
+    """The checkpoint's overrides, then any given now (e.g. more `sim.rounds`), then `resume=`."""
+    from fl.checkpoint import Checkpoint
+
+    ckpt = Checkpoint.load(run_dir)
+    extra = [o for o in cli if not o.startswith(("resume=", "run_dir="))]
+    return [*ckpt.overrides, *extra, f"resume={run_dir}"]
+
+
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
 def _sim(cfg: DictConfig) -> None:
     validate(cfg)
     hc = HydraConfig.get()
-    overrides = [o for o in hc.overrides.task if not o.startswith("run_dir=")]
-    overrides.append(f"run_dir={cfg.run_dir or hc.runtime.output_dir}")
+    if cfg.resume:
+        overrides = resume_overrides(str(cfg.resume), list(hc.overrides.task))
+    else:
+        overrides = [o for o in hc.overrides.task if not o.startswith("run_dir=")]
+        overrides.append(f"run_dir={cfg.run_dir or hc.runtime.output_dir}")
     from fl.simulation import run_simulation
 
     run_dir = run_simulation(overrides)

@@ -136,6 +136,7 @@ class Config:
     sim: SimConfig = field(default_factory=SimConfig)
     seed: int = 0
     run_dir: str | None = None  # where outputs go; fl-sim sets it to Hydra's run dir
+    resume: str | None = None  # a run folder to continue from its last complete round
     cache_dir: str | None = None  # tokenised data cache; default ~/.cache/fedlora
 
 

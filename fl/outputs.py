@@ -42,8 +42,9 @@ class RunOutputs:
     def write_config(self, cfg: DictConfig) -> None:
         write_atomic(self.dir / K.CONFIG_FILE, to_yaml(cfg))
 
-    def reset_metrics(self) -> None:
-        self.metrics_path.write_text("")
+    def rewrite_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Start metrics.jsonl over with `rows` (empty for a new run; the checkpoint's on resume)."""
+        write_atomic(self.metrics_path, "".join(json.dumps(_clean(r)) + "\n" for r in rows))
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as f:

@@ -18,11 +18,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from clients.evaluate import evaluate
 from fl.adapters import export_peft, fixed_state, load_tensors, trainable_state
+from fl.checkpoint import Checkpoint
 from fl.config import split_overrides
 from fl.outputs import RunOutputs
-from fl.wire import to_record
+from fl.wire import from_record, to_record
 from fl.workspace import get_workspace
 from strategies import get_strategy
+from strategies.base import RoundStats
 
 log = logging.getLogger(__name__)
 
@@ -33,54 +35,78 @@ def default_run_dir() -> Path:
     return Path("outputs") / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S")
 
 
+def round_row(st: RoundStats) -> dict[str, Any]:
+    """The strategy's record of one round, as metrics.jsonl fields."""
+    return {
+        "bytes_up": st.bytes_up,
+        "bytes_down": st.bytes_down,
+        "floats_up": st.floats_up,
+        "floats_down": st.floats_down,
+        "sampled": st.sampled,
+        "replied": st.replied,
+        "aggregated": st.aggregated,
+        "failed": st.failed,
+        "rejected": st.rejected,
+        "declined": st.declined,
+        "skipped": st.skipped,
+        "train_loss": st.train_loss,
+        "residual": st.residual,
+        "client_seconds": st.client_seconds,
+        "aggregate_seconds": st.aggregate_seconds,
+        "round_seconds": st.round_seconds,
+        **st.extra,
+    }
+
+
 def run_server(grid: Grid, overrides: list[str]) -> Path:
-    """Run one federated training job and write its run folder. Returns the folder."""
+    """Run one federated training job (or resume one) and write its run folder. Returns the folder."""
     t_start = time.perf_counter()
     ws = get_workspace(overrides)
     cfg = ws.cfg
+    base_overrides = [o for o in overrides if not o.startswith("resume=")]
+    ckpt = Checkpoint.load(cfg.resume) if cfg.resume else None
     out = RunOutputs(cfg.run_dir or default_run_dir())
     out.write_config(cfg)
-    out.reset_metrics()
     strategy = get_strategy(cfg.strategy.name)(cfg, overrides=list(overrides), fixed=fixed_state(ws.model))
     rounds = int(cfg.sim.rounds)
-    cumulative = {"bytes_up": 0, "bytes_down": 0}
     history: list[dict[str, Any]] = []
+    initial = to_record(trainable_state(ws.model))
+    wall_before = 0.0
+    if ckpt is not None:
+        strategy.load_state_dict(ckpt.strategy_state)
+        strategy.round_offset = ckpt.round
+        initial = to_record(ckpt.arrays)
+        history = list(ckpt.history)
+        wall_before = float(history[-1]["wall_seconds"])
+        log.info("Resuming %s after round %d of %d", out.dir, ckpt.round, rounds)
+    out.rewrite_metrics(history)
+    cumulative = {
+        "bytes_up": int(history[-1]["cum_bytes_up"]) if history else 0,
+        "bytes_down": int(history[-1]["cum_bytes_down"]) if history else 0,
+    }
 
-    def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def central_evaluate(flower_round: int, arrays: ArrayRecord) -> MetricRecord:
+        server_round = flower_round + strategy.round_offset
+        if history and history[-1]["round"] == server_round:  # resumed: this round is already recorded
+            return MetricRecord({"accuracy": history[-1]["accuracy"], "loss": history[-1]["loss"]})
         t_eval = time.perf_counter()
         load_tensors(ws.model, strategy.materialize(arrays))
         loss, acc = evaluate(ws.model, ws.task.test, batch_size=int(cfg.train.eval_batch_size), pad_id=ws.pad_id)
-        eval_seconds = time.perf_counter() - t_eval
-        st = strategy.stats.get(server_round)
         row: dict[str, Any] = {"round": server_round, "accuracy": acc, "loss": loss}
+        st = strategy.stats.get(server_round)
         if st is not None:
             cumulative["bytes_up"] += st.bytes_up
             cumulative["bytes_down"] += st.bytes_down
-            row.update(
-                bytes_up=st.bytes_up,
-                bytes_down=st.bytes_down,
-                floats_up=st.floats_up,
-                floats_down=st.floats_down,
-                sampled=st.sampled,
-                aggregated=st.aggregated,
-                failed=st.failed,
-                rejected=st.rejected,
-                declined=st.declined,
-                train_loss=st.train_loss,
-                residual=st.residual,
-                client_seconds=st.client_seconds,
-                aggregate_seconds=st.aggregate_seconds,
-                round_seconds=st.round_seconds,
-                **st.extra,
-            )
+            row.update(round_row(st))
         row.update(
-            eval_seconds=eval_seconds,
+            eval_seconds=time.perf_counter() - t_eval,
             cum_bytes_up=cumulative["bytes_up"],
             cum_bytes_down=cumulative["bytes_down"],
-            wall_seconds=time.perf_counter() - t_start,
+            wall_seconds=wall_before + time.perf_counter() - t_start,
         )
         out.append_metrics(row)
         history.append(row)
+        Checkpoint(server_round, from_record(arrays), strategy.state_dict(), history, base_overrides).save(out.dir)
         log.info(
             "[round %d/%d] accuracy=%.4f loss=%.4f up=%s B down=%s B residual=%s wall=%.1fs",
             server_round,
@@ -94,16 +120,17 @@ def run_server(grid: Grid, overrides: list[str]) -> Path:
         )
         return MetricRecord({"accuracy": acc, "loss": loss})
 
-    result = strategy.start(
-        grid,
-        to_record(trainable_state(ws.model)),
-        num_rounds=rounds,
-        timeout=float(cfg.sim.timeout),
-        evaluate_fn=central_evaluate,
-    )
-    final_arrays = result.arrays if result.arrays is not None and len(result.arrays) else None
-    if final_arrays is not None:
-        load_tensors(ws.model, strategy.materialize(final_arrays))
+    final = initial
+    if rounds > strategy.round_offset:
+        result = strategy.start(
+            grid,
+            initial,
+            num_rounds=rounds - strategy.round_offset,
+            timeout=float(cfg.sim.timeout),
+            evaluate_fn=central_evaluate,
+        )
+        final = result.arrays if result.arrays is not None and len(result.arrays) else from_history(history, out)
+    load_tensors(ws.model, strategy.materialize(final))
     export_peft(ws.model, kind=ws.kind, base=ws.fresh_base(), out_dir=out.adapter_dir)  # type: ignore[arg-type]
     last = history[-1]
     out.write_summary(
@@ -116,14 +143,22 @@ def run_server(grid: Grid, overrides: list[str]) -> Path:
             "final_loss": last["loss"],
             "cum_bytes_up": last["cum_bytes_up"],
             "cum_bytes_down": last["cum_bytes_down"],
-            "wall_seconds": time.perf_counter() - t_start,
+            "wall_seconds": wall_before + time.perf_counter() - t_start,
             "client_seconds": sum(r.get("client_seconds", 0.0) for r in history),
+            "failed_replies": sum(r.get("failed", 0) for r in history),
+            "rejected_replies": sum(r.get("rejected", 0) for r in history),
             "label_names": ws.task.label_names,
             "adapter_dir": str(out.adapter_dir),
+            "resumed_from_round": ckpt.round if ckpt is not None else None,
         }
     )
     log.info("Run finished: outputs in %s", out.dir.resolve())
     return out.dir
+
+
+def from_history(history: list[dict[str, Any]], out: RunOutputs) -> ArrayRecord:
+    """The last checkpointed global arrays (when no round of this session aggregated anything)."""
+    return to_record(Checkpoint.load(out.dir).arrays)
 
 
 def make_server_app(overrides: list[str] | None = None) -> ServerApp:

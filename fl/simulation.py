@@ -5,17 +5,22 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fl.config import compose
 from fl.runtime_env import CLIENT_THREADS_ENV, set_quiet_env
 
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
+
 log = logging.getLogger(__name__)
 
 
-def run_simulation(overrides: list[str]) -> Path:
+def run_simulation(overrides: list[str], *, client_app: ClientApp | None = None) -> Path:
     """Compose the config from `overrides`, simulate `sim.num_clients` clients, return the run folder.
 
     The ServerApp runs in this process; ClientApps run in Ray actors (`sim.client_cpus` CPUs each).
+    `client_app` replaces the framework's ClientApp (e.g. a fault-injecting one in tests).
     Ray is shut down before returning, also on error, so no Flower or Ray process outlives the call.
     """
     set_quiet_env()
@@ -28,7 +33,7 @@ def run_simulation(overrides: list[str]) -> Path:
     import ray
     from flwr.simulation import run_simulation as flwr_run_simulation
 
-    from fl.client_app import app as client_app
+    from fl.client_app import app as default_client_app
     from fl.server_app import make_server_app
 
     # Each actor's torch gets as many threads as the CPUs Ray reserves for it (read by the ClientApp;
@@ -41,7 +46,7 @@ def run_simulation(overrides: list[str]) -> Path:
     try:
         flwr_run_simulation(
             server_app=make_server_app(list(overrides)),
-            client_app=client_app,
+            client_app=client_app or default_client_app,
             num_supernodes=int(cfg.sim.num_clients),
             backend_config=backend_config,  # type: ignore[arg-type]
         )

@@ -49,6 +49,7 @@ class RoundStats:
     failed: int = 0  # error replies (exception, timeout) and missing replies
     rejected: int = 0  # replies that failed validation
     declined: int = 0  # clients that chose not to train (e.g. privacy budget spent)
+    skipped: bool = False  # too few usable replies: the global adapter stayed as it was
     bytes_down: int = 0
     bytes_up: int = 0
     floats_down: int = 0
@@ -97,6 +98,7 @@ class LoraStrategy(FedAvg):
         self.partition_of: dict[int, int] = {}  # node id -> partition id
         self.stats: dict[int, RoundStats] = {}
         self.expected: dict[str, tuple[int, ...]] = {}
+        self.round_offset = 0  # rounds completed before this session (resume); Flower counts from 1
 
     # ------------------------------------------------------------------ hooks for methods
     def prepare(self, grid: Grid, arrays: ArrayRecord) -> ArrayRecord:
@@ -133,7 +135,7 @@ class LoraStrategy(FedAvg):
     # ------------------------------------------------------------------ Flower hooks
     def start(self, grid: Grid, initial_arrays: ArrayRecord, **kwargs: Any) -> Any:  # type: ignore[override]
         """Run `prepare`, then Flower's own round loop."""
-        arrays = self.prepare(grid, initial_arrays)
+        arrays = self.prepare(grid, initial_arrays) if self.round_offset == 0 else initial_arrays
         self.expected = {k: tuple(v.shape) for k, v in from_record(arrays).items()}
         return super().start(grid, arrays, **kwargs)
 
@@ -207,6 +209,7 @@ class LoraStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Send each sampled client exactly the tensors it needs, and count the bytes."""
+        server_round += self.round_offset
         nodes = self.sample(grid, self.fraction_train, self.min_train_nodes)
         stats = self.stats.setdefault(server_round, RoundStats())
         stats.started = time.perf_counter()
@@ -230,6 +233,7 @@ class LoraStrategy(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check every reply, aggregate the sound ones with the method's rule."""
+        server_round += self.round_offset
         stats = self.stats.setdefault(server_round, RoundStats())
         good: list[tuple[int, dict[str, torch.Tensor], float, dict[str, float]]] = []
         replies = list(replies)
@@ -263,6 +267,8 @@ class LoraStrategy(FedAvg):
                 len(good),
                 self.min_train_nodes,
             )
+            stats.skipped = True
+            stats.round_seconds = time.perf_counter() - stats.started
             return None, None
         good.sort(key=lambda g: g[0])  # a fixed order makes float sums reproducible
         states, weights = [g[1] for g in good], [g[2] for g in good]
@@ -301,6 +307,7 @@ class LoraStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Federated evaluation on clients' own data when sim.fraction_evaluate > 0."""
+        server_round += self.round_offset
         if self.fraction_evaluate == 0.0:
             return []
         nodes = self.sample(grid, self.fraction_evaluate, 1)

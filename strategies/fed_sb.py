@@ -121,12 +121,3 @@ class FedSB(LoraStrategy):
     def materialize(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
         """R and the head from `arrays`, A and B from the server's state."""
         return {**self.fixed, **from_record(arrays)}
-
-    def state_dict(self) -> dict[str, Any]:
-        """Base state plus which nodes hold A and B."""
-        return {**super().state_dict(), "has_frozen": sorted(self.has_frozen)}
-
-    def load_state_dict(self, state: Any) -> None:
-        """Restore `state_dict()`."""
-        super().load_state_dict(state)
-        self.has_frozen = set(state.get("has_frozen", []))

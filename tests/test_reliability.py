@@ -1,0 +1,88 @@
+"""Reliability: failing and misbehaving clients, and a run resumed from its checkpoint."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fl.checkpoint import CHECKPOINT_FILE, Checkpoint
+from fl.cli import resume_overrides
+from fl.outputs import read_metrics
+from fl.simulation import run_simulation
+
+SIM = ["sim.num_clients=3", "sim.min_train_clients=2", "data.partitioner=iid"]
+
+
+@pytest.fixture
+def faults(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    def set_faults(spec: str) -> None:
+        monkeypatch.setenv("FEDLORA_FAULTS", spec)
+
+    return set_faults
+
+
+def test_failing_and_bad_clients_do_not_stop_the_run(tiny: list[str], tmp_path: Path, faults) -> None:  # type: ignore[no-untyped-def]
+    from faulty_client import app
+
+    # round 1: client 1 raises, client 2 sends NaN; round 2: client 0 sends a wrong shape, client 2 an extra key
+    faults("1:1:raise,2:1:nan,0:2:shape,2:2:extra")
+    run_dir = run_simulation([*tiny, *SIM, "sim.rounds=3", f"run_dir={tmp_path / 'r'}"], client_app=app)
+    rows = {r["round"]: r for r in read_metrics(run_dir)}
+    assert rows[1]["failed"] == 1 and rows[1]["rejected"] == 1 and rows[1]["replied"] == 2
+    assert rows[2]["rejected"] == 2 and rows[2]["failed"] == 0
+    # one usable reply each (< sim.min_train_clients=2): both rounds are skipped, nothing half-applied
+    assert rows[1]["skipped"] and rows[2]["skipped"] and rows[1]["aggregated"] == rows[2]["aggregated"] == 0
+    assert rows[3]["failed"] == 0 and rows[3]["rejected"] == 0 and rows[3]["aggregated"] == 3
+    assert not rows[3]["skipped"]
+    assert rows[1]["accuracy"] == rows[0]["accuracy"] and rows[2]["accuracy"] == rows[0]["accuracy"]
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_enough_good_replies_are_aggregated_without_the_bad_one(tiny: list[str], tmp_path: Path, faults) -> None:  # type: ignore[no-untyped-def]
+    from faulty_client import app
+
+    faults("1:1:nan")
+    run_dir = run_simulation([*tiny, *SIM, "sim.rounds=1", f"run_dir={tmp_path / 'r'}"], client_app=app)
+    row = read_metrics(run_dir)[1]
+    assert row["rejected"] == 1 and row["aggregated"] == 2
+    assert row["loss"] == row["loss"]  # the aggregate holds no NaN: the evaluation loss is a number
+    state = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    assert all(bool(torch.isfinite(t).all()) for t in state.values())
+
+
+@pytest.mark.parametrize("strategy", ["fedit", "fed_sb"])
+def test_resume_ends_where_the_uninterrupted_run_ends(tiny: list[str], tmp_path: Path, strategy: str) -> None:
+    common = [*tiny, *SIM, f"strategy={strategy}", "strategy.rank=4", "sim.fraction_train=0.67"]
+    full = run_simulation([*common, "sim.rounds=3", f"run_dir={tmp_path / 'full'}"])
+    # "killed" after round 1: a run whose last checkpoint is round 1, then resumed to round 3
+    part = run_simulation([*common, "sim.rounds=1", f"run_dir={tmp_path / 'part'}"])
+    assert Checkpoint.load(part).round == 1
+    resumed = run_simulation(resume_overrides(str(part), ["sim.rounds=3"]))
+    assert resumed == part
+    a, b = read_metrics(full), read_metrics(resumed)
+    assert [r["round"] for r in b] == [0, 1, 2, 3]
+    # Fed-SB re-sends the frozen A and B after a resume (a new federation holds none): only bytes_down differ
+    keys = ["accuracy", "loss", "bytes_up", "train_loss", "residual", "sampled"]
+    if strategy != "fed_sb":
+        keys.append("bytes_down")
+    for ra, rb in zip(a, b, strict=True):
+        for key in keys:
+            va, vb = ra.get(key), rb.get(key)
+            assert (va is None and vb is None) or va == pytest.approx(vb, rel=1e-6, abs=1e-9), (key, ra["round"])
+    fa = load_file(str(full / "adapter" / "adapter_model.safetensors"))
+    fb = load_file(str(resumed / "adapter" / "adapter_model.safetensors"))
+    assert fa.keys() == fb.keys()
+    assert all(torch.allclose(fa[k], fb[k], atol=1e-6) for k in fa)
+
+
+def test_resume_from_a_folder_without_checkpoint_names_it(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="resume="):
+        Checkpoint.load(tmp_path)
+    (tmp_path / CHECKPOINT_FILE).write_bytes(b"torn")
+    with pytest.raises(Exception):  # noqa: B017, PT011 - torch raises its own unpickling error
+        Checkpoint.load(tmp_path)
+    assert os.path.exists(tmp_path / CHECKPOINT_FILE)
