@@ -10,10 +10,12 @@ import numpy as np
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
+from clients.dp import client_plan, load_accountant, save_accountant
 from fl import constants as K
 from fl.data import IndexedDataset, collate
 from fl.wire import to_record
 from fl.workspace import Workspace
+from privacy import noisy_gradient_sum
 
 BASE_SUFFIX = ".base_layer.weight"
 
@@ -52,9 +54,39 @@ def gradient_sum(
 
 
 def init_gradient_reply(msg: Message, context: Context, ws: Workspace, data: IndexedDataset, *, pid: int) -> Message:
-    """Reply to the server's init-grad message with this client's gradient sums."""
+    """Reply to the server's init-grad message with this client's gradient sums.
+
+    Under DP the sum is privatised — each example's gradient clipped to `privacy.max_grad_norm`, Gaussian
+    noise of std σ·C added once — and charged to the client's accountant as one full-batch step (sample
+    rate 1); the client's DP plan reserves budget for it.
+    """
     cfg = ws.cfg
     subset = init_examples(data, count=int(cfg.strategy.init_examples), seed=int(cfg.seed) + pid)
-    grads = gradient_sum(ws.model, subset, batch_size=int(cfg.train.batch_size), pad_id=ws.pad_id)
-    metrics = MetricRecord({K.NUM_EXAMPLES: len(subset), K.PARTITION_ID: pid})
-    return Message(RecordDict({K.ARRAYS: to_record(grads), K.METRICS: metrics}), reply_to=msg)
+    content = RecordDict()
+    metrics: dict[str, int | float | list[int] | list[float]] = {K.NUM_EXAMPLES: len(subset), K.PARTITION_ID: pid}
+    if cfg.privacy.enabled:
+        plan = client_plan(cfg, len(data))
+        accountant = load_accountant(context, msg, plan.accountant)
+        bases = {n: p for n, p in ws.model.named_parameters() if n.endswith(BASE_SUFFIX)}
+        batches = [
+            collate([subset[i] for i in range(s, min(s + 16, len(subset)))], ws.pad_id)
+            for s in range(0, len(subset), 16)
+        ]
+        ws.model.eval()
+        with ws.model.disable_adapter():
+            grads = noisy_gradient_sum(
+                model=ws.model,
+                params=bases,
+                batches=batches,
+                max_grad_norm=plan.max_grad_norm,
+                noise_multiplier=plan.noise_multiplier,
+                generator=torch.Generator().manual_seed(int(cfg.seed) * 7919 + pid),
+                accountant=accountant,
+            )
+        metrics[K.EPSILON] = accountant.epsilon(plan.delta)
+        content[K.STATE_PRIVACY] = save_accountant(context, accountant)
+    else:
+        grads = gradient_sum(ws.model, subset, batch_size=int(cfg.train.batch_size), pad_id=ws.pad_id)
+    content[K.ARRAYS] = to_record(grads)
+    content[K.METRICS] = MetricRecord(metrics)
+    return Message(content, reply_to=msg)

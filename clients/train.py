@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 
 from fl.data import IndexedDataset, collate
+from privacy import release
 
 # (model, optimizer, loader) -> (model, optimizer, loader): e.g. Opacus' make_private.
 Wrapper = Callable[
@@ -91,6 +92,7 @@ def local_train(
     optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     loader = make_loader(dataset, batch_size=batch_size, pad_id=pad_id, seed=seed)
     net = model
+    model.train()  # before wrapping: Opacus validates a module in training mode
     if wrap is not None:
         net, optimizer, loader = wrap(model, optimizer, loader)
     t0 = time.perf_counter()
@@ -101,10 +103,8 @@ def local_train(
         batches = _cycle(loader)
         for _ in range(steps):
             batch = next(batches)
-            if batch["labels"].numel() == 0:  # Poisson sampling can draw an empty batch
-                optimizer.zero_grad(set_to_none=True)
-                optimizer.step()
-                taken += 1
+            if not isinstance(batch, dict) or batch["labels"].numel() == 0:
+                # Poisson sampling drew an empty batch (probability ~e^-batch_size): no step is taken or charged.
                 continue
             optimizer.zero_grad(set_to_none=True)
             out = net(**batch)
@@ -114,4 +114,6 @@ def local_train(
             taken += 1
     net.eval()
     seconds = time.perf_counter() - t0
+    if net is not model:
+        release(net)
     return TrainResult(loss=total / max(taken, 1), steps=taken, seconds=seconds, num_examples=len(dataset))

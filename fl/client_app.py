@@ -12,9 +12,10 @@ import logging
 import os
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.dp import client_plan, load_accountant, save_accountant, steps_per_round
 from clients.evaluate import evaluate
 from clients.train import local_train, round_seed
 from fl import constants as K
@@ -23,6 +24,7 @@ from fl.data import IndexedDataset, TokenizedSplit, client_partition
 from fl.runtime_env import CLIENT_THREADS_ENV
 from fl.wire import from_record, to_record
 from fl.workspace import Workspace, get_workspace
+from privacy import make_private
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +82,40 @@ def train(msg: Message, context: Context) -> Message:
         return init_gradient_reply(msg, context, ws, data, pid=pid)
     _load_global(msg, context, ws)
     cfg = ws.cfg
-    steps = int(cfg.train.local_steps)
-    if cfg.train.local_epochs is not None:
-        steps = max(1, round(float(cfg.train.local_epochs) * len(data) / int(cfg.train.batch_size)))
+    steps = steps_per_round(cfg, len(data))
+    seed = round_seed(int(cfg.seed), server_round, pid)
+    metrics: dict[str, int | float | list[int] | list[float]] = {K.PARTITION_ID: pid, K.SERVER_ROUND: server_round}
+    content = RecordDict()
+    wrap = None
+    accountant = None
+    if cfg.privacy.enabled:
+        plan = client_plan(cfg, len(data))
+        accountant = load_accountant(context, msg, plan.accountant)
+        if accountant.would_exceed(
+            target_epsilon=plan.target_epsilon,
+            delta=plan.delta,
+            noise_multiplier=plan.noise_multiplier,
+            sample_rate=plan.sample_rate,
+            steps=steps,
+        ):
+            log.warning("partition %d declines round %d: its privacy budget would be exceeded", pid, server_round)
+            metrics.update({K.NUM_EXAMPLES: len(data), K.DECLINED: 1, K.EPSILON: accountant.epsilon(plan.delta)})
+            content[K.METRICS] = MetricRecord(metrics)
+            content[K.STATE_PRIVACY] = save_accountant(context, accountant)
+            return Message(content, reply_to=msg)
+
+        def wrap(model, optimizer, loader):
+            return make_private(
+                model=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=plan.noise_multiplier,
+                max_grad_norm=plan.max_grad_norm,
+                accountant=accountant,
+                poisson_sampling=bool(cfg.privacy.poisson_sampling),
+                noise_seed=seed,
+            )
+
     result = local_train(
         ws.model,
         data,
@@ -91,21 +124,24 @@ def train(msg: Message, context: Context) -> Message:
         lr=float(cfg.strategy.lr),
         weight_decay=float(cfg.train.weight_decay),
         pad_id=ws.pad_id,
-        seed=round_seed(int(cfg.seed), server_round, pid),
+        seed=seed,
+        wrap=wrap,
     )
-    metrics = MetricRecord(
+    metrics.update(
         {
             K.NUM_EXAMPLES: result.num_examples,
-            K.PARTITION_ID: pid,
-            K.SERVER_ROUND: server_round,
             K.TRAIN_LOSS: result.loss,
             K.TRAIN_STEPS: result.steps,
             K.TRAIN_SECONDS: result.seconds,
             K.DECLINED: 0,
         }
     )
-    arrays: ArrayRecord = to_record(trainable_state(ws.model))
-    return Message(RecordDict({K.ARRAYS: arrays, K.METRICS: metrics}), reply_to=msg)
+    if accountant is not None:
+        metrics[K.EPSILON] = accountant.epsilon(client_plan(cfg, len(data)).delta)
+        content[K.STATE_PRIVACY] = save_accountant(context, accountant)
+    content[K.ARRAYS] = to_record(trainable_state(ws.model))
+    content[K.METRICS] = MetricRecord(metrics)
+    return Message(content, reply_to=msg)
 
 
 @app.evaluate()

@@ -109,6 +109,7 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0
     accountant: str = "rdp"  # rdp | prv
     poisson_sampling: bool = True
+    planned_rounds: int | None = None  # rounds the budget is planned for; default sim.rounds
 
 
 @dataclass

@@ -7,8 +7,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -16,13 +18,15 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from clients.dp import client_plan
 from clients.evaluate import evaluate
 from fl.adapters import export_peft, fixed_state, load_tensors, trainable_state
 from fl.checkpoint import Checkpoint
 from fl.config import split_overrides
-from fl.outputs import RunOutputs
+from fl.data import client_partition
+from fl.outputs import RunOutputs, write_atomic
 from fl.wire import from_record, to_record
-from fl.workspace import get_workspace
+from fl.workspace import Workspace, get_workspace
 from strategies import get_strategy
 from strategies.base import RoundStats
 
@@ -80,6 +84,8 @@ def run_server(grid: Grid, overrides: list[str]) -> Path:
         wall_before = float(history[-1]["wall_seconds"])
         log.info("Resuming %s after round %d of %d", out.dir, ckpt.round, rounds)
     out.rewrite_metrics(history)
+    if cfg.privacy.enabled:
+        log_privacy_plan(ws, out)
     cumulative = {
         "bytes_up": int(history[-1]["cum_bytes_up"]) if history else 0,
         "bytes_down": int(history[-1]["cum_bytes_down"]) if history else 0,
@@ -154,6 +160,28 @@ def run_server(grid: Grid, overrides: list[str]) -> Path:
     )
     log.info("Run finished: outputs in %s", out.dir.resolve())
     return out.dir
+
+
+def log_privacy_plan(ws: Workspace, out: RunOutputs) -> None:
+    """Show every client's DP plan up front (σ, q, steps, planned (ε, δ)); also in privacy_plan.json."""
+    cfg = ws.cfg
+    n = int(cfg.sim.num_clients)
+    plans = []
+    for pid in range(n):
+        size = len(client_partition(ws.task, cfg.data, pid=pid, num_partitions=n, seed=int(cfg.seed)))
+        plans.append({"partition": pid, "num_examples": size, **asdict(client_plan(cfg, size))})
+    sigmas = [p["noise_multiplier"] for p in plans]
+    log.info("%s", client_plan(cfg, plans[0]["num_examples"]).describe() + " (client 0)")
+    log.info(
+        "DP plans of %d clients: noise multiplier %.3f..%.3f, sample rate %.4g..%.4g, target ε=%s",
+        n,
+        min(sigmas),
+        max(sigmas),
+        min(p["sample_rate"] for p in plans),
+        max(p["sample_rate"] for p in plans),
+        cfg.privacy.target_epsilon,
+    )
+    write_atomic(out.dir / "privacy_plan.json", json.dumps(plans, indent=2) + "\n")
 
 
 def from_history(history: list[dict[str, Any]], out: RunOutputs) -> ArrayRecord:

@@ -99,6 +99,7 @@ class LoraStrategy(FedAvg):
         self.stats: dict[int, RoundStats] = {}
         self.expected: dict[str, tuple[int, ...]] = {}
         self.round_offset = 0  # rounds completed before this session (resume); Flower counts from 1
+        self.accountants: dict[int, dict[str, Any]] = {}  # partition -> its accountant state (copy, for resume)
 
     # ------------------------------------------------------------------ hooks for methods
     def prepare(self, grid: Grid, arrays: ArrayRecord) -> ArrayRecord:
@@ -125,12 +126,13 @@ class LoraStrategy(FedAvg):
 
     def state_dict(self) -> dict[str, Any]:
         """Server state beyond the global arrays (for checkpoints)."""
-        return {"rng": self.rng.bit_generator.state, "fixed": dict(self.fixed)}
+        return {"rng": self.rng.bit_generator.state, "fixed": dict(self.fixed), "accountants": dict(self.accountants)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore `state_dict()`."""
         self.rng.bit_generator.state = state["rng"]
         self.fixed = dict(state["fixed"])
+        self.accountants = dict(state.get("accountants", {}))
 
     # ------------------------------------------------------------------ Flower hooks
     def start(self, grid: Grid, initial_arrays: ArrayRecord, **kwargs: Any) -> Any:  # type: ignore[override]
@@ -218,6 +220,9 @@ class LoraStrategy(FedAvg):
         for node in nodes:
             content = self.arrays_for(node, arrays)
             content[K.CONFIG] = self.config_record(server_round, K.PHASE_TRAIN)
+            pid = self.partition_of.get(node)
+            if self.round_offset and pid in self.accountants:  # resumed: hand the client its accountant back
+                content[K.STATE_PRIVACY] = ConfigRecord(self.accountants[pid])
             stats.bytes_down += array_bytes(content)
             stats.floats_down += sum(num_floats(from_record(r)) for r in content.array_records.values())
             msgs.append(Message(content, node, MessageType.TRAIN))
@@ -246,6 +251,7 @@ class LoraStrategy(FedAvg):
                 continue
             stats.replied += 1
             stats.bytes_up += array_bytes(msg.content)
+            self.keep_accountant(node, msg)
             record = msg.content.metric_records.get(K.METRICS)
             metrics = scalars(record) if record is not None else {}
             if metrics.get(K.DECLINED, 0.0):
@@ -287,6 +293,12 @@ class LoraStrategy(FedAvg):
         stats.round_seconds = time.perf_counter() - stats.started
         metrics_out = MetricRecord({"train-loss": stats.train_loss, "aggregated": len(good)})
         return to_record(agg), metrics_out
+
+    def keep_accountant(self, node: int, msg: Message) -> None:
+        """Keep a copy of the privacy accountant state a client reports (restored to it after a resume)."""
+        if K.STATE_PRIVACY in msg.content.config_records:
+            record = msg.content.config_records[K.STATE_PRIVACY]
+            self.accountants[self.partition_of.get(node, node)] = dict(record.items())
 
     def residual(
         self,

@@ -27,7 +27,7 @@ from flwr.serverapp import Grid
 from fl import constants as K
 from fl.adapters import A_SUFFIX, SB_B_SUFFIX, SB_R_SUFFIX
 from fl.wire import array_bytes, from_record, num_floats, to_record
-from strategies.base import LoraStrategy, RoundStats
+from strategies.base import LoraStrategy, RoundStats, scalars
 from strategies.lora_math import fedsb_init_factors
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class FedSB(LoraStrategy):
             msgs.append(Message(content, node, MessageType.TRAIN))
         grad_sum: dict[str, torch.Tensor] = {}
         contributors = 0
+        eps: list[float] = []
         for reply in grid.send_and_receive(msgs, timeout=float(self.cfg.sim.timeout)):
             if reply.has_error():
                 stats.failed += 1
@@ -68,6 +69,10 @@ class FedSB(LoraStrategy):
                 )
                 continue
             stats.bytes_up += array_bytes(reply.content)
+            self.keep_accountant(reply.metadata.src_node_id, reply)
+            reported = scalars(reply.content.metric_records[K.METRICS])
+            if K.EPSILON in reported:
+                eps.append(reported[K.EPSILON])
             grads = from_record(reply.content.array_records[K.ARRAYS])
             if not all(bool(torch.isfinite(g).all()) for g in grads.values()):
                 stats.rejected += 1
@@ -95,6 +100,8 @@ class FedSB(LoraStrategy):
             raise RuntimeError(f"Fed-SB init: no gradient for {sorted(missing)[:2]}.")
         self.fixed = fixed
         stats.extra["init_clients"] = contributors
+        if eps:  # the privatised init gradient's cost, per client
+            stats.extra["epsilon_max"], stats.extra["epsilon_mean"] = max(eps), sum(eps) / len(eps)
         log.info(
             "Fed-SB init: A, B, R0 from %d clients' gradients (%d bytes up)",
             contributors,
