@@ -61,6 +61,9 @@ def throughput(steps: int, chunks: int) -> dict[str, float]:
         seed=0,
     )
     fw_s, bare_s = 0.0, 0.0
+    warm = make_loader(data, batch_size=16, pad_id=ws.pad_id, seed=99)
+    bare_loop(bare_model, [next(iter(warm))] * 3, float(cfg.strategy.lr))  # warm-up, not timed
+    local_train(ws.model, data, steps=3, batch_size=16, lr=1e-9, weight_decay=0.0, pad_id=ws.pad_id, seed=99)
     for chunk in range(chunks):
         seed = 100 + chunk
         loader = make_loader(data, batch_size=16, pad_id=ws.pad_id, seed=seed)
