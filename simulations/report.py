@@ -1,0 +1,219 @@
+"""`fl-report DIR`: a table (Markdown + CSV) and PNG plots from a run folder or a sweep folder.
+
+Reads every run folder below DIR (one with summary.json, config.yaml and metrics.jsonl) and writes, in
+DIR: `report.md`, `report.csv` and the plots whose x-axis actually varies across the runs:
+accuracy vs round per strategy, final accuracy vs heterogeneity, accuracy vs cumulative uplink bytes
+(log scale), accuracy vs ε, accuracy vs number of clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pandas as pd
+from omegaconf import OmegaConf
+
+from fl import constants as K
+from fl.outputs import read_metrics
+
+
+def heterogeneity(cfg: Any) -> str:
+    """A readable label of the partitioning."""
+    d = cfg.data
+    if d.partitioner == "dirichlet":
+        return f"dirichlet α={d.alpha:g}"
+    if d.partitioner == "pathological":
+        return f"pathological k={d.labels_per_client}"
+    return str(d.partitioner)
+
+
+def load_runs(root: Path) -> list[dict[str, Any]]:
+    """Every complete run folder below `root` (including `root` itself)."""
+    runs = []
+    for summary_path in sorted(root.rglob(K.SUMMARY_FILE)):
+        run_dir = summary_path.parent
+        cfg = OmegaConf.load(run_dir / K.CONFIG_FILE)
+        summary = json.loads(summary_path.read_text())
+        rows = read_metrics(run_dir)
+        eps = [r["epsilon_max"] for r in rows if r.get("epsilon_max") is not None]
+        label = cfg.strategy.name + (f" r={cfg.strategy.rank}" if cfg.strategy.name == "fed_sb" else "")
+        runs.append(
+            {
+                "run": str(run_dir.relative_to(root)) if run_dir != root else ".",
+                "strategy": label,
+                "rank": int(cfg.strategy.rank),
+                "num_clients": int(cfg.sim.num_clients),
+                "heterogeneity": heterogeneity(cfg),
+                "alpha": float(cfg.data.alpha) if cfg.data.partitioner == "dirichlet" else None,
+                "target_epsilon": float(cfg.privacy.target_epsilon) if cfg.privacy.enabled else None,
+                "epsilon_spent": max(eps) if eps else None,
+                "rounds": int(cfg.sim.rounds),
+                "final_accuracy": summary["final_accuracy"],
+                "best_accuracy": summary["best_accuracy"],
+                "cum_bytes_up": summary["cum_bytes_up"],
+                "cum_bytes_down": summary["cum_bytes_down"],
+                "wall_seconds": summary["wall_seconds"],
+                "_rows": rows,
+            }
+        )
+    return runs
+
+
+def markdown_table(df: pd.DataFrame) -> str:
+    """A GitHub Markdown table (no extra dependency)."""
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return "" if v != v else f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_vs_round(runs: list[dict[str, Any]], out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors: dict[str, Any] = {}
+    for r in runs:
+        c = colors.setdefault(r["strategy"], f"C{len(colors)}")
+        xs = [row["round"] for row in r["_rows"]]
+        ys = [row["accuracy"] for row in r["_rows"]]
+        ax.plot(xs, ys, color=c, alpha=0.8, marker="o", ms=3, label=r["strategy"])
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles, strict=True))
+    ax.legend(uniq.values(), uniq.keys(), title="strategy")
+    ax.set(title="Held-out accuracy per round", xlabel="round", ylabel="accuracy (held-out test set)")
+    ax.grid(alpha=0.3)
+    return _save(fig, out / "accuracy_vs_round.png")
+
+
+def plot_final_vs(df: pd.DataFrame, x: str, out: Path, *, title: str, xlabel: str, fname: str) -> Path:
+    """Final accuracy (mean over runs that share x) against a categorical or numeric x, a line per strategy."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    order = sorted(df[x].unique(), key=lambda v: (isinstance(v, str), v))
+    pos = {v: i for i, v in enumerate(order)}
+    for strategy, g in df.groupby("strategy"):
+        g = g.groupby(x, as_index=False)["final_accuracy"].mean()
+        g = g.assign(_pos=g[x].map(pos)).sort_values("_pos")
+        ax.plot(g["_pos"], g["final_accuracy"], marker="o", label=strategy)
+    ax.set_xticks(range(len(order)), [str(v) for v in order])
+    ax.legend(title="strategy")
+    ax.set(title=title, xlabel=xlabel, ylabel="final accuracy (held-out test set)")
+    ax.grid(alpha=0.3)
+    return _save(fig, out / fname)
+
+
+def plot_accuracy_vs_uplink(runs: list[dict[str, Any]], out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors: dict[str, Any] = {}
+    for r in runs:
+        c = colors.setdefault(r["strategy"], f"C{len(colors)}")
+        rows = [row for row in r["_rows"] if row.get("cum_bytes_up", 0) > 0]
+        ax.plot(
+            [row["cum_bytes_up"] for row in rows],
+            [row["accuracy"] for row in rows],
+            color=c,
+            marker="o",
+            ms=3,
+            alpha=0.8,
+            label=r["strategy"],
+        )
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles, strict=True))
+    ax.legend(uniq.values(), uniq.keys(), title="strategy")
+    ax.set_xscale("log")
+    ax.set(
+        title="Accuracy vs communication",
+        xlabel="cumulative uplink bytes, all clients (log scale)",
+        ylabel="accuracy (held-out test set)",
+    )
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, out / "accuracy_vs_uplink.png")
+
+
+def report(root: Path) -> tuple[pd.DataFrame, list[Path]]:
+    """Write report.md, report.csv and the plots into `root`; returns the table and the plot paths."""
+    runs = load_runs(root)
+    if not runs:
+        raise FileNotFoundError(f"No run folder (with {K.SUMMARY_FILE}) under {root}.")
+    df = pd.DataFrame([{k: v for k, v in r.items() if k != "_rows"} for r in runs])
+    df = df.sort_values(["strategy", "num_clients", "heterogeneity"]).reset_index(drop=True)
+    df.to_csv(root / "report.csv", index=False)
+    shown = df.drop(columns=["alpha"]).copy()
+    shown["cum_bytes_up"] = (shown["cum_bytes_up"] / 1e6).round(2)
+    shown["cum_bytes_down"] = (shown["cum_bytes_down"] / 1e6).round(2)
+    shown = shown.rename(columns={"cum_bytes_up": "up MB", "cum_bytes_down": "down MB"})
+    (root / "report.md").write_text(markdown_table(shown))
+    plots = [plot_accuracy_vs_round(runs, root), plot_accuracy_vs_uplink(runs, root)]
+    if df["heterogeneity"].nunique() > 1:
+        plots.append(
+            plot_final_vs(
+                df,
+                "heterogeneity",
+                root,
+                title="Final accuracy vs data heterogeneity",
+                xlabel="partitioning",
+                fname="accuracy_vs_heterogeneity.png",
+            )
+        )
+    if df["num_clients"].nunique() > 1:
+        plots.append(
+            plot_final_vs(
+                df,
+                "num_clients",
+                root,
+                title="Final accuracy vs number of clients",
+                xlabel="clients",
+                fname="accuracy_vs_clients.png",
+            )
+        )
+    dp = df.dropna(subset=["target_epsilon"])
+    if dp["target_epsilon"].nunique() > 1 or (len(dp) and len(dp) < len(df)):
+        eps = df.assign(
+            target_epsilon=[f"ε={v:g}" if v == v and v is not None else "no DP" for v in df["target_epsilon"]]
+        )
+        plots.append(
+            plot_final_vs(
+                eps,
+                "target_epsilon",
+                root,
+                title="Final accuracy vs privacy budget",
+                xlabel="client-level target ε (δ < 1/n_k)",
+                fname="accuracy_vs_epsilon.png",
+            )
+        )
+    return df, plots
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`fl-report DIR`."""
+    ap = argparse.ArgumentParser(prog="fl-report", description=__doc__.split("\n")[0])
+    ap.add_argument("dir", help="a run folder or a sweep folder")
+    args = ap.parse_args(argv)
+    try:
+        _, plots = report(Path(args.dir))
+    except FileNotFoundError as e:
+        print(f"fl-report: {e}", file=sys.stderr)
+        sys.exit(2)
+    print((Path(args.dir) / "report.md").read_text())
+    print("plots:", *[str(p) for p in plots], sep="\n  ")
+
+
+if __name__ == "__main__":
+    main()

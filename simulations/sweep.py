@@ -1,0 +1,187 @@
+"""`fl-sweep`: run a grid of simulations, one normal run folder per cell; resumable; failures recorded.
+
+Usage::
+
+    fl-sweep sweep=clients                                  # a ready grid from configs/sweep/clients.yaml
+    fl-sweep strategy=fedit,fed_sb sim.num_clients=5,10     # any grid, in Hydra's sweep syntax
+    fl-sweep sweep=heterogeneity model=tiny --dir multirun/het   # a ready grid + fixed overrides
+
+The grid is expanded with Hydra's own override parser (comma lists, `range(...)`, `choice(...)`),
+so a cell's overrides are exactly what `fl-sim` would take. Each cell runs `fl-sim` in a fresh process
+(a crash, a bad value or an out-of-memory in one cell cannot take the sweep down) and writes
+`<dir>/cells/<cell>/` like any run. Re-running the same command on the same `--dir` skips the cells that
+finished (they have summary.json) and retries the others; `sweep.json` records each cell's status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+
+from fl.config import CONFIG_DIR, compose
+
+SWEEP_DIR = CONFIG_DIR / "sweep"
+
+
+def load_sweep(name: str) -> tuple[list[str], list[list[str]]]:
+    """A ready sweep from configs/sweep/<name>.yaml: (overrides incl. its `grid` as sweep overrides, `cases`).
+
+    `cases` is a list of override lists crossed with the grid — for axes that are not a product, e.g.
+    iid vs Dirichlet α=0.1 vs α=0.5, or no DP vs ε ∈ {1, 3, 8}.
+    """
+    path = SWEEP_DIR / f"{name}.yaml"
+    if not path.is_file():
+        names = sorted(p.stem for p in SWEEP_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"sweep={name!r} is not in {SWEEP_DIR}; ready sweeps: {', '.join(names)}.")
+    spec = OmegaConf.load(path)
+    if not isinstance(spec, DictConfig):
+        raise ValueError(f"{path}: a sweep file is a mapping with description, overrides, grid, cases.")
+    unknown = {str(k) for k in spec} - {"overrides", "grid", "cases", "description"}
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown keys {sorted(unknown)}; a sweep file has description, overrides, grid, cases."
+        )
+    out = [str(o) for o in spec.get("overrides", [])]
+    for key, values in (spec.get("grid") or {}).items():
+        out.append(f"{key}={','.join(str(v) for v in values)}")
+    cases = [[str(o) for o in case] for case in (spec.get("cases") or [])]
+    return out, cases
+
+
+def expand(overrides: list[str], cases: list[list[str]] | None = None) -> list[list[str]]:
+    """The grid's cells: the product of every sweep override's values (Hydra's grammar) and the cases."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    axes: list[list[list[str]]] = []
+    for o in parsed:
+        key = o.get_key_element()
+        if o.is_sweep_override():
+            axes.append([[f"{key}={v}"] for v in o.sweep_string_iterator()])
+        else:
+            axes.append([[f"{key}={o.get_value_element_as_str()}"]])
+    if cases:
+        axes.append(cases)
+    return [[o for part in cell for o in part] for cell in itertools.product(*axes)]
+
+
+def cell_id(cell: list[str], axes_keys: list[str]) -> str:
+    """A readable, stable folder name from the varying overrides (+ a short hash of all of them)."""
+    varying = [o for o in cell if o.split("=", 1)[0] in axes_keys] or cell
+    slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", "__".join(varying))[:120]
+    return f"{slug}-{hashlib.sha1(' '.join(cell).encode()).hexdigest()[:6]}"
+
+
+def run_sweep(
+    overrides: list[str], sweep_dir: Path, *, cases: list[list[str]] | None = None, timeout: float | None = None
+) -> dict[str, Any]:
+    """Run (or resume) every cell; returns the sweep record also written to sweep.json."""
+    cells = expand(overrides, cases)
+    keys = [o.split("=", 1)[0] for o in overrides if "," in o.split("=", 1)[-1] or "(" in o.split("=", 1)[-1]]
+    keys += [o.split("=", 1)[0] for case in cases or [] for o in case]
+    for cell in cells:  # every cell's config must compose before anything runs
+        compose(cell)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    record_path = sweep_dir / "sweep.json"
+    record: dict[str, Any] = {"overrides": overrides, "cells": {}}
+    t0, done_now = time.monotonic(), 0
+    pending = []
+    for cell in cells:
+        cid = cell_id(cell, keys)
+        run_dir = sweep_dir / "cells" / cid
+        record["cells"][cid] = {"overrides": cell, "dir": str(run_dir), "status": "pending"}
+        if (run_dir / "summary.json").is_file():
+            record["cells"][cid]["status"] = "done"
+        else:
+            pending.append(cid)
+    _write(record_path, record)
+    total = len(pending)
+    print(f"fl-sweep: {len(cells)} cells, {len(cells) - total} already done, {total} to run -> {sweep_dir}")
+    for i, cid in enumerate(pending):
+        entry = record["cells"][cid]
+        _progress(i, total, t0, done_now, cid)
+        cmd = [sys.executable, "-m", "fl.cli", *entry["overrides"], f"hydra.run.dir={entry['dir']}"]
+        started = time.monotonic()
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+            ok = proc.returncode == 0 and (Path(entry["dir"]) / "summary.json").is_file()
+            tail = (proc.stdout + proc.stderr)[-4000:]
+        except subprocess.TimeoutExpired as e:
+            ok, tail = False, f"timed out after {timeout} s: {e}"
+        entry["seconds"] = time.monotonic() - started
+        entry["status"] = "done" if ok else "failed"
+        if not ok:
+            Path(entry["dir"]).mkdir(parents=True, exist_ok=True)
+            (Path(entry["dir"]) / "FAILED.txt").write_text(tail)
+            entry["error"] = tail.strip().splitlines()[-1] if tail.strip() else "no output"
+            print(f"  cell {cid} FAILED: {entry['error']}", file=sys.stderr)
+        else:
+            done_now += 1
+        _write(record_path, record)
+    _progress(total, total, t0, done_now, "")
+    failed = [c for c, e in record["cells"].items() if e["status"] == "failed"]
+    print(
+        f"fl-sweep: {len(cells) - len(failed)}/{len(cells)} cells done, {len(failed)} failed. "
+        f"Report: fl-report {sweep_dir}"
+    )
+    return record
+
+
+def _progress(i: int, total: int, t0: float, done: int, cid: str) -> None:
+    elapsed = time.monotonic() - t0
+    eta = elapsed / i * (total - i) if i else float("nan")
+    width = 30
+    bar = "#" * int(width * i / max(total, 1))
+    eta_s = "?" if eta != eta else f"{eta / 60:.1f} min"
+    print(f"[{bar:<{width}}] {i}/{total} elapsed {elapsed / 60:.1f} min ETA {eta_s}  {cid}", flush=True)
+
+
+def _write(path: Path, record: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`fl-sweep [sweep=NAME] [overrides...] [--dir DIR] [--timeout S]`."""
+    ap = argparse.ArgumentParser(prog="fl-sweep", description="Run a grid of fl-sim runs (resumable).")
+    ap.add_argument(
+        "overrides", nargs="*", help="Hydra overrides; comma lists are swept; sweep=NAME loads a ready grid"
+    )
+    ap.add_argument("--dir", help="sweep folder (default multirun/<date>/<time>); reuse it to resume")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds per cell before it counts as failed")
+    args = ap.parse_args(argv)
+    overrides: list[str] = []
+    cases: list[list[str]] = []
+    for o in args.overrides:
+        if o.startswith("sweep="):
+            more, cases = load_sweep(o.split("=", 1)[1])
+            overrides.extend(more)
+        else:
+            overrides.append(o)
+    if not cases and not any("," in o for o in overrides):
+        print("fl-sweep: no swept value (use a=1,2 or sweep=NAME); running a single cell.", file=sys.stderr)
+    now = datetime.now()
+    sweep_dir = Path(args.dir or Path("multirun") / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S"))
+    try:
+        record = run_sweep(overrides, sweep_dir, cases=cases, timeout=args.timeout)
+    except (ValueError, FileNotFoundError, HydraException) as e:
+        print(f"fl-sweep: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(1 if any(e["status"] == "failed" for e in record["cells"].values()) else 0)
+
+
+if __name__ == "__main__":
+    main()

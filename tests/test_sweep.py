@@ -1,0 +1,68 @@
+"""The sweep harness and the report: a 2x2 grid on the tiny model, resuming, a failing cell."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from simulations.report import report
+from simulations.sweep import expand, load_sweep, run_sweep
+
+
+def test_ready_sweeps_expand_to_the_grids_they_promise() -> None:
+    overrides, cases = load_sweep("main")
+    cells = expand(overrides, cases)
+    assert len(cells) == 3 * 4 * 3  # clients x strategies x heterogeneity cases
+    assert len({" ".join(c) for c in cells}) == len(cells)
+    overrides, cases = load_sweep("privacy")
+    assert len(expand(overrides, cases)) == 4 * 4
+    with pytest.raises(FileNotFoundError, match="ready sweeps"):
+        load_sweep("nosuch")
+
+
+@pytest.fixture(scope="module")
+def sweep(tiny: list[str], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    sweep_dir = tmp_path_factory.mktemp("sweep")
+    overrides = [*tiny, "sim.rounds=1", "data.partitioner=iid", "strategy=fedit,ffa_lora", "sim.num_clients=2,3"]
+    record = run_sweep(overrides, sweep_dir)
+    assert all(c["status"] == "done" for c in record["cells"].values())
+    return sweep_dir, overrides
+
+
+def test_sweep_writes_one_run_per_cell_and_a_report(sweep: tuple[Path, list[str]]) -> None:
+    sweep_dir, _ = sweep
+    df, plots = report(sweep_dir)
+    assert len(df) == 4
+    assert set(df["strategy"]) == {"fedit", "ffa_lora"} and set(df["num_clients"]) == {2, 3}
+    csv = pd.read_csv(sweep_dir / "report.csv")
+    assert len(csv) == 4 and {"final_accuracy", "cum_bytes_up", "wall_seconds"} <= set(csv.columns)
+    assert (sweep_dir / "report.md").read_text().count("\n") == 4 + 2
+    names = {p.name for p in plots}
+    assert {"accuracy_vs_round.png", "accuracy_vs_uplink.png", "accuracy_vs_clients.png"} <= names
+    assert all(p.stat().st_size > 5000 for p in plots)
+
+
+def test_interrupted_sweep_resumes_without_redoing_finished_cells(sweep: tuple[Path, list[str]]) -> None:
+    sweep_dir, overrides = sweep
+    cells = sorted((sweep_dir / "cells").iterdir())
+    interrupted = cells[0]
+    (interrupted / "summary.json").unlink()  # as if the sweep died while this cell ran
+    before = {c.name: (c / "summary.json").stat().st_mtime_ns for c in cells[1:]}
+    record = run_sweep(overrides, sweep_dir)
+    assert all(c["status"] == "done" for c in record["cells"].values())
+    assert (interrupted / "summary.json").is_file()
+    assert before == {c.name: (c / "summary.json").stat().st_mtime_ns for c in cells[1:]}
+    assert [e for e in record["cells"].values() if "seconds" in e] == [record["cells"][interrupted.name]]
+
+
+def test_a_failing_cell_is_recorded_and_the_sweep_goes_on(tiny: list[str], tmp_path: Path) -> None:
+    overrides = [*tiny, "sim.rounds=1", "sim.num_clients=2", "data.min_partition_size=1,100000"]
+    record = run_sweep(overrides, tmp_path)
+    status = {tuple(e["overrides"])[-1]: e["status"] for e in record["cells"].values()}
+    assert status == {"data.min_partition_size=1": "done", "data.min_partition_size=100000": "failed"}
+    failed = next(e for e in record["cells"].values() if e["status"] == "failed")
+    assert "min_partition_size" in (Path(failed["dir"]) / "FAILED.txt").read_text()
+    assert json.loads((tmp_path / "sweep.json").read_text())["cells"].keys() == record["cells"].keys()
