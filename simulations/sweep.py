@@ -80,7 +80,7 @@ def expand(overrides: list[str], cases: list[list[str]] | None = None) -> list[l
 def cell_id(cell: list[str], axes_keys: list[str]) -> str:
     """A readable, stable folder name from the varying overrides (+ a short hash of all of them)."""
     varying = [o for o in cell if o.split("=", 1)[0] in axes_keys] or cell
-    slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", "__".join(varying))[:120]
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", "__".join(o.replace("=", "-") for o in varying))[:120]
     return f"{slug}-{hashlib.sha1(' '.join(cell).encode()).hexdigest()[:6]}"
 
 

@@ -59,10 +59,10 @@ def test_interrupted_sweep_resumes_without_redoing_finished_cells(sweep: tuple[P
 
 
 def test_a_failing_cell_is_recorded_and_the_sweep_goes_on(tiny: list[str], tmp_path: Path) -> None:
-    overrides = [*tiny, "sim.rounds=1", "sim.num_clients=2", "data.min_partition_size=1,100000"]
+    overrides = [*tiny, "sim.rounds=1", "sim.num_clients=2", "model.tokenizer=minilm,/no/such/tokenizer"]
     record = run_sweep(overrides, tmp_path)
     status = {tuple(e["overrides"])[-1]: e["status"] for e in record["cells"].values()}
-    assert status == {"data.min_partition_size=1": "done", "data.min_partition_size=100000": "failed"}
+    assert status == {"model.tokenizer=minilm": "done", "model.tokenizer=/no/such/tokenizer": "failed"}
     failed = next(e for e in record["cells"].values() if e["status"] == "failed")
-    assert "min_partition_size" in (Path(failed["dir"]) / "FAILED.txt").read_text()
+    assert "/no/such/tokenizer" in (Path(failed["dir"]) / "FAILED.txt").read_text()
     assert json.loads((tmp_path / "sweep.json").read_text())["cells"].keys() == record["cells"].keys()
