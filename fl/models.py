@@ -99,6 +99,14 @@ def load_base_model(model_cfg: DictConfig, *, num_labels: int, seed: int) -> Pre
                 model = AutoModelForSequenceClassification.from_pretrained(
                     resolve_name(model_cfg.name), num_labels=num_labels
                 )
+            except (RuntimeError, ValueError) as e:
+                if not any(s in str(e) for s in ("size mismatch", "shape", "mismatched_sizes")):
+                    raise
+                raise ValueError(
+                    f"model.name={model_cfg.name!r} has a classification head whose size does not match the "
+                    f"{num_labels} classes in data.label_column. Use a base model without a head, or data with the "
+                    f"head's labels. ({e})"
+                ) from e
             finally:
                 transformers.logging.set_verbosity(verbosity)
                 transformers.logging.enable_progress_bar()
