@@ -67,7 +67,8 @@ def test_fair_closed_form_equals_brute_force_least_squares(lam: float) -> None:
     a_bar = weighted_average([{"a": a} for a in As], w)["a"].double()
     b_bar = weighted_average([{"b": b} for b in Bs], w)["b"].double()
     ours = fair_correction_closed_form(dw, a_bar, b_bar, lam=lam).double()
-    # min ||dW - B'A||^2 + lam ||B' - B_bar||^2  <=>  lstsq on the stacked system [A^T; sqrt(lam) I] B'^T = [dW^T; sqrt(lam) B_bar^T]
+    # min ||dW - B'A||^2 + lam ||B' - B_bar||^2 is a least-squares problem on a stacked system:
+    # [A^T; sqrt(lam) I] B'^T = [dW^T; sqrt(lam) B_bar^T]
     lhs = torch.cat([a_bar.T, (lam**0.5) * torch.eye(4, dtype=torch.float64)])
     rhs = torch.cat([dw.T, (lam**0.5) * b_bar.T])
     brute = torch.linalg.lstsq(lhs, rhs).solution.T
