@@ -54,9 +54,14 @@ def test_enough_good_replies_are_aggregated_without_the_bad_one(tiny: list[str],
     assert all(bool(torch.isfinite(t).all()) for t in state.values())
 
 
-@pytest.mark.parametrize("strategy", ["fedit", "fed_sb"])
-def test_resume_ends_where_the_uninterrupted_run_ends(tiny: list[str], tmp_path: Path, strategy: str) -> None:
-    common = [*tiny, *SIM, f"strategy={strategy}", "strategy.rank=4", "sim.fraction_train=0.67"]
+DP = ["privacy=dp", "privacy.target_epsilon=8", "privacy.planned_rounds=3"]
+
+
+@pytest.mark.parametrize(("strategy", "extra"), [("fedit", []), ("fed_sb", []), ("fedit", DP)])
+def test_resume_ends_where_the_uninterrupted_run_ends(
+    tiny: list[str], tmp_path: Path, strategy: str, extra: list[str]
+) -> None:
+    common = [*tiny, *SIM, f"strategy={strategy}", "strategy.rank=4", "sim.fraction_train=0.67", *extra]
     full = run_simulation([*common, "sim.rounds=3", f"run_dir={tmp_path / 'full'}"])
     # "killed" after round 1: a run whose last checkpoint is round 1, then resumed to round 3
     part = run_simulation([*common, "sim.rounds=1", f"run_dir={tmp_path / 'part'}"])
@@ -66,7 +71,7 @@ def test_resume_ends_where_the_uninterrupted_run_ends(tiny: list[str], tmp_path:
     a, b = read_metrics(full), read_metrics(resumed)
     assert [r["round"] for r in b] == [0, 1, 2, 3]
     # Fed-SB re-sends the frozen A and B after a resume (a new federation holds none): only bytes_down differ
-    keys = ["accuracy", "loss", "bytes_up", "train_loss", "residual", "sampled"]
+    keys = ["accuracy", "loss", "bytes_up", "train_loss", "residual", "sampled", "epsilon_max"]
     if strategy != "fed_sb":
         keys.append("bytes_down")
     for ra, rb in zip(a, b, strict=True):
@@ -77,6 +82,8 @@ def test_resume_ends_where_the_uninterrupted_run_ends(tiny: list[str], tmp_path:
     fb = load_file(str(resumed / "adapter" / "adapter_model.safetensors"))
     assert fa.keys() == fb.keys()
     assert all(torch.allclose(fa[k], fb[k], atol=1e-6) for k in fa)
+    if extra:  # the clients' accountants resumed too: ε kept composing from where it was
+        assert b[-1]["epsilon_max"] > b[1]["epsilon_max"] > 0
 
 
 def test_resume_from_a_folder_without_checkpoint_names_it(tmp_path: Path) -> None:
@@ -86,3 +93,18 @@ def test_resume_from_a_folder_without_checkpoint_names_it(tmp_path: Path) -> Non
     with pytest.raises(Exception):  # noqa: B017, PT011 - torch raises its own unpickling error
         Checkpoint.load(tmp_path)
     assert os.path.exists(tmp_path / CHECKPOINT_FILE)
+
+
+def test_a_client_that_times_out_is_counted_and_the_round_goes_on(
+    tiny: list[str], tmp_path: Path, faults, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    from faulty_client import app
+
+    faults("2:1:sleep")
+    monkeypatch.setenv("FEDLORA_FAULT_SLEEP", "25")
+    run_dir = run_simulation(
+        [*tiny, *SIM, "sim.rounds=2", "sim.timeout=10", f"run_dir={tmp_path / 'r'}"], client_app=app
+    )
+    rows = {r["round"]: r for r in read_metrics(run_dir)}
+    assert rows[1]["failed"] == 1 and rows[1]["aggregated"] == 2 and not rows[1]["skipped"]
+    assert rows[2]["aggregated"] >= 2
