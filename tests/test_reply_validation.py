@@ -60,7 +60,7 @@ def records(draw: st.DrawFn) -> tuple[dict[str, np.ndarray] | None, dict[str, fl
             state[key] = np.zeros(draw(shapes), np.float32)
         elif op == "dtype" and key in state:
             state[key] = state[key].astype(draw(dtypes))
-        elif op == "value" and key in state and state[key].size:
+        elif op == "value" and key in state and state[key].size and np.issubdtype(state[key].dtype, np.floating):
             flat = state[key].reshape(-1)
             flat[draw(st.integers(0, flat.size - 1))] = draw(values)
         elif op == "none":
