@@ -1,87 +1,146 @@
 """One privacy accountant per client for the whole run, kept in the client's Flower `Context.state`.
 
-Wraps an Opacus accountant (RDP or PRV). Its history of (noise multiplier, sample rate, steps) is what
-composes; `to_config_record`/`from_config_record` carry it between rounds (and processes) with a type
-tag, so ε composes over every round the client joins — never a fresh accountant per round.
+A `ClientAccountant` wraps an Opacus accountant (RDP or PRV). What composes is its history of
+(noise multiplier, sample rate, steps) entries; `to_config_record` / `from_config_record` carry that
+history between rounds (and processes) with a type tag, so ε composes over every round the client joins.
+Flower's own Opacus example builds a fresh engine, hence a fresh accountant, every round and so reports
+the ε of the last round only; this module exists so that never happens here.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+from collections.abc import Mapping
 from typing import Any
 
 from flwr.app import ConfigRecord
 from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
 
 ACCOUNTANTS: dict[str, type[IAccountant]] = {"rdp": RDPAccountant, "prv": PRVAccountant}
+"""Accountant kinds by the name `privacy.accountant` takes."""
+
+# state_dict keys (also the ConfigRecord keys): the type tag and the history as three parallel lists
+KIND, SIGMAS, RATES, STEPS = "kind", "sigmas", "rates", "steps"
+
+
+def accountant_class(kind: str) -> type[IAccountant]:
+    """The Opacus accountant class registered under `kind`; a typo lists the valid names."""
+    try:
+        return ACCOUNTANTS[kind]
+    except KeyError:
+        raise ValueError(
+            f"privacy.accountant={kind!r} is unknown. Set privacy.accountant to one of {sorted(ACCOUNTANTS)}."
+        ) from None
 
 
 class ClientAccountant:
-    """A client's Opacus accountant with a state that survives rounds and processes.
+    """A client's Opacus accountant whose state survives rounds and processes.
 
     Parameters
     ----------
     kind : str
-        ``rdp`` or ``prv`` (`privacy.accountant`).
+        ``"rdp"`` (Rényi DP, Mironov 2017) or ``"prv"`` (privacy random variables, Gopi et al. 2021).
+
+    Notes
+    -----
+    `opacus` is the underlying Opacus accountant: `privacy.engine.make_private` attaches the DP optimizer's
+    step hook to this very object, so steps taken in training land in the persistent history. Opacus merges
+    consecutive identical (σ, q) steps into one history entry; the ε is the same either way.
     """
 
     def __init__(self, kind: str = "rdp") -> None:
-        if kind not in ACCOUNTANTS:
-            raise ValueError(f"privacy.accountant={kind!r} is unknown; use one of {sorted(ACCOUNTANTS)}.")
         self.kind = kind
-        self.opacus: IAccountant = ACCOUNTANTS[kind]()
+        self.opacus: IAccountant = accountant_class(kind)()
+
+    def __repr__(self) -> str:
+        return f"ClientAccountant(kind={self.kind!r}, steps={self.steps})"
 
     @property
     def steps(self) -> int:
-        """Noisy steps taken so far."""
+        """Noisy steps recorded so far (over all rounds)."""
         return sum(int(n) for _, _, n in self.opacus.history)
 
     def step(self, *, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
-        """Record `steps` steps of the subsampled Gaussian mechanism."""
-        for _ in range(steps):
-            self.opacus.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+        """Record `steps` steps of the Poisson-subsampled Gaussian mechanism.
+
+        Parameters
+        ----------
+        noise_multiplier : float
+            σ: noise std divided by the clipping bound. 0 means no privacy (ε becomes infinite).
+        sample_rate : float
+            q in (0, 1]: each example's probability of being in a step's batch (1.0 = full batch).
+        steps : int
+            How many such steps (0 records nothing).
+        """
+        if noise_multiplier < 0:
+            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}.")
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}.")
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}.")
+        if steps == 0:
+            return
+        history = self.opacus.history
+        if history and history[-1][0] == noise_multiplier and history[-1][1] == sample_rate:
+            sigma, q, n = history.pop()  # the same merge Opacus' step() does, for `steps` steps at once
+            history.append((sigma, q, n + steps))
+        else:
+            history.append((noise_multiplier, sample_rate, steps))
 
     def epsilon(self, delta: float) -> float:
-        """ε spent so far at this δ (0 before any step)."""
-        if not self.opacus.history:
+        """ε spent so far at this δ: 0.0 before any step, inf if a step had no noise."""
+        history = self.opacus.history
+        if not history:
             return 0.0
+        if any(sigma == 0 for sigma, _, _ in history):
+            return math.inf
         return float(self.opacus.get_epsilon(delta=delta))
 
     def would_exceed(
         self, *, target_epsilon: float, delta: float, noise_multiplier: float, sample_rate: float, steps: int
     ) -> bool:
-        """Whether `steps` more steps would take ε past `target_epsilon` (computed on a copy)."""
+        """Whether `steps` more steps at (σ, q) would take ε past `target_epsilon` (this one is unchanged)."""
         trial = copy.deepcopy(self)
-        trial.opacus.history.append((noise_multiplier, sample_rate, steps))
+        trial.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
         return trial.epsilon(delta) > target_epsilon + 1e-9
 
     def state_dict(self) -> dict[str, Any]:
-        """Type tag + history."""
-        hist = self.opacus.history
+        """The type tag and the history as parallel lists (floats, floats, ints)."""
+        history = self.opacus.history
         return {
-            "kind": self.kind,
-            "sigmas": [float(s) for s, _, _ in hist],
-            "rates": [float(q) for _, q, _ in hist],
-            "steps": [int(n) for _, _, n in hist],
+            KIND: self.kind,
+            SIGMAS: [float(s) for s, _, _ in history],
+            RATES: [float(q) for _, q, _ in history],
+            STEPS: [int(n) for _, _, n in history],
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore `state_dict()`; refuses a state of another accountant kind."""
-        if state.get("kind") != self.kind:
-            raise ValueError(f"Cannot load a {state.get('kind')!r} accountant state into a {self.kind!r} accountant.")
-        self.opacus.history = [
-            (float(s), float(q), int(n))
-            for s, q, n in zip(state["sigmas"], state["rates"], state["steps"], strict=True)
-        ]
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a `state_dict()`; refuses a state of another accountant kind or a malformed one."""
+        if state.get(KIND) != self.kind:
+            raise ValueError(
+                f"Cannot load a {state.get(KIND)!r} accountant state into a {self.kind!r} accountant; "
+                f"build ClientAccountant({state.get(KIND)!r}) or keep privacy.accountant unchanged within a run."
+            )
+        missing = [k for k in (SIGMAS, RATES, STEPS) if k not in state]
+        if missing:
+            raise ValueError(f"Accountant state is missing {missing}; it was not written by ClientAccountant.")
+        sigmas, rates, steps = list(state[SIGMAS]), list(state[RATES]), list(state[STEPS])
+        if not len(sigmas) == len(rates) == len(steps):
+            raise ValueError(
+                f"Accountant state has history lists of different lengths ({len(sigmas)}, {len(rates)}, "
+                f"{len(steps)}); it is corrupt."
+            )
+        self.opacus.history = [(float(s), float(q), int(n)) for s, q, n in zip(sigmas, rates, steps, strict=True)]
 
     def to_config_record(self) -> ConfigRecord:
-        """The state as a Flower ConfigRecord (for `Context.state` or a message)."""
+        """The state as a Flower ConfigRecord, for ``context.state[...]`` or a reply."""
         return ConfigRecord(self.state_dict())
 
     @classmethod
     def from_config_record(cls, record: ConfigRecord) -> ClientAccountant:
-        """Rebuild from `to_config_record()`."""
-        state = {k: (list(v) if isinstance(v, list) else v) for k, v in record.items()}
-        acc = cls(str(state["kind"]))
+        """Rebuild an accountant from `to_config_record()`."""
+        state = dict(record.items())
+        acc = cls(str(state.get(KIND)))
         acc.load_state_dict(state)
         return acc

@@ -1,8 +1,8 @@
 """Plan a client's DP-SGD up front: the noise multiplier that keeps (ε, δ) at the end of the run.
 
 The plan is conservative: it assumes the client is sampled in every planned round and takes all its
-local steps, so the budget holds whatever the sampling does. Fed-SB's privatised init gradient (one
-full-batch Gaussian mechanism, sample rate 1, same σ) is part of the plan when asked for.
+local steps, so the budget holds whatever the client sampling does. Fed-SB's privatised init gradient
+(one full-batch Gaussian mechanism: sample rate 1, the same σ) can be part of the plan.
 """
 
 from __future__ import annotations
@@ -12,49 +12,72 @@ from dataclasses import dataclass
 
 from opacus.accountants.utils import get_noise_multiplier
 
-from privacy.accountant import ClientAccountant
+from privacy.accountant import ACCOUNTANTS, ClientAccountant
+
+EPSILON_TOLERANCE = 0.01
+"""The plan's ε lies in [target − this, target] (the bisection tolerance Opacus uses too)."""
+
+MAX_NOISE_MULTIPLIER = 1e6
 
 
 @dataclass(frozen=True)
 class DPPlan:
-    """A client's DP-SGD settings for the whole run."""
+    """A client's DP-SGD settings for the whole run (from `plan_dp`)."""
 
-    noise_multiplier: float
-    sample_rate: float  # Poisson sampling probability per example per step
+    noise_multiplier: float  # σ: Gaussian noise std / max_grad_norm
+    sample_rate: float  # q: Poisson sampling probability of each example per step
     steps_per_round: int
     planned_rounds: int
-    init_steps: int  # full-batch steps before round 1 (Fed-SB init: 1)
     target_epsilon: float
     delta: float
-    max_grad_norm: float
-    accountant: str
+    max_grad_norm: float  # C: per-example L2 clipping bound
+    accountant: str  # "rdp" | "prv"
+    extra_full_batch_steps: int = 0  # full-batch (q = 1) steps with the same σ, e.g. Fed-SB's init gradient
 
     def describe(self) -> str:
-        """One line for logs."""
+        """One line for logs: σ, q, steps, planned (ε, δ)."""
+        init = f" + {self.extra_full_batch_steps} full-batch step" if self.extra_full_batch_steps else ""
         return (
-            f"DP-SGD: noise multiplier σ={self.noise_multiplier:.3f}, sample rate q={self.sample_rate:.4g}, "
-            f"{self.steps_per_round} steps/round × {self.planned_rounds} rounds"
-            f"{f' + {self.init_steps} full-batch init step' if self.init_steps else ''}, "
-            f"clip C={self.max_grad_norm}, planned (ε={self.target_epsilon}, δ={self.delta:.2e}), {self.accountant}"
+            f"DP-SGD: σ={self.noise_multiplier:.4g}, q={self.sample_rate:.4g}, "
+            f"{self.steps_per_round} steps/round × {self.planned_rounds} rounds{init}, C={self.max_grad_norm:g}, "
+            f"planned (ε={self.target_epsilon:g}, δ={self.delta:.2e}) by {self.accountant}"
         )
 
 
 def default_delta(num_examples: int) -> float:
-    """δ = 1 / (10 n): below 1/n, as DP-SGD's guarantee needs."""
+    """δ = 1 / (10 n): a tenth of 1/n, the usual ceiling for a meaningful (ε, δ) guarantee over n examples."""
+    if num_examples <= 0:
+        raise ValueError(f"num_examples must be > 0, got {num_examples}. A client needs data to train privately.")
     return 1.0 / (10.0 * num_examples)
 
 
-def _check(ok: bool, field: str, value: object, fix: str) -> None:
-    if not ok:
-        raise ValueError(f"{field}={value!r} is invalid: {fix}")
+def sample_rate(num_examples: int, batch_size: int) -> float:
+    """q = 1 / ceil(n / batch_size): exactly what Opacus charges, ``1 / len(data_loader)``.
+
+    This is ≤ batch_size / n (equal when batch_size divides n) and 1.0 when batch_size ≥ n.
+    """
+    return 1.0 / math.ceil(num_examples / batch_size)
 
 
-def _epsilon(sigma: float, *, q: float, steps: int, init_steps: int, delta: float, accountant: str) -> float:
+def epsilon_after(
+    noise_multiplier: float,
+    *,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    accountant: str = "rdp",
+    extra_full_batch_steps: int = 0,
+) -> float:
+    """ε after `extra_full_batch_steps` steps at q = 1 and `steps` steps at `sample_rate`, all with one σ."""
     acc = ClientAccountant(accountant)
-    if init_steps:
-        acc.step(noise_multiplier=sigma, sample_rate=1.0, steps=init_steps)
-    acc.opacus.history.append((sigma, q, steps))
+    acc.step(noise_multiplier=noise_multiplier, sample_rate=1.0, steps=extra_full_batch_steps)
+    acc.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
     return acc.epsilon(delta)
+
+
+def _require(ok: bool, field: str, value: object, condition: str, fix: str) -> None:
+    if not ok:
+        raise ValueError(f"{field} must be {condition}, got {value!r}. {fix}")
 
 
 def plan_dp(
@@ -67,46 +90,132 @@ def plan_dp(
     planned_rounds: int,
     max_grad_norm: float,
     accountant: str = "rdp",
-    init_steps: int = 0,
+    extra_full_batch_steps: int = 0,
+    init_steps: int | None = None,
 ) -> DPPlan:
-    """The noise multiplier for (ε, δ) after `planned_rounds` × `steps_per_round` steps (+ init steps).
+    """The noise multiplier that spends (ε, δ) exactly by the end of the planned run.
 
-    The sample rate matches Opacus' DPDataLoader: q = 1 / ceil(n / batch_size).
+    Parameters
+    ----------
+    target_epsilon, delta : float
+        The client's budget.
+    num_examples : int
+        Examples in the client's partition (n).
+    batch_size : int
+        Expected batch size; q = 1 / ceil(n / batch_size) (see `sample_rate`).
+    steps_per_round, planned_rounds : int
+        Training steps = steps_per_round × planned_rounds, as if the client joined every round.
+    max_grad_norm : float
+        Per-example clipping bound C (recorded in the plan).
+    accountant : str
+        ``"rdp"`` or ``"prv"``.
+    extra_full_batch_steps : int
+        0 or 1: a full-batch Gaussian step with the same σ before training (Fed-SB's privatised init
+        gradient). With 1, σ is found by bisection so that init + training fit the target together.
+    init_steps : int, optional
+        Deprecated alias of `extra_full_batch_steps`.
+
+    Returns
+    -------
+    DPPlan
+        σ with ε(σ) in [target − 0.01, target].
     """
-    _check(target_epsilon > 0, "privacy.target_epsilon", target_epsilon, "must be > 0 (or use privacy=off).")
-    _check(0 < delta < 1, "privacy.delta", delta, "must be in (0, 1), below 1/n_k.")
-    _check(num_examples > 0, "num_examples", num_examples, "a client needs data to train privately.")
-    _check(batch_size > 0, "train.batch_size", batch_size, "must be >= 1.")
-    _check(steps_per_round > 0, "train.local_steps", steps_per_round, "must be >= 1.")
-    _check(planned_rounds > 0, "privacy.planned_rounds", planned_rounds, "must be >= 1.")
-    _check(max_grad_norm > 0, "privacy.max_grad_norm", max_grad_norm, "must be > 0.")
-    q = 1.0 / math.ceil(num_examples / batch_size)
+    if init_steps is not None:
+        if extra_full_batch_steps not in (0, init_steps):
+            raise ValueError("Pass extra_full_batch_steps or its old name init_steps, not both.")
+        extra_full_batch_steps = init_steps
+    _require(
+        target_epsilon > 0,
+        "privacy.target_epsilon",
+        target_epsilon,
+        "> 0",
+        "Set privacy.target_epsilon=3.0 or privacy=off.",
+    )
+    _require(0 < delta < 1, "privacy.delta", delta, "in (0, 1)", "Use a value below 1/n, or null for the default.")
+    _require(num_examples > 0, "num_examples", num_examples, "> 0", "A client needs data to train privately.")
+    _require(batch_size > 0, "train.batch_size", batch_size, "> 0", "Set train.batch_size=16.")
+    _require(steps_per_round > 0, "steps_per_round", steps_per_round, "> 0", "Set train.local_steps >= 1.")
+    _require(planned_rounds > 0, "privacy.planned_rounds", planned_rounds, "> 0", "Set it to the rounds to run.")
+    _require(max_grad_norm > 0, "privacy.max_grad_norm", max_grad_norm, "> 0", "Set privacy.max_grad_norm=1.0.")
+    _require(accountant in ACCOUNTANTS, "privacy.accountant", accountant, f"one of {sorted(ACCOUNTANTS)}", "")
+    _require(
+        extra_full_batch_steps in (0, 1),
+        "extra_full_batch_steps",
+        extra_full_batch_steps,
+        "0 or 1",
+        "Use 1 only for Fed-SB's federated init gradient.",
+    )
+    q = sample_rate(num_examples, batch_size)
     steps = steps_per_round * planned_rounds
-    if init_steps == 0:
+    if extra_full_batch_steps == 0:
         sigma = get_noise_multiplier(
-            target_epsilon=target_epsilon, target_delta=delta, sample_rate=q, steps=steps, accountant=accountant
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=q,
+            steps=steps,
+            accountant=accountant,
+            epsilon_tolerance=EPSILON_TOLERANCE,
         )
-    else:  # bisection: the init step at q=1 and the training steps share one σ and one budget
-        lo, hi = 0.1, 1.0
-        while (
-            _epsilon(hi, q=q, steps=steps, init_steps=init_steps, delta=delta, accountant=accountant) > target_epsilon
-        ):
-            lo, hi = hi, hi * 2
-            if hi > 1e4:
-                raise ValueError(f"privacy.target_epsilon={target_epsilon} cannot be met; raise it.")
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            eps = _epsilon(mid, q=q, steps=steps, init_steps=init_steps, delta=delta, accountant=accountant)
-            lo, hi = (mid, hi) if eps > target_epsilon else (lo, mid)
-        sigma = hi
+    else:
+        sigma = _bisect_sigma(
+            target_epsilon,
+            sample_rate=q,
+            steps=steps,
+            delta=delta,
+            accountant=accountant,
+            extra_full_batch_steps=extra_full_batch_steps,
+        )
     return DPPlan(
         noise_multiplier=float(sigma),
         sample_rate=q,
         steps_per_round=steps_per_round,
         planned_rounds=planned_rounds,
-        init_steps=init_steps,
         target_epsilon=target_epsilon,
         delta=delta,
         max_grad_norm=max_grad_norm,
         accountant=accountant,
+        extra_full_batch_steps=extra_full_batch_steps,
     )
+
+
+def _bisect_sigma(
+    target_epsilon: float,
+    *,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    accountant: str,
+    extra_full_batch_steps: int,
+) -> float:
+    """The smallest σ (to `EPSILON_TOLERANCE` in ε) whose ε after all steps is ≤ target; ε falls as σ grows."""
+
+    def eps(sigma: float) -> float:
+        return epsilon_after(
+            sigma,
+            sample_rate=sample_rate,
+            steps=steps,
+            delta=delta,
+            accountant=accountant,
+            extra_full_batch_steps=extra_full_batch_steps,
+        )
+
+    lo, hi = 0.0, 1.0
+    eps_hi = eps(hi)
+    while eps_hi > target_epsilon:
+        lo, hi = hi, 2 * hi
+        if hi > MAX_NOISE_MULTIPLIER:
+            raise ValueError(
+                f"privacy.target_epsilon={target_epsilon} cannot be met with any noise multiplier. "
+                "Raise privacy.target_epsilon."
+            )
+        eps_hi = eps(hi)
+    for _ in range(100):  # halves [lo, hi] each time; ε is continuous in σ, so this ends long before
+        if target_epsilon - eps_hi <= EPSILON_TOLERANCE:
+            break
+        mid = (lo + hi) / 2
+        eps_mid = eps(mid)
+        if eps_mid <= target_epsilon:
+            hi, eps_hi = mid, eps_mid
+        else:
+            lo = mid
+    return hi

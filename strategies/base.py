@@ -33,6 +33,8 @@ from strategies.validation import reply_problem
 
 log = logging.getLogger(__name__)
 
+DISCOVERY_TIMEOUT = 300.0  # seconds the first hello to a node may take (process start-up included)
+
 
 def scalars(record: MetricRecord) -> dict[str, float]:
     """The scalar entries of a MetricRecord as floats (lists are left out)."""
@@ -174,7 +176,9 @@ class LoraStrategy(FedAvg):
         if not new:
             return
         msgs = [Message(RecordDict({K.CONFIG: self.config_record(0, "hello")}), n, MessageType.QUERY) for n in new]
-        for reply in grid.send_and_receive(msgs, timeout=float(self.cfg.sim.timeout)):
+        # Fresh ClientApp processes import torch and transformers before answering: give them time,
+        # independent of a short round timeout. Nodes that stay silent are asked again next round.
+        for reply in grid.send_and_receive(msgs, timeout=max(float(self.cfg.sim.timeout), DISCOVERY_TIMEOUT)):
             if reply.has_error():
                 log.warning(
                     "Node %d did not answer the hello query: %s",
