@@ -108,3 +108,53 @@ def test_a_client_that_times_out_is_counted_and_the_round_goes_on(
     rows = {r["round"]: r for r in read_metrics(run_dir)}
     assert rows[1]["failed"] == 1 and rows[1]["aggregated"] == 2 and not rows[1]["skipped"]
     assert rows[2]["aggregated"] >= 2
+
+
+def test_server_killed_mid_run_resumes_to_the_uninterrupted_result(tiny: list[str], tmp_path: Path) -> None:
+    """SIGKILL the whole fl-sim process tree (server, Ray, actors) after round 1's checkpoint, then resume."""
+    import contextlib
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    common = [*tiny, *SIM, "sim.rounds=3", "train.local_steps=4"]
+    killed_dir = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fl.cli", *common, f"hydra.run.dir={killed_dir}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 240
+    tree = [psutil.Process(proc.pid)]
+    try:
+        while time.monotonic() < deadline:
+            ckpt = killed_dir / CHECKPOINT_FILE
+            if ckpt.is_file() and Checkpoint.load(killed_dir).round >= 1:
+                break
+            assert proc.poll() is None, "fl-sim ended before it could be killed"
+            time.sleep(0.2)
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    finally:
+        for p in reversed(tree):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.send_signal(signal.SIGKILL)  # by PID: exactly the processes this test started
+        proc.wait(timeout=30)
+    psutil.wait_procs(tree, timeout=30)
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree)
+    stopped_at = Checkpoint.load(killed_dir).round
+    assert 1 <= stopped_at < 3 and not (killed_dir / "summary.json").exists()
+
+    resumed = run_simulation(resume_overrides(str(killed_dir), []))
+    full = run_simulation([*common, f"run_dir={tmp_path / 'full'}"])
+    a, b = read_metrics(full), read_metrics(resumed)
+    assert [r["round"] for r in b] == [0, 1, 2, 3]
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["accuracy"] == pytest.approx(rb["accuracy"], abs=1e-9)
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6)
+    fa = load_file(str(full / "adapter" / "adapter_model.safetensors"))
+    fb = load_file(str(resumed / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.allclose(fa[k], fb[k], atol=1e-6) for k in fa)
