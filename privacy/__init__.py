@@ -1,16 +1,28 @@
-"""Client-side differential privacy: Opacus DP-SGD, per-client accountants kept across rounds, budgets."""
+"""Client-side differential privacy: Opacus DP-SGD, one accountant per client kept across rounds, budgets."""
 
 from privacy.accountant import ACCOUNTANTS, ClientAccountant
-from privacy.budget import DPPlan, default_delta, plan_dp
-from privacy.engine import make_private, noisy_gradient_sum, release
+from privacy.budget import DPPlan, default_delta, epsilon_after, plan_dp, sample_rate
+from privacy.engine import (
+    GRAD_SAMPLE_MODES,
+    make_private,
+    noisy_gradient_sum,
+    per_example_cross_entropy,
+    release,
+    unwrap,
+)
 
 __all__ = [
     "ACCOUNTANTS",
+    "GRAD_SAMPLE_MODES",
     "ClientAccountant",
     "DPPlan",
     "default_delta",
+    "epsilon_after",
     "make_private",
     "noisy_gradient_sum",
+    "per_example_cross_entropy",
     "plan_dp",
     "release",
+    "sample_rate",
+    "unwrap",
 ]

@@ -14,6 +14,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord
 from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
 
@@ -95,7 +96,8 @@ class ClientAccountant:
             return 0.0
         if any(sigma == 0 for sigma, _, _ in history):
             return math.inf
-        return float(self.opacus.get_epsilon(delta=delta))
+        with np.errstate(divide="ignore"):  # PRV at q = 1 takes log(1 - q) = log 0 on purpose; the result is exact
+            return float(self.opacus.get_epsilon(delta=delta))
 
     def would_exceed(
         self, *, target_epsilon: float, delta: float, noise_multiplier: float, sample_rate: float, steps: int

@@ -1,21 +1,40 @@
 """Opacus DP-SGD wiring for one client round, charged to the client's persistent accountant.
 
 `make_private` builds the round's GradSampleModule / DPOptimizer / Poisson DPDataLoader with Opacus'
-PrivacyEngine, whose accountant is replaced by the client's `ClientAccountant` before anything is
-attached: every noisy step lands in the accountant that lives across rounds. Per-example gradients use
-Opacus' ``hooks`` mode, which supports PEFT's LoRA layers and keyword inputs (``model(**batch)``).
-`release` removes the hooks after the round, so the same module can be made private again next round.
+`PrivacyEngine`, after swapping the engine's fresh accountant for the client's `ClientAccountant.opacus`:
+the DP optimizer's step hook then records every noisy step in the accountant that lives across rounds.
+`release` removes the hooks at the end of the round: the client reuses the same module next round, and
+hooks left in place would stack. `noisy_gradient_sum` is the one-off privatised gradient sum of Fed-SB's
+federated initialisation (Singhal et al. 2025), charged as one full-batch Gaussian step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import overload
 
 import torch
 from opacus import GradSampleModule, PrivacyEngine
+from opacus.grad_sample.gsm_base import OPACUS_PARAM_MONKEYPATCH_ATTRS, AbstractGradSampleModule
+from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader
 
 from privacy.accountant import ClientAccountant
+
+log = logging.getLogger(__name__)
+
+GRAD_SAMPLE_MODES = ("hooks", "functorch")
+"""Opacus modes that work with keyword inputs (``model(**batch)``). ``ew`` takes positional inputs only and
+``ghost`` needs the criterion `make_private` returns, so neither fits a Hugging Face training loop."""
+
+# per-parameter and per-module state Opacus leaves behind (the DP optimizer's sums; a forward without backward)
+_PARAM_ATTRS = (*OPACUS_PARAM_MONKEYPATCH_ATTRS, "summed_grad")
+_MODULE_ATTRS = ("activations", "max_batch_len")
+
+LossFn = Callable[[torch.nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]
+"""(model, batch) -> per-example losses, shape (batch,)."""
 
 
 def make_private(
@@ -27,81 +46,242 @@ def make_private(
     max_grad_norm: float,
     accountant: ClientAccountant,
     poisson_sampling: bool = True,
+    grad_sample_mode: str = "hooks",
     noise_seed: int | None = None,
-) -> tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader]:
-    """DP-SGD versions of (model, optimizer, loader); steps are charged to `accountant`.
+) -> tuple[GradSampleModule, DPOptimizer, DataLoader]:
+    """DP-SGD versions of (model, optimizer, loader) for one round; steps are charged to `accountant`.
 
     Parameters
     ----------
+    model : torch.nn.Module
+        The plain module (e.g. a PEFT LoRA model), in training mode; its ``requires_grad`` parameters
+        must be exactly the optimizer's. On an accelerator, move the base model to its device *before*
+        ``get_peft_model``, or the LoRA weights may never update under Opacus (opacus #820).
+    optimizer : torch.optim.Optimizer
+        Over the model's trainable parameters.
+    data_loader : DataLoader
+        Batches of dicts; Opacus charges sample rate ``1 / len(data_loader)`` per step (what
+        `privacy.budget.plan_dp` plans with).
     noise_multiplier : float
         σ, from `privacy.budget.plan_dp`.
     max_grad_norm : float
-        Per-example clipping bound C (flat clipping over all trainable tensors).
+        Per-example clipping bound C (flat: one L2 norm over all trainable tensors).
+    accountant : ClientAccountant
+        The client's persistent accountant; each optimizer step adds (σ, q, 1) to it.
+    poisson_sampling : bool
+        Poisson batches (a `DPDataLoader`), as the accounting assumes; False keeps the loader.
+    grad_sample_mode : str
+        ``"hooks"`` (default) or ``"functorch"``; see `GRAD_SAMPLE_MODES`.
     noise_seed : int, optional
-        Seeds the noise (reproducible simulations). None draws fresh noise.
+        Seeds the noise (reproducible simulations); None draws fresh noise.
+
+    Returns
+    -------
+    tuple
+        (GradSampleModule, DPOptimizer, DataLoader). Call the module with keyword inputs,
+        ``gsm(input_ids=..., attention_mask=..., labels=...)``, i.e. ``gsm(**batch)``; Opacus' hooks sit on
+        the submodules, so the top-level call signature is free. Skip empty Poisson batches (no step, no charge)
+        and call `release` on the module when the round ends.
     """
-    engine = PrivacyEngine(accountant=accountant.kind)
-    engine.accountant = accountant.opacus  # the persistent accountant receives the optimizer's step hook
-    gen = torch.Generator().manual_seed(noise_seed) if noise_seed is not None else None
-    module, opt, loader = engine.make_private(
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(f"grad_sample_mode={grad_sample_mode!r} is not supported; use one of {GRAD_SAMPLE_MODES}.")
+    if isinstance(model, AbstractGradSampleModule) or hasattr(model, "autograd_grad_sample_hooks"):
+        raise ValueError("The model still carries Opacus hooks from an earlier round; call release(model) first.")
+    with warnings.catch_warnings():  # only the engine's notice that secure_mode is off (this is a simulation tool)
+        warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+        engine = PrivacyEngine(accountant=accountant.kind)
+    engine.accountant = accountant.opacus  # make_private attaches the optimizer's step hook to this object
+    generator = torch.Generator().manual_seed(noise_seed) if noise_seed is not None else None
+    module, dp_optimizer, dp_loader = engine.make_private(
         module=model,
         optimizer=optimizer,
         data_loader=data_loader,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         poisson_sampling=poisson_sampling,
-        grad_sample_mode="hooks",
-        noise_generator=gen,
+        grad_sample_mode=grad_sample_mode,
+        noise_generator=generator,
     )
-    return module, opt, loader
+    log.debug("DP-SGD round: σ=%.4g, C=%g, q=%.4g", noise_multiplier, max_grad_norm, 1 / len(data_loader))
+    return module, dp_optimizer, dp_loader
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module inside an Opacus GradSampleModule (the model itself otherwise); hooks stay on."""
+    if isinstance(model, AbstractGradSampleModule):
+        return model._module
+    return model
 
 
 def release(model: torch.nn.Module) -> torch.nn.Module:
-    """Remove Opacus' hooks and per-example gradients; returns the plain module."""
-    if isinstance(model, GradSampleModule):
-        return model.to_standard_module()
+    """End a round: remove Opacus' hooks and per-example state; returns the plain module.
+
+    Safe on a plain module and after an interrupted round (drops leftover activations too), so the same
+    module can go through `make_private` again next round without hooks piling up.
+    """
+    if isinstance(model, AbstractGradSampleModule):
+        model = model.to_standard_module()
+    # vars(), not hasattr(): PEFT's ModulesToSaveWrapper forwards attribute reads to the module it wraps
+    for module in model.modules():
+        for attr in _MODULE_ATTRS:
+            if attr in vars(module):
+                delattr(module, attr)
+    for p in model.parameters():
+        for attr in _PARAM_ATTRS:
+            if attr in vars(p):
+                delattr(p, attr)
     return model
+
+
+def per_example_cross_entropy(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Per-example cross-entropy of a sequence classifier: ``model(**inputs).logits`` against ``labels``."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits
+    return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
+
+
+@overload
+def noisy_gradient_sum(
+    *,
+    model: torch.nn.Module,
+    params: Sequence[torch.nn.Parameter],
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    loss_fn: LossFn = ...,
+    max_grad_norm: float,
+    noise_multiplier: float,
+    generator: torch.Generator | None = ...,
+    accountant: ClientAccountant | None = ...,
+    micro_batch_size: int = ...,
+) -> list[torch.Tensor]: ...
+
+
+@overload
+def noisy_gradient_sum(
+    *,
+    model: torch.nn.Module,
+    params: Mapping[str, torch.nn.Parameter],
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    loss_fn: LossFn = ...,
+    max_grad_norm: float,
+    noise_multiplier: float,
+    generator: torch.Generator | None = ...,
+    accountant: ClientAccountant | None = ...,
+    micro_batch_size: int = ...,
+) -> dict[str, torch.Tensor]: ...
 
 
 def noisy_gradient_sum(
     *,
     model: torch.nn.Module,
-    params: dict[str, torch.nn.Parameter],
-    batches: Iterable[dict[str, torch.Tensor]],
+    params: Sequence[torch.nn.Parameter] | Mapping[str, torch.nn.Parameter],
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    loss_fn: LossFn = per_example_cross_entropy,
     max_grad_norm: float,
     noise_multiplier: float,
     generator: torch.Generator | None = None,
     accountant: ClientAccountant | None = None,
-) -> dict[str, torch.Tensor]:
-    """Σ over examples of per-example gradients w.r.t. `params`, each clipped jointly to norm ≤ C, plus
-    N(0, (σC)²) noise per coordinate; charged to `accountant` as one full-batch step (sample rate 1).
+    micro_batch_size: int = 8,
+) -> list[torch.Tensor] | dict[str, torch.Tensor]:
+    """Σ over examples of per-example gradients w.r.t. `params`, clipped, plus Gaussian noise.
 
-    Used for Fed-SB's federated initialisation. `params` may be frozen base weights: they are made
-    trainable only inside this call. Per-example gradients come one example at a time (bounded memory:
-    the dense gradients of all adapted weights, once).
+    Each example's gradient (jointly over all `params`) is scaled to L2 norm ≤ C = `max_grad_norm`, the
+    clipped gradients are summed in float32, and N(0, (σC)²) is added per coordinate when σ > 0. The result
+    is charged to `accountant` as ONE step at sample rate 1.0 (each example is used once, with certainty).
+    Used for Fed-SB's federated initialisation, where `params` are dense base weights.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A plain module (not wrapped by Opacus). Its train/eval mode is kept (eval: no dropout); only the
+        modules owning `params` are flagged as training, which Opacus' hooks need to record activations.
+    params : sequence or mapping of Parameter
+        Parameters of `model`, frozen or not: only these require grad during the call, then every flag is
+        restored. The result has the same shape: a list, or a dict with the same names.
+    batches : iterable of dict
+        Batch-first tensors; each batch is processed in micro-batches of `micro_batch_size` examples,
+        which bounds memory (per-example gradients of dense weights: micro_batch_size × their size).
+    loss_fn : callable
+        ``(model, batch) -> losses`` of shape (batch,); the default is a sequence classifier's cross-entropy.
+    max_grad_norm : float
+        C > 0; ``inf`` disables clipping (then no noise is allowed).
+    noise_multiplier : float
+        σ ≥ 0.
+    generator : torch.Generator, optional
+        Source of the noise (seed it for reproducible runs).
+    accountant : ClientAccountant, optional
+        Charged (σ, q = 1, 1 step) once the sum is computed.
+    micro_batch_size : int
+        Examples per forward/backward pass.
     """
-    flags = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
-    total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    if not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}.")
+    if noise_multiplier < 0 or (noise_multiplier > 0 and max_grad_norm == float("inf")):
+        raise ValueError(
+            f"noise_multiplier={noise_multiplier} with max_grad_norm={max_grad_norm}: "
+            "noise needs σ ≥ 0 and a finite clipping bound."
+        )
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}.")
+    if isinstance(model, AbstractGradSampleModule):
+        raise ValueError("Pass the plain module (privacy.unwrap(model)), not an Opacus GradSampleModule.")
+    names = list(params) if isinstance(params, Mapping) else None
+    plist = list(params.values()) if isinstance(params, Mapping) else list(params)
+    wanted = {id(p) for p in plist}
+    if not plist or len(wanted) != len(plist) or not wanted <= {id(p) for p in model.parameters()}:
+        raise ValueError("params must be distinct parameters of model, at least one.")
+
+    all_params = list(model.parameters())
+    flags = [p.requires_grad for p in all_params]
+    owners = [m for m in model.modules() if any(id(p) in wanted for p in m.parameters(recurse=False))]
+    modes = [m.training for m in owners]
+    grads = [p.grad for p in plist]
+    totals = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in plist]
+    gsm: GradSampleModule | None = None
     try:
-        for batch in batches:
-            for i in range(batch["labels"].shape[0]):
-                one = {k: v[i : i + 1] for k, v in batch.items()}
-                grads = torch.autograd.grad(model(**one).loss, list(params.values()))
-                norm = torch.sqrt(torch.stack([(g.float() ** 2).sum() for g in grads]).sum())
-                factor = min(1.0, max_grad_norm / (float(norm) + 1e-12)) if max_grad_norm != float("inf") else 1.0
-                for n, g in zip(params, grads, strict=True):
-                    total[n] += factor * g.float()
+        for p in all_params:
+            p.requires_grad_(id(p) in wanted)
+        for m in owners:
+            m.training = True
+        gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+        for micro in _micro_batches(batches, micro_batch_size):
+            for p in plist:
+                p.grad = None
+                p.grad_sample = None  # type: ignore[attr-defined]  # Opacus' per-example gradient slot
+            loss_fn(gsm, micro).sum().backward()
+            _add_clipped(totals, plist, max_grad_norm)
     finally:
-        for p, flag in flags.items():
+        release(gsm if gsm is not None else model)
+        for p, flag in zip(all_params, flags, strict=True):
             p.requires_grad_(flag)
+        for p, grad in zip(plist, grads, strict=True):
+            p.grad = grad
+        for m, mode in zip(owners, modes, strict=True):
+            m.training = mode
     if noise_multiplier > 0:
         std = noise_multiplier * max_grad_norm
-        for n in total:
-            total[n] += torch.normal(0.0, std, size=total[n].shape, generator=generator)
+        for total in totals:
+            total.add_(torch.randn(total.shape, generator=generator, device=total.device), alpha=std)
     if accountant is not None:
         accountant.step(noise_multiplier=noise_multiplier, sample_rate=1.0, steps=1)
-    return total
+    return dict(zip(names, totals, strict=True)) if names is not None else totals
+
+
+def _micro_batches(batches: Iterable[Mapping[str, torch.Tensor]], size: int) -> Iterator[Mapping[str, torch.Tensor]]:
+    for batch in batches:
+        n = len(next(iter(batch.values())))
+        for start in range(0, n, size):
+            yield {k: v[start : start + size] for k, v in batch.items()}
+
+
+def _add_clipped(totals: list[torch.Tensor], params: list[torch.nn.Parameter], max_grad_norm: float) -> None:
+    """Add Σ_i min(1, C / ‖g_i‖) g_i to `totals`, from the per-example gradients Opacus left in `grad_sample`."""
+    samples = []
+    for p in params:
+        gs = getattr(p, "grad_sample", None)
+        if gs is None:
+            raise ValueError("A parameter in params got no per-example gradient: is it used by the forward pass?")
+        samples.append(gs.float())
+    norms = torch.stack([g.reshape(len(g), -1).pow(2).sum(dim=1) for g in samples]).sum(dim=0).sqrt()
+    factors = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    for total, g in zip(totals, samples, strict=True):
+        total.add_(torch.einsum("i,i...->...", factors, g))
