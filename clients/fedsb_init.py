@@ -73,6 +73,9 @@ def init_gradient_reply(msg: Message, context: Context, ws: Workspace, data: Ind
             for s in range(0, len(subset), 16)
         ]
         ws.model.eval()
+        flags = {n: p.requires_grad for n, p in ws.model.named_parameters()}
+        # PEFT's disable_adapter() re-enables requires_grad on every adapter tensor when it exits
+        # (set_adapter), which would unfreeze Fed-SB's A and B: restore the flags after the context.
         with ws.model.disable_adapter():
             grads = noisy_gradient_sum(
                 model=ws.model,
@@ -83,6 +86,8 @@ def init_gradient_reply(msg: Message, context: Context, ws: Workspace, data: Ind
                 generator=torch.Generator().manual_seed(int(cfg.seed) * 7919 + pid),
                 accountant=accountant,
             )
+        for n, p in ws.model.named_parameters():
+            p.requires_grad_(flags[n])
         metrics[K.EPSILON] = accountant.epsilon(plan.delta)
         content[K.STATE_PRIVACY] = save_accountant(context, accountant)
     else:

@@ -245,3 +245,32 @@ def _eps(sigma: float, q: float, steps: int, delta: float) -> float:
     for _ in range(steps):
         acc.step(noise_multiplier=sigma, sample_rate=q)
     return float(acc.get_epsilon(delta=delta))
+
+
+def test_fedsb_init_gradient_is_privatised_and_charged(tiny: list[str], tmp_path: Path) -> None:
+    run_dir = run_simulation(
+        [
+            *tiny,
+            "strategy=fed_sb",
+            "strategy.rank=4",
+            "privacy=dp",
+            "privacy.target_epsilon=8",
+            "sim.rounds=1",
+            "sim.num_clients=2",
+            "data.partitioner=iid",
+            f"run_dir={tmp_path / 'r'}",
+        ]
+    )
+    rows = read_metrics(run_dir)
+    import json
+
+    plans = json.loads((run_dir / "privacy_plan.json").read_text())
+    init_eps = max(_eps_full_batch(p["noise_multiplier"], p["delta"]) for p in plans)
+    assert rows[0]["epsilon_max"] == pytest.approx(init_eps, rel=1e-6)  # the init step, charged at q = 1
+    assert init_eps < rows[1]["epsilon_max"] <= 8.0 + 1e-6
+
+
+def _eps_full_batch(sigma: float, delta: float) -> float:
+    acc = RDPAccountant()
+    acc.step(noise_multiplier=sigma, sample_rate=1.0)
+    return float(acc.get_epsilon(delta=delta))
