@@ -1,0 +1,707 @@
+"""`fl-deploy`: run one job on Flower's Deployment Runtime — a SuperLink and N SuperNodes — on 127.0.0.1.
+
+`fl-deploy --clients 2 strategy=fed_sb run_dir=outputs/dep` does, in order, what an operator does on real
+machines (docs/deploy.md), each step a function of this module:
+
+1. `fl.certs.create_federation_credentials`: a CA, the SuperLink's certificate, one ECDSA key per node;
+2. `start_superlink`: TLS on its one HTTPS port (Fleet, Control and Runtime APIs), SuperNode auth on,
+   no `uv sync` of the app's dependencies;
+3. `write_connection` + `register_node`: the `flwr` CLI's connection in `$FLWR_HOME/config.toml` (a folder
+   inside the run folder, never ~/.flwr) and `flwr supernode register KEY.pub <connection>` per node;
+4. `start_supernode` N times (`--node-config "partition-id=i num-partitions=N"`);
+5. `submit_run`: `flwr run <project> <connection> --run-config` with the Hydra overrides;
+6. `follow_run`: log every row the ServerApp appends to metrics.jsonl until summary.json is written.
+
+Every process is started in its own session and stopped by PID (and its process group) when the job ends,
+fails or is interrupted (Ctrl-C, SIGTERM). `--insecure` skips TLS and node authentication (local trials).
+`--warm` keeps ClientApp libraries loaded between messages (`run_clientapp_executor`); `--bench` times the
+same job in simulation and in deployment and prints seconds per round of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import tomli_w
+
+from fl import constants as K
+from fl.certs import DEFAULT_SANS, NodeKeys, ServerCerts, create_federation_credentials
+from fl.config import compose
+from fl.runtime_env import CLIENT_THREADS_ENV, QUIET_ENV
+
+log = logging.getLogger("fl.deploy")  # also when run as `python -m fl.deploy`
+
+LOOPBACK = "127.0.0.1"
+PROJECT_DIR = Path(__file__).resolve().parent.parent  # the Flower app: pyproject.toml with [tool.flwr.app]
+DEPLOY_DIR = ".deploy"  # inside the run folder: flwr-home/, certs/, logs/
+CONNECTION = "fl-deploy"
+APP_PACKAGES = ("fl", "clients", "strategies", "privacy", "simulations")  # the app's own code (pyproject)
+EXIT_CODE_RE = re.compile(r"Exit Code: (\d+)")
+INSECURE_NOTE = "INSECURE deployment: no TLS, no SuperNode authentication - for local trials only"
+
+
+class DeployError(RuntimeError):
+    """A deployment step failed; the message says which and where its log is."""
+
+
+def child_env(flwr_home: Path, *, client_threads: int | None = None) -> dict[str, str]:
+    """Environment of every Flower process: offline, quiet, no `uv sync`, project-local FLWR_HOME.
+
+    The venv's bin folder goes first on PATH: the SuperLink and SuperNodes start `flower-superexec`,
+    `flwr-serverapp` and `flwr-clientapp` by name.
+    """
+    env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(flwr_home), "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25"}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    if client_threads:
+        env.setdefault(CLIENT_THREADS_ENV, str(client_threads))
+    return env
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A port nothing listens on now (the OS picks it when binding port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def flower_exit_code(log_path: Path) -> int | None:
+    """Flower's own exit code (e.g. 305: connection refused) from a process log; the OS sees 1."""
+    found = EXIT_CODE_RE.findall(log_path.read_text(errors="replace")) if log_path.is_file() else []
+    return int(found[-1]) if found else None
+
+
+def _bin(name: str) -> str:
+    path = Path(sys.executable).parent / name
+    return str(path) if path.exists() else name
+
+
+@dataclass
+class Processes:
+    """The processes a deployment started (each in a new session) and every descendant seen since.
+
+    `stop()` signals them by PID and process group only — never by name — and waits until all are gone.
+    """
+
+    started: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    known: set[psutil.Process] = field(default_factory=set)  # psutil.Process: PID + start time
+
+    def start(self, argv: Sequence[str], *, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as out:
+            proc = subprocess.Popen(
+                list(argv),
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        self.started.append(proc)
+        self.refresh()
+        return proc
+
+    def refresh(self) -> None:
+        """Remember the descendants alive now (ServerApp/ClientApp processes, SuperExecs)."""
+        for proc in self.started:
+            try:
+                root = psutil.Process(proc.pid)
+                self.known.update([root, *root.children(recursive=True)])
+            except psutil.NoSuchProcess:
+                continue
+
+    @property
+    def pids(self) -> list[int]:
+        return sorted({p.pid for p in self.started} | {p.pid for p in self.known})
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM every group and process, SIGKILL what is left after `timeout` s, reap the children."""
+        self.refresh()
+        for proc in self.started:
+            if proc.poll() is None:
+                with suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGTERM)  # the leader is alive: its group id is ours
+        targets = list(self.known)
+        for p in targets:
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                continue
+        _, left = psutil.wait_procs(targets, timeout=timeout)
+        for p in left:
+            log.warning("PID %d (%s) ignored SIGTERM for %.0f s: killing it", p.pid, p.name(), timeout)
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                continue
+        psutil.wait_procs(left, timeout=5)
+        for proc in self.started:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                log.error("PID %d is still running after SIGKILL", proc.pid)
+
+
+def _wait_for_port(host: str, port: int, proc: subprocess.Popen[bytes], log_path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise DeployError(f"The SuperLink exited with status {proc.returncode}; see {log_path}.")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(0.5)
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.2)
+    raise DeployError(f"The SuperLink did not listen on {host}:{port} within {timeout:.0f} s; see {log_path}.")
+
+
+def start_superlink(
+    procs: Processes,
+    *,
+    port: int,
+    env: dict[str, str],
+    log_path: Path,
+    certs: ServerCerts | None,
+    host: str = LOOPBACK,
+    timeout: float = 60.0,
+) -> str:
+    """Start `flower-superlink` and wait until it listens; returns its address (host:port).
+
+    Flower 1.41 serves the Fleet, Control and Runtime APIs on one HTTPS port (`--host/--port`; the
+    `--fleet-api-address`/`--control-api-address` flags are deprecated). `certs=None` means `--insecure`;
+    otherwise TLS with the CA, certificate and key, and SuperNode authentication.
+    """
+    argv = [_bin("flower-superlink"), "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
+    if certs is None:
+        argv.append("--insecure")
+    else:
+        argv += ["--ssl-ca-certfile", str(certs.ca_cert), "--ssl-certfile", str(certs.cert)]
+        argv += ["--ssl-keyfile", str(certs.key), "--enable-supernode-auth"]
+    proc = procs.start(argv, env=env, log_path=log_path)
+    _wait_for_port(LOOPBACK if host == "0.0.0.0" else host, port, proc, log_path, timeout)
+    return f"{host}:{port}"
+
+
+def write_connection(flwr_home: Path, *, name: str, address: str, root_certificates: Path | None) -> Path:
+    """Write `$FLWR_HOME/config.toml` with one SuperLink connection (the default) for the `flwr` CLI."""
+    conn: dict[str, Any] = {"address": address}
+    if root_certificates is None:
+        conn["insecure"] = True
+    else:
+        conn["root-certificates"] = str(root_certificates.resolve())
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path = flwr_home / "config.toml"
+    path.write_text(tomli_w.dumps({"superlink": {"default": name, name: conn}}))
+    return path
+
+
+def flwr_cli(args: Sequence[str], *, env: dict[str, str], timeout: float = 120.0) -> dict[str, Any]:
+    """Run `flwr <args> --format json` and return its JSON answer; raise DeployError on failure."""
+    res = subprocess.run(
+        [_bin("flwr"), *args, "--format", "json"], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    out = res.stdout
+    try:
+        answer: dict[str, Any] = json.loads(out[out.index("{") :])
+    except ValueError:
+        answer = {}
+    if res.returncode != 0 or not answer.get("success"):
+        raise DeployError(f"`flwr {' '.join(args)}` failed ({res.returncode}): {out.strip()} {res.stderr.strip()}")
+    return answer
+
+
+def register_node(public_key: Path, *, connection: str, env: dict[str, str]) -> int:
+    """`flwr supernode register KEY.pub <connection>`: allow the node holding the private key. Returns its id."""
+    return int(flwr_cli(["supernode", "register", str(public_key), connection], env=env)["node-id"])
+
+
+def start_supernode(
+    procs: Processes,
+    *,
+    superlink: str,
+    partition_id: int,
+    num_partitions: int,
+    port: int,
+    env: dict[str, str],
+    log_path: Path,
+    root_certificates: Path | None,
+    private_key: Path | None = None,
+    max_wait_time: float | None = None,
+    warm: bool = False,
+) -> subprocess.Popen[bytes]:
+    """Start one `flower-supernode` serving partition `partition_id` of `num_partitions`.
+
+    `root_certificates=None` connects without TLS (`--insecure`). `port` is the node's own Runtime API
+    port (its ClientApp processes talk to it). `max_wait_time` (s) makes it give up connecting. `warm`
+    starts it with `--isolation process` and a `run_clientapp_executor` beside it (log: `*.executor.log`).
+    """
+    argv = [_bin("flower-supernode"), "--superlink", superlink, "--port", str(port)]
+    if warm:
+        argv += ["--isolation", "process"]
+        executor = [sys.executable, "-m", "fl.deploy", "--clientapp-executor", f"{LOOPBACK}:{port}"]
+        procs.start(executor, env=env, log_path=log_path.with_suffix(".executor.log"))
+    argv += ["--node-config", f"{K.NODE_PARTITION_ID}={partition_id} {K.NODE_NUM_PARTITIONS}={num_partitions}"]
+    argv += ["--insecure"] if root_certificates is None else ["--root-certificates", str(root_certificates)]
+    if private_key is not None:
+        argv += ["--auth-supernode-private-key", str(private_key)]
+    if max_wait_time is not None:
+        argv += ["--max-wait-time", str(max_wait_time)]
+    return procs.start(argv, env=env, log_path=log_path)
+
+
+def submit_run(project_dir: Path, overrides: Sequence[str], *, connection: str, env: dict[str, str]) -> int:
+    """`flwr run <project_dir> <connection> --run-config <file>` with `overrides`; returns the run id.
+
+    The run config goes through a TOML file, equal to `--run-config "overrides='a=1 b=2'"` but safe for
+    any quoting inside the overrides.
+    """
+    cfg_file = Path(env["FLWR_HOME"]) / "run-config.toml"
+    cfg_file.write_text(tomli_w.dumps({K.OVERRIDES: shlex.join(overrides)}))
+    answer = flwr_cli(["run", str(project_dir), connection, "--run-config", str(cfg_file)], env=env, timeout=600)
+    return int(answer["run-id"])
+
+
+def run_clientapp_executor(runtime_api_address: str, *, preload: str = "fl.client_app", poll: float = 0.25) -> None:
+    """A warm SuperExec for `flower-supernode --isolation process`: one forked child per ClientApp task.
+
+    Flower's SuperExec starts a fresh `flwr-clientapp` per message, which imports torch, transformers,
+    PEFT and Opacus again each time (~8 s of a tiny model's ~23 s round on 2 cores). This executor imports
+    `preload` once, forgets the app's own modules (`APP_PACKAGES`: each task imports them from its FAB, as
+    flwr-clientapp does) and forks a child per task that runs Flower's `run_clientapp` with the libraries
+    already loaded. The parent never runs a torch op, so no thread pool is inherited across `fork`.
+    Uses Flower 1.41 internals (`RuntimeHttpClient`, `AcquireTaskRequest`, `run_clientapp`; flwr<1.42).
+    """
+    import importlib
+
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+    t0 = time.perf_counter()
+    importlib.import_module(preload)
+    for name in [m for m in sys.modules if m.partition(".")[0] in APP_PACKAGES]:
+        del sys.modules[name]
+    log.info(
+        "Warm ClientApp executor for %s: %s preloaded in %.1f s", runtime_api_address, preload, time.perf_counter() - t0
+    )
+    client = RuntimeHttpClient.from_server_address(
+        server_address=runtime_api_address,
+        insecure=True,  # the SuperNode's local Runtime API (plain HTTP unless the node has --ssl-* flags)
+        root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+        retry_invoker=make_simple_http_retry_invoker(),
+    )
+    children: set[int] = set()
+    while True:
+        children -= {pid for pid in children if os.waitpid(pid, os.WNOHANG)[0]}
+        res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+        if res.HasField("task") and res.token:
+            pid = os.fork()
+            if pid == 0:  # the child: run one task, never return into the parent's loop
+                code = 1
+                try:
+                    run_clientapp(
+                        runtime_api_address=runtime_api_address,
+                        token=res.token,
+                        insecure=True,
+                        certificates=None,
+                        parent_pid=os.getppid(),
+                        runtime_dependency_install=False,
+                    )
+                    code = 0
+                except SystemExit as e:  # run_clientapp ends with flwr_exit
+                    code = e.code if isinstance(e.code, int) else 0
+                except BaseException:
+                    log.exception("ClientApp task %d failed outside Flower's handler", res.task.task_id)
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
+            children.add(pid)
+        time.sleep(poll)
+
+
+def run_status(run_id: int, *, connection: str, env: dict[str, str]) -> str:
+    """The SuperLink's status of a run, e.g. `running`, `finished:completed`, `finished:failed`."""
+    runs = flwr_cli(["ls", connection, "--run-id", str(run_id)], env=env)["runs"]
+    return str(runs[0]["status"]) if runs else "unknown"
+
+
+def _log_row(row: dict[str, Any], rounds: int) -> None:
+    log.info(
+        "[deploy] round %d/%d accuracy=%.4f loss=%.4f up=%s B down=%s B wall=%.1fs",
+        row["round"],
+        rounds,
+        row["accuracy"],
+        row["loss"],
+        row.get("bytes_up", 0),
+        row.get("bytes_down", 0),
+        row["wall_seconds"],
+    )
+
+
+def _written_since(path: Path, since_ns: int) -> bool:
+    return path.is_file() and path.stat().st_mtime_ns >= since_ns
+
+
+def follow_run(
+    run_dir: Path,
+    *,
+    since_ns: int,
+    rounds: int,
+    check: Callable[[], None],
+    timeout: float | None = None,
+    poll: float = 1.0,
+) -> dict[str, Any]:
+    """Log each new metrics.jsonl row until a summary.json newer than `since_ns` appears; return it.
+
+    `check()` is called every `poll` s and raises when the run cannot finish any more (a process died,
+    the SuperLink reports the run failed).
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    metrics, summary = run_dir / K.METRICS_FILE, run_dir / K.SUMMARY_FILE
+    seen = 0
+    while True:
+        fresh = _written_since(metrics, since_ns)  # not a previous run's rows
+        lines = [ln for ln in metrics.read_text().splitlines(keepends=True) if ln.endswith("\n")] if fresh else []
+        seen = 0 if len(lines) < seen else seen  # rewritten (the ServerApp starts the file over)
+        for line in lines[seen:]:
+            _log_row(json.loads(line), rounds)
+        seen = len(lines)
+        if _written_since(summary, since_ns):
+            return dict(json.loads(summary.read_text()))
+        if deadline is not None and time.monotonic() > deadline:
+            raise DeployError(f"No {summary} after {timeout:.0f} s.")
+        check()
+        time.sleep(poll)
+
+
+@contextmanager
+def _shielded() -> Iterator[None]:
+    """Ignore SIGINT/SIGTERM while cleaning up, so a second Ctrl-C cannot leave processes behind."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+@dataclass
+class LocalFederation:
+    """A SuperLink and SuperNodes on 127.0.0.1; credentials, logs and FLWR_HOME live in `workdir`.
+
+    A context manager: leaving it stops every process it started, also on error or Ctrl-C.
+    """
+
+    workdir: Path
+    insecure: bool = False
+    client_threads: int | None = None
+    warm: bool = False
+    procs: Processes = field(default_factory=Processes)
+    address: str = ""
+    server_certs: ServerCerts | None = None
+    nodes: list[tuple[subprocess.Popen[bytes], Path]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.flwr_home = self.workdir / "flwr-home"
+        self.logs = self.workdir / "logs"
+        if self.warm:
+            log.info("Warm ClientApps: each SuperNode runs --isolation process with a forking executor")
+        self.env = child_env(self.flwr_home, client_threads=self.client_threads)
+
+    def __enter__(self) -> LocalFederation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def ca(self) -> Path | None:
+        return None if self.server_certs is None else self.server_certs.ca_cert
+
+    def start(self, num_nodes: int, *, sans: Sequence[str] = DEFAULT_SANS) -> list[NodeKeys]:
+        """Make credentials (unless insecure), start the SuperLink, write the CLI connection; returns node keys."""
+        keys: list[NodeKeys] = []
+        if self.insecure:
+            log.warning(INSECURE_NOTE)
+        else:
+            self.server_certs, keys = create_federation_credentials(
+                self.workdir / "certs", num_nodes=num_nodes, sans=sans
+            )
+        self.address = start_superlink(
+            self.procs, port=free_port(), env=self.env, log_path=self.logs / "superlink.log", certs=self.server_certs
+        )
+        write_connection(self.flwr_home, name=CONNECTION, address=self.address, root_certificates=self.ca)
+        log.info("SuperLink on %s (%s); logs in %s", self.address, "insecure" if self.insecure else "TLS", self.logs)
+        return keys
+
+    def add_node(
+        self,
+        partition_id: int,
+        num_partitions: int,
+        *,
+        keys: NodeKeys | None,
+        register: bool = True,
+        tls: bool | None = None,
+        max_wait_time: float | None = None,
+        name: str | None = None,
+    ) -> tuple[subprocess.Popen[bytes], Path]:
+        """Register `keys` (if `register`) and start a SuperNode; `tls=None` follows the federation."""
+        if keys is not None and register:
+            node_id = register_node(keys.public, connection=CONNECTION, env=self.env)
+            log.info("Registered %s as node %d", keys.public.name, node_id)
+        use_tls = (not self.insecure) if tls is None else tls
+        log_path = self.logs / f"{name or f'supernode-{partition_id}'}.log"
+        proc = start_supernode(
+            self.procs,
+            superlink=self.address,
+            partition_id=partition_id,
+            num_partitions=num_partitions,
+            port=free_port(),
+            env=self.env,
+            log_path=log_path,
+            root_certificates=self.ca if use_tls else None,
+            private_key=None if keys is None else keys.private,
+            max_wait_time=max_wait_time,
+            warm=self.warm,
+        )
+        self.nodes.append((proc, log_path))
+        return proc, log_path
+
+    def wait_online(self, nodes: Sequence[tuple[subprocess.Popen[bytes], Path]], timeout: float = 180.0) -> None:
+        """Wait until each node logged its SuperNode ID (it is connected and activated)."""
+        deadline = time.monotonic() + timeout
+        for proc, log_path in nodes:
+            while "SuperNode ID:" not in (log_path.read_text(errors="replace") if log_path.is_file() else ""):
+                if proc.poll() is not None:
+                    code = flower_exit_code(log_path)
+                    raise DeployError(f"SuperNode exited (Flower exit code {code}) before connecting; see {log_path}.")
+                if time.monotonic() > deadline:
+                    raise DeployError(f"SuperNode not connected after {timeout:.0f} s; see {log_path}.")
+                time.sleep(0.3)
+
+    def submit(self, overrides: Sequence[str], *, project_dir: Path = PROJECT_DIR) -> int:
+        run_id = submit_run(project_dir, overrides, connection=CONNECTION, env=self.env)
+        log.info("Submitted run %d; ServerApp log: %s", run_id, self.logs / "serverapp.log")
+        return run_id
+
+    def follow(
+        self, run_dir: Path, run_id: int, *, since_ns: int, rounds: int, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Stream the ServerApp's log to logs/serverapp.log and follow metrics.jsonl until summary.json."""
+        stream_argv = [_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"]
+        stream = self.procs.start(stream_argv, env=self.env, log_path=self.logs / "serverapp.log")
+        superlink = self.procs.started[0]
+
+        def check() -> None:
+            nonlocal stream
+            self.procs.refresh()
+            if superlink.poll() is not None:
+                raise DeployError(f"The SuperLink exited ({superlink.returncode}); see {self.logs / 'superlink.log'}.")
+            if stream.poll() is None:
+                return
+            status = run_status(run_id, connection=CONNECTION, env=self.env)
+            if status.startswith("finished"):
+                time.sleep(2.0)  # summary.json is written before the ServerApp returns; one last look
+                if not _written_since(run_dir / K.SUMMARY_FILE, since_ns):
+                    tail = (self.logs / "serverapp.log").read_text(errors="replace")[-3000:]
+                    raise DeployError(f"Run {run_id} ended ({status}) without writing summary.json:\n{tail}")
+            else:
+                stream = self.procs.start(stream_argv, env=self.env, log_path=self.logs / "serverapp.log")
+
+        return follow_run(run_dir, since_ns=since_ns, rounds=rounds, check=check, timeout=timeout)
+
+    def stop(self) -> None:
+        with _shielded():
+            self.procs.stop()
+        log.info("Stopped %d Flower processes (PIDs %s)", len(self.procs.pids), self.procs.pids)
+
+
+def prepare_overrides(overrides: Sequence[str], *, clients: int | None) -> tuple[list[str], Path]:
+    """The job's overrides with an absolute `run_dir=` and `sim.num_clients` (= `clients` when given).
+
+    `hydra.run.dir=DIR` is read as `run_dir=DIR`, as `fl-sim` does; with neither, outputs/<date>/<time>.
+    """
+    out: list[str] = []
+    run_dir: str | None = None
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key in ("run_dir", "hydra.run.dir"):
+            run_dir = value
+        elif key.startswith("hydra."):
+            log.warning("Ignoring %s: fl-deploy is not a Hydra app (only hydra.run.dir is read)", o)
+        else:
+            out.append(o)
+    if run_dir is None:
+        from fl.server_app import default_run_dir
+
+        run_dir = str(default_run_dir())
+    path = Path(run_dir).expanduser().resolve()
+    if clients is not None:
+        given = int(compose(out).sim.num_clients)
+        if any(o.startswith("sim.num_clients=") for o in out) and given != clients:
+            raise ValueError(f"--clients {clients} but sim.num_clients={given}: give one of them.")
+        out = [o for o in out if not o.startswith("sim.num_clients=")] + [f"sim.num_clients={clients}"]
+    return [*out, f"run_dir={path}"], path
+
+
+def deploy(
+    overrides: Sequence[str],
+    *,
+    clients: int | None = None,
+    insecure: bool = False,
+    project_dir: Path = PROJECT_DIR,
+    timeout: float | None = None,
+    warm: bool = False,
+    on_started: Callable[[LocalFederation], None] | None = None,
+) -> Path:
+    """Run one job on a loopback deployment (TLS + node auth unless `insecure`); returns the run folder.
+
+    The run folder holds what `fl-sim` writes (config.yaml, metrics.jsonl, summary.json, adapter/) and
+    `.deploy/` (certificates, FLWR_HOME, one log per process). `timeout` (s) bounds the whole run.
+    `warm` runs ClientApps through `run_clientapp_executor` instead of a fresh process per message.
+    `on_started(federation)` is called once the SuperLink and the nodes are up, before the run is
+    submitted (e.g. to start more nodes).
+    """
+    ov, run_dir = prepare_overrides(overrides, clients=clients)
+    cfg = compose(ov)  # fail fast, before any process starts
+    n = int(cfg.sim.num_clients)
+    threads = max(1, int(cfg.train.threads or cfg.sim.client_cpus))  # as in simulation: comparable numbers
+    with LocalFederation(run_dir / DEPLOY_DIR, insecure=insecure, client_threads=threads, warm=warm) as fed:
+        keys = fed.start(n)
+        nodes = [fed.add_node(i, n, keys=keys[i] if keys else None) for i in range(n)]
+        fed.wait_online(nodes)
+        if on_started is not None:
+            on_started(fed)
+        since = time.time_ns()
+        run_id = fed.submit(ov, project_dir=project_dir)
+        summary = fed.follow(run_dir, run_id, since_ns=since, rounds=int(cfg.sim.rounds), timeout=timeout)
+    log.info(
+        "Deployment run %d finished: final accuracy %.4f; outputs in %s", run_id, summary["final_accuracy"], run_dir
+    )
+    if insecure:
+        log.warning("%s (this run used it).", INSECURE_NOTE)
+    return run_dir
+
+
+def seconds_per_round(run_dir: Path) -> float:
+    """Mean wall seconds of one round after round 0 (start-up, Fed-SB init and nodes joining excluded)."""
+    rows = [json.loads(line) for line in (run_dir / K.METRICS_FILE).read_text().splitlines() if line.strip()]
+    return (rows[-1]["wall_seconds"] - rows[0]["wall_seconds"]) / max(1, rows[-1]["round"] - rows[0]["round"])
+
+
+def bench(overrides: Sequence[str], *, clients: int | None = None, insecure: bool = False) -> dict[str, Any]:
+    """Time one job in simulation, then in deployment with Flower's per-message ClientApp processes
+    ("cold") and with warm ClientApps; print seconds per round of each and the ratios to simulation.
+
+    All three must end with the same metrics; `bench.json` in the run folder keeps the figures.
+    """
+    from fl.simulation import run_simulation
+
+    ov, base = prepare_overrides(overrides, clients=clients)
+    job = [o for o in ov if not o.startswith("run_dir=")]
+    runs: dict[str, Callable[[Path], Path]] = {
+        "simulation": lambda d: run_simulation([*job, f"run_dir={d}"]),
+        "deployment_cold": lambda d: deploy([*job, f"run_dir={d}"], insecure=insecure),
+        "deployment_warm": lambda d: deploy([*job, f"run_dir={d}"], insecure=insecure, warm=True),
+    }
+    res: dict[str, Any] = {}
+    finals = {}
+    for name, run in runs.items():
+        t0 = time.perf_counter()
+        run_dir = run(base / name)
+        res[f"{name}_total_s"] = time.perf_counter() - t0
+        res[f"{name}_s_per_round"] = seconds_per_round(run_dir)
+        summary = json.loads((run_dir / K.SUMMARY_FILE).read_text())
+        finals[name] = (summary["final_accuracy"], summary["final_loss"], summary["cum_bytes_up"])
+    sim = res["simulation_s_per_round"]
+    for name in ("deployment_cold", "deployment_warm"):
+        res[f"{name}_ratio"] = res[f"{name}_s_per_round"] / sim
+    res["final_metrics"] = {k: list(v) for k, v in finals.items()}
+    res["same_final_metrics"] = len(set(finals.values())) == 1
+    (base / "bench.json").write_text(json.dumps(res, indent=2) + "\n")
+    print(f"\nSeconds per round after round 0, same config ({' '.join(job)}); outputs in {base}:")
+    for name in runs:
+        ratio = f"{res[name + '_ratio']:6.1f}x simulation" if name != "simulation" else " " * 17
+        per_round, total = res[f"{name}_s_per_round"], res[f"{name}_total_s"]
+        print(f"  {name:16s} {per_round:7.2f} s/round  {ratio}  ({total:.0f} s end to end)")
+    print(f"  goal: deployment <= 2x simulation; final accuracy/loss/bytes identical: {res['same_final_metrics']}")
+    return res
+
+
+def _raise_on_signal(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`fl-deploy --clients N [--insecure] [--warm] [--bench] [overrides]`."""
+    from fl.cli import setup_logging
+
+    parser = argparse.ArgumentParser(
+        prog="fl-deploy",
+        description="Run one job on a Flower deployment (SuperLink + SuperNodes) on 127.0.0.1; TLS and "
+        "SuperNode authentication unless --insecure. Outputs go to the run folder like fl-sim's.",
+    )
+    parser.add_argument("--clients", type=int, default=None, help="SuperNodes to start (default: sim.num_clients)")
+    parser.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (local trials)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds the whole run may take")
+    parser.add_argument("--warm", action="store_true", help="warm ClientApps (no fresh process per message)")
+    parser.add_argument("--bench", action="store_true", help="time the job in simulation and in deployment")
+    parser.add_argument(
+        "--clientapp-executor",
+        metavar="HOST:PORT",
+        help="only run a warm ClientApp executor for `flower-supernode --isolation process --port PORT`",
+    )
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. strategy=fed_sb run_dir=outputs/dep")
+    args = parser.parse_args(argv)
+    if args.clients is not None and args.clients < 1:
+        parser.error(f"--clients must be >= 1, got {args.clients}")
+    setup_logging()
+    if args.clientapp_executor:
+        run_clientapp_executor(args.clientapp_executor)
+        return
+    signal.signal(signal.SIGTERM, _raise_on_signal)
+    signal.signal(signal.SIGINT, _raise_on_signal)
+    try:
+        if args.bench:
+            bench(args.overrides, clients=args.clients, insecure=args.insecure)
+            return
+        run_dir = deploy(
+            args.overrides, clients=args.clients, insecure=args.insecure, timeout=args.timeout, warm=args.warm
+        )
+    except (ValueError, DeployError) as e:
+        print(f"fl-deploy: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, ValueError) else 1)
+    except KeyboardInterrupt:
+        print("fl-deploy: interrupted; every process it started has been stopped.", file=sys.stderr)
+        sys.exit(130)
+    print(f"\nDone. Outputs in {run_dir}:")
+    print("  config.yaml  metrics.jsonl  summary.json  adapter/  .deploy/ (certs, FLWR_HOME, process logs)")
+
+
+if __name__ == "__main__":
+    main()
