@@ -26,6 +26,7 @@ def setup_logging() -> None:
             logger.addHandler(handler)
         logger.propagate = False
     logging.getLogger("flwr").propagate = False  # Flower has its own handler; Hydra's root one would repeat it
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's state DB migrations: 40 INFO lines per run
 
 
 def resume_overrides(run_dir: str, cli: list[str]) -> list[str]:

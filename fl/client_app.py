@@ -130,15 +130,17 @@ def train(msg: Message, context: Context) -> Message:
     metrics.update(
         {
             K.NUM_EXAMPLES: result.num_examples,
-            K.TRAIN_LOSS: result.loss,
             K.TRAIN_STEPS: result.steps,
             K.TRAIN_SECONDS: result.seconds,
             K.DECLINED: 0,
         }
     )
     if accountant is not None:
+        # The training loss is an un-noised function of the client's examples: under DP it stays on the client.
         metrics[K.EPSILON] = accountant.epsilon(client_plan(cfg, len(data)).delta)
         content[K.STATE_PRIVACY] = save_accountant(context, accountant)
+    else:
+        metrics[K.TRAIN_LOSS] = result.loss
     content[K.ARRAYS] = to_record(trainable_state(ws.model))
     content[K.METRICS] = MetricRecord(metrics)
     return Message(content, reply_to=msg)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict
 from datetime import datetime
@@ -53,7 +54,7 @@ def round_row(st: RoundStats) -> dict[str, Any]:
         "rejected": st.rejected,
         "declined": st.declined,
         "skipped": st.skipped,
-        "train_loss": st.train_loss,
+        "train_loss": None if math.isnan(st.train_loss) else st.train_loss,  # None: skipped round, or DP clients
         "residual": st.residual,
         "client_seconds": st.client_seconds,
         "aggregate_seconds": st.aggregate_seconds,

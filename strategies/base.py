@@ -287,8 +287,10 @@ class LoraStrategy(FedAvg):
         stats.aggregate_seconds = time.perf_counter() - t0
         stats.aggregated = len(good)
         stats.residual = self.residual(states, weights, agg)
-        total = sum(weights)
-        stats.train_loss = sum(w * g[3].get(K.TRAIN_LOSS, 0.0) for g, w in zip(good, weights, strict=True)) / total
+        # DP clients do not report their training loss (an un-noised statistic of their data): NaN then.
+        losses = [(w, float(g[3][K.TRAIN_LOSS])) for g, w in zip(good, weights, strict=True) if K.TRAIN_LOSS in g[3]]
+        if losses:
+            stats.train_loss = sum(w * v for w, v in losses) / sum(w for w, _ in losses)
         stats.client_seconds = sum(g[3].get(K.TRAIN_SECONDS, 0.0) for g in good)
         eps = [g[3][K.EPSILON] for g in good if K.EPSILON in g[3]]
         if eps:

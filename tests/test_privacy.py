@@ -230,6 +230,7 @@ def test_dp_simulation_reports_true_epsilon_and_exhausted_clients_decline(tiny: 
     )
     rows = read_metrics(run_dir)
     assert 0 < rows[1]["epsilon_max"] <= 8.0
+    assert rows[1]["aggregated"] == 2 and rows[1]["train_loss"] is None  # DP clients keep their loss to themselves
     # round 2 would exceed the budget planned for 1 round: both clients decline, the run still finishes
     assert rows[2]["declined"] == 2 and rows[2]["skipped"]
     assert (run_dir / "privacy_plan.json").is_file()
