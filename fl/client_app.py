@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from typing import Any
 
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
@@ -31,8 +32,20 @@ log = logging.getLogger(__name__)
 app = ClientApp()
 
 
+def local_data_overrides(overrides: list[str], node_config: dict[str, Any]) -> list[str]:
+    """The run's overrides as this node composes them: with `--node-config "data-path=FILE"` the node reads
+    its own CSV/JSON/JSONL/Parquet file (same `data.text_column`/`data.label_column`/`data.labels`) and trains
+    on all of it, instead of a partition of a pool every node holds a copy of."""
+    path = node_config.get(K.NODE_DATA_PATH)
+    if not path:
+        return overrides
+    return [*overrides, "data.source=file", f"data.path={path}", "data.test_size=0", "data.max_examples=null"]
+
+
 def _partition(context: Context, ws: Workspace) -> tuple[int, IndexedDataset]:
     pid = int(str(context.node_config[K.NODE_PARTITION_ID]))
+    if context.node_config.get(K.NODE_DATA_PATH):
+        return pid, IndexedDataset(ws.task.train)  # the node's own file, whole
     n = int(str(context.node_config.get(K.NODE_NUM_PARTITIONS, ws.cfg.sim.num_clients)))
     if n != ws.cfg.sim.num_clients:
         raise ValueError(
@@ -54,9 +67,9 @@ def _load_global(msg: Message, context: Context, ws: Workspace) -> None:
     load_tensors(ws.model, from_record(content.array_records[K.ARRAYS]), expect=expected)
 
 
-def _workspace(msg: Message) -> tuple[Workspace, int]:
+def _workspace(msg: Message, context: Context) -> tuple[Workspace, int]:
     conf = msg.content.config_records[K.CONFIG]
-    ws = get_workspace(json.loads(str(conf[K.OVERRIDES])))
+    ws = get_workspace(local_data_overrides(json.loads(str(conf[K.OVERRIDES])), dict(context.node_config)))
     threads = int(ws.cfg.train.threads) or int(os.environ.get(CLIENT_THREADS_ENV, "0"))
     if threads > 0 and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
@@ -73,7 +86,7 @@ def hello(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round of local training (or, in phase init-grad, Fed-SB's init gradient)."""
-    ws, server_round = _workspace(msg)
+    ws, server_round = _workspace(msg, context)
     pid, data = _partition(context, ws)
     conf = msg.content.config_records[K.CONFIG]
     if str(conf[K.PHASE]) == K.PHASE_INIT_GRAD:
@@ -91,6 +104,8 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.privacy.enabled:
         plan = client_plan(cfg, len(data))
         accountant = load_accountant(context, msg, plan.accountant)
+        if accountant.steps == 0:  # this client's first DP round: say what it will do (node files: its own n)
+            log.info("partition %d (%d examples): %s", pid, len(data), plan.describe())
         if accountant.would_exceed(
             target_epsilon=plan.target_epsilon,
             delta=plan.delta,
@@ -149,7 +164,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_local(msg: Message, context: Context) -> Message:
     """Federated evaluation: the global adapter on this client's own partition."""
-    ws, _ = _workspace(msg)
+    ws, _ = _workspace(msg, context)
     _, data = _partition(context, ws)
     _load_global(msg, context, ws)
     ids = [data.split.input_ids[int(i)] for i in data.indices]

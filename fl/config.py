@@ -46,7 +46,8 @@ class DataConfig:
     split: str = "train"  # HF split to read
     text_column: str = "text"
     label_column: str = "label"
-    test_size: int = 2000  # examples held out on the server for central evaluation
+    test_size: int = 2000  # examples held out on the server for central evaluation (0 only on a node's own file)
+    labels: list[str] | None = None  # class names in label-id order; default: the sorted labels found in the data
     max_examples: int | None = None  # subsample the training pool (quick runs)
     max_length: int = 64  # tokens; batches are padded dynamically up to this
     partitioner: str = "dirichlet"  # iid | dirichlet | pathological | natural
@@ -234,7 +235,13 @@ def validate(cfg: DictConfig) -> None:
         f"must be between 1 and sim.num_clients ({sim.num_clients}).",
     )
     _require(d.alpha > 0, "data.alpha", d.alpha, "the Dirichlet concentration must be > 0.")
-    _require(d.test_size > 0, "data.test_size", d.test_size, "hold out at least one example.")
+    _require(d.test_size >= 0, "data.test_size", d.test_size, "hold out 0 or more examples (the server needs > 0).")
+    _require(
+        d.labels is None or len(set(d.labels)) == len(d.labels) >= 2,
+        "data.labels",
+        d.labels,
+        "list at least 2 distinct class names, or null to take the sorted labels found in the data.",
+    )
     _require(d.max_length > 1, "data.max_length", d.max_length, "use at least 2 tokens.")
     _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "use at least 1.")
     _require(t.local_steps >= 1, "train.local_steps", t.local_steps, "use at least 1 step.")

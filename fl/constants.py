@@ -28,6 +28,7 @@ DECLINED = "declined"  # 1 when a client declined to train (e.g. privacy budget)
 # Node config keys (Flower's own names)
 NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
+NODE_DATA_PATH = "data-path"  # a node's own data file: it trains on all of it instead of a partition of the pool
 
 # Context.state keys on a client
 STATE_FROZEN = "fedlora-frozen"

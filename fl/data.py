@@ -96,12 +96,19 @@ def _check_columns(ds: datasets.Dataset, data_cfg: DictConfig) -> None:
 
 
 def _cache_key(data_cfg: DictConfig, tokenizer_name: str, seed: int) -> str:
+    source_file: dict[str, object] = {}
+    if data_cfg.source == "file" and data_cfg.path:  # a file edited in place must not hit a stale cache
+        path = Path(str(data_cfg.path)).expanduser()
+        if path.is_file():
+            st = path.stat()
+            source_file = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     payload = json.dumps(
         {
             "data": OmegaConf.to_container(data_cfg, resolve=True),
             "tok": tokenizer_name,
             "seed": seed,
             "v": 1,
+            **({"file": source_file} if source_file else {}),
         },
         sort_keys=True,
     )
@@ -132,9 +139,19 @@ def build_task_data(data_cfg: DictConfig, tokenizer: object, *, seed: int, cache
     _check_columns(ds, data_cfg)
     texts = [str(t) if t is not None else "" for t in ds[data_cfg.text_column]]
     raw_labels = ds[data_cfg.label_column]
-    label_names = sorted({str(v) for v in raw_labels})
-    if len(label_names) < 2:
-        raise ValueError(f"data.label_column={data_cfg.label_column!r} has {len(label_names)} class; need >= 2.")
+    found = sorted({str(v) for v in raw_labels})
+    if data_cfg.labels is not None:  # every party maps labels through the same list (node-local files)
+        label_names = [str(v) for v in data_cfg.labels]
+        unknown = sorted(set(found) - set(label_names))
+        if unknown:
+            raise ValueError(
+                f"data.labels={label_names} does not list {unknown}, found in data.label_column="
+                f"{data_cfg.label_column!r}; add them to data.labels (every party must use the same list)."
+            )
+    else:
+        label_names = found
+        if len(label_names) < 2:
+            raise ValueError(f"data.label_column={data_cfg.label_column!r} has {len(label_names)} class; need >= 2.")
     to_id = {name: i for i, name in enumerate(label_names)}
     labels = np.array([to_id[str(v)] for v in raw_labels], dtype=np.int64)
     natural = [str(v) for v in ds[data_cfg.natural_column]] if data_cfg.partitioner == "natural" else None

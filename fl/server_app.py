@@ -23,7 +23,7 @@ from clients.dp import client_plan
 from clients.evaluate import evaluate
 from fl.adapters import export_peft, fixed_state, load_tensors, trainable_state
 from fl.checkpoint import Checkpoint
-from fl.config import split_overrides
+from fl.config import compose, split_overrides
 from fl.data import client_partition
 from fl.outputs import RunOutputs, write_atomic
 from fl.wire import from_record, to_record
@@ -66,6 +66,8 @@ def round_row(st: RoundStats) -> dict[str, Any]:
 def run_server(grid: Grid, overrides: list[str]) -> Path:
     """Run one federated training job (or resume one) and write its run folder. Returns the folder."""
     t_start = time.perf_counter()
+    if compose(list(overrides)).data.test_size < 1:
+        raise ValueError("data.test_size=0: the server evaluates on a held-out split; set data.test_size >= 1.")
     ws = get_workspace(overrides)
     cfg = ws.cfg
     base_overrides = [o for o in overrides if not o.startswith("resume=")]

@@ -87,3 +87,31 @@ def test_missing_file_and_column_are_named(tokenizer, tmp_path: Path) -> None:  
     cfg = compose(["data=file", f"data.path={path}", "data.label_column=target", "data.test_size=1"])
     with pytest.raises(KeyError, match=r"data\.label_column"):
         build_task_data(cfg.data, tokenizer, seed=0, cache_dir=str(tmp_path))
+
+
+def test_a_node_trains_on_its_own_file_with_the_runs_label_list(tiny: list[str], tmp_path: Path) -> None:
+    """`--node-config "partition-id=0 data-path=FILE"`: all of FILE, labels through data.labels, fresh cache."""
+    from flwr.app import Context, RecordDict
+
+    from fl.client_app import _partition, local_data_overrides
+    from fl.workspace import get_workspace
+
+    path = tmp_path / "site-a.csv"
+    pd.DataFrame({"text": [f"site a says {i}" for i in range(40)], "label": ["positive"] * 40}).to_csv(path)
+    run = [*tiny, "data.labels=[negative,neutral,positive]"]
+    node = {"partition-id": 3, "data-path": str(path)}
+    assert local_data_overrides(run, {"partition-id": 3}) == run  # no data-path: a partition of the pool
+    ws = get_workspace(local_data_overrides(run, node))
+    pid, data = _partition(Context(run_id=1, node_id=7, node_config=node, state=RecordDict(), run_config={}), ws)
+    assert pid == 3 and len(data) == 40  # the whole file: nothing held out, no max_examples cut
+    assert ws.task.label_names == ["negative", "neutral", "positive"] and ws.num_labels == 3  # same head everywhere
+    assert {y for _, y in data} == {2}  # "positive" keeps id 2 although the file has one class
+    # the file changes in place: the on-disk token cache (same config, same key otherwise) must not serve old rows
+    cfg = ws.cfg
+    pd.DataFrame({"text": [f"more {i}" for i in range(55)], "label": ["neutral"] * 55}).to_csv(path)
+    task = build_task_data(cfg.data, ws.tokenizer, seed=int(cfg.seed), cache_dir=cfg.cache_dir)
+    assert len(task.train) == 55 and {int(y) for y in task.train.labels} == {1}
+    # a label the run's list does not have is named, with the fix
+    pd.DataFrame({"text": ["x", "y"], "label": ["positive", "angry"]}).to_csv(path)
+    with pytest.raises(ValueError, match=r"data\.labels=.*\['angry'\]"):
+        build_task_data(cfg.data, ws.tokenizer, seed=int(cfg.seed), cache_dir=cfg.cache_dir)
