@@ -52,11 +52,16 @@ def default_delta(num_examples: int) -> float:
 
 
 def sample_rate(num_examples: int, batch_size: int) -> float:
-    """q = 1 / ceil(n / batch_size): exactly what Opacus charges, ``1 / len(data_loader)``.
+    """The q Opacus charges per step for a loader of `batch_size` over `num_examples`, to the last bit.
 
-    This is ≤ batch_size / n (equal when batch_size divides n) and 1.0 when batch_size ≥ n.
+    Opacus samples each example with q₀ = 1 / ceil(n / batch_size) but charges ``1 / len(dp_loader)``, and
+    its Poisson loader has ``int(1 / q₀)`` batches — 92 instead of 93 when 1 / (1 / 93) rounds to
+    92.999… (312 of the first 5,000 batch counts). It then charges 1 / (k − 1): slightly more than the
+    sampling really costs, so the guarantee holds, but a plan made with q₀ would run out of budget a few
+    steps early. Plan with what is charged. ≤ batch_size / (n − batch_size); 1.0 when batch_size ≥ n.
     """
-    return 1.0 / math.ceil(num_examples / batch_size)
+    batches = math.ceil(num_examples / batch_size)
+    return 1.0 / int(1.0 / (1.0 / batches))  # Opacus: UniformWithReplacementSampler(steps=int(1 / q₀))
 
 
 def epsilon_after(
@@ -102,7 +107,7 @@ def plan_dp(
     num_examples : int
         Examples in the client's partition (n).
     batch_size : int
-        Expected batch size; q = 1 / ceil(n / batch_size) (see `sample_rate`).
+        Expected batch size; q ≈ 1 / ceil(n / batch_size), exactly as Opacus charges it (see `sample_rate`).
     steps_per_round, planned_rounds : int
         Training steps = steps_per_round × planned_rounds, as if the client joined every round.
     max_grad_norm : float

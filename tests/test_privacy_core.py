@@ -158,6 +158,20 @@ def test_sample_rate_is_capped_at_one() -> None:
     assert sample_rate(100, 30) == 1 / 4
 
 
+def test_sample_rate_is_what_opacus_charges_even_where_its_loader_rounds_down() -> None:
+    """Found in a DP sweep: a client with 1,477 examples (93 batches of 16) was charged 1/92 per step by
+    Opacus (its Poisson loader has int(1 / (1/93)) = 92 batches), ran out of budget one round early and
+    declined its last planned round. The plan must use the charged rate."""
+    from opacus.data_loader import DPDataLoader
+    from torch.utils.data import TensorDataset
+
+    assert sample_rate(1477, 16) == 1 / 92
+    for n in [*range(1, 400), 1477, 2000, 4999, 10_000]:
+        for batch in (1, 8, 16, 32):
+            loader = DPDataLoader.from_data_loader(DataLoader(TensorDataset(torch.zeros(n, 1)), batch_size=batch))
+            assert sample_rate(n, batch) == 1 / len(loader), (n, batch)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
