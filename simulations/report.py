@@ -194,7 +194,7 @@ def report(root: Path) -> tuple[pd.DataFrame, list[Path]]:
                 "target_epsilon",
                 root,
                 title="Final accuracy vs privacy budget",
-                xlabel="client-level target ε (δ < 1/n_k)",
+                xlabel="target ε of each client (sample-level DP-SGD, δ < 1/n_k)",
                 fname="accuracy_vs_epsilon.png",
             )
         )

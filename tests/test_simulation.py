@@ -20,12 +20,17 @@ from fl.workspace import get_workspace
 SIM = ["sim.num_clients=2", "sim.rounds=2", "data.partitioner=iid"]
 
 
-def _no_ray_children() -> list[str]:
-    return [
-        p.name()
-        for p in psutil.Process().children(recursive=True)
-        if any(s in " ".join(p.cmdline()) for s in ("raylet", "gcs_server", "ray::", "flower-"))
-    ]
+def _no_ray_children(grace: float = 30.0) -> list[str]:
+    """Ray/Flower processes under this one still alive `grace` s after the run returned (exiting ones may race)."""
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if any(s in " ".join(p.cmdline()) for s in ("raylet", "gcs_server", "ray::", "flower-")):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):  # already gone: not a leftover
+            continue
+    _, alive = psutil.wait_procs(found, timeout=grace)
+    return [f"{p.pid}" for p in alive]
 
 
 @pytest.fixture(scope="module")
