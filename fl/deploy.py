@@ -51,7 +51,6 @@ LOOPBACK = "127.0.0.1"
 PROJECT_DIR = Path(__file__).resolve().parent.parent  # the Flower app: pyproject.toml with [tool.flwr.app]
 DEPLOY_DIR = ".deploy"  # inside the run folder: flwr-home/, certs/, logs/
 CONNECTION = "fl-deploy"
-APP_PACKAGES = ("fl", "clients", "strategies", "privacy", "simulations")  # the app's own code (pyproject)
 EXIT_CODE_RE = re.compile(r"Exit Code: (\d+)")
 INSECURE_NOTE = "INSECURE deployment: no TLS, no SuperNode authentication - for local trials only"
 
@@ -274,69 +273,6 @@ def submit_run(project_dir: Path, overrides: Sequence[str], *, connection: str, 
     cfg_file.write_text(tomli_w.dumps({K.OVERRIDES: shlex.join(overrides)}))
     answer = flwr_cli(["run", str(project_dir), connection, "--run-config", str(cfg_file)], env=env, timeout=600)
     return int(answer["run-id"])
-
-
-def run_clientapp_executor(runtime_api_address: str, *, preload: str = "fl.client_app", poll: float = 0.25) -> None:
-    """A warm SuperExec for `flower-supernode --isolation process`: one forked child per ClientApp task.
-
-    Flower's SuperExec starts a fresh `flwr-clientapp` per message, which imports torch, transformers,
-    PEFT and Opacus again each time (~8 s of a tiny model's ~23 s round on 2 cores). This executor imports
-    `preload` once, forgets the app's own modules (`APP_PACKAGES`: each task imports them from its FAB, as
-    flwr-clientapp does) and forks a child per task that runs Flower's `run_clientapp` with the libraries
-    already loaded. The parent never runs a torch op, so no thread pool is inherited across `fork`.
-    Uses Flower 1.41 internals (`RuntimeHttpClient`, `AcquireTaskRequest`, `run_clientapp`; flwr<1.42).
-    """
-    import importlib
-
-    from flwr.proto.runtime_pb2 import AcquireTaskRequest
-    from flwr.supercore.constant import TaskType
-    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
-    from flwr.supercore.retry import make_simple_http_retry_invoker
-    from flwr.supercore.runtime import RuntimeHttpClient
-    from flwr.supernode.runtime.run_clientapp import run_clientapp
-
-    t0 = time.perf_counter()
-    importlib.import_module(preload)
-    for name in [m for m in sys.modules if m.partition(".")[0] in APP_PACKAGES]:
-        del sys.modules[name]
-    log.info(
-        "Warm ClientApp executor for %s: %s preloaded in %.1f s", runtime_api_address, preload, time.perf_counter() - t0
-    )
-    client = RuntimeHttpClient.from_server_address(
-        server_address=runtime_api_address,
-        insecure=True,  # the SuperNode's local Runtime API (plain HTTP unless the node has --ssl-* flags)
-        root_certificates=None,
-        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
-        retry_invoker=make_simple_http_retry_invoker(),
-    )
-    children: set[int] = set()
-    while True:
-        children -= {pid for pid in children if os.waitpid(pid, os.WNOHANG)[0]}
-        res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
-        if res.HasField("task") and res.token:
-            pid = os.fork()
-            if pid == 0:  # the child: run one task, never return into the parent's loop
-                code = 1
-                try:
-                    run_clientapp(
-                        runtime_api_address=runtime_api_address,
-                        token=res.token,
-                        insecure=True,
-                        certificates=None,
-                        parent_pid=os.getppid(),
-                        runtime_dependency_install=False,
-                    )
-                    code = 0
-                except SystemExit as e:  # run_clientapp ends with flwr_exit
-                    code = e.code if isinstance(e.code, int) else 0
-                except BaseException:
-                    log.exception("ClientApp task %d failed outside Flower's handler", res.task.task_id)
-                finally:
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                    os._exit(code)
-            children.add(pid)
-        time.sleep(poll)
 
 
 def run_status(run_id: int, *, connection: str, env: dict[str, str]) -> str:
@@ -608,51 +544,6 @@ def deploy(
     return run_dir
 
 
-def seconds_per_round(run_dir: Path) -> float:
-    """Mean wall seconds of one round after round 0 (start-up, Fed-SB init and nodes joining excluded)."""
-    rows = [json.loads(line) for line in (run_dir / K.METRICS_FILE).read_text().splitlines() if line.strip()]
-    return (rows[-1]["wall_seconds"] - rows[0]["wall_seconds"]) / max(1, rows[-1]["round"] - rows[0]["round"])
-
-
-def bench(overrides: Sequence[str], *, clients: int | None = None, insecure: bool = False) -> dict[str, Any]:
-    """Time one job in simulation, then in deployment with Flower's per-message ClientApp processes
-    ("cold") and with warm ClientApps; print seconds per round of each and the ratios to simulation.
-
-    All three must end with the same metrics; `bench.json` in the run folder keeps the figures.
-    """
-    from fl.simulation import run_simulation
-
-    ov, base = prepare_overrides(overrides, clients=clients)
-    job = [o for o in ov if not o.startswith("run_dir=")]
-    runs: dict[str, Callable[[Path], Path]] = {
-        "simulation": lambda d: run_simulation([*job, f"run_dir={d}"]),
-        "deployment_cold": lambda d: deploy([*job, f"run_dir={d}"], insecure=insecure),
-        "deployment_warm": lambda d: deploy([*job, f"run_dir={d}"], insecure=insecure, warm=True),
-    }
-    res: dict[str, Any] = {}
-    finals = {}
-    for name, run in runs.items():
-        t0 = time.perf_counter()
-        run_dir = run(base / name)
-        res[f"{name}_total_s"] = time.perf_counter() - t0
-        res[f"{name}_s_per_round"] = seconds_per_round(run_dir)
-        summary = json.loads((run_dir / K.SUMMARY_FILE).read_text())
-        finals[name] = (summary["final_accuracy"], summary["final_loss"], summary["cum_bytes_up"])
-    sim = res["simulation_s_per_round"]
-    for name in ("deployment_cold", "deployment_warm"):
-        res[f"{name}_ratio"] = res[f"{name}_s_per_round"] / sim
-    res["final_metrics"] = {k: list(v) for k, v in finals.items()}
-    res["same_final_metrics"] = len(set(finals.values())) == 1
-    (base / "bench.json").write_text(json.dumps(res, indent=2) + "\n")
-    print(f"\nSeconds per round after round 0, same config ({' '.join(job)}); outputs in {base}:")
-    for name in runs:
-        ratio = f"{res[name + '_ratio']:6.1f}x simulation" if name != "simulation" else " " * 17
-        per_round, total = res[f"{name}_s_per_round"], res[f"{name}_total_s"]
-        print(f"  {name:16s} {per_round:7.2f} s/round  {ratio}  ({total:.0f} s end to end)")
-    print(f"  goal: deployment <= 2x simulation; final accuracy/loss/bytes identical: {res['same_final_metrics']}")
-    return res
-
-
 def _raise_on_signal(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
 
@@ -682,12 +573,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"--clients must be >= 1, got {args.clients}")
     setup_logging()
     if args.clientapp_executor:
+        from fl.warm_clientapp import run_clientapp_executor
+
         run_clientapp_executor(args.clientapp_executor)
         return
     signal.signal(signal.SIGTERM, _raise_on_signal)
     signal.signal(signal.SIGINT, _raise_on_signal)
     try:
         if args.bench:
+            from fl.deploy_bench import bench
+
             bench(args.overrides, clients=args.clients, insecure=args.insecure)
             return
         run_dir = deploy(
