@@ -21,6 +21,7 @@ from clients.evaluate import evaluate
 from clients.train import local_train, round_seed
 from fl import constants as K
 from fl.adapters import load_tensors, trainable_state
+from fl.base_delta import apply_base_delta
 from fl.data import IndexedDataset, TokenizedSplit, client_partition
 from fl.runtime_env import CLIENT_THREADS_ENV
 from fl.wire import from_record, to_record
@@ -63,6 +64,8 @@ def _load_global(msg: Message, context: Context, ws: Workspace) -> None:
         context.state[K.STATE_FROZEN] = content.array_records[K.FROZEN]
     if K.STATE_FROZEN in context.state.array_records:
         load_tensors(ws.model, from_record(context.state.array_records[K.STATE_FROZEN]))
+    delta = content.array_records.get(K.BASE_DELTA)
+    apply_base_delta(ws.model, from_record(delta) if delta is not None else {})  # FedEx-LoRA's fold (absolute)
     expected = {n for n, p in ws.model.named_parameters() if p.requires_grad}
     load_tensors(ws.model, from_record(content.array_records[K.ARRAYS]), expect=expected)
 
@@ -136,7 +139,7 @@ def train(msg: Message, context: Context) -> Message:
         data,
         steps=steps,
         batch_size=int(cfg.train.batch_size),
-        lr=float(cfg.strategy.lr),
+        lr=float(conf.get(K.LR, cfg.strategy.lr)),  # the round's rate (train.lr_schedule)
         weight_decay=float(cfg.train.weight_decay),
         pad_id=ws.pad_id,
         seed=seed,

@@ -19,6 +19,8 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from fl.schedule import SCHEDULES
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -98,6 +100,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     eval_batch_size: int = 128
     threads: int = 0  # torch threads per process (0 = leave torch's default)
+    lr_schedule: str = "constant"  # constant | cosine, across rounds (fl.schedule); strategy.lr is the peak
+    warmup_rounds: int = 0  # rounds of linear warm-up before the schedule
+    lr_min: float = 0.0  # the floor the cosine decays towards
 
 
 @dataclass
@@ -251,6 +256,19 @@ def validate(cfg: DictConfig) -> None:
         t.local_epochs,
         "use a positive number of epochs, or null to use train.local_steps.",
     )
+    _require(
+        t.lr_schedule in SCHEDULES,
+        "train.lr_schedule",
+        t.lr_schedule,
+        f"use one of {', '.join(SCHEDULES)}.",
+    )
+    _require(
+        0 <= t.warmup_rounds < sim.rounds,
+        "train.warmup_rounds",
+        t.warmup_rounds,
+        f"use 0 to {sim.rounds - 1} (fewer than sim.rounds={sim.rounds}).",
+    )
+    _require(0 <= t.lr_min <= s.lr, "train.lr_min", t.lr_min, f"use a floor in [0, strategy.lr={s.lr}].")
     if p.enabled:
         _require(
             p.target_epsilon > 0,

@@ -7,6 +7,7 @@ ARRAYS = "arrays"  # ArrayRecord: the tensors a party sends
 CONFIG = "config"  # ConfigRecord: round instructions to a client
 METRICS = "metrics"  # MetricRecord: a client's reply metrics
 FROZEN = "frozen"  # ArrayRecord: frozen shared tensors sent once (Fed-SB's A and B)
+BASE_DELTA = "base-delta"  # ArrayRecord: the cumulative change to frozen W0 (FedEx-LoRA's fold), absolute
 
 # ConfigRecord keys (server -> client)
 SERVER_ROUND = "server-round"
@@ -15,6 +16,7 @@ PHASE = "phase"  # what a train message asks for, one of the PHASE_* values
 PHASE_TRAIN = "train"
 PHASE_INIT_GRAD = "init-grad"  # Fed-SB: send the gradient sum over init examples
 ADAPTER_KIND = "adapter-kind"
+LR = "lr"  # this round's client learning rate (train.lr_schedule); strategy.lr is the peak
 
 # MetricRecord keys (client -> server)
 NUM_EXAMPLES = "num-examples"  # the aggregation weight n_k (Flower's default key)

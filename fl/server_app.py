@@ -22,6 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from clients.dp import client_plan
 from clients.evaluate import evaluate
 from fl.adapters import export_peft, fixed_state, load_tensors, trainable_state
+from fl.base_delta import apply_base_delta, save_base_delta
 from fl.checkpoint import Checkpoint
 from fl.config import compose, split_overrides
 from fl.data import client_partition
@@ -100,6 +101,7 @@ def run_server(grid: Grid, overrides: list[str]) -> Path:
             return MetricRecord({"accuracy": history[-1]["accuracy"], "loss": history[-1]["loss"]})
         t_eval = time.perf_counter()
         load_tensors(ws.model, strategy.materialize(arrays))
+        apply_base_delta(ws.model, strategy.base_delta())
         loss, acc = evaluate(ws.model, ws.task.test, batch_size=int(cfg.train.eval_batch_size), pad_id=ws.pad_id)
         row: dict[str, Any] = {"round": server_round, "accuracy": acc, "loss": loss}
         st = strategy.stats.get(server_round)
@@ -140,7 +142,10 @@ def run_server(grid: Grid, overrides: list[str]) -> Path:
         )
         final = result.arrays if result.arrays is not None and len(result.arrays) else from_history(history, out)
     load_tensors(ws.model, strategy.materialize(final))
+    apply_base_delta(ws.model, strategy.base_delta())
     export_peft(ws.model, kind=ws.kind, base=ws.fresh_base(), out_dir=out.adapter_dir)  # type: ignore[arg-type]
+    if strategy.base_delta():  # FedEx-LoRA: the folded W0 change travels with the adapter
+        save_base_delta(strategy.base_delta(), out.adapter_dir)
     last = history[-1]
     out.write_summary(
         {

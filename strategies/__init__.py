@@ -1,6 +1,7 @@
 """Federated LoRA server strategies, one method per module, selected by name from the registry."""
 
 from strategies.fed_sb import FedSB
+from strategies.fedex_lora import FedExLoRA
 from strategies.fedit import FedIT
 from strategies.ffa_lora import FFALoRA
 from strategies.lora_fair import LoraFAIR
@@ -10,5 +11,6 @@ register("fedit", FedIT)
 register("ffa_lora", FFALoRA)
 register("lora_fair", LoraFAIR)
 register("fed_sb", FedSB)
+register("fedex_lora", FedExLoRA)
 
-__all__ = ["FFALoRA", "FedIT", "FedSB", "LoraFAIR", "get_strategy", "names", "register"]
+__all__ = ["FFALoRA", "FedExLoRA", "FedIT", "FedSB", "LoraFAIR", "get_strategy", "names", "register"]

@@ -22,6 +22,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fl import constants as K
 from fl.adapters import module_factors
+from fl.schedule import round_lr
 from fl.wire import array_bytes, from_record, num_floats, to_record
 from strategies.lora_math import (
     combine_residuals,
@@ -122,6 +123,10 @@ class LoraStrategy(FedAvg):
         """Every adapter tensor the server model needs to evaluate `arrays`."""
         return from_record(arrays)
 
+    def base_delta(self) -> dict[str, torch.Tensor]:
+        """The cumulative change to the frozen base weights, by parameter name (FedEx-LoRA). Default: none."""
+        return {}
+
     def extra_config(self, server_round: int) -> dict[str, Any]:
         """Method-specific ConfigRecord entries for a training round."""
         return {}
@@ -166,8 +171,22 @@ class LoraStrategy(FedAvg):
             K.OVERRIDES: json.dumps(self.overrides),
             K.ADAPTER_KIND: self.adapter_kind,
         }
+        if phase == K.PHASE_TRAIN:
+            rec[K.LR] = self.round_lr(server_round)
         rec.update(self.extra_config(server_round))
         return ConfigRecord(rec)
+
+    def round_lr(self, server_round: int) -> float:
+        """The clients' learning rate in (absolute) round `server_round`: `train.lr_schedule` from `strategy.lr`."""
+        t = self.cfg.train
+        return round_lr(
+            server_round,
+            peak=float(self.cfg.strategy.lr),
+            total_rounds=int(self.cfg.sim.rounds),
+            schedule=str(t.lr_schedule),
+            warmup_rounds=int(t.warmup_rounds),
+            lr_min=float(t.lr_min),
+        )
 
     def discover(self, grid: Grid) -> None:
         """Learn the partition id of every connected node not seen yet (one small query each)."""

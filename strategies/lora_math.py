@@ -133,3 +133,45 @@ def fedsb_init_factors(grad: torch.Tensor, *, rank: int, lr: float) -> tuple[tor
     A = U[:, :rank].T
     B = Vh[:rank].T
     return A.float().contiguous(), B.float().contiguous(), torch.diag(S[:rank]).float()
+
+
+# ---------------------------------------------------------------------------- FedEx-LoRA
+def _ideal_update64(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Σ_k p_k B_k A_k in float64 (`ideal_update` rounds to float32, too coarse for a residual of 1e-6)."""
+    p = _normalise(weights)
+    return torch.as_tensor(sum(pk * (b.double() @ a.double()) for a, b, pk in zip(As, Bs, p, strict=True)))
+
+
+def fedex_residual(
+    As: Sequence[torch.Tensor],
+    Bs: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    A_bar: torch.Tensor,
+    B_bar: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    """FedEx-LoRA's residual (Singhal et al., ACL 2025, arXiv 2410.09432) for one module.
+
+    E = s·(Σ_k p_k B_k A_k − B̄·Ā), with s the LoRA scaling (alpha / rank) and Ā, B̄ the factors the
+    server broadcasts. Folding E into the frozen W0 makes the global model exact:
+    W0 + E + s·B̄·Ā = Σ_k p_k (W0 + s·B_k·A_k). float64 inside, float32 out (d_out × d_in).
+    """
+    dw = _ideal_update64(As, Bs, weights)
+    return (scaling * (dw - B_bar.double() @ A_bar.double())).float()
+
+
+def fedex_fold_residual(
+    As: Sequence[torch.Tensor],
+    Bs: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    A_bar: torch.Tensor,
+    B_bar: torch.Tensor,
+    E: torch.Tensor,
+    scaling: float,
+) -> tuple[float, float]:
+    """(‖s·ΣpBA − (s·B̄Ā + E)‖², ‖s·ΣpBA‖²): what is left of the gap after folding E (for `combine_residuals`)."""
+    target = scaling * _ideal_update64(As, Bs, weights)
+    got = scaling * (B_bar.double() @ A_bar.double()) + E.double()
+    return float(((target - got) ** 2).sum()), float((target**2).sum())

@@ -1,0 +1,89 @@
+"""A change to the frozen base weights W0 that travels with the adapter (FedEx-LoRA's folded residual).
+
+A method that folds part of the global update into W0 keeps the *cumulative* fold ΔW0 per adapted
+module and sends it whole; every party sets ``base_layer.weight = W0_pretrained + ΔW0``. Values are
+absolute, never added in place: a process serves many virtual clients with one cached model, and a
+client that skipped rounds still lands on the global model. The pretrained W0 of each changed weight
+is kept beside the model (a weak reference, so it goes when the model does), and a message without a
+fold restores it.
+
+Export: `save_base_delta` writes ``base_delta.safetensors`` keyed by the *plain* base model's parameter
+names (``bert.encoder.layer.0.attention.self.query.weight``), so the model is reproduced with plain
+transformers + PEFT (see `apply_to_base`)::
+
+    base = AutoModelForSequenceClassification.from_pretrained(NAME, num_labels=3)
+    apply_to_base(base, "adapter/base_delta.safetensors")   # W0 += ΔW0, by name
+    model = PeftModel.from_pretrained(base, "adapter")
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+BASE_DELTA_FILE = "base_delta.safetensors"
+PEFT_PREFIX = "base_model.model."
+BASE_LAYER = ".base_layer.weight"
+
+_PRETRAINED: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
+def base_weight_name(prefix: str) -> str:
+    """The PEFT parameter name of an adapted module's frozen W0, from the module's name prefix."""
+    return prefix + BASE_LAYER
+
+
+def apply_base_delta(model: torch.nn.Module, delta: Mapping[str, torch.Tensor]) -> None:
+    """Set every W0 named in `delta` to its pretrained value + delta; restore every other W0 changed before.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The PEFT model (its parameter names are the keys of `delta`).
+    delta : mapping of str to Tensor
+        The cumulative ΔW0 per base weight name (empty: the pretrained model).
+    """
+    saved = _PRETRAINED.get(model)
+    if not delta and not saved:
+        return
+    if saved is None:
+        saved = _PRETRAINED.setdefault(model, {})
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in [n for n in saved if n not in delta]:
+            params[name].copy_(saved.pop(name))
+        for name, d in delta.items():
+            if name not in params:
+                raise KeyError(f"The base-weight delta names {name!r}, which is not a parameter of the model.")
+            p = params[name]
+            if tuple(p.shape) != tuple(d.shape):
+                raise ValueError(f"Shape mismatch for {name!r}: model {tuple(p.shape)}, delta {tuple(d.shape)}.")
+            if name not in saved:
+                saved[name] = p.detach().clone()
+            p.copy_(saved[name] + d.to(p.dtype))
+
+
+def plain_name(peft_name: str) -> str:
+    """``base_model.model.X.base_layer.weight`` -> ``X.weight`` (the name in the plain base model)."""
+    name = peft_name.removeprefix(PEFT_PREFIX)
+    return name[: -len(BASE_LAYER)] + ".weight" if name.endswith(BASE_LAYER) else name
+
+
+def save_base_delta(delta: Mapping[str, torch.Tensor], out_dir: str | Path) -> Path:
+    """Write ``<out_dir>/base_delta.safetensors`` keyed by the plain base model's parameter names."""
+    path = Path(out_dir) / BASE_DELTA_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({plain_name(k): v.detach().contiguous().cpu() for k, v in sorted(delta.items())}, str(path))
+    return path
+
+
+def apply_to_base(base: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """Add a saved ``base_delta.safetensors`` to a plain (not yet PEFT-wrapped) base model, in place."""
+    with torch.no_grad():
+        for name, d in load_file(str(path)).items():
+            base.get_parameter(name).add_(d.to(base.get_parameter(name).dtype))
+    return base
