@@ -3,7 +3,9 @@
 Reads every run folder below DIR (one with summary.json, config.yaml and metrics.jsonl) and writes, in
 DIR: `report.md`, `report.csv` and the plots whose x-axis actually varies across the runs:
 accuracy vs round per strategy, final accuracy vs heterogeneity, accuracy vs cumulative uplink bytes
-(log scale), accuracy vs ε, accuracy vs number of clients.
+(log scale), accuracy vs ε, accuracy vs number of clients. Runs that differ only in `seed` are also
+aggregated into mean ± std (n) in `seeds.md`/`seeds.csv`, with a methods × swept-axis pivot and
+error-bar plots (`simulations/seeds.py`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from omegaconf import OmegaConf
 
 from fl import constants as K
 from fl.outputs import read_metrics
+from simulations.seeds import flat_config, seed_report
 
 
 def heterogeneity(cfg: Any) -> str:
@@ -56,12 +59,14 @@ def load_runs(root: Path) -> list[dict[str, Any]]:
                 "target_epsilon": float(cfg.privacy.target_epsilon) if cfg.privacy.enabled else None,
                 "epsilon_spent": max(eps) if eps else None,
                 "rounds": int(cfg.sim.rounds),
+                "seed": int(cfg.seed),
                 "final_accuracy": summary["final_accuracy"],
                 "best_accuracy": summary["best_accuracy"],
                 "cum_bytes_up": summary["cum_bytes_up"],
                 "cum_bytes_down": summary["cum_bytes_down"],
                 "wall_seconds": summary["wall_seconds"],
                 "_rows": rows,
+                "_flat": flat_config(cfg),
             }
         )
     return runs
@@ -152,7 +157,7 @@ def report(root: Path) -> tuple[pd.DataFrame, list[Path]]:
     runs = load_runs(root)
     if not runs:
         raise FileNotFoundError(f"No run folder (with {K.SUMMARY_FILE}) under {root}.")
-    df = pd.DataFrame([{k: v for k, v in r.items() if k != "_rows"} for r in runs])
+    df = pd.DataFrame([{k: v for k, v in r.items() if not k.startswith("_")} for r in runs])
     df = df.sort_values(["strategy", "num_clients", "heterogeneity"]).reset_index(drop=True)
     df.to_csv(root / "report.csv", index=False)
     shown = df.drop(columns=["alpha"]).copy()
@@ -161,6 +166,7 @@ def report(root: Path) -> tuple[pd.DataFrame, list[Path]]:
     shown = shown.rename(columns={"cum_bytes_up": "up MB", "cum_bytes_down": "down MB"})
     (root / "report.md").write_text(markdown_table(shown))
     plots = [plot_accuracy_vs_round(runs, root), plot_accuracy_vs_uplink(runs, root)]
+    plots += seed_report(runs, root, markdown=markdown_table)
     if df["heterogeneity"].nunique() > 1:
         plots.append(
             plot_final_vs(
@@ -212,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"fl-report: {e}", file=sys.stderr)
         sys.exit(2)
     print((Path(args.dir) / "report.md").read_text())
+    print((Path(args.dir) / "seeds.md").read_text())
     print("plots:", *[str(p) for p in plots], sep="\n  ")
 
 

@@ -66,3 +66,32 @@ def test_a_failing_cell_is_recorded_and_the_sweep_goes_on(tiny: list[str], tmp_p
     failed = next(e for e in record["cells"].values() if e["status"] == "failed")
     assert "/no/such/tokenizer" in (Path(failed["dir"]) / "FAILED.txt").read_text()
     assert json.loads((tmp_path / "sweep.json").read_text())["cells"].keys() == record["cells"].keys()
+
+
+def test_seeds_are_a_sweep_axis_and_the_report_gives_mean_and_std(
+    sweep: tuple[Path, list[str]], tiny: list[str], tmp_path: Path
+) -> None:
+    import shutil
+
+    from simulations.report import load_runs
+
+    base = [*tiny, "sim.rounds=1", "data.partitioner=iid", "strategy=fedit", "sim.num_clients=2"]
+    assert [c[-1] for c in expand([*base, "seed=0,1,2"])] == ["seed=0", "seed=1", "seed=2"]
+    # seed 0 is the fixture's fedit / 2-client cell (same settings); run seed 1 beside it
+    sweep_dir, _ = sweep
+    seed0 = next(c for c in (sweep_dir / "cells").iterdir() if c.name.startswith("strategy-fedit__sim.num_clients-2"))
+    shutil.copytree(seed0, tmp_path / "cells" / seed0.name)
+    record = run_sweep([*base, "seed=1"], tmp_path)
+    assert [e["status"] for e in record["cells"].values()] == ["done"]
+    _, plots = report(tmp_path)
+    finals = sorted(r["final_accuracy"] for r in load_runs(tmp_path))
+    seeds = pd.read_csv(tmp_path / "seeds.csv")
+    assert len(seeds) == 1 and int(seeds["n"][0]) == 2 and seeds["seeds"][0] == "0 1"
+    assert seeds["final_mean"][0] == pytest.approx(sum(finals) / 2)
+    assert seeds["final_std"][0] == pytest.approx(abs(finals[1] - finals[0]) / 2**0.5)  # sample std, n = 2
+    pivot = pd.read_csv(tmp_path / "pivot.csv")
+    assert list(pivot["method"]) == ["fedit"]
+    cell = str(pivot.iloc[0, 1])
+    assert "(n=2)" in cell and (("±" in cell) or finals[0] == finals[1])
+    assert "mean ± sample std" in (tmp_path / "seeds.md").read_text()
+    assert {"accuracy_vs_round_seeds.png", "final_accuracy_seeds.png"} <= {p.name for p in plots}
