@@ -21,12 +21,12 @@ from typing import Any
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 NOT_A_SETTING = {"seed", "run_dir", "resume", "cache_dir"}
 
 
-def flat_config(cfg: DictConfig) -> dict[str, Any]:
+def flat_config(cfg: DictConfig | ListConfig) -> dict[str, Any]:
     """The run's settings as {dotted key: value}, without the seed and its paths."""
     out: dict[str, Any] = {}
 
