@@ -1,18 +1,74 @@
-"""Console entry points. `fl-sim [overrides]`: one simulation, configured with Hydra."""
+"""Console entry points. `fl-sim [overrides]`: one simulation, configured with Hydra.
+
+A user's mistake (a bad value, an unknown key or group option, a missing file) ends `fl-sim`, `fl-sweep`
+and `fl-report` with one line naming the field and the fix, and exit status 2; `FEDLORA_DEBUG=1` shows
+the full traceback instead.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
+from collections.abc import Callable
+from typing import NoReturn, TypeVar
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from fl.config import CONFIG_DIR, register_configs, validate
 from fl.runtime_env import set_quiet_env
 
 register_configs()
+
+DEBUG_ENV = "FEDLORA_DEBUG"  # set to 1 for the traceback of a user error
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    KeyError,
+    HydraException,
+    OmegaConfBaseException,
+)
+_NOISE = ("full_key:", "object_type=", "reference_type=", "provider=", "Config search path", "Set the environment")
+T = TypeVar("T")
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception (and its cause) as one line: Hydra's and OmegaConf's multi-line messages condensed."""
+    parts: list[str] = []
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        lines = [ln.strip() for ln in str(text).splitlines() if ln.strip() and not ln.strip().startswith(_NOISE)]
+        msg = re.sub(r" ?To append to your config use \S+", "", " ".join(lines))  # a typo is likelier here
+        if ":" in msg and "Available options" in msg:  # Hydra lists a group's options one per line
+            head, _, options = msg.rpartition(":")
+            msg = f"{head}: {', '.join(options.split())}"
+        if msg and "$VALUE" not in msg and all(msg not in p for p in parts):
+            parts.append(msg)
+        e = e.__cause__ or e.__context__
+    return " — ".join(parts[:2]) or type(exc).__name__
+
+
+def exit_on_user_error(prog: str, fn: Callable[[], T]) -> T:
+    """Run `fn`; a user error prints `prog: <one line>` and exits 2 (re-raised when FEDLORA_DEBUG=1)."""
+    try:
+        return fn()
+    except USER_ERRORS as e:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        _fail(prog, e)
+
+
+def _fail(prog: str, e: BaseException) -> NoReturn:
+    print(f"{prog}: error: {one_line(e)} (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+    sys.exit(2)
 
 
 def setup_logging() -> None:
@@ -40,6 +96,11 @@ def resume_overrides(run_dir: str, cli: list[str]) -> list[str]:
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
 def _sim(cfg: DictConfig) -> None:
+    # Errors are reported here, inside the job: Hydra would print its own line about the failed job first.
+    exit_on_user_error("fl-sim", lambda: _run(cfg))
+
+
+def _run(cfg: DictConfig) -> None:
     validate(cfg)
     hc = HydraConfig.get()
     if cfg.resume:
@@ -58,11 +119,8 @@ def sim_main() -> None:
     """`fl-sim [overrides]`, e.g. `fl-sim strategy=fedit sim.num_clients=10 data.alpha=0.5`."""
     set_quiet_env()
     setup_logging()
-    try:
-        _sim()
-    except ValueError as e:  # config values: the message names the field and the fix
-        print(f"fl-sim: {e}", file=sys.stderr)
-        sys.exit(2)
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises instead of printing its own traceback
+    exit_on_user_error("fl-sim", _sim)
 
 
 if __name__ == "__main__":

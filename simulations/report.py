@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from fl import constants as K
+from fl.cli import exit_on_user_error
 from fl.outputs import read_metrics
 from simulations.seeds import flat_config, seed_report
 
@@ -212,11 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="fl-report", description=__doc__.split("\n")[0])
     ap.add_argument("dir", help="a run folder or a sweep folder")
     args = ap.parse_args(argv)
-    try:
-        _, plots = report(Path(args.dir))
-    except FileNotFoundError as e:
-        print(f"fl-report: {e}", file=sys.stderr)
-        sys.exit(2)
+    _, plots = exit_on_user_error("fl-report", lambda: report(Path(args.dir)))
     print((Path(args.dir) / "report.md").read_text())
     print((Path(args.dir) / "seeds.md").read_text())
     print("plots:", *[str(p) for p in plots], sep="\n  ")

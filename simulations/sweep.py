@@ -25,13 +25,14 @@ import subprocess
 import sys
 import time
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
+from fl.cli import exit_on_user_error
 from fl.config import CONFIG_DIR, compose
 
 SWEEP_DIR = CONFIG_DIR / "sweep"
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     cases: list[list[str]] = []
     for o in args.overrides:
         if o.startswith("sweep="):
-            more, cases = load_sweep(o.split("=", 1)[1])
+            more, cases = exit_on_user_error("fl-sweep", partial(load_sweep, o.split("=", 1)[1]))
             overrides.extend(more)
         else:
             overrides.append(o)
@@ -175,11 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         print("fl-sweep: no swept value (use a=1,2 or sweep=NAME); running a single cell.", file=sys.stderr)
     now = datetime.now()
     sweep_dir = Path(args.dir or Path("multirun") / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S"))
-    try:
-        record = run_sweep(overrides, sweep_dir, cases=cases, timeout=args.timeout)
-    except (ValueError, FileNotFoundError, HydraException) as e:
-        print(f"fl-sweep: {e}", file=sys.stderr)
-        sys.exit(2)
+    record = exit_on_user_error("fl-sweep", lambda: run_sweep(overrides, sweep_dir, cases=cases, timeout=args.timeout))
     sys.exit(1 if any(e["status"] == "failed" for e in record["cells"].values()) else 0)
 
 
