@@ -3,12 +3,17 @@
 Usage::
 
     bash dev.sh python -m simulations.bench_methods [--rounds 5] [--local-steps 10] [--out docs/methods]
+    # the issue-14 benchmark: the five methods, 10 rounds, 3 seeds (~6-7 h on 2 cores)
+    python -m simulations.bench_methods --rounds 10 --local-steps 20 --seeds 0 1 2 --out docs/methods_seeds
 
 Every method runs the same federation (10 clients, Dirichlet α=0.5, equal rounds and local steps,
 every client every round). The client learning rate is tuned per client-training family with the
-same budget for each: a grid of two values on the full benchmark run, best final accuracy kept.
-LoRA-FAIR trains clients exactly as FedIT does, so it uses FedIT's tuned rate; the second Fed-SB rank
-uses the first rank's. Writes `<out>.md` (the table) and `<out>.json` (every run's metrics).
+same budget for each: a grid of two values on the full benchmark run with the first seed, best final
+accuracy kept (`--no-tune`: the rates tuned in BENCHMARKS.md). LoRA-FAIR and FedEx-LoRA train clients
+exactly as FedIT does, so they use FedIT's tuned rate; the second Fed-SB rank uses the first rank's.
+Then every method runs at its rate for every seed; the table gives final accuracy as mean ± sample std
+over seeds. Writes `<out>.md` (the table) and `<out>.json` (every run's metrics). The same grid as a
+sweep (one run folder per cell, resumable, `fl-report` pivot): `fl-sweep sweep=methods_seeds`.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ GRIDS: dict[str, list[float]] = {  # client learning rates (AdamW) per training 
     "ffa_lora": [3e-3, 1e-2],
     "fed_sb": [3e-3, 1e-2],
 }
+TUNED: dict[str, float] = {"fedit": 3e-3, "ffa_lora": 1e-2, "fed_sb": 1e-2}  # BENCHMARKS.md, 5 rounds x 10 steps
 METHODS: list[tuple[str, str, list[str], str]] = [  # (label, strategy, extra overrides, lr family)
     ("FedIT r=8", "fedit", ["strategy.rank=8"], "fedit"),
     ("FFA-LoRA r=8", "ffa_lora", ["strategy.rank=8"], "ffa_lora"),
@@ -35,55 +41,81 @@ METHODS: list[tuple[str, str, list[str], str]] = [  # (label, strategy, extra ov
     ("LoRA-FAIR r=8 (closed form)", "lora_fair", ["strategy.rank=8", "strategy.solver=closed_form"], "fedit"),
     ("Fed-SB r=32", "fed_sb", ["strategy.rank=32"], "fed_sb"),
     ("Fed-SB r=64", "fed_sb", ["strategy.rank=64"], "fed_sb"),
+    ("FedEx-LoRA r=8", "fedex_lora", ["strategy.rank=8"], "fedit"),
 ]
+ISSUE_14 = ["FedIT r=8", "FFA-LoRA r=8", "LoRA-FAIR r=8 (closed form)", "Fed-SB r=32", "FedEx-LoRA r=8"]
 
 
-def run_one(strategy: str, extra: list[str], lr: float, common: list[str]) -> dict[str, Any]:
+def run_one(strategy: str, extra: list[str], lr: float, common: list[str], *, seed: int = 0) -> dict[str, Any]:
     from fl.simulation import run_simulation
 
     run_dir = Path(tempfile.mkdtemp(prefix=f"bench-{strategy}-")) / "run"
     t0 = time.perf_counter()
-    run_simulation([f"strategy={strategy}", *extra, f"strategy.lr={lr}", *common, f"run_dir={run_dir}"])
+    overrides = [f"strategy={strategy}", *extra, f"strategy.lr={lr}", *common, f"seed={seed}", f"run_dir={run_dir}"]
+    run_simulation(overrides)
     rows = read_metrics(run_dir)
-    return {"strategy": strategy, "extra": extra, "lr": lr, "wall": time.perf_counter() - t0, "rows": rows}
+    return {
+        "strategy": strategy,
+        "extra": extra,
+        "lr": lr,
+        "seed": seed,
+        "wall": time.perf_counter() - t0,
+        "rows": rows,
+    }
 
 
-def summarise(label: str, run: dict[str, Any], clients: int) -> dict[str, Any]:
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else float("nan")
+    return mean, var**0.5
+
+
+def summarise(label: str, runs: list[dict[str, Any]], clients: int) -> dict[str, Any]:
+    """One method over its seeds: final accuracy mean ± sample std; bytes, residual, times of the first seed."""
+    run = runs[0]
     rows = run["rows"]
     last = rows[-1]
     trained = [r for r in rows if r["round"] > 0]
+    finals = [r["rows"][-1]["accuracy"] for r in runs]
+    mean, std = _mean_std(finals)
     return {
         "method": label,
         "lr": run["lr"],
-        "final_acc": last["accuracy"],
+        "seeds": [r["seed"] for r in runs],
+        "final_accs": finals,
+        "final_acc": mean,
+        "final_std": std,
         "per_round_acc": [round(r["accuracy"], 4) for r in rows],
         "cum_up_MB": last["cum_bytes_up"] / 1e6,
         "cum_down_MB": last["cum_bytes_down"] / 1e6,
         "up_floats_per_client_round": trained[-1]["floats_up"] / clients,
         "residual_last": last.get("residual"),
         "residual_before_last": last.get("residual_before"),
+        "residual_max": max(r["residual"] for r in trained if r.get("residual") is not None),
         "agg_seconds_mean": sum(r["aggregate_seconds"] for r in trained) / len(trained),
         "solve_seconds_mean": (
             sum(r.get("solve_seconds", 0.0) for r in trained) / len(trained) if "solve_seconds" in last else None
         ),
-        "wall_s": run["wall"],
+        "wall_s": sum(r["wall"] for r in runs) / len(runs),
     }
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
-        "| method | lr | final acc | acc per round (0..R) | cum up MB | cum down MB | up floats/client/round "
-        "| residual (last round; before→after for FAIR) | server agg s/round | wall s |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n"
+        "| method | lr | final acc (mean ± std, n) | acc per round, seed 0 (0..R) | cum up MB | cum down MB "
+        "| up floats/client/round | residual (last round; before→after for FAIR, FedEx) | server agg s/round "
+        "| wall s |\n|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
         res = r["residual_last"]
         res_s = "n/a" if res is None else f"{res:.2e}"
         if r["residual_before_last"] is not None:
-            res_s = f"{r['residual_before_last']:.3f} → {res:.3f}"
+            res_s = f"{r['residual_before_last']:.3f} → {res:.2g}"
+        n = len(r["final_accs"])
+        acc = f"{r['final_acc']:.4f}" + (f" ± {r['final_std']:.4f}" if n > 1 else "") + f" (n={n})"
         lines.append(
-            f"| {r['method']} | {r['lr']:g} | {r['final_acc']:.4f} | {' '.join(f'{a:.3f}' for a in r['per_round_acc'])}"
+            f"| {r['method']} | {r['lr']:g} | {acc} | {' '.join(f'{a:.3f}' for a in r['per_round_acc'])}"
             f" | {r['cum_up_MB']:.1f} | {r['cum_down_MB']:.1f} | {r['up_floats_per_client_round']:,.0f} | {res_s}"
             f" | {r['agg_seconds_mean']:.3f} | {r['wall_s']:.0f} |"
         )
@@ -97,8 +129,19 @@ def main() -> None:
     ap.add_argument("--local-steps", type=int, default=10)
     ap.add_argument("--clients", type=int, default=10)
     ap.add_argument("--test-size", type=int, default=2000)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="run every method with each seed")
+    ap.add_argument("--methods", nargs="+", default=None, help=f"labels (default all): {[m[0] for m in METHODS]}")
+    ap.add_argument("--issue-14", action="store_true", help=f"the five methods {ISSUE_14}")
+    ap.add_argument("--no-tune", action="store_true", help=f"use the tuned rates {TUNED} instead of the grids")
+    ap.add_argument(
+        "--extra", nargs="*", default=[], help="more overrides for every run, e.g. train.lr_schedule=cosine"
+    )
     ap.add_argument("--out", default="docs/methods")
     args = ap.parse_args()
+    wanted = ISSUE_14 if args.issue_14 else args.methods or [m[0] for m in METHODS]
+    methods = [m for m in METHODS if m[0] in wanted]
+    if len(methods) != len(wanted):
+        raise SystemExit(f"Unknown method label in {wanted}; labels: {[m[0] for m in METHODS]}")
     common = [
         f"sim.num_clients={args.clients}",
         f"sim.rounds={args.rounds}",
@@ -106,40 +149,54 @@ def main() -> None:
         "data.partitioner=dirichlet",
         "data.alpha=0.5",
         f"data.test_size={args.test_size}",
+        *args.extra,
     ]
-    runs: dict[tuple[str, float, str], dict[str, Any]] = {}
+    seed0 = args.seeds[0]
+    runs: dict[tuple[str, float, str, int], dict[str, Any]] = {}
     best_lr: dict[str, float] = {}
-    first_of_family = {fam: next(m for m in METHODS if m[3] == fam) for fam in GRIDS}
-    for fam, grid in GRIDS.items():  # tuning: the family's first method over its grid
+    families = {m[3] for m in methods}
+    first_of_family = {fam: next(m for m in methods if m[3] == fam) for fam in families}
+    for fam in sorted(families):  # tuning: the family's first method over its grid, first seed
         _, strategy, extra, _ = first_of_family[fam]
-        for lr in grid:
-            runs[(strategy, lr, " ".join(extra))] = run_one(strategy, extra, lr, common)
-            print(
-                f"tuned {strategy} {extra} lr={lr}: {runs[(strategy, lr, ' '.join(extra))]['rows'][-1]['accuracy']:.4f}"
-            )
-        best_lr[fam] = max(grid, key=lambda lr: runs[(strategy, lr, " ".join(extra))]["rows"][-1]["accuracy"])
+        if args.no_tune:
+            best_lr[fam] = TUNED[fam]
+            continue
+        for lr in GRIDS[fam]:
+            key = (strategy, lr, " ".join(extra), seed0)
+            runs[key] = run_one(strategy, extra, lr, common, seed=seed0)
+            print(f"tuned {strategy} {extra} lr={lr}: {runs[key]['rows'][-1]['accuracy']:.4f}", flush=True)
+        best_lr[fam] = max(
+            GRIDS[fam], key=lambda lr: runs[(strategy, lr, " ".join(extra), seed0)]["rows"][-1]["accuracy"]
+        )
     results = []
-    for label, strategy, extra, fam in METHODS:
-        key = (strategy, best_lr[fam], " ".join(extra))
-        if key not in runs:
-            runs[key] = run_one(strategy, extra, best_lr[fam], common)
-        results.append(summarise(label, runs[key], args.clients))
+    for label, strategy, extra, fam in methods:
+        per_seed = []
+        for seed in args.seeds:
+            key = (strategy, best_lr[fam], " ".join(extra), seed)
+            if key not in runs:
+                runs[key] = run_one(strategy, extra, best_lr[fam], common, seed=seed)
+                print(f"{label} seed={seed}: {runs[key]['rows'][-1]['accuracy']:.4f}", flush=True)
+            per_seed.append(runs[key])
+        results.append(summarise(label, per_seed, args.clients))
     md = table(results)
     print(md)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    grids = "tuned rates " + str(TUNED) if args.no_tune else f"lr grids {GRIDS}"
     out.with_suffix(".md").write_text(
-        f"Config: {' '.join(common)}; lr grids {GRIDS}; best lr per family {best_lr}.\n\n" + md
+        f"Config: {' '.join(common)}; seeds {args.seeds}; {grids}; best lr per family {best_lr}.\n\n" + md
     )
     out.with_suffix(".json").write_text(
         json.dumps(
             {
                 "common": common,
+                "seeds": args.seeds,
                 "grids": GRIDS,
+                "tuned": args.no_tune,
                 "best_lr": best_lr,
                 "results": results,
-                "tuning": [
-                    {"strategy": k[0], "lr": k[1], "extra": k[2], "final_acc": v["rows"][-1]["accuracy"]}
+                "runs": [
+                    {"strategy": k[0], "lr": k[1], "extra": k[2], "seed": k[3], "final_acc": v["rows"][-1]["accuracy"]}
                     for k, v in runs.items()
                 ],
             },
