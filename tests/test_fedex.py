@@ -102,3 +102,21 @@ def test_export_with_base_delta_reproduces_the_model_with_plain_peft(run: tuple[
         assert torch.allclose(with_fold.eval()(**batch).logits, want, atol=1e-5)
         assert not torch.allclose(without(**batch).logits, want, atol=1e-5)  # the fold matters
     assert json.loads((run_dir / "summary.json").read_text())["strategy"] == "fedex_lora"
+
+
+def test_the_fold_survives_a_checkpoint_and_goes_to_every_client(tiny: list[str]) -> None:
+    from flwr.app import ArrayRecord
+
+    from fl import constants as K
+    from fl.config import compose
+    from fl.wire import from_record
+    from strategies.fedex_lora import FedExLoRA
+
+    overrides = [*tiny, "strategy=fedex_lora"]
+    first = FedExLoRA(compose(overrides), overrides=overrides, fixed={})
+    assert K.BASE_DELTA not in first.arrays_for(1, ArrayRecord())  # round 1: nothing folded yet
+    first.fold = {"m.base_layer.weight": torch.randn(3, 2)}
+    resumed = FedExLoRA(compose(overrides), overrides=overrides, fixed={})
+    resumed.load_state_dict(first.state_dict())
+    sent = from_record(resumed.arrays_for(7, ArrayRecord()).array_records[K.BASE_DELTA])
+    assert torch.equal(sent["m.base_layer.weight"], first.fold["m.base_layer.weight"])
