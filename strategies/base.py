@@ -152,12 +152,16 @@ class LoraStrategy(FedAvg):
         """Log what this strategy is configured to do."""
         s = self.cfg.strategy
         log.info(
-            "%s: adapter=%s rank=%d alpha=%s client lr=%g; sampling %.2f of %d clients per round",
+            "%s: adapter=%s rank=%d alpha=%s client lr=%g (%s, %d warm-up rounds, floor %g); "
+            "sampling %.2f of %d clients per round",
             type(self).__name__,
             self.adapter_kind,
             s.rank,
             s.alpha,
             s.lr,
+            self.cfg.train.lr_schedule,
+            self.cfg.train.warmup_rounds,
+            self.cfg.train.lr_min,
             self.fraction_train,
             self.cfg.sim.num_clients,
         )
