@@ -1,8 +1,10 @@
 """A LoRA-aware base strategy on Flower's FedAvg: sampling, reply checks, bytes, residual.
 
-Methods subclass `LoraStrategy` and override at most three hooks: `aggregate_arrays` (the update rule),
-`arrays_for` (what a given client is sent) and `prepare` (work before round 1, e.g. Fed-SB's init).
-Flower's own `start()` loop drives the rounds.
+Methods subclass `LoraStrategy` and override a few hooks: `aggregate_arrays` (the update rule),
+`arrays_for` (what a given client is sent), `prepare` (work before round 1, e.g. Fed-SB's init) and
+`base_delta` (a change to the frozen base weights the server evaluates and exports, FedEx-LoRA's fold).
+Flower's own `start()` loop drives the rounds; `config_record` carries each round's learning rate
+(`train.lr_schedule`, `fl.schedule`).
 """
 
 from __future__ import annotations
