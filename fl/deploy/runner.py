@@ -3,7 +3,7 @@
 `fl-deploy --clients 2 strategy=fed_sb run_dir=outputs/dep` does, in order, what an operator does on real
 machines (docs/deploy.md), each step a function of this module:
 
-1. `fl.certs.create_federation_credentials`: a CA, the SuperLink's certificate, one ECDSA key per node;
+1. `fl.deploy.certs.create_federation_credentials`: a CA, the SuperLink's certificate, one ECDSA key per node;
 2. `start_superlink`: TLS on its one HTTPS port (Fleet, Control and Runtime APIs), SuperNode auth on,
    no `uv sync` of the app's dependencies;
 3. `write_connection` + `register_node`: the `flwr` CLI's connection in `$FLWR_HOME/config.toml` (a folder
@@ -14,13 +14,13 @@ machines (docs/deploy.md), each step a function of this module:
 
 Every process is started in its own session and stopped by PID (and its process group) when the job ends,
 fails or is interrupted (Ctrl-C, SIGTERM). `--insecure` skips TLS and node authentication (local trials).
-`--warm` keeps ClientApp libraries loaded between messages (`run_clientapp_executor`); `--bench` times the
-same job in simulation and in deployment and prints seconds per round of each.
+`--warm` keeps ClientApp libraries loaded between messages (`fl.deploy.warm_clientapp`); `--bench`
+(`fl.deploy.bench`) times the same job in simulation and in deployment. The command line is `fl.deploy.cli`;
+imports go one way: cli -> bench -> runner -> certs, never back.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -41,8 +41,8 @@ import psutil
 import tomli_w
 
 from fl import constants as K
-from fl.certs import DEFAULT_SANS, NodeKeys, ServerCerts, create_federation_credentials
 from fl.config import compose
+from fl.deploy.certs import DEFAULT_SANS, NodeKeys, ServerCerts, create_federation_credentials
 from fl.runtime_env import CLIENT_THREADS_ENV, QUIET_ENV
 
 log = logging.getLogger("fl.deploy")  # also when run as `python -m fl.deploy`
@@ -542,61 +542,3 @@ def deploy(
     if insecure:
         log.warning("%s (this run used it).", INSECURE_NOTE)
     return run_dir
-
-
-def _raise_on_signal(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """`fl-deploy --clients N [--insecure] [--warm] [--bench] [overrides]`."""
-    from fl.cli import setup_logging
-
-    parser = argparse.ArgumentParser(
-        prog="fl-deploy",
-        description="Run one job on a Flower deployment (SuperLink + SuperNodes) on 127.0.0.1; TLS and "
-        "SuperNode authentication unless --insecure. Outputs go to the run folder like fl-sim's.",
-    )
-    parser.add_argument("--clients", type=int, default=None, help="SuperNodes to start (default: sim.num_clients)")
-    parser.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (local trials)")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds the whole run may take")
-    parser.add_argument("--warm", action="store_true", help="warm ClientApps (no fresh process per message)")
-    parser.add_argument("--bench", action="store_true", help="time the job in simulation and in deployment")
-    parser.add_argument(
-        "--clientapp-executor",
-        metavar="HOST:PORT",
-        help="only run a warm ClientApp executor for `flower-supernode --isolation process --port PORT`",
-    )
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. strategy=fed_sb run_dir=outputs/dep")
-    args = parser.parse_args(argv)
-    if args.clients is not None and args.clients < 1:
-        parser.error(f"--clients must be >= 1, got {args.clients}")
-    setup_logging()
-    if args.clientapp_executor:
-        from fl.warm_clientapp import run_clientapp_executor
-
-        run_clientapp_executor(args.clientapp_executor)
-        return
-    signal.signal(signal.SIGTERM, _raise_on_signal)
-    signal.signal(signal.SIGINT, _raise_on_signal)
-    try:
-        if args.bench:
-            from fl.deploy_bench import bench
-
-            bench(args.overrides, clients=args.clients, insecure=args.insecure)
-            return
-        run_dir = deploy(
-            args.overrides, clients=args.clients, insecure=args.insecure, timeout=args.timeout, warm=args.warm
-        )
-    except (ValueError, DeployError) as e:
-        print(f"fl-deploy: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, ValueError) else 1)
-    except KeyboardInterrupt:
-        print("fl-deploy: interrupted; every process it started has been stopped.", file=sys.stderr)
-        sys.exit(130)
-    print(f"\nDone. Outputs in {run_dir}:")
-    print("  config.yaml  metrics.jsonl  summary.json  adapter/  .deploy/ (certs, FLWR_HOME, process logs)")
-
-
-if __name__ == "__main__":
-    main()
