@@ -48,7 +48,7 @@ from fl.runtime_env import CLIENT_THREADS_ENV, QUIET_ENV
 log = logging.getLogger("fl.deploy")  # also when run as `python -m fl.deploy`
 
 LOOPBACK = "127.0.0.1"
-PROJECT_DIR = Path(__file__).resolve().parent.parent  # the Flower app: pyproject.toml with [tool.flwr.app]
+PROJECT_DIR = Path(__file__).resolve().parents[2]  # the Flower app: pyproject.toml with [tool.flwr.app]
 DEPLOY_DIR = ".deploy"  # inside the run folder: flwr-home/, certs/, logs/
 CONNECTION = "fl-deploy"
 EXIT_CODE_RE = re.compile(r"Exit Code: (\d+)")
