@@ -28,7 +28,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedModel
 
-from fl.models import NOT_ADAPTED, linear_module_names
+from fl.models import HEAD_NAMES, NOT_ADAPTED, linear_module_names
 
 ADAPTER = "default"  # PEFT adapter name
 A_SUFFIX = f".lora_A.{ADAPTER}.weight"
@@ -108,8 +108,8 @@ def get_kind(name: str) -> AdapterKind:
 
 
 def present_heads(base: torch.nn.Module) -> list[str]:
-    """The heads `base` has among `fl.models.NOT_ADAPTED` except lm_head (a classifier's head; none for an LM)."""
-    return [n for n in ("classifier", "score") if isinstance(getattr(base, n, None), torch.nn.Module)]
+    """The classification heads `base` has (`fl.models.HEAD_NAMES`; none for a causal LM)."""
+    return [n for n in HEAD_NAMES if isinstance(getattr(base, n, None), torch.nn.Module)]
 
 
 def lora_config(

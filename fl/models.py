@@ -40,7 +40,8 @@ SMOLLM2 = "smollm2"
 TINY_MODEL = "tiny"  # random BERT classifier (MiniLM's tokenizer)
 TINY_LLAMA = "tiny_llama"  # random Llama causal LM (SmolLM2's tokenizer)
 TINY_MODELS = {TINY_MODEL: EMBEDDED_MODEL, TINY_LLAMA: SMOLLM2}  # tiny model -> the alias whose tokenizer it uses
-NOT_ADAPTED = ("classifier", "score", "pooler", "lm_head")  # heads and frozen pretrained parts: never adapted
+HEAD_NAMES = ("classifier", "score")  # sequence-classification heads (trained in full by every method)
+NOT_ADAPTED = (*HEAD_NAMES, "pooler", "lm_head")  # heads and frozen pretrained parts: never adapted
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # What an exported adapter_config.json names as its base (not this machine's venv path).
 PUBLIC_IDS = {

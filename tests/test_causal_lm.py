@@ -170,3 +170,18 @@ def test_export_reloads_with_plain_peft_to_the_framework_logits(run) -> None:  #
     assert ws.task_def.evaluate(reloaded, ws.task.test, batch_size=24, pad_id=ws.pad_id)["accuracy"] == pytest.approx(
         read_metrics(run_dir)[-1]["accuracy"]
     )
+
+
+def test_a_client_subset_keeps_what_its_task_needs(run) -> None:  # type: ignore[no-untyped-def]
+    _, _, overrides = run
+    ws = get_workspace(overrides)
+    sub = ws.task.train.subset(torch.arange(5).numpy() * 3)
+    assert sub.task == "causal_lm" and sub.label_token_ids == ws.task.train.label_token_ids
+    assert (
+        sub.prompt_lengths is not None and sub.prompt_lengths.tolist() == ws.task.train.prompt_lengths[::3][:5].tolist()
+    )
+    assert set(ws.task_def.evaluate(ws.model, sub, batch_size=4, pad_id=ws.pad_id)) >= {
+        "loss",
+        "accuracy",
+        "perplexity",
+    }

@@ -20,10 +20,8 @@ from transformers import (
 )
 
 from fl.data import IndexedDataset, TaskData, TokenizedSplit, build_task_data, collate
-from fl.models import TINY_MODEL, _quiet_load, load_tokenizer, resolve_name
+from fl.models import HEAD_NAMES, TINY_MODEL, _quiet_load, load_tokenizer, resolve_name
 from fl.tasks.base import Batch, Task, register_task
-
-HEAD_NAMES = ("classifier", "score")  # sequence-classification heads, trained by every method
 
 
 def head_name(model: torch.nn.Module) -> str:
