@@ -1,8 +1,9 @@
 """The Deployment Runtime runner: credentials, a SuperLink and SuperNodes, warm ClientApps, and its bench.
 
-Modules, imported one way (cli -> bench -> runner -> certs; warm_clientapp stands alone):
+Modules, imported one way (cli -> bench -> runner -> process, certs; warm_clientapp stands alone):
 
 - `fl.deploy.certs`          CA, SuperLink certificate, SuperNode keys (`python -m fl.deploy.certs`).
+- `fl.deploy.process`        the processes' environment, ports, exit codes, stopping them by PID.
 - `fl.deploy.runner`         `deploy`, `LocalFederation` and the steps an operator takes (docs/deploy.md).
 - `fl.deploy.warm_clientapp` a ClientApp executor that keeps libraries loaded between messages.
 - `fl.deploy.bench`          the same job in simulation and in deployment, seconds per round.
