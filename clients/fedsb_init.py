@@ -12,7 +12,8 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from clients.dp import client_plan, load_accountant, save_accountant
 from fl import constants as K
-from fl.data import IndexedDataset, collate
+from fl.data import IndexedDataset
+from fl.tasks import get_task
 from fl.wire import to_record
 from fl.workspace import Workspace
 from privacy import noisy_gradient_sum
@@ -30,7 +31,12 @@ def init_examples(data: IndexedDataset, *, count: int, seed: int) -> IndexedData
 def gradient_sum(
     model: torch.nn.Module, data: IndexedDataset, *, batch_size: int, pad_id: int
 ) -> dict[str, torch.Tensor]:
-    """Σ over `data` of ∇ loss w.r.t. each adapted layer's frozen base weight, adapter disabled."""
+    """Σ over `data` of ∇ loss w.r.t. each adapted layer's frozen base weight, adapter disabled.
+
+    The loss is the data's task's per-example loss (`fl.tasks`), summed over examples.
+    """
+    task = get_task(data.split.task)
+    device = next(model.parameters()).device
     bases = {n: p for n, p in model.named_parameters() if n.endswith(BASE_SUFFIX)}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
@@ -42,11 +48,10 @@ def gradient_sum(
         model.eval()  # no dropout: the gradient of the pretrained model itself
         with model.disable_adapter():  # type: ignore[operator]
             for start in range(0, len(data), batch_size):
-                batch = collate([data[i] for i in range(start, min(start + batch_size, len(data)))], pad_id)
-                labels = batch.pop("labels")
-                logits = model(**batch).logits
-                torch.nn.functional.cross_entropy(logits, labels, reduction="sum").backward()
-        return {n: p.grad.detach().clone() for n, p in bases.items() if p.grad is not None}
+                items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
+                batch = {k: v.to(device) for k, v in task.collate(items, pad_id).items()}
+                task.loss_of(model, batch).sum().backward()
+        return {n: p.grad.detach().cpu().clone() for n, p in bases.items() if p.grad is not None}
     finally:
         for n, p in model.named_parameters():
             p.grad = None
@@ -68,8 +73,9 @@ def init_gradient_reply(msg: Message, context: Context, ws: Workspace, data: Ind
         plan = client_plan(cfg, len(data))
         accountant = load_accountant(context, msg, plan.accountant)
         bases = {n: p for n, p in ws.model.named_parameters() if n.endswith(BASE_SUFFIX)}
+        task = get_task(subset.split.task)
         batches = [
-            collate([subset[i] for i in range(s, min(s + 16, len(subset)))], ws.pad_id)
+            task.collate([subset[i] for i in range(s, min(s + 16, len(subset)))], ws.pad_id)
             for s in range(0, len(subset), 16)
         ]
         ws.model.eval()
@@ -85,6 +91,7 @@ def init_gradient_reply(msg: Message, context: Context, ws: Workspace, data: Ind
                 noise_multiplier=plan.noise_multiplier,
                 generator=torch.Generator().manual_seed(int(cfg.seed) * 7919 + pid),
                 accountant=accountant,
+                loss_fn=task.loss_of,
             )
         for n, p in ws.model.named_parameters():
             p.requires_grad_(flags[n])

@@ -14,7 +14,9 @@ from functools import partial
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-from fl.data import IndexedDataset, collate
+from fl.accel import autocast
+from fl.data import IndexedDataset
+from fl.tasks import get_task
 from privacy import release
 
 # (model, optimizer, loader) -> (model, optimizer, loader): e.g. Opacus' make_private.
@@ -46,7 +48,7 @@ def make_loader(dataset: IndexedDataset, *, batch_size: int, pad_id: int, seed: 
         dataset,
         batch_size=min(batch_size, len(dataset)),
         sampler=RandomSampler(dataset, generator=gen),
-        collate_fn=partial(collate, pad_id=pad_id),
+        collate_fn=partial(get_task(dataset.split.task).collate, pad_id=pad_id),
     )
 
 
@@ -66,6 +68,7 @@ def local_train(
     pad_id: int,
     seed: int,
     wrap: Wrapper | None = None,
+    precision: str = "fp32",
 ) -> TrainResult:
     """Train the model's trainable parameters in place for `steps` optimiser steps.
 
@@ -85,7 +88,14 @@ def local_train(
         Fixes batch order and dropout (see `round_seed`).
     wrap : callable, optional
         Turns (model, optimizer, loader) into private ones (DP-SGD); called once per round.
+    precision : str
+        `train.precision`: autocast dtype on CUDA (`fl.accel.autocast`); fp16 adds a loss scaler.
+
+    The loss is the mean of the dataset's task's per-example loss (`fl.tasks.Task.per_example_loss`);
+    batches go to the model's device.
     """
+    task = get_task(dataset.split.task)
+    device = next(model.parameters()).device
     if len(dataset) == 0:
         raise ValueError("This client's partition is empty; it cannot train.")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -95,6 +105,8 @@ def local_train(
     model.train()  # before wrapping: Opacus validates a module in training mode
     if wrap is not None:
         net, optimizer, loader = wrap(model, optimizer, loader)
+    # fp16 on CUDA needs loss scaling (config validation keeps it away from DP); a no-op otherwise.
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
     t0 = time.perf_counter()
     total, taken = 0.0, 0
     net.train()
@@ -106,11 +118,14 @@ def local_train(
             if not isinstance(batch, dict) or batch["labels"].numel() == 0:
                 # Poisson sampling drew an empty batch (probability ~e^-batch_size): no step is taken or charged.
                 continue
+            batch = {k: v.to(device) for k, v in batch.items()}
             optimizer.zero_grad(set_to_none=True)
-            out = net(**batch)
-            out.loss.backward()
-            optimizer.step()
-            total += float(out.loss.detach())
+            with autocast(device, precision):
+                loss = task.loss_of(net, batch).mean()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total += float(loss.detach())
             taken += 1
     net.eval()
     seconds = time.perf_counter() - t0

@@ -8,7 +8,8 @@ Three adapter kinds, registered by name (a strategy names the kind it needs):
   layer computes ``lora_B(lora_A(x))``; Fed-SB replaces ``lora_B`` with `RB`, whose forward is
   ``B(R(h))`` and whose R is an ``nn.Linear`` so Opacus computes R's per-example gradients.
 
-Every kind also trains the classification head (PEFT ``modules_to_save``). Tensors travel under their
+Every kind also trains the modules the task names (`fl.tasks.Task.trained_modules`: a classifier's head,
+nothing for a causal LM), as PEFT ``modules_to_save``. Tensors travel under their
 PEFT parameter names. `export_peft` writes a standard LoRA adapter folder for any kind (Fed-SB folds
 R into B: lora_B = B·R, lora_alpha = r) that ``PeftModel.from_pretrained`` loads.
 """
@@ -27,7 +28,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedModel
 
-from fl.models import head_name, linear_module_names
+from fl.models import HEAD_NAMES, NOT_ADAPTED, linear_module_names
 
 ADAPTER = "default"  # PEFT adapter name
 A_SUFFIX = f".lora_A.{ADAPTER}.weight"
@@ -106,14 +107,28 @@ def get_kind(name: str) -> AdapterKind:
     return ADAPTER_KINDS[name]
 
 
-def lora_config(base: PreTrainedModel, *, targets: list[str], rank: int, alpha: float, dropout: float) -> LoraConfig:
-    """A PEFT LoraConfig on the resolved target modules, with the head in modules_to_save."""
+def present_heads(base: torch.nn.Module) -> list[str]:
+    """The classification heads `base` has (`fl.models.HEAD_NAMES`; none for a causal LM)."""
+    return [n for n in HEAD_NAMES if isinstance(getattr(base, n, None), torch.nn.Module)]
+
+
+def lora_config(
+    base: PreTrainedModel,
+    *,
+    targets: list[str],
+    rank: int,
+    alpha: float,
+    dropout: float,
+    modules_to_save: list[str] | None = None,
+) -> LoraConfig:
+    """A PEFT LoraConfig on the resolved target modules; `modules_to_save` (default: `present_heads`) train in full."""
+    trained = present_heads(base) if modules_to_save is None else list(modules_to_save)
     return LoraConfig(
         r=rank,
         lora_alpha=alpha,  # type: ignore[arg-type]  # PEFT annotates int; a float is valid
         lora_dropout=dropout,
-        target_modules=linear_module_names(base, targets),
-        modules_to_save=[head_name(base)],
+        target_modules=linear_module_names(base, targets, exclude=(*NOT_ADAPTED, *trained)),
+        modules_to_save=trained or None,
         bias="none",
     )
 
@@ -125,32 +140,45 @@ def build_adapter(
     strategy_cfg: DictConfig,
     targets: list[str],
     seed: int,
+    modules_to_save: list[str] | None = None,
 ) -> PeftModel:
     """Wrap `base` with the adapter of `kind`; deterministic in `seed` (forked RNG).
 
-    `base` is consumed (PEFT injects layers into it). Build on CPU before any device move.
+    `base` is consumed (PEFT injects layers into it). Move `base` to its device first (opacus #820); the
+    adapter tensors are drawn on CPU and follow it. `modules_to_save` defaults to `present_heads(base)`.
     """
     ak = get_kind(kind)
     rank = int(strategy_cfg.rank)
     alpha = float(rank) if ak.fixed_alpha_equals_rank else float(strategy_cfg.alpha)
-    cfg = lora_config(base, targets=list(targets), rank=rank, alpha=alpha, dropout=float(strategy_cfg.dropout))
+    cfg = lora_config(
+        base,
+        targets=list(targets),
+        rank=rank,
+        alpha=alpha,
+        dropout=float(strategy_cfg.dropout),
+        modules_to_save=modules_to_save,
+    )
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         # PEFT calls transformers' deprecated is_gradient_checkpointing; nothing for users to act on.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(seed + 1)
         model = get_peft_model(base, cfg)
+    device = next(base.parameters()).device
+    if device.type != "cpu":  # PEFT and Fed-SB's RB put new tensors on CPU first
+        model.to(device)
     ak.prepare(model, rank, seed)
+    model.to(device)
     return model
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Detached copies of the parameters that train (what a client sends), by name."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def fixed_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Adapter tensors that stay frozen (FFA's A; Fed-SB's A and B), by name."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" in n and not p.requires_grad}
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if ".lora_" in n and not p.requires_grad}
 
 
 def load_tensors(model: torch.nn.Module, state: Mapping[str, torch.Tensor], *, expect: set[str] | None = None) -> None:

@@ -64,7 +64,7 @@ def apply_base_delta(model: torch.nn.Module, delta: Mapping[str, torch.Tensor]) 
                 raise ValueError(f"Shape mismatch for {name!r}: model {tuple(p.shape)}, delta {tuple(d.shape)}.")
             if name not in saved:
                 saved[name] = p.detach().clone()
-            p.copy_(saved[name] + d.to(p.dtype))
+            p.copy_(saved[name] + d.to(device=p.device, dtype=p.dtype))
 
 
 def plain_name(peft_name: str) -> str:

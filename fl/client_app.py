@@ -22,7 +22,7 @@ from clients.train import local_train, round_seed
 from fl import constants as K
 from fl.adapters import load_tensors, trainable_state
 from fl.base_delta import apply_base_delta
-from fl.data import IndexedDataset, TokenizedSplit, client_partition
+from fl.data import IndexedDataset, client_partition
 from fl.runtime_env import CLIENT_THREADS_ENV
 from fl.wire import from_record, to_record
 from fl.workspace import Workspace, get_workspace
@@ -144,6 +144,7 @@ def train(msg: Message, context: Context) -> Message:
         pad_id=ws.pad_id,
         seed=seed,
         wrap=wrap,
+        precision=str(cfg.train.precision),
     )
     metrics.update(
         {
@@ -170,8 +171,7 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     ws, _ = _workspace(msg, context)
     _, data = _partition(context, ws)
     _load_global(msg, context, ws)
-    ids = [data.split.input_ids[int(i)] for i in data.indices]
-    split = TokenizedSplit(ids, data.split.labels[data.indices])
+    split = data.split.subset(data.indices)
     loss, acc = evaluate(ws.model, split, batch_size=int(ws.cfg.train.eval_batch_size), pad_id=ws.pad_id)
     metrics = MetricRecord({K.NUM_EXAMPLES: len(data), "eval-loss": loss, "eval-accuracy": acc})
     return Message(RecordDict({K.METRICS: metrics}), reply_to=msg)

@@ -25,18 +25,24 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 @dataclass
-class ModelConfig:
-    """Base model: `minilm` (embedded all-MiniLM-L6-v2), `tiny` (random BERT), or any HF name/path."""
+class TinyArch:
+    """Shape of a tiny random model built in-process (`model=tiny`, `model=tiny_llama`): tests only."""
 
-    name: str = "minilm"
-    task: str = "seq_cls"  # sequence classification; the field leaves room for causal LM
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    tokenizer: str | None = None  # defaults to the model's own (tiny reuses MiniLM's)
-    # Only for name=tiny: a random BERT built in-process.
     hidden_size: int = 32
     num_layers: int = 2
     num_heads: int = 2
     intermediate_size: int = 64
+
+
+@dataclass
+class ModelConfig:
+    """Base model: `minilm`, `smollm2` (embedded), `tiny`/`tiny_llama` (random), or any HF name/path."""
+
+    name: str = "minilm"
+    task: str = "seq_cls"  # a registered fl.tasks name: seq_cls | causal_lm
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    tokenizer: str | None = None  # defaults to the model's own (tiny reuses MiniLM's, tiny_llama SmolLM2's)
+    arch: TinyArch | None = None  # only the tiny models: their shape
 
 
 @dataclass
@@ -58,6 +64,12 @@ class DataConfig:
     natural_column: str | None = None  # natural: the column that names each example's owner
     min_partition_size: int = 10  # Dirichlet resamples until every client has this many
     self_balancing: bool = True  # Dirichlet: stop filling a client past the mean size (flwr-datasets)
+    # Instruction records (model.task=causal_lm): Alpaca fields or a chat `messages` list.
+    instruction_column: str = "instruction"
+    input_column: str = "input"  # optional context appended to the instruction
+    response_column: str = "output"
+    messages_column: str = "messages"
+    system_prompt: str | None = None  # prepended as a system turn (default: the chat template's own)
 
 
 @dataclass
@@ -103,6 +115,9 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant | cosine, across rounds (fl.schedule); strategy.lr is the peak
     warmup_rounds: int = 0  # rounds of linear warm-up before the schedule
     lr_min: float = 0.0  # the floor the cosine decays towards
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast on CUDA; CPU always trains in fp32
+    gradient_checkpointing: bool = False  # recompute activations in backward (long sequences, big models)
 
 
 @dataclass
@@ -128,6 +143,8 @@ class SimConfig:
     min_train_clients: int = 2
     fraction_evaluate: float = 0.0  # federated (client-side) evaluation; central eval always runs
     client_cpus: float = 1.0  # Ray CPUs per virtual client (2 cores here -> 2 clients at once)
+    client_gpus: float = 0.0  # Ray GPUs per virtual client (0.25 = four clients share a GPU)
+    ray_address: str | None = None  # an existing Ray cluster (e.g. auto); default: start a local Ray
     timeout: float = 3600.0  # seconds the server waits for a round's replies
 
 
@@ -269,7 +286,27 @@ def validate(cfg: DictConfig) -> None:
         f"use 0 to {sim.rounds - 1} (fewer than sim.rounds={sim.rounds}).",
     )
     _require(0 <= t.lr_min <= s.lr, "train.lr_min", t.lr_min, f"use a floor in [0, strategy.lr={s.lr}].")
+    _require(
+        t.device in ("auto", "cpu", "cuda") or str(t.device).startswith("cuda:"),
+        "train.device",
+        t.device,
+        "use auto, cpu, cuda or cuda:N.",
+    )
+    _require(t.precision in ("fp32", "bf16", "fp16"), "train.precision", t.precision, "use fp32, bf16 or fp16.")
+    _require(sim.client_gpus >= 0, "sim.client_gpus", sim.client_gpus, "use 0 or a (fractional) GPU count.")
     if p.enabled:
+        _require(
+            not t.gradient_checkpointing,
+            "train.gradient_checkpointing",
+            True,
+            "Opacus' per-example gradient hooks would see every recomputed forward twice; turn it off under DP.",
+        )
+        _require(
+            t.precision != "fp16",
+            "train.precision",
+            t.precision,
+            "fp16 needs a loss scaler, which DP-SGD's clipping does not support; use bf16 or fp32 under DP.",
+        )
         _require(
             p.target_epsilon > 0,
             "privacy.target_epsilon",

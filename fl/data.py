@@ -13,6 +13,7 @@ import importlib.util
 import json
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,13 +30,32 @@ FILE_READERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "p
 
 @dataclass(frozen=True)
 class TokenizedSplit:
-    """Token ids of one split (ragged, unpadded) and integer labels."""
+    """Token ids of one split (ragged, unpadded) and integer labels, for the task named `task` (`fl.tasks`).
+
+    A causal-LM split also has each example's prompt length (tokens before the response, which carry no
+    loss) and, when its records are classification instructions, the token ids of every label word.
+    `labels` holds class ids (-1 for an instruction record without a class).
+    """
 
     input_ids: list[torch.Tensor]
     labels: torch.Tensor
+    task: str = "seq_cls"
+    prompt_lengths: torch.Tensor | None = None
+    label_token_ids: tuple[tuple[int, ...], ...] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def subset(self, indices: np.ndarray) -> TokenizedSplit:
+        """The examples at `indices`, as a split of their own."""
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        return TokenizedSplit(
+            [self.input_ids[int(i)] for i in idx],
+            self.labels[idx],
+            task=self.task,
+            prompt_lengths=None if self.prompt_lengths is None else self.prompt_lengths[idx],
+            label_token_ids=self.label_token_ids,
+        )
 
 
 @dataclass(frozen=True)
@@ -75,6 +95,14 @@ def load_pool(data_cfg: DictConfig) -> datasets.Dataset:
             raise ValueError(
                 f"data.path={str(path)!r}: unknown file type {path.suffix!r}; use one of {sorted(FILE_READERS)}."
             )
+        if reader == "csv":  # pandas names the line it cannot parse; datasets' CSV builder hides it
+            import pandas as pd
+
+            try:
+                df = pd.read_csv(path)
+            except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+                raise ValueError(f"data.path={str(path)!r} is not a valid CSV file: {e}") from e
+            return datasets.Dataset.from_pandas(df, preserve_index=False)
         return datasets.load_dataset(reader, data_files=str(path), split="train")
     if data_cfg.source == "hf":
         if not data_cfg.path:
@@ -95,7 +123,7 @@ def _check_columns(ds: datasets.Dataset, data_cfg: DictConfig) -> None:
             raise KeyError(f"{field_name}={col!r} is not a column of the data; columns are {ds.column_names}.")
 
 
-def _cache_key(data_cfg: DictConfig, tokenizer_name: str, seed: int) -> str:
+def _cache_key(data_cfg: DictConfig, tokenizer_name: str, seed: int, kind: str = "seq_cls") -> str:
     source_file: dict[str, object] = {}
     if data_cfg.source == "file" and data_cfg.path:  # a file edited in place must not hit a stale cache
         path = Path(str(data_cfg.path)).expanduser()
@@ -107,7 +135,8 @@ def _cache_key(data_cfg: DictConfig, tokenizer_name: str, seed: int) -> str:
             "data": OmegaConf.to_container(data_cfg, resolve=True),
             "tok": tokenizer_name,
             "seed": seed,
-            "v": 1,
+            "kind": kind,
+            "v": 2,
             **({"file": source_file} if source_file else {}),
         },
         sort_keys=True,
@@ -126,19 +155,33 @@ def _tokenize(texts: list[str], tokenizer: object, max_length: int) -> list[torc
     return [torch.tensor(ids, dtype=torch.int32) for ids in enc["input_ids"]]
 
 
-def build_task_data(data_cfg: DictConfig, tokenizer: object, *, seed: int, cache_dir: str | None = None) -> TaskData:
-    """Load, split (seeded shuffle; the first `test_size` are the server's test set), tokenise; cached."""
+def cached_task_data(
+    data_cfg: DictConfig,
+    tokenizer: object,
+    *,
+    seed: int,
+    cache_dir: str | None,
+    kind: str,
+    build: Callable[[], TaskData],
+) -> TaskData:
+    """`build()`'s TaskData, cached on disk by (data config, tokenizer, seed, task `kind`)."""
     tok_name = str(getattr(tokenizer, "name_or_path", type(tokenizer).__name__))
-    path = cache_root(cache_dir) / f"task-{_cache_key(data_cfg, tok_name, seed)}.pt"
+    path = cache_root(cache_dir) / f"task-{_cache_key(data_cfg, tok_name, seed, kind)}.pt"
     if path.is_file():
         try:
             return torch.load(path, weights_only=False)
         except Exception as e:  # a torn or stale cache file is rebuilt, never trusted
             log.warning("Ignoring unreadable data cache %s (%s); rebuilding it.", path, e)
-    ds = load_pool(data_cfg)
-    _check_columns(ds, data_cfg)
-    texts = [str(t) if t is not None else "" for t in ds[data_cfg.text_column]]
-    raw_labels = ds[data_cfg.label_column]
+    task = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(task, tmp)
+    os.replace(tmp, path)  # atomic: concurrent processes never read a half-written cache
+    return task
+
+
+def label_ids(raw_labels: Sequence[object], data_cfg: DictConfig) -> tuple[np.ndarray, list[str]]:
+    """Integer class ids of `raw_labels` and the class names (`data.labels`, else the sorted labels found)."""
     found = sorted({str(v) for v in raw_labels})
     if data_cfg.labels is not None:  # every party maps labels through the same list (node-local files)
         label_names = [str(v) for v in data_cfg.labels]
@@ -153,29 +196,42 @@ def build_task_data(data_cfg: DictConfig, tokenizer: object, *, seed: int, cache
         if len(label_names) < 2:
             raise ValueError(f"data.label_column={data_cfg.label_column!r} has {len(label_names)} class; need >= 2.")
     to_id = {name: i for i, name in enumerate(label_names)}
-    labels = np.array([to_id[str(v)] for v in raw_labels], dtype=np.int64)
-    natural = [str(v) for v in ds[data_cfg.natural_column]] if data_cfg.partitioner == "natural" else None
-    n = len(texts)
+    return np.array([to_id[str(v)] for v in raw_labels], dtype=np.int64), label_names
+
+
+def split_order(n: int, data_cfg: DictConfig, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(test indices, train indices): a seeded shuffle, the first `data.test_size` held out."""
     if data_cfg.test_size >= n:
         raise ValueError(f"data.test_size={data_cfg.test_size} leaves no training data ({n} examples).")
     order = np.random.default_rng(seed).permutation(n)
     test_idx, train_idx = order[: data_cfg.test_size], order[data_cfg.test_size :]
     if data_cfg.max_examples is not None:
         train_idx = train_idx[: int(data_cfg.max_examples)]
-    ids = _tokenize([texts[i] for i in np.concatenate([test_idx, train_idx])], tokenizer, data_cfg.max_length)
-    n_test = len(test_idx)
-    task = TaskData(
-        train=TokenizedSplit(ids[n_test:], torch.from_numpy(labels[train_idx])),
-        test=TokenizedSplit(ids[:n_test], torch.from_numpy(labels[test_idx])),
-        label_names=label_names,
-        train_labels=labels[train_idx],
-        train_natural=[natural[i] for i in train_idx] if natural is not None else None,
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(task, tmp)
-    os.replace(tmp, path)  # atomic: concurrent processes never read a half-written cache
-    return task
+    return test_idx, train_idx
+
+
+def build_task_data(data_cfg: DictConfig, tokenizer: object, *, seed: int, cache_dir: str | None = None) -> TaskData:
+    """Text classification: load, split (seeded shuffle; the first `test_size` are the server's test set),
+    tokenise; cached."""
+
+    def build() -> TaskData:
+        ds = load_pool(data_cfg)
+        _check_columns(ds, data_cfg)
+        texts = [str(t) if t is not None else "" for t in ds[data_cfg.text_column]]
+        labels, label_names = label_ids(ds[data_cfg.label_column], data_cfg)
+        natural = [str(v) for v in ds[data_cfg.natural_column]] if data_cfg.partitioner == "natural" else None
+        test_idx, train_idx = split_order(len(texts), data_cfg, seed=seed)
+        ids = _tokenize([texts[i] for i in np.concatenate([test_idx, train_idx])], tokenizer, data_cfg.max_length)
+        n_test = len(test_idx)
+        return TaskData(
+            train=TokenizedSplit(ids[n_test:], torch.from_numpy(labels[train_idx])),
+            test=TokenizedSplit(ids[:n_test], torch.from_numpy(labels[test_idx])),
+            label_names=label_names,
+            train_labels=labels[train_idx],
+            train_natural=[natural[i] for i in train_idx] if natural is not None else None,
+        )
+
+    return cached_task_data(data_cfg, tokenizer, seed=seed, cache_dir=cache_dir, kind="seq_cls", build=build)
 
 
 def make_partitioner(data_cfg: DictConfig, *, num_partitions: int, seed: int) -> object:
@@ -269,7 +325,11 @@ def collate(batch: list[tuple[torch.Tensor, int]], pad_id: int) -> dict[str, tor
 
 
 class IndexedDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
-    """A view of a tokenised split restricted to some indices."""
+    """A view of a tokenised split restricted to some indices.
+
+    Items are ``(ids, label)``, or ``(ids, label, prompt_length)`` for a split with prompt lengths; the
+    split's task (`fl.tasks.get_task(split.task)`) collates them.
+    """
 
     def __init__(self, split: TokenizedSplit, indices: np.ndarray | None = None) -> None:
         self.split = split
@@ -280,4 +340,6 @@ class IndexedDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         j = int(self.indices[i])
+        if self.split.prompt_lengths is not None:
+            return self.split.input_ids[j], int(self.split.labels[j]), int(self.split.prompt_lengths[j])  # type: ignore[return-value]
         return self.split.input_ids[j], int(self.split.labels[j])

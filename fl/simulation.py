@@ -16,10 +16,20 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def ray_init_args(address: str | None) -> dict[str, object]:
+    """`ray.init` arguments for Flower's Ray backend: join `address` (a cluster owns its resources), or a
+    local Ray sized to this machine's cores."""
+    if address:
+        return {"address": str(address)}
+    return {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}
+
+
 def run_simulation(overrides: list[str], *, client_app: ClientApp | None = None) -> Path:
     """Compose the config from `overrides`, simulate `sim.num_clients` clients, return the run folder.
 
-    The ServerApp runs in this process; ClientApps run in Ray actors (`sim.client_cpus` CPUs each).
+    The ServerApp runs in this process; ClientApps run in Ray actors (`sim.client_cpus` CPUs and
+    `sim.client_gpus` GPUs each). With `sim.ray_address` (e.g. ``auto``) Flower's backend joins that
+    existing Ray cluster instead of starting a local one.
     `client_app` replaces the framework's ClientApp (e.g. a fault-injecting one in tests).
     Ray is shut down before returning, also on error, so no Flower or Ray process outlives the call.
     """
@@ -48,8 +58,8 @@ def run_simulation(overrides: list[str], *, client_app: ClientApp | None = None)
     # actors inherit this environment); without it every actor starts one thread per core.
     os.environ[CLIENT_THREADS_ENV] = str(max(1, int(cfg.train.threads or cfg.sim.client_cpus)))
     backend_config = {
-        "client_resources": {"num_cpus": float(cfg.sim.client_cpus), "num_gpus": 0.0},
-        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
+        "client_resources": {"num_cpus": float(cfg.sim.client_cpus), "num_gpus": float(cfg.sim.client_gpus)},
+        "init_args": ray_init_args(cfg.sim.ray_address),
     }
     try:
         flwr_run_simulation(

@@ -16,10 +16,12 @@ from omegaconf import DictConfig
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
+from fl.accel import resolve_device
 from fl.adapters import build_adapter
 from fl.config import compose
-from fl.data import TaskData, build_task_data
+from fl.data import TaskData
 from fl.models import load_base_model, load_tokenizer
+from fl.tasks import Task, get_task
 from strategies import get_strategy
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ class Workspace:
     task: TaskData
     model: PeftModel
     kind: str
+    task_def: Task  # what `model.task` means: model, data, batches, loss, metrics
 
     @property
     def pad_id(self) -> int:
@@ -45,8 +48,10 @@ class Workspace:
         return len(self.task.label_names)
 
     def fresh_base(self) -> torch.nn.Module:
-        """A new base model like the one `model` wraps (for export)."""
-        return load_base_model(self.cfg.model, num_labels=self.num_labels, seed=int(self.cfg.seed))
+        """A new base model like the one `model` wraps, on CPU (for export)."""
+        return load_base_model(
+            self.cfg.model, num_labels=self.num_labels, seed=int(self.cfg.seed), cache_dir=self.cfg.cache_dir
+        )
 
 
 _CACHE: dict[tuple[str, ...], Workspace] = {}
@@ -59,18 +64,23 @@ def get_workspace(overrides: list[str] | tuple[str, ...]) -> Workspace:
         return _CACHE[key]
     _CACHE.clear()
     cfg = compose(list(key))
-    tokenizer = load_tokenizer(cfg.model)
-    task = build_task_data(cfg.data, tokenizer, seed=int(cfg.seed), cache_dir=cfg.cache_dir)
+    task_def = get_task(str(cfg.model.task))
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    task = task_def.build_data(cfg.data, tokenizer, seed=int(cfg.seed), cache_dir=cfg.cache_dir)
     kind = get_strategy(cfg.strategy.name).adapter_kind
-    base = load_base_model(cfg.model, num_labels=len(task.label_names), seed=int(cfg.seed))
+    base = load_base_model(cfg.model, num_labels=len(task.label_names), seed=int(cfg.seed), cache_dir=cfg.cache_dir)
+    if cfg.train.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.to(resolve_device(str(cfg.train.device)))  # type: ignore[arg-type]  # before PEFT/Opacus wrap it: opacus #820
     model = build_adapter(
         base,
         kind=kind,
         strategy_cfg=cfg.strategy,
         targets=list(cfg.model.target_modules),
         seed=int(cfg.seed),
+        modules_to_save=task_def.trained_modules(base),
     )
     model.eval()
-    ws = Workspace(cfg=cfg, overrides=key, tokenizer=tokenizer, task=task, model=model, kind=kind)
+    ws = Workspace(cfg=cfg, overrides=key, tokenizer=tokenizer, task=task, model=model, kind=kind, task_def=task_def)
     _CACHE[key] = ws
     return ws

@@ -54,6 +54,11 @@ def test_appended_unknown_strategy_key_is_refused() -> None:
         ("sim.min_train_clients=11", "sim.min_train_clients"),
         ("privacy=dp", None),
         ("privacy=dp privacy.target_epsilon=0", "privacy.target_epsilon"),
+        ("train.device=tpu", "train.device"),
+        ("train.precision=fp8", "train.precision"),
+        ("privacy=dp train.precision=fp16", "train.precision"),
+        ("privacy=dp train.gradient_checkpointing=true", "train.gradient_checkpointing"),
+        ("sim.client_gpus=-1", "sim.client_gpus"),
     ],
 )
 def test_bad_values_name_the_field(override: str, field: str | None) -> None:
@@ -69,3 +74,24 @@ def test_fl_sim_fails_at_once_on_bad_input(arg: str, needle: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "fl.cli", arg], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert needle in proc.stdout + proc.stderr
+
+
+def test_only_tiny_models_carry_an_architecture() -> None:
+    for model in ("minilm", "smollm2", "hf model.name=x"):
+        assert compose(f"model={model}".split()).model.arch is None
+    assert compose(["model=tiny"]).model.arch.hidden_size == 32
+    assert compose(["model=tiny_llama"]).model.arch.num_layers == 2
+
+
+def test_unknown_task_lists_the_valid_ones() -> None:
+    from fl.tasks import get_task
+
+    with pytest.raises(ValueError, match=r"model\.task='seq2seq'.*causal_lm.*seq_cls"):
+        get_task("seq2seq")
+
+
+def test_ray_address_joins_an_existing_cluster() -> None:
+    from fl.simulation import ray_init_args
+
+    assert ray_init_args("auto") == {"address": "auto"}
+    assert "num_cpus" in ray_init_args(None)

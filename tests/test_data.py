@@ -115,3 +115,11 @@ def test_a_node_trains_on_its_own_file_with_the_runs_label_list(tiny: list[str],
     pd.DataFrame({"text": ["x", "y"], "label": ["positive", "angry"]}).to_csv(path)
     with pytest.raises(ValueError, match=r"data\.labels=.*\['angry'\]"):
         build_task_data(cfg.data, ws.tokenizer, seed=int(cfg.seed), cache_dir=cfg.cache_dir)
+
+
+def test_a_malformed_csv_names_the_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text('text,label\n"fine",positive\n"also fine",negative\nbroken,row,with,extra\n')
+    cfg = compose(["model=tiny", "data=file", f"data.path={bad}"])
+    with pytest.raises(ValueError, match=r"bad\.csv.*line 4"):
+        load_pool(cfg.data)

@@ -21,8 +21,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-from fl.certs import create_federation_credentials, create_node_keys
 from fl.deploy import CONNECTION, LocalFederation, deploy, flower_exit_code, flwr_cli, prepare_overrides
+from fl.deploy.certs import create_federation_credentials, create_node_keys
 from fl.outputs import read_metrics
 from fl.simulation import run_simulation
 

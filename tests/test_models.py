@@ -44,3 +44,16 @@ def test_missing_local_model_folder_is_named() -> None:
     cfg = compose(["model=hf", "model.name=/no/such/model"])
     with pytest.raises(FileNotFoundError, match=r"model\.name"):
         load_base_model(cfg.model, num_labels=3, seed=0)
+
+
+def test_exported_adapter_names_the_public_base_model(tmp_path: Path) -> None:
+    import json
+
+    from fl.adapters import build_adapter, export_peft
+
+    cfg = compose(["model=minilm"])
+    base = load_base_model(cfg.model, num_labels=3, seed=0)
+    model = build_adapter(base, kind="lora", strategy_cfg=cfg.strategy, targets=["all-linear"], seed=0)
+    out = export_peft(model, kind="lora", base=base, out_dir=tmp_path / "a")
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"

@@ -196,10 +196,10 @@ def create_federation_credentials(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m fl.certs --out DIR --nodes N [--san NAME ...]`: credentials for a real deployment."""
+    """`python -m fl.deploy.certs --out DIR --nodes N [--san NAME ...]`: credentials for a real deployment."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m fl.certs", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fl.deploy.certs", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="folder for ca.*, server.* and nodes/")
     parser.add_argument("--nodes", type=int, default=0, help="SuperNode key pairs to make (node-0, node-1, ...)")
     parser.add_argument(

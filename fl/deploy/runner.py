@@ -3,7 +3,7 @@
 `fl-deploy --clients 2 strategy=fed_sb run_dir=outputs/dep` does, in order, what an operator does on real
 machines (docs/deploy.md), each step a function of this module:
 
-1. `fl.certs.create_federation_credentials`: a CA, the SuperLink's certificate, one ECDSA key per node;
+1. `fl.deploy.certs.create_federation_credentials`: a CA, the SuperLink's certificate, one ECDSA key per node;
 2. `start_superlink`: TLS on its one HTTPS port (Fleet, Control and Runtime APIs), SuperNode auth on,
    no `uv sync` of the app's dependencies;
 3. `write_connection` + `register_node`: the `flwr` CLI's connection in `$FLWR_HOME/config.toml` (a folder
@@ -14,159 +14,47 @@ machines (docs/deploy.md), each step a function of this module:
 
 Every process is started in its own session and stopped by PID (and its process group) when the job ends,
 fails or is interrupted (Ctrl-C, SIGTERM). `--insecure` skips TLS and node authentication (local trials).
-`--warm` keeps ClientApp libraries loaded between messages (`run_clientapp_executor`); `--bench` times the
-same job in simulation and in deployment and prints seconds per round of each.
+`--warm` keeps ClientApp libraries loaded between messages (`fl.deploy.warm_clientapp`); `--bench`
+(`fl.deploy.bench`) times the same job in simulation and in deployment. The command line is `fl.deploy.cli`;
+imports go one way: cli -> bench -> runner -> process, certs; never back.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
-import re
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import tomli_w
 
 from fl import constants as K
-from fl.certs import DEFAULT_SANS, NodeKeys, ServerCerts, create_federation_credentials
 from fl.config import compose
-from fl.runtime_env import CLIENT_THREADS_ENV, QUIET_ENV
+from fl.deploy.certs import DEFAULT_SANS, NodeKeys, ServerCerts, create_federation_credentials
+from fl.deploy.process import (
+    LOOPBACK,
+    DeployError,
+    Processes,
+    bin_path,
+    child_env,
+    flower_exit_code,
+    free_port,
+    shielded,
+    wait_for_port,
+)
 
 log = logging.getLogger("fl.deploy")  # also when run as `python -m fl.deploy`
 
-LOOPBACK = "127.0.0.1"
-PROJECT_DIR = Path(__file__).resolve().parent.parent  # the Flower app: pyproject.toml with [tool.flwr.app]
+PROJECT_DIR = Path(__file__).resolve().parents[2]  # the Flower app: pyproject.toml with [tool.flwr.app]
 DEPLOY_DIR = ".deploy"  # inside the run folder: flwr-home/, certs/, logs/
 CONNECTION = "fl-deploy"
-EXIT_CODE_RE = re.compile(r"Exit Code: (\d+)")
 INSECURE_NOTE = "INSECURE deployment: no TLS, no SuperNode authentication - for local trials only"
-
-
-class DeployError(RuntimeError):
-    """A deployment step failed; the message says which and where its log is."""
-
-
-def child_env(flwr_home: Path, *, client_threads: int | None = None) -> dict[str, str]:
-    """Environment of every Flower process: offline, quiet, no `uv sync`, project-local FLWR_HOME.
-
-    The venv's bin folder goes first on PATH: the SuperLink and SuperNodes start `flower-superexec`,
-    `flwr-serverapp` and `flwr-clientapp` by name.
-    """
-    env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(flwr_home), "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25"}
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    if client_threads:
-        env.setdefault(CLIENT_THREADS_ENV, str(client_threads))
-    return env
-
-
-def free_port(host: str = LOOPBACK) -> int:
-    """A port nothing listens on now (the OS picks it when binding port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def flower_exit_code(log_path: Path) -> int | None:
-    """Flower's own exit code (e.g. 305: connection refused) from a process log; the OS sees 1."""
-    found = EXIT_CODE_RE.findall(log_path.read_text(errors="replace")) if log_path.is_file() else []
-    return int(found[-1]) if found else None
-
-
-def _bin(name: str) -> str:
-    path = Path(sys.executable).parent / name
-    return str(path) if path.exists() else name
-
-
-@dataclass
-class Processes:
-    """The processes a deployment started (each in a new session) and every descendant seen since.
-
-    `stop()` signals them by PID and process group only — never by name — and waits until all are gone.
-    """
-
-    started: list[subprocess.Popen[bytes]] = field(default_factory=list)
-    known: set[psutil.Process] = field(default_factory=set)  # psutil.Process: PID + start time
-
-    def start(self, argv: Sequence[str], *, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with log_path.open("ab") as out:
-            proc = subprocess.Popen(
-                list(argv),
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        self.started.append(proc)
-        self.refresh()
-        return proc
-
-    def refresh(self) -> None:
-        """Remember the descendants alive now (ServerApp/ClientApp processes, SuperExecs)."""
-        for proc in self.started:
-            try:
-                root = psutil.Process(proc.pid)
-                self.known.update([root, *root.children(recursive=True)])
-            except psutil.NoSuchProcess:
-                continue
-
-    @property
-    def pids(self) -> list[int]:
-        return sorted({p.pid for p in self.started} | {p.pid for p in self.known})
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM every group and process, SIGKILL what is left after `timeout` s, reap the children."""
-        self.refresh()
-        for proc in self.started:
-            if proc.poll() is None:
-                with suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGTERM)  # the leader is alive: its group id is ours
-        targets = list(self.known)
-        for p in targets:
-            try:
-                p.terminate()
-            except psutil.NoSuchProcess:
-                continue
-        _, left = psutil.wait_procs(targets, timeout=timeout)
-        for p in left:
-            log.warning("PID %d (%s) ignored SIGTERM for %.0f s: killing it", p.pid, p.name(), timeout)
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                continue
-        psutil.wait_procs(left, timeout=5)
-        for proc in self.started:
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                log.error("PID %d is still running after SIGKILL", proc.pid)
-
-
-def _wait_for_port(host: str, port: int, proc: subprocess.Popen[bytes], log_path: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise DeployError(f"The SuperLink exited with status {proc.returncode}; see {log_path}.")
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.settimeout(0.5)
-            if s.connect_ex((host, port)) == 0:
-                return
-        time.sleep(0.2)
-    raise DeployError(f"The SuperLink did not listen on {host}:{port} within {timeout:.0f} s; see {log_path}.")
 
 
 def start_superlink(
@@ -185,14 +73,21 @@ def start_superlink(
     `--fleet-api-address`/`--control-api-address` flags are deprecated). `certs=None` means `--insecure`;
     otherwise TLS with the CA, certificate and key, and SuperNode authentication.
     """
-    argv = [_bin("flower-superlink"), "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
+    argv = [
+        bin_path("flower-superlink"),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--disable-runtime-dependency-installation",
+    ]
     if certs is None:
         argv.append("--insecure")
     else:
         argv += ["--ssl-ca-certfile", str(certs.ca_cert), "--ssl-certfile", str(certs.cert)]
         argv += ["--ssl-keyfile", str(certs.key), "--enable-supernode-auth"]
     proc = procs.start(argv, env=env, log_path=log_path)
-    _wait_for_port(LOOPBACK if host == "0.0.0.0" else host, port, proc, log_path, timeout)
+    wait_for_port(LOOPBACK if host == "0.0.0.0" else host, port, proc, log_path, timeout)
     return f"{host}:{port}"
 
 
@@ -212,7 +107,7 @@ def write_connection(flwr_home: Path, *, name: str, address: str, root_certifica
 def flwr_cli(args: Sequence[str], *, env: dict[str, str], timeout: float = 120.0) -> dict[str, Any]:
     """Run `flwr <args> --format json` and return its JSON answer; raise DeployError on failure."""
     res = subprocess.run(
-        [_bin("flwr"), *args, "--format", "json"], env=env, capture_output=True, text=True, timeout=timeout
+        [bin_path("flwr"), *args, "--format", "json"], env=env, capture_output=True, text=True, timeout=timeout
     )
     out = res.stdout
     try:
@@ -249,7 +144,7 @@ def start_supernode(
     port (its ClientApp processes talk to it). `max_wait_time` (s) makes it give up connecting. `warm`
     starts it with `--isolation process` and a `run_clientapp_executor` beside it (log: `*.executor.log`).
     """
-    argv = [_bin("flower-supernode"), "--superlink", superlink, "--port", str(port)]
+    argv = [bin_path("flower-supernode"), "--superlink", superlink, "--port", str(port)]
     if warm:
         argv += ["--isolation", "process"]
         executor = [sys.executable, "-m", "fl.deploy", "--clientapp-executor", f"{LOOPBACK}:{port}"]
@@ -328,22 +223,6 @@ def follow_run(
             raise DeployError(f"No {summary} after {timeout:.0f} s.")
         check()
         time.sleep(poll)
-
-
-@contextmanager
-def _shielded() -> Iterator[None]:
-    """Ignore SIGINT/SIGTERM while cleaning up, so a second Ctrl-C cannot leave processes behind."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
 
 
 @dataclass
@@ -449,7 +328,7 @@ class LocalFederation:
         self, run_dir: Path, run_id: int, *, since_ns: int, rounds: int, timeout: float | None = None
     ) -> dict[str, Any]:
         """Stream the ServerApp's log to logs/serverapp.log and follow metrics.jsonl until summary.json."""
-        stream_argv = [_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"]
+        stream_argv = [bin_path("flwr"), "log", str(run_id), CONNECTION, "--stream"]
         stream = self.procs.start(stream_argv, env=self.env, log_path=self.logs / "serverapp.log")
         superlink = self.procs.started[0]
 
@@ -472,7 +351,7 @@ class LocalFederation:
         return follow_run(run_dir, since_ns=since_ns, rounds=rounds, check=check, timeout=timeout)
 
     def stop(self) -> None:
-        with _shielded():
+        with shielded():
             self.procs.stop()
         log.info("Stopped %d Flower processes (PIDs %s)", len(self.procs.pids), self.procs.pids)
 
@@ -542,61 +421,3 @@ def deploy(
     if insecure:
         log.warning("%s (this run used it).", INSECURE_NOTE)
     return run_dir
-
-
-def _raise_on_signal(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """`fl-deploy --clients N [--insecure] [--warm] [--bench] [overrides]`."""
-    from fl.cli import setup_logging
-
-    parser = argparse.ArgumentParser(
-        prog="fl-deploy",
-        description="Run one job on a Flower deployment (SuperLink + SuperNodes) on 127.0.0.1; TLS and "
-        "SuperNode authentication unless --insecure. Outputs go to the run folder like fl-sim's.",
-    )
-    parser.add_argument("--clients", type=int, default=None, help="SuperNodes to start (default: sim.num_clients)")
-    parser.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (local trials)")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds the whole run may take")
-    parser.add_argument("--warm", action="store_true", help="warm ClientApps (no fresh process per message)")
-    parser.add_argument("--bench", action="store_true", help="time the job in simulation and in deployment")
-    parser.add_argument(
-        "--clientapp-executor",
-        metavar="HOST:PORT",
-        help="only run a warm ClientApp executor for `flower-supernode --isolation process --port PORT`",
-    )
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. strategy=fed_sb run_dir=outputs/dep")
-    args = parser.parse_args(argv)
-    if args.clients is not None and args.clients < 1:
-        parser.error(f"--clients must be >= 1, got {args.clients}")
-    setup_logging()
-    if args.clientapp_executor:
-        from fl.warm_clientapp import run_clientapp_executor
-
-        run_clientapp_executor(args.clientapp_executor)
-        return
-    signal.signal(signal.SIGTERM, _raise_on_signal)
-    signal.signal(signal.SIGINT, _raise_on_signal)
-    try:
-        if args.bench:
-            from fl.deploy_bench import bench
-
-            bench(args.overrides, clients=args.clients, insecure=args.insecure)
-            return
-        run_dir = deploy(
-            args.overrides, clients=args.clients, insecure=args.insecure, timeout=args.timeout, warm=args.warm
-        )
-    except (ValueError, DeployError) as e:
-        print(f"fl-deploy: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, ValueError) else 1)
-    except KeyboardInterrupt:
-        print("fl-deploy: interrupted; every process it started has been stopped.", file=sys.stderr)
-        sys.exit(130)
-    print(f"\nDone. Outputs in {run_dir}:")
-    print("  config.yaml  metrics.jsonl  summary.json  adapter/  .deploy/ (certs, FLWR_HOME, process logs)")
-
-
-if __name__ == "__main__":
-    main()

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fl import constants as K
-from fl.deploy import deploy, prepare_overrides
+from fl.deploy.runner import deploy, prepare_overrides
 
 
 def seconds_per_round(run_dir: Path) -> float:

@@ -1,0 +1,108 @@
+"""Benchmark the causal-LM task on SmolLM2-135M-Instruct (CPU): seconds per local step and uplink floats.
+
+Usage::
+
+    bash dev.sh python -m simulations.bench_causal [--steps 3] [--threads 1] [--out outputs/bench_causal.json]
+
+For each method it builds the framework's model (adapters on all seven projections of every layer: q, k, v,
+o, gate, up, down) and reports the floats a client sends per round, measured (the trainable tensors the
+ClientApp puts in its reply) and from the formula (LoRA r·(d_in+d_out), FFA-LoRA r·d_out, Fed-SB r² per
+projection), plus Fed-SB's one-off init-gradient upload (every adapted W0). It then times `local_train`
+(batch 8, the preset's setting) for FedIT r=8, Fed-SB r=32 and FedIT r=8 under Opacus DP-SGD, after one
+warm-up step, with `--threads` torch threads (one per simulated client on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clients.train import local_train
+from fl.adapters import trainable_state
+from fl.data import IndexedDataset
+from fl.runtime_env import set_quiet_env
+from fl.wire import num_floats
+from fl.workspace import get_workspace
+from privacy import ClientAccountant, make_private
+
+BASE = ["+experiment=smollm2", "train.batch_size=8"]
+METHODS = {"fedit": 8, "ffa_lora": 8, "lora_fair": 8, "fed_sb": 32}
+
+
+def projection_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
+    """(d_in, d_out) of every adapted projection of `model` (a PEFT model)."""
+    return [
+        (int(m.in_features), int(m.out_features))
+        for n, m in model.named_modules()
+        if n.endswith("_proj") and hasattr(m, "base_layer")
+    ]
+
+
+def formula(strategy: str, rank: int, shapes: list[tuple[int, int]]) -> int:
+    """Uplink floats per client per round."""
+    if strategy == "ffa_lora":
+        return sum(rank * d_out for _, d_out in shapes)
+    if strategy == "fed_sb":
+        return len(shapes) * rank * rank
+    return sum(rank * (d_in + d_out) for d_in, d_out in shapes)
+
+
+def seconds_per_step(overrides: list[str], *, steps: int, dp: bool) -> float:
+    ws = get_workspace(overrides)
+    data = IndexedDataset(ws.task.train, np.arange(min(400, len(ws.task.train))))
+    acc = ClientAccountant("rdp")
+
+    def wrap(m, o, loader):
+        return make_private(
+            model=m, optimizer=o, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0, accountant=acc
+        )
+
+    kw: dict[str, Any] = dict(batch_size=8, lr=1e-3, weight_decay=0.0, pad_id=ws.pad_id, wrap=wrap if dp else None)
+    local_train(ws.model, data, steps=1, seed=98, **kw)  # warm-up
+    result = local_train(ws.model, data, steps=steps, seed=99, **kw)
+    return result.seconds / max(result.steps, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="outputs/bench_causal.json")
+    parser.add_argument("--skip-steps", action="store_true", help="only the floats (no training)")
+    args = parser.parse_args()
+    set_quiet_env()
+    torch.set_num_threads(args.threads)
+    rows: dict[str, Any] = {"floats": {}, "seconds_per_step": {}, "threads": args.threads, "steps": args.steps}
+    for strategy, rank in METHODS.items():
+        ov = [*BASE, f"strategy={strategy}", f"strategy.rank={rank}"]
+        ws = get_workspace(ov)
+        shapes = projection_shapes(ws.model)
+        rows["floats"][f"{strategy} r={rank}"] = {
+            "projections": len(shapes),
+            "formula": formula(strategy, rank, shapes),
+            "measured": num_floats(trainable_state(ws.model)),
+            **({"init_gradient_once": sum(a * b for a, b in shapes)} if strategy == "fed_sb" else {}),
+        }
+        print(strategy, rows["floats"][f"{strategy} r={rank}"], flush=True)
+    for label, ov, dp in (
+        []
+        if args.skip_steps
+        else [
+            ("fedit r=8", [*BASE, "strategy=fedit"], False),
+            ("fed_sb r=32", [*BASE, "strategy=fed_sb"], False),
+            ("fedit r=8 + DP-SGD", [*BASE, "strategy=fedit"], True),
+        ]
+    ):
+        rows["seconds_per_step"][label] = seconds_per_step(ov, steps=args.steps, dp=dp)
+        print(label, rows["seconds_per_step"][label], flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

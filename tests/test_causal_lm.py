@@ -1,0 +1,187 @@
+"""Causal-LM instruction tuning: record shapes and checks, response-only loss, every strategy (and DP-SGD)
+through a real Flower simulation on a tiny random Llama, and exports that reload with plain PEFT."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+
+from fl.config import compose
+from fl.data import IndexedDataset
+from fl.models import load_base_model, load_tokenizer
+from fl.outputs import read_metrics
+from fl.simulation import run_simulation
+from fl.tasks import get_task
+from fl.tasks.causal_lm import IGNORE
+from fl.tasks.instructions import load_records, tokenize_conversations
+from fl.workspace import get_workspace
+
+LLAMA = [
+    "model=tiny_llama",
+    "data.max_examples=160",
+    "data.test_size=24",
+    "data.max_length=112",
+    "data.system_prompt=Be brief.",
+    "train.local_steps=2",
+    "train.batch_size=4",
+    "train.eval_batch_size=24",
+    "strategy.rank=4",
+]
+ALPACA = [
+    {"instruction": "Name a colour.", "input": "", "output": "Blue."},
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+]
+CHAT = [
+    {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Answer in French."},
+            {"role": "user", "content": "Thanks"},
+            {"role": "assistant", "content": "Merci"},
+        ]
+    },
+]
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _data_cfg(path: Path, *extra: str):  # type: ignore[no-untyped-def]
+    return compose(["model=tiny_llama", "data=file", f"data.path={path}", "data.partitioner=iid", *extra]).data
+
+
+@pytest.fixture(scope="module")
+def tokenizer(cache_dir: str):  # type: ignore[no-untyped-def]
+    return load_tokenizer(compose(["model=tiny_llama"]).model, cache_dir)
+
+
+@pytest.mark.parametrize("rows", [ALPACA, CHAT], ids=["alpaca", "chat"])
+def test_both_record_shapes_are_formatted_with_the_chat_template(rows, tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    rec = load_records(_data_cfg(_jsonl(tmp_path / "d.jsonl", rows)))
+    ids, lengths, kept = tokenize_conversations(rec.conversations, tokenizer, max_length=256)
+    assert kept == [0, 1]
+    for conv, x, p in zip(rec.conversations, ids, lengths, strict=True):
+        text = tokenizer.decode(x)
+        assert text == tokenizer.apply_chat_template(conv, tokenize=False)  # the template's own rendering
+        assert tokenizer.decode(x[:p]).endswith("<|im_start|>assistant\n")  # the prompt ends where the answer starts
+        assert tokenizer.decode(x[p:]).startswith(conv[-1]["content"])
+    if rows is ALPACA:
+        assert rec.conversations[1][0]["content"] == "Add the numbers.\n\n2 and 3"
+
+
+def test_prompt_tokens_carry_no_loss(tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    rec = load_records(_data_cfg(_jsonl(tmp_path / "d.jsonl", ALPACA)))
+    ids, lengths, _ = tokenize_conversations(rec.conversations, tokenizer, max_length=256)
+    task = get_task("causal_lm")
+    batch = task.collate([(torch.tensor(x), -1, p) for x, p in zip(ids, lengths, strict=True)], pad_id=0)
+    for i, (x, p) in enumerate(zip(ids, lengths, strict=True)):
+        assert (batch["labels"][i, :p] == IGNORE).all()  # prompt
+        assert batch["labels"][i, p : len(x)].tolist() == x[p:]  # response
+        assert (batch["labels"][i, len(x) :] == IGNORE).all()  # padding
+    # Changing the logits at prompt positions leaves the loss unchanged; at a response position it does not.
+    logits = torch.randn(*batch["input_ids"].shape, 64)
+    batch["labels"] = batch["labels"].clamp(max=63).masked_fill(batch["labels"] == IGNORE, IGNORE)
+    base = task.per_example_loss(type("O", (), {"logits": logits})(), batch)
+    bumped = logits.clone()
+    bumped[:, : min(lengths) - 1] += torch.randn_like(bumped[:, : min(lengths) - 1])
+    assert torch.allclose(task.per_example_loss(type("O", (), {"logits": bumped})(), batch), base)
+    bumped[0, lengths[0] - 1, 0] += 5.0  # the logit of one token at the first response prediction
+    assert not torch.allclose(task.per_example_loss(type("O", (), {"logits": bumped})(), batch), base)
+
+
+@pytest.mark.parametrize(
+    ("rows", "match"),
+    [
+        ([*ALPACA, {"instruction": "No answer"}], r"record 2: field 'output' is missing"),
+        ([*ALPACA, {"instruction": "Empty", "input": "", "output": "  "}], r"record 2: field 'output' is empty"),
+        ([{"messages": [{"role": "user", "content": "Hi"}]}], r"record 0: field 'messages' must end with an assistant"),
+        (
+            [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]}],
+            r"record 0: field 'messages\[1\]\.content' is empty",
+        ),
+    ],
+    ids=["no-response", "empty-response", "no-assistant-turn", "empty-turn"],
+)
+def test_a_bad_record_fails_before_training_naming_the_field(rows, match: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=match):
+        load_records(_data_cfg(_jsonl(tmp_path / "bad.jsonl", rows)))
+
+
+@pytest.fixture(scope="module", params=["fedit", "ffa_lora+dp", "lora_fair", "fed_sb+dp"])
+def run(request: pytest.FixtureRequest, cache_dir: str, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    strategy, _, dp = str(request.param).partition("+")
+    run_dir = tmp_path_factory.mktemp(strategy) / "run"
+    overrides = [
+        *LLAMA,
+        f"strategy={strategy}",
+        "sim.num_clients=2",
+        "sim.rounds=1",
+        "data.partitioner=iid",
+        f"cache_dir={cache_dir}",
+        f"run_dir={run_dir}",
+    ]
+    if strategy == "lora_fair":
+        overrides.append("strategy.steps=20")
+    if strategy == "fed_sb":
+        overrides.append("strategy.init_examples=8")
+    if dp:
+        overrides += ["privacy=dp", "privacy.target_epsilon=8"]
+    return request.param, run_simulation(overrides), overrides
+
+
+def test_every_strategy_trains_the_tiny_llama_in_a_flower_simulation(run) -> None:  # type: ignore[no-untyped-def]
+    name, run_dir, overrides = run
+    rows = read_metrics(run_dir)
+    assert [r["round"] for r in rows] == [0, 1]
+    assert rows[1]["aggregated"] == 2 and rows[1]["failed"] == 0 and rows[1]["declined"] == 0, name
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["loss"] > 0 for r in rows)
+    assert rows[1]["loss"] != rows[0]["loss"]  # the adapter moved
+    ws = get_workspace(overrides)
+    trained = [n for n, p in ws.model.named_parameters() if p.requires_grad]
+    assert trained and all(".lora_" in n for n in trained)  # no head, no embeddings, no lm_head
+    adapted = {n.split(".")[-4] for n in trained}
+    assert adapted >= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} or name.startswith(
+        "fed_sb"
+    )
+    cfg = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "tiny_llama" and not cfg["modules_to_save"]
+    assert sorted(cfg["target_modules"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    ) or all(t.split(".")[-1].endswith("proj") for t in cfg["target_modules"])
+
+
+def test_export_reloads_with_plain_peft_to_the_framework_logits(run) -> None:  # type: ignore[no-untyped-def]
+    _, run_dir, overrides = run
+    ws = get_workspace(overrides)  # the server ran in this process: its model holds the final adapter
+    base = load_base_model(ws.cfg.model, num_labels=0, seed=int(ws.cfg.seed), cache_dir=ws.cfg.cache_dir)
+    reloaded = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
+    ds = IndexedDataset(ws.task.test)
+    batch = ws.task_def.collate([ds[i] for i in range(8)], ws.pad_id)
+    with torch.no_grad():
+        theirs = reloaded(**ws.task_def.model_inputs(batch)).logits
+        ours = ws.model(**ws.task_def.model_inputs(batch)).logits
+    assert torch.allclose(ours, theirs, atol=1e-4)
+    assert ws.task_def.evaluate(reloaded, ws.task.test, batch_size=24, pad_id=ws.pad_id)["accuracy"] == pytest.approx(
+        read_metrics(run_dir)[-1]["accuracy"]
+    )
+
+
+def test_a_client_subset_keeps_what_its_task_needs(run) -> None:  # type: ignore[no-untyped-def]
+    _, _, overrides = run
+    ws = get_workspace(overrides)
+    sub = ws.task.train.subset(torch.arange(5).numpy() * 3)
+    assert sub.task == "causal_lm" and sub.label_token_ids == ws.task.train.label_token_ids
+    assert (
+        sub.prompt_lengths is not None and sub.prompt_lengths.tolist() == ws.task.train.prompt_lengths[::3][:5].tolist()
+    )
+    assert set(ws.task_def.evaluate(ws.model, sub, batch_size=4, pad_id=ws.pad_id)) >= {
+        "loss",
+        "accuracy",
+        "perplexity",
+    }
