@@ -105,6 +105,18 @@ class FedSB(LoraStrategy):
         log.info("Fed-SB init=%s: A, B, R0 for %d modules (%d bytes up)", mode, len(factors), stats.bytes_up)
         return to_record(state)
 
+    def summary(self) -> None:
+        """Log the init mode as well as the base summary."""
+        s = self.cfg.strategy
+        log.info(
+            "Fed-SB init=%s (init_fraction %.2f, sketch p=%d, power iterations %d)",
+            s.init,
+            float(s.init_fraction),
+            int(s.sketch_oversample),
+            int(s.sketch_power_iters),
+        )
+        super().summary()
+
     def _module_shapes(self) -> dict[str, tuple[int, int]]:
         """(d_out, d_in) of every adapted W0, by its base-weight name (from the frozen A and B)."""
         shapes = {}
