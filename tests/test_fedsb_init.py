@@ -149,7 +149,7 @@ def sketched_reference(grads: list[dict[str, torch.Tensor]], *, seed: int = 0, p
     return out
 
 
-@pytest.mark.parametrize("power_iters", [0, 1])
+@pytest.mark.parametrize("power_iters", [1])  # q = 0 is checked by the bad-reply tests against the same reference
 def test_sketch_init_over_the_wire_equals_the_sketch_of_the_summed_gradient(tiny: list[str], power_iters: int) -> None:
     overrides = overrides_for(tiny, "strategy.init=sketch", f"strategy.sketch_power_iters={power_iters}")
     ws, grid, strategy, state = prepared(overrides)
