@@ -321,7 +321,8 @@ def test_sketch_init_in_a_real_simulation_costs_less_than_dense_and_trains(tiny:
     from fl.simulation import run_simulation
 
     overrides = [*overrides_for(tiny, "strategy.init=sketch", "sim.rounds=2"), "sim.num_clients=2"]
-    rows = read_metrics(run_simulation([*overrides, f"run_dir={tmp_path / 'run'}"]))
+    run_dir = run_simulation([*overrides, f"run_dir={tmp_path / 'run'}"])
+    rows = read_metrics(run_dir)
     ws = get_workspace(overrides)
     shapes = [tuple(p.shape) for n, p in ws.model.named_parameters() if n.endswith(BASE_SUFFIX)]
     dense = 2 * sum(o * i for o, i in shapes)
@@ -330,3 +331,6 @@ def test_sketch_init_in_a_real_simulation_costs_less_than_dense_and_trains(tiny:
     assert 4 * sketch < rows[0]["bytes_up"] < 4 * dense
     assert rows[-1]["loss"] < rows[0]["loss"]  # it trains from the sketched start
     assert all(r["residual"] < 1e-5 for r in rows[1:])  # Fed-SB's aggregation stays exact
+    from simulations.report import load_runs
+
+    assert load_runs(run_dir)[0]["strategy"] == f"fed_sb r={R} init=sketch"  # fl-report tells the inits apart
