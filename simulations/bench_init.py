@@ -45,6 +45,11 @@ RUNS: list[tuple[str, str, list[str]]] = [  # (slug, label, overrides); {init_da
         [*FEDSB, "strategy.init=server", "strategy.init_data={init_data}"],
     ),
     ("random", "Fed-SB r=32 init=random", [*FEDSB, "strategy.init=random"]),
+    (
+        "sketch-q1",
+        "Fed-SB r=32 init=sketch, 1 power iteration",
+        [*FEDSB, "strategy.init=sketch", "strategy.sketch_power_iters=1"],
+    ),
 ]
 
 
