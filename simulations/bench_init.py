@@ -213,7 +213,8 @@ def main() -> None:
     init_data = server_file(common, work / "server_init.jsonl", count=64 * args.clients)
     results: dict[str, dict[str, Any]] = {}
     for slug, label, extra in RUNS:
-        if args.only and slug not in args.only:
+        done = (work / slug / "run" / "summary.json").is_file()
+        if args.only and slug not in args.only and not done:  # finished runs stay in the table
             continue
         overrides = [o.replace("{init_data}", str(init_data)) for o in extra] + common
         results[slug] = {"label": label, "overrides": overrides, **run_one(overrides, work / slug / "run")}
