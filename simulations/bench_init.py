@@ -224,6 +224,12 @@ def main() -> None:
         out.with_suffix(".json").write_text(
             json.dumps({"common": common, "probe": probed, "ratios": ratios, "results": results}, indent=2) + "\n"
         )
+    from simulations.report import load_runs, plot_accuracy_vs_round, plot_accuracy_vs_uplink
+
+    plots = Path(f"{out}-plots")
+    plots.mkdir(parents=True, exist_ok=True)
+    runs = [r for r in load_runs(work) if r["run"].split("/")[0] in results]
+    print(plot_accuracy_vs_uplink(runs, plots), plot_accuracy_vs_round(runs, plots))
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ def load_runs(root: Path) -> list[dict[str, Any]]:
             label += f" r={cfg.strategy.rank} init={cfg.strategy.get('init', 'federated')}"
             if float(cfg.strategy.get("init_fraction", 1.0)) < 1.0:
                 label += f" x{cfg.strategy.init_fraction}"
+            if cfg.strategy.get("init") == "sketch" and int(cfg.strategy.get("sketch_power_iters", 0)):
+                label += f" q={cfg.strategy.sketch_power_iters}"
         runs.append(
             {
                 "run": str(run_dir.relative_to(root)) if run_dir != root else ".",
