@@ -50,6 +50,7 @@ RUNS: list[tuple[str, str, list[str]]] = [  # (slug, label, overrides); {init_da
         "Fed-SB r=32 init=sketch, 1 power iteration",
         [*FEDSB, "strategy.init=sketch", "strategy.sketch_power_iters=1"],
     ),
+    ("sketch-p0", "Fed-SB r=32 init=sketch, p=0", [*FEDSB, "strategy.init=sketch", "strategy.sketch_oversample=0"]),
 ]
 
 
