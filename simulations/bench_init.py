@@ -45,12 +45,12 @@ RUNS: list[tuple[str, str, list[str]]] = [  # (slug, label, overrides); {init_da
         [*FEDSB, "strategy.init=server", "strategy.init_data={init_data}"],
     ),
     ("random", "Fed-SB r=32 init=random", [*FEDSB, "strategy.init=random"]),
+    ("sketch-p0", "Fed-SB r=32 init=sketch, p=0", [*FEDSB, "strategy.init=sketch", "strategy.sketch_oversample=0"]),
     (
         "sketch-q1",
         "Fed-SB r=32 init=sketch, 1 power iteration",
         [*FEDSB, "strategy.init=sketch", "strategy.sketch_power_iters=1"],
     ),
-    ("sketch-p0", "Fed-SB r=32 init=sketch, p=0", [*FEDSB, "strategy.init=sketch", "strategy.sketch_oversample=0"]),
 ]
 
 
