@@ -135,23 +135,26 @@ def init_gradient_reply(msg: Message, context: Context, ws: Workspace, data: Ind
     subset = init_examples(data, count=int(cfg.strategy.init_examples), seed=int(cfg.seed) + pid)
     content = RecordDict()
     metrics: dict[str, int | float | list[int] | list[float]] = {K.NUM_EXAMPLES: len(subset), K.PARTITION_ID: pid}
-    sketch_args = {
-        "mats": mats,
-        "seed": int(cfg.seed),
-        "rank": int(cfg.strategy.rank),
-        "oversample": int(cfg.strategy.get("sketch_oversample", 8)),
-    }
+
+    def release_of(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        oversample = int(cfg.strategy.get("sketch_oversample", 8))
+        return sketch_release(
+            grads, step, mats=mats, seed=int(cfg.seed), rank=int(cfg.strategy.rank), oversample=oversample
+        )
+
     if cfg.privacy.enabled:
-        planned = uses_init_step(cfg)
-        if exchange >= planned:
-            raise ValueError(
-                f"Fed-SB init: exchange {exchange} is beyond the {planned} init releases this plan reserves."
-            )
         plan = client_plan(cfg, len(data))
         accountant = load_accountant(context, msg, plan.accountant)
+        planned = uses_init_step(cfg)
+        spent = sum(int(n) for _, q, n in accountant.opacus.history if q == 1.0)  # init releases so far
+        if max(exchange, spent) >= planned:
+            raise ValueError(
+                f"Fed-SB init: exchange {exchange} ({spent} init releases made) is beyond the {planned} "
+                "init releases this client's DP plan reserves; nothing was sent."
+            )
         sigma = init_noise_multiplier(plan)
         grads = clipped_gradient_sum(ws, subset, max_grad_norm=plan.max_grad_norm)
-        release = sketch_release(grads, step, **sketch_args)  # type: ignore[arg-type]
+        release = release_of(grads)
         gen = torch.Generator().manual_seed(int(cfg.seed) * 7919 + pid + 104_729 * exchange)
         if sigma > 0:
             for t in release.values():
@@ -161,7 +164,7 @@ def init_gradient_reply(msg: Message, context: Context, ws: Workspace, data: Ind
         content[K.STATE_PRIVACY] = save_accountant(context, accountant)
     else:
         grads = gradient_sum(ws.model, subset, batch_size=int(cfg.train.batch_size), pad_id=ws.pad_id)
-        release = sketch_release(grads, step, **sketch_args)  # type: ignore[arg-type]
+        release = release_of(grads)
     content[K.ARRAYS] = to_record(release)
     content[K.METRICS] = MetricRecord(metrics)
     return Message(content, reply_to=msg)

@@ -313,6 +313,13 @@ def test_a_dp_client_refuses_an_init_release_beyond_its_plan(tiny: list[str]) ->
     ctx = Context(run_id=1, node_id=100, node_config={}, state=RecordDict(), run_config={})
     with pytest.raises(ValueError, match="beyond the 2 init releases"):
         init_gradient_reply(msg, ctx, ws, partition(ws, 0, CLIENTS), pid=0)
+    # a server that restarts the count is refused too: the client counts the releases in its own accountant
+    conf[K.INIT_EXCHANGE] = 0
+    spent = ClientAccountant("rdp")
+    spent.step(noise_multiplier=1.0, sample_rate=1.0, steps=2)
+    ctx.state[K.STATE_PRIVACY] = spent.to_config_record()
+    with pytest.raises(ValueError, match="2 init releases made"):
+        init_gradient_reply(msg, ctx, ws, partition(ws, 0, CLIENTS), pid=0)
 
 
 def test_sketch_init_in_a_real_simulation_costs_less_than_dense_and_trains(tiny: list[str], tmp_path: Path) -> None:
