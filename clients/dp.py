@@ -15,8 +15,20 @@ log = logging.getLogger(__name__)
 
 
 def uses_init_step(cfg: DictConfig) -> int:
-    """1 if this run privatises a Fed-SB init gradient (charged to the same budget), else 0."""
-    return int(cfg.strategy.name == "fed_sb" and cfg.strategy.get("init", "random") == "federated")
+    """Fed-SB init releases a client makes (each one Gaussian step at q = 1, charged to the same budget).
+
+    1 for the dense federated init; 2 + 2·`strategy.sketch_power_iters` for the sketched one (Y = G·Ω and
+    Qᵀ·G, plus Gᵀ·Q and G·W per power iteration); 0 otherwise (server or random init, other methods). A
+    client outside `strategy.init_fraction` spends nothing, but its plan reserves the releases anyway.
+    """
+    if cfg.strategy.name != "fed_sb":
+        return 0
+    init = cfg.strategy.get("init", "random")
+    if init == "federated":
+        return 1
+    if init == "sketch":
+        return 2 + 2 * int(cfg.strategy.get("sketch_power_iters", 0))
+    return 0
 
 
 def steps_per_round(cfg: DictConfig, num_examples: int) -> int:

@@ -1,22 +1,29 @@
-"""Fed-SB's federated initialisation on a client: the gradient sum w.r.t. every adapted W0.
+"""Fed-SB's initialisation on a client (and the server's own init gradient): ∇ w.r.t. every adapted W0.
 
-The client sums ∇_{W0} loss over its first `strategy.init_examples` examples (a seeded choice) with the
-adapter switched off, so the gradient is taken at the pretrained weights, and sends the dense sums once.
+The client sums ∇_{W0} loss over `strategy.init_examples` of its examples (a seeded choice) with the
+adapter switched off, so the gradient G_k is taken at the pretrained weights. What it sends depends on the
+server's `init-step`: G_k itself (dense init), or a sketch of it — G_k·M or G_kᵀ·Q per module, the
+exchanges of a federated randomized range finder (Halko, Martinsson & Tropp 2011; `strategies.sketch_math`).
+Under DP every release is one Gaussian step at q = 1 on the clipped per-example gradients.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
+from omegaconf import DictConfig, OmegaConf
 
-from clients.dp import client_plan, load_accountant, save_accountant
+from clients.dp import client_plan, load_accountant, save_accountant, uses_init_step
 from fl import constants as K
 from fl.data import IndexedDataset
 from fl.tasks import get_task
-from fl.wire import to_record
+from fl.wire import from_record, to_record
 from fl.workspace import Workspace
-from privacy import noisy_gradient_sum
+from privacy import DPPlan, noisy_gradient_sum
+from strategies.sketch_math import contraction, sketch_width, test_matrix
 
 BASE_SUFFIX = ".base_layer.weight"
 
@@ -58,47 +65,152 @@ def gradient_sum(
             p.requires_grad_(flags[n])
 
 
-def init_gradient_reply(msg: Message, context: Context, ws: Workspace, data: IndexedDataset, *, pid: int) -> Message:
-    """Reply to the server's init-grad message with this client's gradient sums.
+def init_noise_multiplier(plan: DPPlan) -> float:
+    """σ of every Fed-SB init release (one place, so a separate init budget can replace it)."""
+    return plan.noise_multiplier
 
-    Under DP the sum is privatised — each example's gradient clipped to `privacy.max_grad_norm`, Gaussian
-    noise of std σ·C added once — and charged to the client's accountant as one full-batch step (sample
-    rate 1); the client's DP plan reserves budget for it.
+
+def clipped_gradient_sum(ws: Workspace, subset: IndexedDataset, *, max_grad_norm: float) -> dict[str, torch.Tensor]:
+    """Σ_i clip_C(∇_{W0} loss_i) over `subset`, adapter disabled, no noise (noise is added per release)."""
+    bases = {n: p for n, p in ws.model.named_parameters() if n.endswith(BASE_SUFFIX)}
+    task = get_task(subset.split.task)
+    batches = [
+        task.collate([subset[i] for i in range(s, min(s + 16, len(subset)))], ws.pad_id)
+        for s in range(0, len(subset), 16)
+    ]
+    ws.model.eval()
+    flags = {n: p.requires_grad for n, p in ws.model.named_parameters()}
+    # PEFT's disable_adapter() re-enables requires_grad on every adapter tensor when it exits
+    # (set_adapter), which would unfreeze Fed-SB's A and B: restore the flags after the context.
+    with ws.model.disable_adapter():
+        grads = noisy_gradient_sum(
+            model=ws.model,
+            params=bases,
+            batches=batches,
+            max_grad_norm=max_grad_norm,
+            noise_multiplier=0.0,
+            loss_fn=task.loss_of,
+        )
+    for n, p in ws.model.named_parameters():
+        p.requires_grad_(flags[n])
+    return grads
+
+
+def sketch_release(
+    grads: Mapping[str, torch.Tensor],
+    step: str,
+    *,
+    mats: Mapping[str, torch.Tensor] | None,
+    seed: int,
+    rank: int,
+    oversample: int,
+) -> dict[str, torch.Tensor]:
+    """What a client sends for one init exchange, before any noise.
+
+    `dense`: G_k. `sketch-right`: G_k·M per module, M = the server's matrix or, when none is sent, the
+    seeded test matrix Ω. `sketch-left`: G_kᵀ·Q. Every M and Q goes through `contraction` (spectral norm
+    ≤ 1), so a release never amplifies a clipped gradient (DP sensitivity ≤ C whatever the server sends).
+    """
+    if step == K.INIT_STEP_DENSE:
+        return dict(grads)
+    out: dict[str, torch.Tensor] = {}
+    for name, g in grads.items():
+        d_out, d_in = g.shape
+        if mats is None:
+            m = test_matrix(d_in, sketch_width(d_out, d_in, rank=rank, oversample=oversample), seed=seed, name=name)
+        elif name in mats:
+            m = contraction(mats[name])
+        else:
+            raise ValueError(f"Fed-SB init: the server sent no sketch matrix for {name!r}.")
+        want = d_in if step == K.INIT_STEP_RIGHT else d_out
+        if step not in (K.INIT_STEP_RIGHT, K.INIT_STEP_LEFT) or m.shape[0] != want:
+            raise ValueError(f"Fed-SB init: step {step!r} with a {tuple(m.shape)} matrix for {name!r} {(d_out, d_in)}.")
+        gd = g.double()
+        out[name] = (gd @ m if step == K.INIT_STEP_RIGHT else gd.T @ m).float()
+    return out
+
+
+def init_gradient_reply(msg: Message, context: Context, ws: Workspace, data: IndexedDataset, *, pid: int) -> Message:
+    """Reply to one of the server's init exchanges (`init-step`) with this client's release.
+
+    Under DP each example's gradient (jointly over every module) is clipped to C = `privacy.max_grad_norm`
+    first; the release is then (Σ_i clip(G_i))·M = Σ_i clip(G_i)·M plus N(0, (σC)²) per entry, and M has
+    spectral norm ≤ 1, so one example moves it by at most C: one Gaussian step at sample rate 1, charged to
+    the client's accountant. The plan reserves `clients.dp.uses_init_step` such releases; a request beyond
+    them is refused.
     """
     cfg = ws.cfg
+    conf = msg.content.config_records[K.CONFIG]
+    step = str(conf.get(K.INIT_STEP, K.INIT_STEP_DENSE))
+    exchange = int(str(conf.get(K.INIT_EXCHANGE, 0)))
+    mats = from_record(msg.content.array_records[K.ARRAYS]) if K.ARRAYS in msg.content.array_records else None
     subset = init_examples(data, count=int(cfg.strategy.init_examples), seed=int(cfg.seed) + pid)
     content = RecordDict()
     metrics: dict[str, int | float | list[int] | list[float]] = {K.NUM_EXAMPLES: len(subset), K.PARTITION_ID: pid}
+
+    def release_of(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        oversample = int(cfg.strategy.get("sketch_oversample", 8))
+        return sketch_release(
+            grads, step, mats=mats, seed=int(cfg.seed), rank=int(cfg.strategy.rank), oversample=oversample
+        )
+
     if cfg.privacy.enabled:
         plan = client_plan(cfg, len(data))
         accountant = load_accountant(context, msg, plan.accountant)
-        bases = {n: p for n, p in ws.model.named_parameters() if n.endswith(BASE_SUFFIX)}
-        task = get_task(subset.split.task)
-        batches = [
-            task.collate([subset[i] for i in range(s, min(s + 16, len(subset)))], ws.pad_id)
-            for s in range(0, len(subset), 16)
-        ]
-        ws.model.eval()
-        flags = {n: p.requires_grad for n, p in ws.model.named_parameters()}
-        # PEFT's disable_adapter() re-enables requires_grad on every adapter tensor when it exits
-        # (set_adapter), which would unfreeze Fed-SB's A and B: restore the flags after the context.
-        with ws.model.disable_adapter():
-            grads = noisy_gradient_sum(
-                model=ws.model,
-                params=bases,
-                batches=batches,
-                max_grad_norm=plan.max_grad_norm,
-                noise_multiplier=plan.noise_multiplier,
-                generator=torch.Generator().manual_seed(int(cfg.seed) * 7919 + pid),
-                accountant=accountant,
-                loss_fn=task.loss_of,
+        planned = uses_init_step(cfg)
+        spent = sum(int(n) for _, q, n in accountant.opacus.history if q == 1.0)  # init releases so far
+        if max(exchange, spent) >= planned:
+            raise ValueError(
+                f"Fed-SB init: exchange {exchange} ({spent} init releases made) is beyond the {planned} "
+                "init releases this client's DP plan reserves; nothing was sent."
             )
-        for n, p in ws.model.named_parameters():
-            p.requires_grad_(flags[n])
+        sigma = init_noise_multiplier(plan)
+        grads = clipped_gradient_sum(ws, subset, max_grad_norm=plan.max_grad_norm)
+        release = release_of(grads)
+        gen = torch.Generator().manual_seed(int(cfg.seed) * 7919 + pid + 104_729 * exchange)
+        if sigma > 0:
+            for t in release.values():
+                t.add_(torch.randn(t.shape, generator=gen), alpha=sigma * plan.max_grad_norm)
+        accountant.step(noise_multiplier=sigma, sample_rate=1.0, steps=1)
         metrics[K.EPSILON] = accountant.epsilon(plan.delta)
         content[K.STATE_PRIVACY] = save_accountant(context, accountant)
     else:
         grads = gradient_sum(ws.model, subset, batch_size=int(cfg.train.batch_size), pad_id=ws.pad_id)
-    content[K.ARRAYS] = to_record(grads)
+        release = release_of(grads)
+    content[K.ARRAYS] = to_record(release)
     content[K.METRICS] = MetricRecord(metrics)
     return Message(content, reply_to=msg)
+
+
+def server_init_data(cfg: DictConfig, ws: Workspace) -> IndexedDataset:
+    """`strategy.init_data`, tokenised like the run's data (same columns and labels), for init=server.
+
+    Read through the task's `build_data` (file source, no held-out split); at most
+    `init_examples × sim.num_clients` examples (seeded), the total a federated init would use. The run's
+    evaluation split is never used: a file that is the run's own `data.path` is refused.
+    """
+    from pathlib import Path
+
+    path = cfg.strategy.get("init_data")
+    if not path:
+        raise ValueError("strategy.init=server needs strategy.init_data=PATH (the server's own data file).")
+    file = Path(str(path)).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"strategy.init_data={str(path)!r}: no such file. Give a CSV/JSON/JSONL/Parquet file.")
+    if (
+        cfg.data.source == "file"
+        and cfg.data.path
+        and Path(str(cfg.data.path)).expanduser().resolve() == file.resolve()
+    ):
+        raise ValueError(
+            f"strategy.init_data={str(path)!r} is the run's data.path, which holds the held-out evaluation split; "
+            "give the server a separate file."
+        )
+    data_cfg = OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=True))
+    assert isinstance(data_cfg, DictConfig)
+    data_cfg.update(
+        {"source": "file", "path": str(file), "test_size": 0, "max_examples": None, "labels": ws.task.label_names}
+    )
+    task = ws.task_def.build_data(data_cfg, ws.tokenizer, seed=int(cfg.seed), cache_dir=cfg.cache_dir)
+    count = int(cfg.strategy.init_examples) * int(cfg.sim.num_clients)
+    return init_examples(IndexedDataset(task.train), count=count, seed=int(cfg.seed))

@@ -97,9 +97,13 @@ class LoraFairConfig(StrategyConfig):
 class FedSBConfig(StrategyConfig):
     """Fed-SB (Singhal et al., 2025): W0 + B R A with only R (r x r) trained and averaged."""
 
-    init: str = "federated"  # federated (gradient SVD) | random
+    init: str = "federated"  # federated (dense gradients) | sketch (randomized range finder) | server | random
     init_examples: int = 64  # per client, for the federated init gradient
     init_lr: float = 1e-3  # eta of the first full fine-tuning step the init approximates
+    init_fraction: float = 1.0  # fraction of clients (seeded sample) that contribute to a federated init
+    init_data: str | None = None  # init=server: the server's own CSV/JSON/JSONL/Parquet file (never the test split)
+    sketch_oversample: int = 8  # init=sketch: p, the sketch has r + p columns per module
+    sketch_power_iters: int = 0  # init=sketch: power iterations (two more exchanges each)
 
 
 @dataclass
@@ -236,6 +240,8 @@ def validate(cfg: DictConfig) -> None:
     _require(s.rank > 0, "strategy.rank", s.rank, "the LoRA rank must be a positive integer.")
     _require(s.lr > 0, "strategy.lr", s.lr, "the client learning rate must be > 0.")
     _require(0 <= s.dropout < 1, "strategy.dropout", s.dropout, "use a value in [0, 1).")
+    if s.name == "fed_sb":
+        validate_fed_sb(s)
     _require(sim.num_clients >= 1, "sim.num_clients", sim.num_clients, "need at least one client.")
     _require(sim.rounds >= 1, "sim.rounds", sim.rounds, "need at least one round.")
     _require(
@@ -320,6 +326,31 @@ def validate(cfg: DictConfig) -> None:
             "use a value in (0, 1), below 1/n_k, or null for the default.",
         )
         _require(p.max_grad_norm > 0, "privacy.max_grad_norm", p.max_grad_norm, "must be > 0.")
+
+
+FED_SB_INITS = ("federated", "sketch", "server", "random")
+
+
+def validate_fed_sb(s: DictConfig) -> None:
+    """Fed-SB's init fields (issue 12)."""
+    _require(s.init in FED_SB_INITS, "strategy.init", s.init, f"use one of {list(FED_SB_INITS)}.")
+    _require(s.init_examples >= 1, "strategy.init_examples", s.init_examples, "use at least 1 example.")
+    _require(s.init_lr > 0, "strategy.init_lr", s.init_lr, "the init step size eta must be > 0.")
+    _require(
+        0 < s.init_fraction <= 1,
+        "strategy.init_fraction",
+        s.init_fraction,
+        "use a fraction in (0, 1] of the clients that send an init gradient or sketch.",
+    )
+    _require(s.sketch_oversample >= 0, "strategy.sketch_oversample", s.sketch_oversample, "use p >= 0 (e.g. 8).")
+    _require(s.sketch_power_iters >= 0, "strategy.sketch_power_iters", s.sketch_power_iters, "use 0 or more.")
+    _require(
+        s.init != "server" or bool(s.init_data),
+        "strategy.init_data",
+        s.init_data,
+        "strategy.init=server needs the server's own data file: set strategy.init_data=PATH "
+        "(CSV/JSON/JSONL/Parquet with data.text_column and data.label_column).",
+    )
 
 
 def to_yaml(cfg: DictConfig) -> str:

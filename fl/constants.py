@@ -41,3 +41,10 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
 ADAPTER_DIR = "adapter"
+
+# Fed-SB's initialisation exchanges (phase init-grad; issue 12)
+INIT_STEP = "init-step"  # ConfigRecord: which init release a client is asked for, one of INIT_STEP_*
+INIT_EXCHANGE = "init-exchange"  # ConfigRecord: 0-based index of this init exchange (seeds its noise)
+INIT_STEP_DENSE = "dense"  # send G_k (every adapted W0's gradient sum)
+INIT_STEP_RIGHT = "sketch-right"  # send G_k·M per module (M = Ω from the seed, or the matrices sent)
+INIT_STEP_LEFT = "sketch-left"  # send G_kᵀ·Q per module (Q sent by the server)

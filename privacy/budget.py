@@ -115,8 +115,9 @@ def plan_dp(
     accountant : str
         ``"rdp"`` or ``"prv"``.
     extra_full_batch_steps : int
-        0 or 1: a full-batch Gaussian step with the same σ before training (Fed-SB's privatised init
-        gradient). With 1, σ is found by bisection so that init + training fit the target together.
+        Full-batch Gaussian steps with the same σ before training (Fed-SB's privatised init releases: 1
+        dense, 2 + 2·power iterations sketched). With > 0, σ is found by bisection so that init + training
+        fit the target together.
     init_steps : int, optional
         Deprecated alias of `extra_full_batch_steps`.
 
@@ -144,11 +145,11 @@ def plan_dp(
     _require(max_grad_norm > 0, "privacy.max_grad_norm", max_grad_norm, "> 0", "Set privacy.max_grad_norm=1.0.")
     _require(accountant in ACCOUNTANTS, "privacy.accountant", accountant, f"one of {sorted(ACCOUNTANTS)}", "")
     _require(
-        extra_full_batch_steps in (0, 1),
+        extra_full_batch_steps >= 0,
         "extra_full_batch_steps",
         extra_full_batch_steps,
-        "0 or 1",
-        "Use 1 only for Fed-SB's federated init gradient.",
+        ">= 0",
+        "Use the number of Fed-SB init releases (1 dense, 2 + 2 per power iteration for the sketch).",
     )
     q = sample_rate(num_examples, batch_size)
     steps = steps_per_round * planned_rounds

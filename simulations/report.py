@@ -47,7 +47,13 @@ def load_runs(root: Path) -> list[dict[str, Any]]:
         summary = json.loads(summary_path.read_text())
         rows = read_metrics(run_dir)
         eps = [r["epsilon_max"] for r in rows if r.get("epsilon_max") is not None]
-        label = cfg.strategy.name + (f" r={cfg.strategy.rank}" if cfg.strategy.name == "fed_sb" else "")
+        label = cfg.strategy.name
+        if cfg.strategy.name == "fed_sb":  # rank and init mode: the init decides Fed-SB's round-0 uplink
+            label += f" r={cfg.strategy.rank} init={cfg.strategy.get('init', 'federated')}"
+            if float(cfg.strategy.get("init_fraction", 1.0)) < 1.0:
+                label += f" x{cfg.strategy.init_fraction}"
+            if cfg.strategy.get("init") == "sketch" and int(cfg.strategy.get("sketch_power_iters", 0)):
+                label += f" q={cfg.strategy.sketch_power_iters}"
         runs.append(
             {
                 "run": str(run_dir.relative_to(root)) if run_dir != root else ".",
