@@ -19,10 +19,23 @@ def uses_init_step(cfg: DictConfig) -> int:
     return int(cfg.strategy.name == "fed_sb" and cfg.strategy.get("init", "random") == "federated")
 
 
+def logical_batch_size(cfg: DictConfig) -> int:
+    """Examples per optimiser step: `privacy.batch_size` under DP when set (q = B / n is planned for it),
+    else `train.batch_size`."""
+    if cfg.privacy.enabled and cfg.privacy.get("batch_size"):
+        return int(cfg.privacy.batch_size)
+    return int(cfg.train.batch_size)
+
+
+def physical_batch_size(cfg: DictConfig) -> int:
+    """Examples per forward/backward pass: `train.batch_size`, never more than the logical batch."""
+    return min(int(cfg.train.batch_size), logical_batch_size(cfg))
+
+
 def steps_per_round(cfg: DictConfig, num_examples: int) -> int:
-    """Local steps a client takes in one round."""
+    """Local steps (logical batches) a client takes in one round; epochs count logical batches."""
     if cfg.train.local_epochs is not None:
-        return max(1, round(float(cfg.train.local_epochs) * num_examples / int(cfg.train.batch_size)))
+        return max(1, round(float(cfg.train.local_epochs) * num_examples / logical_batch_size(cfg)))
     return int(cfg.train.local_steps)
 
 
@@ -54,7 +67,7 @@ def client_plan(cfg: DictConfig, num_examples: int) -> DPPlan:
     return _plan(
         json.dumps(OmegaConf.to_container(cfg.privacy, resolve=True), sort_keys=True),
         num_examples,
-        int(cfg.train.batch_size),
+        logical_batch_size(cfg),
         steps_per_round(cfg, num_examples),
         rounds,
         uses_init_step(cfg),

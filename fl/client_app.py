@@ -16,7 +16,14 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.dp import client_plan, load_accountant, save_accountant, steps_per_round
+from clients.dp import (
+    client_plan,
+    load_accountant,
+    logical_batch_size,
+    physical_batch_size,
+    save_accountant,
+    steps_per_round,
+)
 from clients.evaluate import evaluate
 from clients.train import local_train, round_seed
 from fl import constants as K
@@ -128,6 +135,7 @@ def train(msg: Message, context: Context) -> Message:
                 max_grad_norm=plan.max_grad_norm,
                 accountant=accountant,
                 poisson_sampling=bool(cfg.privacy.poisson_sampling),
+                grad_sample_mode=str(cfg.privacy.grad_sample_mode),
                 noise_seed=seed,
             )
 
@@ -135,7 +143,8 @@ def train(msg: Message, context: Context) -> Message:
         ws.model,
         data,
         steps=steps,
-        batch_size=int(cfg.train.batch_size),
+        batch_size=logical_batch_size(cfg),
+        physical_batch_size=physical_batch_size(cfg),
         lr=float(cfg.strategy.lr),
         weight_decay=float(cfg.train.weight_decay),
         pad_id=ws.pad_id,

@@ -111,6 +111,8 @@ class PrivacyConfig:
     accountant: str = "rdp"  # rdp | prv
     poisson_sampling: bool = True
     planned_rounds: int | None = None  # rounds the budget is planned for; default sim.rounds
+    batch_size: int | None = None  # logical (expected Poisson) batch q and σ are planned for; default train.batch_size
+    grad_sample_mode: str = "hooks"  # hooks | ghost (Opacus fast gradient clipping) | functorch
 
 
 @dataclass
@@ -265,6 +267,18 @@ def validate(cfg: DictConfig) -> None:
             "use a value in (0, 1), below 1/n_k, or null for the default.",
         )
         _require(p.max_grad_norm > 0, "privacy.max_grad_norm", p.max_grad_norm, "must be > 0.")
+        _require(
+            p.batch_size is None or p.batch_size >= 1,
+            "privacy.batch_size",
+            p.batch_size,
+            "the logical batch must be >= 1 (train.batch_size is the physical one), or null for train.batch_size.",
+        )
+        _require(
+            p.grad_sample_mode in ("hooks", "ghost", "functorch"),
+            "privacy.grad_sample_mode",
+            p.grad_sample_mode,
+            "use hooks, ghost (fast gradient clipping) or functorch.",
+        )
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -161,7 +161,7 @@ def test_per_example_clipping_bounds_every_example() -> None:
 
     loader = make_loader(data, batch_size=8, pad_id=0, seed=0)
     model.train()
-    gsm, dp_opt, dp_loader = make_private(
+    gsm, dp_opt, dp_loader, _ = make_private(
         model=model,
         optimizer=opt,
         data_loader=loader,

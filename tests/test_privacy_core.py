@@ -256,7 +256,7 @@ def _dp_round(model: torch.nn.Module, acc: ClientAccountant, *, seed: int) -> tu
     loader = DataLoader(_examples(32, seed=seed), batch_size=8, collate_fn=_collate)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     model.train()
-    gsm, dp_opt, dp_loader = make_private(
+    gsm, dp_opt, dp_loader, _ = make_private(
         model=model,
         optimizer=opt,
         data_loader=loader,
@@ -314,7 +314,7 @@ def test_make_private_refuses_a_module_still_wrapped_and_unsupported_modes() -> 
     with pytest.raises(ValueError, match="grad_sample_mode='ew'"):
         make_private(model=model, accountant=ClientAccountant(), grad_sample_mode="ew", **kw)  # type: ignore[arg-type]
     model.train()
-    gsm, _, _ = make_private(model=model, accountant=ClientAccountant(), **kw)  # type: ignore[arg-type]
+    gsm, _, _, _ = make_private(model=model, accountant=ClientAccountant(), **kw)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="release"):
         make_private(model=model, accountant=ClientAccountant(), **kw)  # type: ignore[arg-type]
     release(gsm)
@@ -330,7 +330,7 @@ def test_opacus_clips_each_example_to_max_grad_norm() -> None:
     examples = _examples(4, seed=3)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     model.train()
-    gsm, dp_opt, _ = make_private(
+    gsm, dp_opt, _, _ = make_private(
         model=model,
         optimizer=opt,
         data_loader=DataLoader(examples, batch_size=4, collate_fn=_collate),
