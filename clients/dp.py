@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 
 
 def uses_init_step(cfg: DictConfig) -> int:
-    """1 if this run privatises a Fed-SB init gradient (charged to the same budget), else 0."""
+    """How many full-batch init releases this run privatises before training (Fed-SB's federated init: 1),
+    charged to the same accountant at σ_init (`privacy.init_share`)."""
     return int(cfg.strategy.name == "fed_sb" and cfg.strategy.get("init", "random") == "federated")
 
 
@@ -54,6 +55,7 @@ def _plan(privacy_json: str, num_examples: int, batch_size: int, steps: int, rou
         max_grad_norm=float(p["max_grad_norm"]),
         accountant=str(p["accountant"]),
         init_steps=init,
+        init_share=float(p["init_share"]) if p.get("init_share") is not None else None,
     )
 
 

@@ -57,8 +57,8 @@ def init_gradient_reply(msg: Message, context: Context, ws: Workspace, data: Ind
     """Reply to the server's init-grad message with this client's gradient sums.
 
     Under DP the sum is privatised — each example's gradient clipped to `privacy.max_grad_norm`, Gaussian
-    noise of std σ·C added once — and charged to the client's accountant as one full-batch step (sample
-    rate 1); the client's DP plan reserves budget for it.
+    noise of std σ_init·C added once (σ_init from `privacy.init_share`) — and charged to the client's
+    accountant as one full-batch step (sample rate 1); the client's DP plan reserves budget for it.
     """
     cfg = ws.cfg
     subset = init_examples(data, count=int(cfg.strategy.init_examples), seed=int(cfg.seed) + pid)
@@ -82,7 +82,7 @@ def init_gradient_reply(msg: Message, context: Context, ws: Workspace, data: Ind
                 params=bases,
                 batches=batches,
                 max_grad_norm=plan.max_grad_norm,
-                noise_multiplier=plan.noise_multiplier,
+                noise_multiplier=float(plan.init_noise_multiplier or plan.noise_multiplier),
                 generator=torch.Generator().manual_seed(int(cfg.seed) * 7919 + pid),
                 accountant=accountant,
             )

@@ -113,6 +113,7 @@ class PrivacyConfig:
     planned_rounds: int | None = None  # rounds the budget is planned for; default sim.rounds
     batch_size: int | None = None  # logical (expected Poisson) batch q and σ are planned for; default train.batch_size
     grad_sample_mode: str = "hooks"  # hooks | ghost (Opacus fast gradient clipping) | functorch
+    init_share: float | None = 0.1  # of ε, for Fed-SB's init releases (their own σ); null: one σ for both
 
 
 @dataclass
@@ -272,6 +273,12 @@ def validate(cfg: DictConfig) -> None:
             "privacy.batch_size",
             p.batch_size,
             "the logical batch must be >= 1 (train.batch_size is the physical one), or null for train.batch_size.",
+        )
+        _require(
+            p.init_share is None or 0 < p.init_share < 1,
+            "privacy.init_share",
+            p.init_share,
+            "use a fraction of ε in (0, 1) for Fed-SB's init releases, or null for one σ for init and training.",
         )
         _require(
             p.grad_sample_mode in ("hooks", "ghost", "functorch"),
