@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from functools import lru_cache
+from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from omegaconf import DictConfig
 
 from fl import constants as K
 from privacy import ClientAccountant, DPPlan, default_delta, plan_dp
+from privacy.policy import (
+    DECLINE_REASON,
+    DECLINE_RECORD,
+    NODE_STATE_DIR,
+    POLICY_KEYS,
+    AccountantStore,
+    NodePolicy,
+    most_spent,
+    parse_node_policies,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,18 +88,64 @@ def client_plan(cfg: DictConfig, num_examples: int) -> DPPlan:
     )
 
 
-def load_accountant(context: Context, msg: Message, kind: str) -> ClientAccountant:
-    """The client's own accountant from `Context.state`; after a resume (new federation, empty state),
-    the copy the server kept from this client's last reply; else a new one."""
+def node_policy(cfg: DictConfig, node_config: Mapping[str, Any], partition_id: int) -> NodePolicy:
+    """The node's own policy from its node config; a node without one may get a simulated one from
+    `privacy.node_policies` (the server's config: it can only add bounds to a node that set none)."""
+    if any(k in node_config for k in POLICY_KEYS):
+        return NodePolicy.from_mapping(node_config)
+    return parse_node_policies(cfg.privacy.get("node_policies") or []).get(partition_id, NodePolicy())
+
+
+def policy_decline(cfg: DictConfig, node_config: Mapping[str, Any], partition_id: int, num_examples: int) -> str | None:
+    """Why this node declines the task's privacy settings (None: it accepts them)."""
+    policy = node_policy(cfg, node_config, partition_id)
+    if not policy.requires_dp:
+        return None
+    p = cfg.privacy
+    return policy.check(
+        enabled=bool(p.enabled),
+        target_epsilon=float(p.target_epsilon),
+        delta=client_plan(cfg, num_examples).delta if p.enabled else 1.0,
+        max_grad_norm=float(p.max_grad_norm),
+        poisson_sampling=bool(p.poisson_sampling),
+    )
+
+
+def declined_reply(msg: Message, *, partition_id: int, server_round: int, reason: str) -> Message:
+    """A reply that declines a task, with the reason; nothing derived from the node's data (not even n_k)."""
+    metrics = MetricRecord({K.PARTITION_ID: partition_id, K.SERVER_ROUND: server_round, K.DECLINED: 1})
+    content = RecordDict({K.METRICS: metrics, DECLINE_RECORD: ConfigRecord({DECLINE_REASON: reason})})
+    return Message(content, reply_to=msg)
+
+
+def _store(context: Context) -> AccountantStore | None:
+    state_dir = context.node_config.get(NODE_STATE_DIR)
+    if not state_dir:
+        return None
+    pid = int(str(context.node_config.get(K.NODE_PARTITION_ID, 0)))
+    return AccountantStore(str(state_dir), run_id=int(context.run_id), partition_id=pid)
+
+
+def load_accountant(context: Context, msg: Message, kind: str, *, delta: float = 1e-5) -> ClientAccountant:
+    """The node's accountant: the record with the most privacy loss (at `delta`) among the node's own file
+    (`privacy-state-dir`), its `Context.state`, and the copy the server kept from its last reply (sent after
+    a resume); a new one if there is none. The server's copy can raise the record, never lower it."""
+    store = _store(context)
+    own = [store.load() if store is not None else None]
     if K.STATE_PRIVACY in context.state.config_records:
-        return ClientAccountant.from_config_record(context.state.config_records[K.STATE_PRIVACY])
+        own.append(ClientAccountant.from_config_record(context.state.config_records[K.STATE_PRIVACY]))
+    server = None
     if K.STATE_PRIVACY in msg.content.config_records:
-        return ClientAccountant.from_config_record(msg.content.config_records[K.STATE_PRIVACY])
-    return ClientAccountant(kind)
+        server = ClientAccountant.from_config_record(msg.content.config_records[K.STATE_PRIVACY])
+    return most_spent([*own, server], delta=delta) or ClientAccountant(kind)
 
 
 def save_accountant(context: Context, accountant: ClientAccountant) -> ConfigRecord:
-    """Keep the accountant in `Context.state`; returns the record (also sent to the server)."""
+    """Keep the accountant in `Context.state` and, with `privacy-state-dir`, in the node's own file;
+    returns the record (also sent to the server)."""
+    store = _store(context)
+    if store is not None:
+        store.save(accountant)
     record = accountant.to_config_record()
     context.state[K.STATE_PRIVACY] = record
     return record

@@ -13,14 +13,16 @@ import os
 from typing import Any
 
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.dp import (
     client_plan,
+    declined_reply,
     load_accountant,
     logical_batch_size,
     physical_batch_size,
+    policy_decline,
     save_accountant,
     steps_per_round,
 )
@@ -37,6 +39,8 @@ from privacy import make_private
 log = logging.getLogger(__name__)
 
 app = ClientApp()
+
+DECLINED_CODE = 451  # an error reply's code when a node declines a task by its own policy
 
 
 def local_data_overrides(overrides: list[str], node_config: dict[str, Any]) -> list[str]:
@@ -96,6 +100,12 @@ def train(msg: Message, context: Context) -> Message:
     ws, server_round = _workspace(msg, context)
     pid, data = _partition(context, ws)
     conf = msg.content.config_records[K.CONFIG]
+    reason = policy_decline(ws.cfg, context.node_config, pid, len(data))
+    if reason is not None:  # the node's own privacy policy: nothing computed from its data leaves it
+        log.warning("partition %d declines round %d: %s", pid, server_round, reason)
+        if str(conf[K.PHASE]) == K.PHASE_INIT_GRAD:  # the init exchange expects arrays: an error reply instead
+            return Message(Error(code=DECLINED_CODE, reason=f"declined: {reason}"), reply_to=msg)
+        return declined_reply(msg, partition_id=pid, server_round=server_round, reason=reason)
     if str(conf[K.PHASE]) == K.PHASE_INIT_GRAD:
         from clients.fedsb_init import init_gradient_reply
 
@@ -110,7 +120,7 @@ def train(msg: Message, context: Context) -> Message:
     accountant = None
     if cfg.privacy.enabled:
         plan = client_plan(cfg, len(data))
-        accountant = load_accountant(context, msg, plan.accountant)
+        accountant = load_accountant(context, msg, plan.accountant, delta=plan.delta)
         if accountant.steps == 0:  # this client's first DP round: say what it will do (node files: its own n)
             log.info("partition %d (%d examples): %s", pid, len(data), plan.describe())
         if accountant.would_exceed(

@@ -114,6 +114,8 @@ class PrivacyConfig:
     batch_size: int | None = None  # logical (expected Poisson) batch q and σ are planned for; default train.batch_size
     grad_sample_mode: str = "hooks"  # hooks | ghost (Opacus fast gradient clipping) | functorch
     init_share: float | None = 0.1  # of ε, for Fed-SB's init releases (their own σ); null: one σ for both
+    # simulated node policies, written like a node config: "partition-id=0 privacy-epsilon=3 privacy-delta=1e-5"
+    node_policies: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -254,6 +256,10 @@ def validate(cfg: DictConfig) -> None:
         t.local_epochs,
         "use a positive number of epochs, or null to use train.local_steps.",
     )
+    if p.node_policies:
+        from privacy.policy import parse_node_policies
+
+        parse_node_policies(p.node_policies)  # raises naming the entry and the fix
     if p.enabled:
         _require(
             p.target_epsilon > 0,
