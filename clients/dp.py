@@ -46,10 +46,16 @@ def physical_batch_size(cfg: DictConfig) -> int:
 
 
 def steps_per_round(cfg: DictConfig, num_examples: int) -> int:
-    """Local steps (logical batches) a client takes in one round; epochs count logical batches."""
-    if cfg.train.local_epochs is not None:
-        return max(1, round(float(cfg.train.local_epochs) * num_examples / logical_batch_size(cfg)))
-    return int(cfg.train.local_steps)
+    """Local steps (logical batches) a client takes in one round; epochs count logical batches. Under DP,
+    `privacy.local_epochs` / `privacy.local_steps` when set (a DP recipe's local work), else `train.*`."""
+    p, t = cfg.privacy, cfg.train
+    if p.enabled and (p.get("local_epochs") is not None or p.get("local_steps") is not None):
+        epochs, steps = p.get("local_epochs"), p.get("local_steps")
+    else:
+        epochs, steps = t.local_epochs, t.local_steps
+    if epochs is not None:
+        return max(1, round(float(epochs) * num_examples / logical_batch_size(cfg)))
+    return int(steps)
 
 
 @lru_cache(maxsize=4096)

@@ -113,6 +113,8 @@ class PrivacyConfig:
     planned_rounds: int | None = None  # rounds the budget is planned for; default sim.rounds
     batch_size: int | None = None  # logical (expected Poisson) batch q and σ are planned for; default train.batch_size
     grad_sample_mode: str = "hooks"  # hooks | ghost (Opacus fast gradient clipping) | functorch
+    local_steps: int | None = None  # logical steps per round under DP; default train.local_steps
+    local_epochs: float | None = None  # or epochs of the partition under DP (overrides privacy.local_steps)
     init_share: float | None = 0.1  # of ε, for Fed-SB's init releases (their own σ); null: one σ for both
     # simulated node policies, written like a node config: "partition-id=0 privacy-epsilon=3 privacy-delta=1e-5"
     node_policies: list[str] = field(default_factory=list)
@@ -279,6 +281,18 @@ def validate(cfg: DictConfig) -> None:
             "privacy.batch_size",
             p.batch_size,
             "the logical batch must be >= 1 (train.batch_size is the physical one), or null for train.batch_size.",
+        )
+        _require(
+            p.local_steps is None or p.local_steps >= 1,
+            "privacy.local_steps",
+            p.local_steps,
+            "use at least 1 logical step, or null for train.local_steps.",
+        )
+        _require(
+            p.local_epochs is None or p.local_epochs > 0,
+            "privacy.local_epochs",
+            p.local_epochs,
+            "use a positive number of epochs, or null.",
         )
         _require(
             p.init_share is None or 0 < p.init_share < 1,

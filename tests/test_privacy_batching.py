@@ -142,3 +142,12 @@ def test_non_dp_accumulation_over_physical_batches_is_one_big_batch() -> None:
         grads.append([p.grad.clone() for p in params])  # type: ignore[union-attr]
     for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["fed_sb"])
+def test_the_dp_recipe_of_a_method_composes_and_sets_its_local_work(strategy: str) -> None:
+    cfg = compose([f"strategy={strategy}", f"privacy=dp_{strategy}"])
+    assert cfg.privacy.enabled and cfg.privacy.batch_size and cfg.privacy.batch_size > cfg.train.batch_size
+    assert steps_per_round(cfg, 3000) == (cfg.privacy.local_steps or steps_per_round(cfg, 3000))
+    off = compose([f"strategy={strategy}", "privacy=off"])
+    assert steps_per_round(off, 3000) == off.train.local_steps  # the recipe's local work is for DP only
