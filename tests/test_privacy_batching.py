@@ -45,15 +45,23 @@ def _no_dropout(model: torch.nn.Module) -> None:
             m.p = 0.0
 
 
-def test_the_logical_batch_is_planned_and_charged_the_physical_one_is_what_runs() -> None:
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_the_logical_batch_is_planned_and_charged_the_physical_one_is_what_runs(mode: str) -> None:
     model, data = _tiny(n=64)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     acc = ClientAccountant("rdp")
     seen: list[int] = []
     handle = model.register_forward_pre_hook(lambda _m, _a, kw: seen.append(len(kw["input_ids"])), with_kwargs=True)
 
     def wrap(m, o, loader):  # type: ignore[no-untyped-def]
         return make_private(
-            model=m, optimizer=o, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0, accountant=acc
+            model=m,
+            optimizer=o,
+            data_loader=loader,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            accountant=acc,
+            grad_sample_mode=mode,
         )
 
     res = local_train(
@@ -69,6 +77,7 @@ def test_the_logical_batch_is_planned_and_charged_the_physical_one_is_what_runs(
         wrap=wrap,
     )
     handle.remove()
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)  # it trained
     assert res.steps == 3 and acc.steps == 3  # one charge per logical batch, not per physical one
     assert acc.opacus.history == [(1.0, sample_rate(64, 32), 3)] and sample_rate(64, 32) == 0.5
     assert max(seen) <= 8 and sum(seen) > 3 * 8  # memory sees ≤ 8 examples; the logical batches were larger
