@@ -21,6 +21,7 @@ from clients.dp import (
     declined_reply,
     load_accountant,
     logical_batch_size,
+    node_policy,
     physical_batch_size,
     policy_decline,
     save_accountant,
@@ -184,7 +185,10 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_local(msg: Message, context: Context) -> Message:
     """Federated evaluation: the global adapter on this client's own partition."""
     ws, _ = _workspace(msg, context)
-    _, data = _partition(context, ws)
+    pid, data = _partition(context, ws)
+    if node_policy(ws.cfg, context.node_config, pid).requires_dp:  # un-noised metrics of the node's own data
+        reason = "this node's privacy policy does not release un-noised evaluation metrics of its data"
+        return Message(Error(code=DECLINED_CODE, reason=f"declined: {reason}"), reply_to=msg)
     _load_global(msg, context, ws)
     ids = [data.split.input_ids[int(i)] for i in data.indices]
     split = TokenizedSplit(ids, data.split.labels[data.indices])

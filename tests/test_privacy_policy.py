@@ -14,7 +14,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fl import constants as K
 from fl.adapters import trainable_state
-from fl.client_app import train
+from fl.client_app import evaluate_local, train
 from fl.wire import to_record
 from fl.workspace import get_workspace
 from privacy import ClientAccountant
@@ -138,6 +138,8 @@ def test_simulated_node_policies_come_from_the_config_and_no_policy_keeps_todays
     policies = "privacy.node_policies=['partition-id=1 privacy-epsilon=3']"
     node1 = {"partition-id": 1, "num-partitions": 2}
     assert "privacy.enabled=false" in _declined(train(_message([*job, policies], 1), _context(node1)))
+    evaluated = evaluate_local(_message([*job, policies], 1), _context(node1))  # no un-noised metrics either
+    assert evaluated.has_error() and "does not release un-noised evaluation" in str(evaluated.error.reason)
     reply = train(_message([*job, policies], 1), _context({"partition-id": 0, "num-partitions": 2}))
     assert K.ARRAYS in reply.content.array_records  # partition 0 has no policy
     reply = train(_message(job, 1), _context(node1))
