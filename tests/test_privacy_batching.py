@@ -153,7 +153,7 @@ def test_non_dp_accumulation_over_physical_batches_is_one_big_batch() -> None:
         assert torch.allclose(a, b, atol=1e-6)
 
 
-@pytest.mark.parametrize("strategy", ["fed_sb"])
+@pytest.mark.parametrize("strategy", ["fed_sb", "ffa_lora", "fedit", "lora_fair"])
 def test_the_dp_recipe_of_a_method_composes_and_sets_its_local_work(strategy: str) -> None:
     cfg = compose([f"strategy={strategy}", f"privacy=dp_{strategy}"])
     assert cfg.privacy.enabled and cfg.privacy.batch_size and cfg.privacy.batch_size > cfg.train.batch_size
