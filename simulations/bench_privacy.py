@@ -176,7 +176,8 @@ def main() -> None:
     if args.rss:
         result["rss"] = rss_table(args.rss_steps)
     for name, overrides, logical in SETTINGS if not args.skip_steps else []:
-        r = result["step_time"][name] = step_time_ratio(args.steps, args.chunks, overrides, logical)
+        steps = max(6, args.steps * 16 // logical)  # the same examples per chunk at every logical batch
+        r = result["step_time"][name] = step_time_ratio(steps, args.chunks, overrides, logical)
         print(
             f"DP / non-DP seconds per step, {name}: hooks {r['ratio_hooks']:.3f}, ghost {r['ratio_ghost']:.3f} "
             f"(goal <= 1.10); {r['hooks_s_per_step']:.3f} / {r['ghost_s_per_step']:.3f} vs "
