@@ -66,8 +66,8 @@ def gradient_sum(
 
 
 def init_noise_multiplier(plan: DPPlan) -> float:
-    """σ of every Fed-SB init release (one place, so a separate init budget can replace it)."""
-    return plan.noise_multiplier
+    """σ of every Fed-SB init release: σ_init from `privacy.init_share`, else the training σ."""
+    return float(plan.init_noise_multiplier or plan.noise_multiplier)
 
 
 def clipped_gradient_sum(ws: Workspace, subset: IndexedDataset, *, max_grad_norm: float) -> dict[str, torch.Tensor]:

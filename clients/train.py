@@ -1,5 +1,12 @@
 """One client's local training: AdamW on the trainable adapter tensors for a number of steps.
 
+A step consumes one *logical* batch (what the optimiser and, under DP, the accountant see), processed in
+*physical* batches of at most `physical_batch_size` examples (what has to fit in memory): gradients are
+accumulated over them, and under DP-SGD each physical step but the last is marked skipped with the DP
+optimizer's ``signal_skip_step`` — the mechanism of Opacus' ``BatchMemoryManager`` — so clipping is per
+example and the noise is added once per logical batch. The loss comes from one function, ``loss_fn(outputs,
+batch)`` (per-example losses), so tasks other than classification plug in their own.
+
 The batch order and dropout are seeded per (run seed, round, partition) inside a forked RNG, so a run
 is reproducible no matter which Ray actor or process serves which client.
 """
@@ -7,7 +14,7 @@ is reproducible no matter which Ray actor or process serves which client.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 
@@ -18,12 +25,10 @@ from fl.accel import autocast
 from fl.data import IndexedDataset
 from fl.tasks import get_task
 from privacy import release
+from privacy.engine import ExampleLoss, PrivateRound
 
-# (model, optimizer, loader) -> (model, optimizer, loader): e.g. Opacus' make_private.
-Wrapper = Callable[
-    [torch.nn.Module, torch.optim.Optimizer, DataLoader],
-    tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader],
-]
+# (model, optimizer, loader) -> PrivateRound: e.g. privacy.make_private with the run's DP settings.
+Wrapper = Callable[[torch.nn.Module, torch.optim.Optimizer, DataLoader], PrivateRound]
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,16 @@ def _cycle(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
         yield from loader
 
 
+def _batch_len(batch: Mapping[str, torch.Tensor]) -> int:
+    return len(next(iter(batch.values())))
+
+
+def split_batch(batch: Mapping[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
+    """A logical batch as physical batches of at most `size` examples (all of it when `size` ≥ its length)."""
+    n = _batch_len(batch)
+    return [{k: v[s : s + size] for k, v in batch.items()} for s in range(0, n, size)]
+
+
 def local_train(
     model: torch.nn.Module,
     dataset: IndexedDataset,
@@ -69,6 +84,8 @@ def local_train(
     seed: int,
     wrap: Wrapper | None = None,
     precision: str = "fp32",
+    physical_batch_size: int | None = None,
+    loss_fn: ExampleLoss | None = None,
 ) -> TrainResult:
     """Train the model's trainable parameters in place for `steps` optimiser steps.
 
@@ -79,7 +96,9 @@ def local_train(
     dataset : IndexedDataset
         The client's partition.
     steps : int
-        Optimiser steps (batches) to take.
+        Optimiser steps (logical batches) to take.
+    batch_size : int
+        The logical batch (examples per optimiser step; under DP the expected Poisson batch).
     lr, weight_decay : float
         AdamW settings.
     pad_id : int
@@ -89,46 +108,69 @@ def local_train(
     wrap : callable, optional
         Turns (model, optimizer, loader) into private ones (DP-SGD); called once per round.
     precision : str
-        `train.precision`: autocast dtype on CUDA (`fl.accel.autocast`); fp16 adds a loss scaler.
-
-    The loss is the mean of the dataset's task's per-example loss (`fl.tasks.Task.per_example_loss`);
-    batches go to the model's device.
+        `train.precision`: autocast dtype on CUDA (`fl.accel.autocast`); fp16 adds a loss scaler (not under DP).
+    physical_batch_size : int, optional
+        Examples per forward/backward pass; default: the whole logical batch at once.
+    loss_fn : callable, optional
+        ``(outputs, batch) -> per-example losses``; default: the dataset's task's
+        (`fl.tasks.Task.per_example_loss`). Batches go to the model's device.
     """
     task = get_task(dataset.split.task)
     device = next(model.parameters()).device
     if len(dataset) == 0:
         raise ValueError("This client's partition is empty; it cannot train.")
+    physical = int(physical_batch_size or batch_size)
+    example_loss = loss_fn or task.per_example_loss
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     loader = make_loader(dataset, batch_size=batch_size, pad_id=pad_id, seed=seed)
     net = model
     model.train()  # before wrapping: Opacus validates a module in training mode
+    private: PrivateRound | None = None
     if wrap is not None:
-        net, optimizer, loader = wrap(model, optimizer, loader)
+        private = wrap(model, optimizer, loader)
+        net, optimizer, loader = private.module, private.optimizer, private.data_loader
     # fp16 on CUDA needs loss scaling (config validation keeps it away from DP); a no-op otherwise.
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
     t0 = time.perf_counter()
-    total, taken = 0.0, 0
+    total, seen, taken = 0.0, 0, 0
     net.train()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         batches = _cycle(loader)
         for _ in range(steps):
             batch = next(batches)
-            if not isinstance(batch, dict) or batch["labels"].numel() == 0:
+            n = _batch_len(batch) if isinstance(batch, dict) else 0
+            if n == 0:
                 # Poisson sampling drew an empty batch (probability ~e^-batch_size): no step is taken or charged.
                 continue
             batch = {k: v.to(device) for k, v in batch.items()}
             optimizer.zero_grad(set_to_none=True)
-            with autocast(device, precision):
-                loss = task.loss_of(net, batch).mean()
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            total += float(loss.detach())
+            chunks = split_batch(batch, physical)
+            for i, chunk in enumerate(chunks):
+                with autocast(device, precision):
+                    outputs = net(**task.model_inputs(chunk))
+                    if private is not None:
+                        private.optimizer.signal_skip_step(do_skip=i < len(chunks) - 1)
+                        loss = private.objective(outputs, chunk)  # batch mean; Opacus clips per example
+                    else:
+                        losses = example_loss(outputs, chunk)
+                if private is not None:
+                    loss.backward()
+                    optimizer.step()  # clips and accumulates; noise and the update only on the last chunk
+                    optimizer.zero_grad(set_to_none=True)
+                    value = float(loss.detach()) * _batch_len(chunk)
+                else:
+                    scaler.scale(losses.sum() / n).backward()  # the logical batch's mean, accumulated over chunks
+                    value = float(losses.detach().sum())
+                total += value
+                seen += _batch_len(chunk)
+            if private is None:
+                scaler.step(optimizer)
+                scaler.update()
             taken += 1
     net.eval()
     seconds = time.perf_counter() - t0
     if net is not model:
         release(net)
-    return TrainResult(loss=total / max(taken, 1), steps=taken, seconds=seconds, num_examples=len(dataset))
+    return TrainResult(loss=total / max(seen, 1), steps=taken, seconds=seconds, num_examples=len(dataset))

@@ -13,10 +13,20 @@ import os
 from typing import Any
 
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.dp import client_plan, load_accountant, save_accountant, steps_per_round
+from clients.dp import (
+    client_plan,
+    declined_reply,
+    load_accountant,
+    logical_batch_size,
+    node_policy,
+    physical_batch_size,
+    policy_decline,
+    save_accountant,
+    steps_per_round,
+)
 from clients.evaluate import evaluate
 from clients.train import local_train, round_seed
 from fl import constants as K
@@ -31,6 +41,8 @@ from privacy import make_private
 log = logging.getLogger(__name__)
 
 app = ClientApp()
+
+DECLINED_CODE = 451  # an error reply's code when a node declines a task by its own policy
 
 
 def local_data_overrides(overrides: list[str], node_config: dict[str, Any]) -> list[str]:
@@ -92,6 +104,12 @@ def train(msg: Message, context: Context) -> Message:
     ws, server_round = _workspace(msg, context)
     pid, data = _partition(context, ws)
     conf = msg.content.config_records[K.CONFIG]
+    reason = policy_decline(ws.cfg, context.node_config, pid, len(data))
+    if reason is not None:  # the node's own privacy policy: nothing computed from its data leaves it
+        log.warning("partition %d declines round %d: %s", pid, server_round, reason)
+        if str(conf[K.PHASE]) == K.PHASE_INIT_GRAD:  # the init exchange expects arrays: an error reply instead
+            return Message(Error(code=DECLINED_CODE, reason=f"declined: {reason}"), reply_to=msg)
+        return declined_reply(msg, partition_id=pid, server_round=server_round, reason=reason)
     if str(conf[K.PHASE]) == K.PHASE_INIT_GRAD:
         from clients.fedsb_init import init_gradient_reply
 
@@ -106,7 +124,7 @@ def train(msg: Message, context: Context) -> Message:
     accountant = None
     if cfg.privacy.enabled:
         plan = client_plan(cfg, len(data))
-        accountant = load_accountant(context, msg, plan.accountant)
+        accountant = load_accountant(context, msg, plan.accountant, delta=plan.delta)
         if accountant.steps == 0:  # this client's first DP round: say what it will do (node files: its own n)
             log.info("partition %d (%d examples): %s", pid, len(data), plan.describe())
         if accountant.would_exceed(
@@ -131,14 +149,17 @@ def train(msg: Message, context: Context) -> Message:
                 max_grad_norm=plan.max_grad_norm,
                 accountant=accountant,
                 poisson_sampling=bool(cfg.privacy.poisson_sampling),
+                grad_sample_mode=str(cfg.privacy.grad_sample_mode),
                 noise_seed=seed,
+                loss_fn=ws.task_def.per_example_loss,
             )
 
     result = local_train(
         ws.model,
         data,
         steps=steps,
-        batch_size=int(cfg.train.batch_size),
+        batch_size=logical_batch_size(cfg),
+        physical_batch_size=physical_batch_size(cfg),
         lr=float(conf.get(K.LR, cfg.strategy.lr)),  # the round's rate (train.lr_schedule)
         weight_decay=float(cfg.train.weight_decay),
         pad_id=ws.pad_id,
@@ -169,7 +190,10 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_local(msg: Message, context: Context) -> Message:
     """Federated evaluation: the global adapter on this client's own partition."""
     ws, _ = _workspace(msg, context)
-    _, data = _partition(context, ws)
+    pid, data = _partition(context, ws)
+    if node_policy(ws.cfg, context.node_config, pid).requires_dp:  # un-noised metrics of the node's own data
+        reason = "this node's privacy policy does not release un-noised evaluation metrics of its data"
+        return Message(Error(code=DECLINED_CODE, reason=f"declined: {reason}"), reply_to=msg)
     _load_global(msg, context, ws)
     split = data.split.subset(data.indices)
     loss, acc = evaluate(ws.model, split, batch_size=int(ws.cfg.train.eval_batch_size), pad_id=ws.pad_id)

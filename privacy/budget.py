@@ -1,13 +1,17 @@
-"""Plan a client's DP-SGD up front: the noise multiplier that keeps (ε, δ) at the end of the run.
+"""Plan a client's DP-SGD up front: the noise multipliers that keep (ε, δ) at the end of the run.
 
 The plan is conservative: it assumes the client is sampled in every planned round and takes all its
-local steps, so the budget holds whatever the client sampling does. Fed-SB's privatised init gradient
-(one full-batch Gaussian mechanism: sample rate 1, the same σ) can be part of the plan.
+local steps, so the budget holds whatever the client sampling does. Fed-SB's privatised init releases
+(full-batch Gaussian mechanisms, sample rate 1) are part of the plan, with a noise multiplier of their own:
+`init_share` of ε fixes σ_init (the init releases alone would cost that share), then σ for training is the
+smallest whose composition with them — one accountant, RDP/PRV composition — stays within ε. Without a share
+(``init_share=None``) init and training use one σ, which the init's q = 1 then dominates.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from opacus.accountants.utils import get_noise_multiplier
@@ -32,11 +36,31 @@ class DPPlan:
     delta: float
     max_grad_norm: float  # C: per-example L2 clipping bound
     accountant: str  # "rdp" | "prv"
-    extra_full_batch_steps: int = 0  # full-batch (q = 1) steps with the same σ, e.g. Fed-SB's init gradient
+    init_steps: int = 0  # full-batch (q = 1) releases before training, e.g. Fed-SB's init gradient(s)
+    init_noise_multiplier: float | None = None  # σ_init of those releases (None without any)
+    init_share: float | None = None  # fraction of ε σ_init was chosen for; None: σ_init = σ
+    batch_size: int | None = None  # the logical batch q was planned for
+
+    @property
+    def extra_full_batch_steps(self) -> int:
+        """Old name of `init_steps`."""
+        return self.init_steps
+
+    def history(self) -> list[tuple[float, float, int]]:
+        """The (σ, q, steps) entries the whole planned run charges, in order."""
+        out: list[tuple[float, float, int]] = []
+        if self.init_steps:
+            out.append((float(self.init_noise_multiplier or self.noise_multiplier), 1.0, self.init_steps))
+        out.append((self.noise_multiplier, self.sample_rate, self.steps_per_round * self.planned_rounds))
+        return out
 
     def describe(self) -> str:
-        """One line for logs: σ, q, steps, planned (ε, δ)."""
-        init = f" + {self.extra_full_batch_steps} full-batch step" if self.extra_full_batch_steps else ""
+        """One line for logs: σ's, q, steps, planned (ε, δ)."""
+        init = (
+            f" + {self.init_steps} full-batch init release(s) at σ_init={self.init_noise_multiplier:.4g}"
+            if self.init_steps
+            else ""
+        )
         return (
             f"DP-SGD: σ={self.noise_multiplier:.4g}, q={self.sample_rate:.4g}, "
             f"{self.steps_per_round} steps/round × {self.planned_rounds} rounds{init}, C={self.max_grad_norm:g}, "
@@ -72,10 +96,12 @@ def epsilon_after(
     delta: float,
     accountant: str = "rdp",
     extra_full_batch_steps: int = 0,
+    init_noise_multiplier: float | None = None,
 ) -> float:
-    """ε after `extra_full_batch_steps` steps at q = 1 and `steps` steps at `sample_rate`, all with one σ."""
+    """ε after `extra_full_batch_steps` steps at q = 1 (σ_init, default σ) and `steps` steps at `sample_rate`."""
     acc = ClientAccountant(accountant)
-    acc.step(noise_multiplier=noise_multiplier, sample_rate=1.0, steps=extra_full_batch_steps)
+    init_sigma = noise_multiplier if init_noise_multiplier is None else init_noise_multiplier
+    acc.step(noise_multiplier=init_sigma, sample_rate=1.0, steps=extra_full_batch_steps)
     acc.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
     return acc.epsilon(delta)
 
@@ -97,6 +123,7 @@ def plan_dp(
     accountant: str = "rdp",
     extra_full_batch_steps: int = 0,
     init_steps: int | None = None,
+    init_share: float | None = None,
 ) -> DPPlan:
     """The noise multiplier that spends (ε, δ) exactly by the end of the planned run.
 
@@ -119,12 +146,15 @@ def plan_dp(
         dense, 2 + 2·power iterations sketched). With > 0, σ is found by bisection so that init + training
         fit the target together.
     init_steps : int, optional
-        Deprecated alias of `extra_full_batch_steps`.
+        Alias of `extra_full_batch_steps`.
+    init_share : float, optional
+        In (0, 1): σ_init is the smallest σ whose init releases alone cost ≤ init_share · ε; σ for training is
+        then the smallest whose composition with them stays ≤ ε. None: one σ for both.
 
     Returns
     -------
     DPPlan
-        σ with ε(σ) in [target − 0.01, target].
+        σ (and σ_init) with the composed ε in [target − 0.01, target].
     """
     if init_steps is not None:
         if extra_full_batch_steps not in (0, init_steps):
@@ -151,8 +181,28 @@ def plan_dp(
         ">= 0",
         "Use the number of Fed-SB init releases (1 dense, 2 + 2 per power iteration for the sketch).",
     )
+    _require(
+        init_share is None or 0 < init_share < 1,
+        "privacy.init_share",
+        init_share,
+        "in (0, 1) or null",
+        "Set privacy.init_share=0.1 (a tenth of ε for Fed-SB's init), or null for one σ.",
+    )
     q = sample_rate(num_examples, batch_size)
     steps = steps_per_round * planned_rounds
+    init_sigma: float | None = None
+    if extra_full_batch_steps and init_share is not None:
+        init_sigma = _bisect(
+            lambda s: epsilon_after(
+                s,
+                sample_rate=1.0,
+                steps=0,
+                delta=delta,
+                accountant=accountant,
+                extra_full_batch_steps=extra_full_batch_steps,
+            ),
+            init_share * target_epsilon,
+        )
     if extra_full_batch_steps == 0:
         sigma = get_noise_multiplier(
             target_epsilon=target_epsilon,
@@ -163,14 +213,20 @@ def plan_dp(
             epsilon_tolerance=EPSILON_TOLERANCE,
         )
     else:
-        sigma = _bisect_sigma(
+        sigma = _bisect(
+            lambda s: epsilon_after(
+                s,
+                sample_rate=q,
+                steps=steps,
+                delta=delta,
+                accountant=accountant,
+                extra_full_batch_steps=extra_full_batch_steps,
+                init_noise_multiplier=init_sigma,
+            ),
             target_epsilon,
-            sample_rate=q,
-            steps=steps,
-            delta=delta,
-            accountant=accountant,
-            extra_full_batch_steps=extra_full_batch_steps,
         )
+        if init_sigma is None:
+            init_sigma = sigma
     return DPPlan(
         noise_multiplier=float(sigma),
         sample_rate=q,
@@ -180,30 +236,15 @@ def plan_dp(
         delta=delta,
         max_grad_norm=max_grad_norm,
         accountant=accountant,
-        extra_full_batch_steps=extra_full_batch_steps,
+        init_steps=extra_full_batch_steps,
+        init_noise_multiplier=float(init_sigma) if init_sigma is not None else None,
+        init_share=init_share if extra_full_batch_steps else None,
+        batch_size=batch_size,
     )
 
 
-def _bisect_sigma(
-    target_epsilon: float,
-    *,
-    sample_rate: float,
-    steps: int,
-    delta: float,
-    accountant: str,
-    extra_full_batch_steps: int,
-) -> float:
-    """The smallest σ (to `EPSILON_TOLERANCE` in ε) whose ε after all steps is ≤ target; ε falls as σ grows."""
-
-    def eps(sigma: float) -> float:
-        return epsilon_after(
-            sigma,
-            sample_rate=sample_rate,
-            steps=steps,
-            delta=delta,
-            accountant=accountant,
-            extra_full_batch_steps=extra_full_batch_steps,
-        )
+def _bisect(eps: Callable[[float], float], target_epsilon: float) -> float:
+    """The smallest σ (to `EPSILON_TOLERANCE` in ε) with eps(σ) ≤ target; ε falls as σ grows."""
 
     lo, hi = 0.0, 1.0
     eps_hi = eps(hi)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import overload
+from typing import Any, NamedTuple, overload
 
 import torch
 from opacus import GradSampleModule, PrivacyEngine
@@ -25,9 +25,11 @@ from privacy.accountant import ClientAccountant
 
 log = logging.getLogger(__name__)
 
-GRAD_SAMPLE_MODES = ("hooks", "functorch")
-"""Opacus modes that work with keyword inputs (``model(**batch)``). ``ew`` takes positional inputs only and
-``ghost`` needs the criterion `make_private` returns, so neither fits a Hugging Face training loop."""
+GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch")
+"""Opacus modes that work with keyword inputs (``model(**batch)``). ``hooks`` materialises per-example
+gradients; ``ghost`` (fast gradient clipping with ghost norms, Li et al. 2022 / Bu et al. 2023) computes only
+their norms and then a second, reweighted backward pass, through the criterion `make_private` returns.
+``ew`` takes positional inputs only."""
 
 # per-parameter and per-module state Opacus leaves behind (the DP optimizer's sums; a forward without backward)
 _PARAM_ATTRS = (*OPACUS_PARAM_MONKEYPATCH_ATTRS, "summed_grad")
@@ -35,6 +37,46 @@ _MODULE_ATTRS = ("activations", "max_batch_len")
 
 LossFn = Callable[[torch.nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]
 """(model, batch) -> per-example losses, shape (batch,)."""
+
+ExampleLoss = Callable[[Any, Mapping[str, torch.Tensor]], torch.Tensor]
+"""(model outputs, batch) -> per-example losses, shape (batch,): the one place a task defines its loss."""
+
+Objective = Callable[[Any, Mapping[str, torch.Tensor]], Any]
+"""(model outputs, physical batch) -> something with ``.backward()`` and ``.detach()`` (the batch mean)."""
+
+
+def classification_loss(outputs: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Per-example cross-entropy of a sequence classifier's ``outputs.logits`` against ``batch["labels"]``."""
+    return torch.nn.functional.cross_entropy(outputs.logits.float(), batch["labels"], reduction="none")
+
+
+class PerExampleCriterion(torch.nn.Module):
+    """An `ExampleLoss` as the criterion Opacus' ghost clipping wraps: ``reduction`` is flipped to
+    ``"none"`` by Opacus for the per-example pass, ``"mean"``/``"sum"`` reduce as in ``torch.nn`` losses."""
+
+    def __init__(self, loss_fn: ExampleLoss, reduction: str = "mean") -> None:
+        super().__init__()
+        self.loss_fn = loss_fn
+        self.reduction = reduction
+
+    def forward(self, outputs: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        losses = self.loss_fn(outputs, batch)
+        if self.reduction == "none":
+            return losses
+        return losses.sum() if self.reduction == "sum" else losses.mean()
+
+
+class PrivateRound(NamedTuple):
+    """One round's DP-SGD objects (from `make_private`).
+
+    ``objective(outputs, batch)`` is what the loop calls ``.backward()`` on for each physical batch: the
+    batch-mean loss (hooks, functorch) or Opacus' ghost-clipping loss, which runs both backward passes.
+    """
+
+    module: torch.nn.Module
+    optimizer: DPOptimizer
+    data_loader: DataLoader
+    objective: Objective
 
 
 def make_private(
@@ -48,7 +90,8 @@ def make_private(
     poisson_sampling: bool = True,
     grad_sample_mode: str = "hooks",
     noise_seed: int | None = None,
-) -> tuple[GradSampleModule, DPOptimizer, DataLoader]:
+    loss_fn: ExampleLoss = classification_loss,
+) -> PrivateRound:
     """DP-SGD versions of (model, optimizer, loader) for one round; steps are charged to `accountant`.
 
     Parameters
@@ -71,17 +114,21 @@ def make_private(
     poisson_sampling : bool
         Poisson batches (a `DPDataLoader`), as the accounting assumes; False keeps the loader.
     grad_sample_mode : str
-        ``"hooks"`` (default) or ``"functorch"``; see `GRAD_SAMPLE_MODES`.
+        ``"hooks"``, ``"ghost"`` or ``"functorch"``; see `GRAD_SAMPLE_MODES`.
     noise_seed : int, optional
         Seeds the noise (reproducible simulations); None draws fresh noise.
+    loss_fn : callable
+        ``(outputs, batch) -> per-example losses``; ghost clipping needs the loss per example.
 
     Returns
     -------
-    tuple
-        (GradSampleModule, DPOptimizer, DataLoader). Call the module with keyword inputs,
-        ``gsm(input_ids=..., attention_mask=..., labels=...)``, i.e. ``gsm(**batch)``; Opacus' hooks sit on
-        the submodules, so the top-level call signature is free. Skip empty Poisson batches (no step, no charge)
-        and call `release` on the module when the round ends.
+    PrivateRound
+        (module, DPOptimizer, DataLoader, objective). Call the module with keyword inputs, ``module(**inputs)``;
+        Opacus' hooks sit on the submodules, so the top-level call signature is free. Backpropagate
+        ``objective(outputs, batch)``. A logical batch larger than memory allows is split into physical ones with
+        ``optimizer.signal_skip_step(do_skip=True)`` before every physical step but the last (what Opacus'
+        ``BatchMemoryManager`` does). Skip empty Poisson batches (no step, no charge) and call `release` on the
+        module when the round ends.
     """
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise ValueError(f"grad_sample_mode={grad_sample_mode!r} is not supported; use one of {GRAD_SAMPLE_MODES}.")
@@ -92,7 +139,7 @@ def make_private(
         engine = PrivacyEngine(accountant=accountant.kind)
     engine.accountant = accountant.opacus  # make_private attaches the optimizer's step hook to this object
     generator = torch.Generator().manual_seed(noise_seed) if noise_seed is not None else None
-    module, dp_optimizer, dp_loader = engine.make_private(
+    made = engine.make_private(
         module=model,
         optimizer=optimizer,
         data_loader=data_loader,
@@ -101,9 +148,24 @@ def make_private(
         poisson_sampling=poisson_sampling,
         grad_sample_mode=grad_sample_mode,
         noise_generator=generator,
+        criterion=PerExampleCriterion(loss_fn),
     )
-    log.debug("DP-SGD round: σ=%.4g, C=%g, q=%.4g", noise_multiplier, max_grad_norm, 1 / len(data_loader))
-    return module, dp_optimizer, dp_loader
+    log.debug(
+        "DP-SGD round (%s): σ=%.4g, C=%g, q=%.4g",
+        grad_sample_mode,
+        noise_multiplier,
+        max_grad_norm,
+        1 / len(data_loader),
+    )
+    if grad_sample_mode == "ghost":
+        module, dp_optimizer, criterion, dp_loader = made
+        return PrivateRound(module, dp_optimizer, dp_loader, criterion)
+    module, dp_optimizer, dp_loader = made
+
+    def objective(outputs: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return loss_fn(outputs, batch).mean()
+
+    return PrivateRound(module, dp_optimizer, dp_loader, objective)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -135,9 +197,7 @@ def release(model: torch.nn.Module) -> torch.nn.Module:
 
 def per_example_cross_entropy(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Per-example cross-entropy of a sequence classifier: ``model(**inputs).logits`` against ``labels``."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits
-    return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
+    return classification_loss(model(**{k: v for k, v in batch.items() if k != "labels"}), batch)
 
 
 @overload

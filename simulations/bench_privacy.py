@@ -1,24 +1,31 @@
-"""Benchmark client-side DP-SGD, in one run: DP step time ÷ non-DP step time inside the framework, and
-final accuracy per strategy at several ε and without DP.
+"""Benchmark client-side DP-SGD, in one run: DP step time ÷ non-DP step time inside the framework (hooks and
+ghost clipping, at the same logical batch), peak RSS of a client at a large logical batch, and final accuracy
+per strategy at several ε and without DP.
 
 Usage::
 
-    bash dev.sh python -m simulations.bench_privacy [--steps 30] [--eps 1 3 8] [--strategies fedit ffa_lora fed_sb]
-        [--rounds 5] [--local-steps 10] [--skip-accuracy]
+    python -m simulations.bench_privacy [--steps 30] [--chunks 4] [--skip-accuracy] [--rss]
+        [--eps 1 3 8] [--strategies fedit ffa_lora fed_sb] [--rounds 5] [--local-steps 10]
 
 The step-time ratio alternates DP and non-DP chunks of `local_train` on the default model (MiniLM, LoRA
-r=8 on every encoder linear layer, batch 16); DP uses Opacus hooks with Poisson sampling (expected batch
-16). Goal ≤ 1.10 (a raw Opacus loop measured 1.04–1.08 on this machine).
+r=8 on every encoder linear layer) at the same logical and physical batch; DP uses Poisson sampling (expected
+batch = the logical one). Goal ≤ 1.10. ``--rss`` runs each client setting in a fresh process and reports its
+peak resident memory (goal: DP at logical batch 512, physical 16, ≤ 2× the non-DP client's).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from clients.train import local_train
 from fl.data import IndexedDataset
@@ -27,50 +34,97 @@ from fl.runtime_env import set_quiet_env
 from fl.workspace import get_workspace
 from privacy import ClientAccountant, make_private
 
-# The default adapter (LoRA on every encoder linear layer, batch 16), and the setting of DESIGN.md's raw Opacus
-# measurement (LoRA on query/value only, batch 32): Opacus' hooks cost per hooked module, so the ratio depends
-# on how many LoRA layers there are and on the batch size.
-SETTINGS = {
-    "all-linear, batch 16 (default)": ["train.batch_size=16"],
-    "query+value, batch 32": ["train.batch_size=32", "model.target_modules=[query,value]"],
+# (name, overrides, logical batch): the default adapter (LoRA on every encoder linear layer) at the default
+# batch, and at a DP-sized logical batch made of physical batches of 16.
+SETTINGS: list[tuple[str, list[str], int]] = [
+    ("all-linear, batch 16 (default)", ["train.batch_size=16"], 16),
+    ("all-linear, logical 128 = 8 x 16", ["train.batch_size=16"], 128),
+]
+MODES = ("hooks", "ghost")
+
+
+def _trainer(overrides: list[str], logical: int):
+    ws = get_workspace(overrides)
+    data = IndexedDataset(ws.task.train, np.arange(min(len(ws.task.train), 6000)))
+    acc = ClientAccountant("rdp")
+
+    def run(steps: int, seed: int, mode: str | None) -> tuple[float, int]:
+        def wrap(m, o, loader):
+            return make_private(
+                model=m,
+                optimizer=o,
+                data_loader=loader,
+                noise_multiplier=1.0,
+                max_grad_norm=1.0,
+                accountant=acc,
+                noise_seed=0,
+                grad_sample_mode=mode or "hooks",
+            )
+
+        res = local_train(
+            ws.model,
+            data,
+            steps=steps,
+            batch_size=logical,
+            physical_batch_size=int(ws.cfg.train.batch_size),
+            lr=1e-3,
+            weight_decay=0.0,
+            pad_id=ws.pad_id,
+            seed=seed,
+            wrap=wrap if mode else None,
+        )
+        return res.seconds, res.steps
+
+    return run
+
+
+def step_time_ratio(steps: int, chunks: int, overrides: list[str], logical: int) -> dict[str, float]:
+    """Seconds per logical step of non-DP and DP (each mode) local training on the same model and data."""
+    run = _trainer(overrides, logical)
+    for mode in (None, *MODES):  # warm-up
+        run(2, 99, mode)
+    secs = {m: 0.0 for m in ("plain", *MODES)}
+    counts = {m: 0 for m in secs}
+    order: list[str | None] = [None, *MODES]
+    for chunk in range(chunks):
+        for mode in order if chunk % 2 == 0 else order[::-1]:
+            s, n = run(steps, chunk, mode)
+            secs[mode or "plain"] += s
+            counts[mode or "plain"] += n
+    per_step = {m: secs[m] / counts[m] for m in secs}
+    out = {f"{m}_s_per_step": v for m, v in per_step.items()}
+    out.update({f"ratio_{m}": per_step[m] / per_step["plain"] for m in MODES})
+    return out
+
+
+RSS_CASES: dict[str, tuple[int, str | None]] = {
+    "non-DP, batch 16": (16, None),
+    "DP hooks, logical 512 / physical 16": (512, "hooks"),
+    "DP ghost, logical 512 / physical 16": (512, "ghost"),
 }
 
 
-def step_time_ratio(steps: int, chunks: int, overrides: list[str]) -> dict[str, float]:
-    """Seconds per step of DP and non-DP local training on the same model and data."""
-    ws = get_workspace(overrides)
-    batch_size = int(ws.cfg.train.batch_size)
-    data = IndexedDataset(ws.task.train, __import__("numpy").arange(3000))
-    acc = ClientAccountant("rdp")
+def rss_case(name: str, steps: int) -> dict[str, Any]:
+    """Run one client setting for `steps` logical steps in this process; its peak RSS in MiB."""
+    logical, mode = RSS_CASES[name]
+    run = _trainer(["train.batch_size=16"], logical)
+    seconds, taken = run(steps, 0, mode)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return {"case": name, "peak_rss_mib": peak, "steps": taken, "s_per_step": seconds / max(taken, 1)}
 
-    def wrap(m, o, loader):
-        return make_private(
-            model=m,
-            optimizer=o,
-            data_loader=loader,
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            accountant=acc,
-            noise_seed=0,
-        )
 
-    kw = dict(batch_size=batch_size, lr=1e-3, weight_decay=0.0, pad_id=ws.pad_id)
-    local_train(ws.model, data, steps=3, seed=99, **kw)  # type: ignore[arg-type]  # warm-up
-    local_train(ws.model, data, steps=3, seed=99, wrap=wrap, **kw)  # type: ignore[arg-type]
-    dp_s = plain_s = 0.0
-    dp_n = plain_n = 0
-    for chunk in range(chunks):
-        for use_dp in (True, False) if chunk % 2 == 0 else (False, True):
-            res = local_train(ws.model, data, steps=steps, seed=chunk, wrap=wrap if use_dp else None, **kw)  # type: ignore[arg-type]
-            if use_dp:
-                dp_s, dp_n = dp_s + res.seconds, dp_n + res.steps
-            else:
-                plain_s, plain_n = plain_s + res.seconds, plain_n + res.steps
-    return {
-        "dp_s_per_step": dp_s / dp_n,
-        "plain_s_per_step": plain_s / plain_n,
-        "ratio": (dp_s / dp_n) / (plain_s / plain_n),
-    }
+def rss_table(steps: int) -> list[dict[str, Any]]:
+    """Each RSS case in a fresh Python process (peak RSS is per process)."""
+    rows = []
+    for name in RSS_CASES:
+        cmd = [sys.executable, "-m", "simulations.bench_privacy", "--rss-case", name, "--rss-steps", str(steps)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        rows.append(json.loads(out))
+        print(out, flush=True)
+    base = rows[0]["peak_rss_mib"]
+    for row in rows:
+        row["vs_non_dp"] = row["peak_rss_mib"] / base
+    return rows
 
 
 def accuracy_table(strategies: list[str], eps: list[float], common: list[str]) -> list[dict[str, Any]]:
@@ -108,15 +162,26 @@ def main() -> None:
     ap.add_argument("--local-steps", type=int, default=10)
     ap.add_argument("--clients", type=int, default=10)
     ap.add_argument("--test-size", type=int, default=1000)
+    ap.add_argument("--skip-steps", action="store_true", help="skip the step-time ratios")
     ap.add_argument("--skip-accuracy", action="store_true")
+    ap.add_argument("--rss", action="store_true", help="measure peak RSS per client setting")
+    ap.add_argument("--rss-steps", type=int, default=3)
+    ap.add_argument("--rss-case", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
+    if args.rss_case:
+        print(json.dumps(rss_case(args.rss_case, args.rss_steps)), flush=True)
+        return
     result: dict[str, Any] = {"step_time": {}}
-    for name, overrides in SETTINGS.items():
-        r = result["step_time"][name] = step_time_ratio(args.steps, args.chunks, overrides)
+    if args.rss:
+        result["rss"] = rss_table(args.rss_steps)
+    for name, overrides, logical in SETTINGS if not args.skip_steps else []:
+        steps = max(6, args.steps * 16 // logical)  # the same examples per chunk at every logical batch
+        r = result["step_time"][name] = step_time_ratio(steps, args.chunks, overrides, logical)
         print(
-            f"DP / non-DP seconds per step, {name}: {r['ratio']:.3f} (goal <= 1.10); "
-            f"{r['dp_s_per_step']:.3f} vs {r['plain_s_per_step']:.3f} s/step",
+            f"DP / non-DP seconds per step, {name}: hooks {r['ratio_hooks']:.3f}, ghost {r['ratio_ghost']:.3f} "
+            f"(goal <= 1.10); {r['hooks_s_per_step']:.3f} / {r['ghost_s_per_step']:.3f} vs "
+            f"{r['plain_s_per_step']:.3f} s/step",
             flush=True,
         )
     if not args.skip_accuracy:

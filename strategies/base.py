@@ -285,7 +285,9 @@ class LoraStrategy(FedAvg):
             metrics = scalars(record) if record is not None else {}
             if metrics.get(K.DECLINED, 0.0):
                 stats.declined += 1
-                log.warning("round %d: client on node %d declined to train", server_round, node)
+                decline = msg.content.config_records.get("privacy-decline")  # privacy.policy.DECLINE_RECORD
+                why = str(decline["reason"]) if decline is not None and "reason" in decline else "privacy budget"
+                log.warning("round %d: client on node %d declined to train: %s", server_round, node, why)
                 continue
             problem = reply_problem(msg, expected=self.expected, server_round=server_round)
             if problem is not None:

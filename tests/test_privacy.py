@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from clients.train import local_train
 from fl.adapters import build_adapter, trainable_state
@@ -16,7 +17,15 @@ from fl.data import IndexedDataset, TokenizedSplit
 from fl.models import load_base_model
 from fl.outputs import read_metrics
 from fl.simulation import run_simulation
-from privacy import ClientAccountant, default_delta, make_private, noisy_gradient_sum, plan_dp, release
+from privacy import (
+    ClientAccountant,
+    default_delta,
+    make_private,
+    noisy_gradient_sum,
+    plan_dp,
+    release,
+    sample_rate,
+)
 
 
 @pytest.mark.parametrize(("kind", "cls"), [("rdp", RDPAccountant), ("prv", PRVAccountant)])
@@ -161,7 +170,7 @@ def test_per_example_clipping_bounds_every_example() -> None:
 
     loader = make_loader(data, batch_size=8, pad_id=0, seed=0)
     model.train()
-    gsm, dp_opt, dp_loader = make_private(
+    gsm, dp_opt, dp_loader, _ = make_private(
         model=model,
         optimizer=opt,
         data_loader=loader,
@@ -248,7 +257,17 @@ def _eps(sigma: float, q: float, steps: int, delta: float) -> float:
     return float(acc.get_epsilon(delta=delta))
 
 
-def test_fedsb_init_gradient_is_privatised_and_charged(tiny: list[str], tmp_path: Path) -> None:
+def _rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    """ε from Opacus' RDP analysis functions alone (no accountant object, no code of ours)."""
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    rdp = sum(compute_rdp(q=q, noise_multiplier=s, steps=n, orders=orders) for s, q, n in history)
+    return float(get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0])
+
+
+def test_each_clients_epsilon_is_recomputed_from_privacy_plan_json(tiny: list[str], tmp_path: Path) -> None:
+    """Fed-SB's private init (its own σ from privacy.init_share) + DP-SGD at a logical batch of 16 made of physical
+    batches of 8: the ε each client reports after the init and after a round equals an independent recomputation
+    from what privacy_plan.json says (σ_init, σ, q, steps)."""
     run_dir = run_simulation(
         [
             *tiny,
@@ -256,6 +275,8 @@ def test_fedsb_init_gradient_is_privatised_and_charged(tiny: list[str], tmp_path
             "strategy.rank=4",
             "privacy=dp",
             "privacy.target_epsilon=8",
+            "privacy.init_share=0.2",
+            "privacy.batch_size=16",
             "sim.rounds=1",
             "sim.num_clients=2",
             "data.partitioner=iid",
@@ -266,12 +287,15 @@ def test_fedsb_init_gradient_is_privatised_and_charged(tiny: list[str], tmp_path
     import json
 
     plans = json.loads((run_dir / "privacy_plan.json").read_text())
-    init_eps = max(_eps_full_batch(p["noise_multiplier"], p["delta"]) for p in plans)
-    assert rows[0]["epsilon_max"] == pytest.approx(init_eps, rel=1e-6)  # the init step, charged at q = 1
-    assert init_eps < rows[1]["epsilon_max"] <= 8.0 + 1e-6
-
-
-def _eps_full_batch(sigma: float, delta: float) -> float:
-    acc = RDPAccountant()
-    acc.step(noise_multiplier=sigma, sample_rate=1.0)
-    return float(acc.get_epsilon(delta=delta))
+    assert all(p["init_steps"] == 1 and p["init_noise_multiplier"] > p["noise_multiplier"] for p in plans)
+    assert all(p["batch_size"] == 16 and p["sample_rate"] == sample_rate(p["num_examples"], 16) for p in plans)
+    init = [_rdp_epsilon([(p["init_noise_multiplier"], 1.0, 1)], p["delta"]) for p in plans]
+    after = [
+        _rdp_epsilon([(p["init_noise_multiplier"], 1.0, 1), (p["noise_multiplier"], p["sample_rate"], 2)], p["delta"])
+        for p in plans
+    ]
+    assert max(init) <= 0.2 * 8  # the init's share
+    for row, ref in ((rows[0], init), (rows[1], after)):  # two clients: max and mean pin both values
+        assert row["epsilon_max"] == pytest.approx(max(ref), rel=1e-6)
+        assert row["epsilon_mean"] == pytest.approx(sum(ref) / len(ref), rel=1e-6)
+    assert max(init) < rows[1]["epsilon_max"] <= 8.0 + 1e-6

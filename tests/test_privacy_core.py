@@ -13,6 +13,7 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
 from peft import LoraConfig, get_peft_model
@@ -153,6 +154,26 @@ def test_plan_meets_the_budget_without_wasting_it(accountant: str, extra: int) -
         assert plan.noise_multiplier > without.noise_multiplier
 
 
+def _rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    """ε of a (σ, q, steps) history straight from Opacus' RDP analysis functions (no accountant object)."""
+    orders = RDPAccountant.DEFAULT_ALPHAS
+    rdp = sum(compute_rdp(q=q, noise_multiplier=s, steps=n, orders=orders) for s, q, n in history)
+    return float(get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0])
+
+
+@pytest.mark.parametrize(("share", "init_steps"), [(0.1, 1), (0.3, 1), (0.1, 2)])
+def test_init_share_gives_the_init_its_own_sigma_composed_within_the_budget(share: float, init_steps: int) -> None:
+    kw = {"num_examples": 1000, "batch_size": 64, "steps_per_round": 20, "planned_rounds": 5, "max_grad_norm": 1.0}
+    plan = plan_dp(target_epsilon=3.0, delta=DELTA, extra_full_batch_steps=init_steps, init_share=share, **kw)
+    assert plan.init_steps == init_steps and plan.init_noise_multiplier is not None and plan.init_share == share
+    init_only = _rdp_epsilon([(plan.init_noise_multiplier, 1.0, init_steps)], DELTA)
+    assert share * 3.0 - 0.011 <= init_only <= share * 3.0  # the init costs its share alone
+    assert 3.0 - 0.011 <= _rdp_epsilon(plan.history(), DELTA) <= 3.0  # composed: the whole budget, not more
+    assert f"σ_init={plan.init_noise_multiplier:.4g}" in plan.describe()
+    shared = plan_dp(target_epsilon=3.0, delta=DELTA, extra_full_batch_steps=init_steps, **kw)
+    assert shared.init_noise_multiplier == shared.noise_multiplier > plan.noise_multiplier  # training gets less noise
+
+
 def test_sample_rate_is_capped_at_one() -> None:
     assert sample_rate(10, 32) == 1.0
     assert sample_rate(100, 30) == 1 / 4
@@ -184,7 +205,11 @@ def test_sample_rate_is_what_opacus_charges_even_where_its_loader_rounds_down() 
         ({"planned_rounds": 0}, r"privacy\.planned_rounds must be > 0"),
         ({"max_grad_norm": -1.0}, r"privacy\.max_grad_norm must be > 0, got -1\.0"),
         ({"accountant": "gdp"}, r"privacy\.accountant must be one of \['prv', 'rdp'\], got 'gdp'"),
-        ({"extra_full_batch_steps": 2}, r"extra_full_batch_steps must be 0 or 1, got 2"),
+        ({"extra_full_batch_steps": -1}, r"extra_full_batch_steps must be >= 0, got -1"),
+        (
+            {"extra_full_batch_steps": 1, "init_share": 1.0},
+            r"privacy\.init_share must be in \(0, 1\) or null, got 1\.0",
+        ),
     ],
 )
 def test_plan_rejects_bad_input_naming_the_field(kwargs: dict[str, object], message: str) -> None:
@@ -256,7 +281,7 @@ def _dp_round(model: torch.nn.Module, acc: ClientAccountant, *, seed: int) -> tu
     loader = DataLoader(_examples(32, seed=seed), batch_size=8, collate_fn=_collate)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     model.train()
-    gsm, dp_opt, dp_loader = make_private(
+    gsm, dp_opt, dp_loader, _ = make_private(
         model=model,
         optimizer=opt,
         data_loader=loader,
@@ -314,7 +339,7 @@ def test_make_private_refuses_a_module_still_wrapped_and_unsupported_modes() -> 
     with pytest.raises(ValueError, match="grad_sample_mode='ew'"):
         make_private(model=model, accountant=ClientAccountant(), grad_sample_mode="ew", **kw)  # type: ignore[arg-type]
     model.train()
-    gsm, _, _ = make_private(model=model, accountant=ClientAccountant(), **kw)  # type: ignore[arg-type]
+    gsm, _, _, _ = make_private(model=model, accountant=ClientAccountant(), **kw)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="release"):
         make_private(model=model, accountant=ClientAccountant(), **kw)  # type: ignore[arg-type]
     release(gsm)
@@ -330,7 +355,7 @@ def test_opacus_clips_each_example_to_max_grad_norm() -> None:
     examples = _examples(4, seed=3)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     model.train()
-    gsm, dp_opt, _ = make_private(
+    gsm, dp_opt, _, _ = make_private(
         model=model,
         optimizer=opt,
         data_loader=DataLoader(examples, batch_size=4, collate_fn=_collate),
