@@ -1,8 +1,11 @@
 """Devices and mixed precision: `train.device` and `train.precision` as torch objects.
 
-CPU is the tested path. On CUDA, `train.precision=bf16|fp16` runs forward and loss under autocast (the
-adapter's master weights stay fp32); on CPU every precision trains in fp32 (autocast on CPU is slower for
-these models) and a warning says so once per process.
+CPU is the tested path. `train.precision=bf16|fp16` runs forward and loss under autocast (the adapter's
+master weights, the optimiser and DP clipping/noise stay fp32). On CUDA both apply. On CPU only bf16 does, and
+only where the CPU has native bf16 matrix instructions (AVX512-BF16 or AMX, as oneDNN reports them): there it
+cut a training step to ~0.6× of fp32 on MiniLM and SmolLM2 (BENCHMARKS.md). Elsewhere (fp16 on CPU, bf16
+without native support, where autocast is slower than fp32) training stays fp32 and a warning says so once
+per process.
 """
 
 from __future__ import annotations
@@ -28,17 +31,39 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_bf16_native() -> bool:
+    """Whether this CPU runs bf16 matrix products natively (oneDNN's own check: AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN
+        return False
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The autocast dtype `precision` gives on `device`, or None for plain fp32."""
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        return _DTYPES[precision]
+    if device.type == "cpu" and precision == "bf16" and cpu_bf16_native():
+        return torch.bfloat16
+    return None
+
+
 @contextlib.contextmanager
 def autocast(device: torch.device, precision: str) -> Iterator[None]:
-    """Autocast to `precision` on CUDA; fp32 (no autocast) on other devices."""
-    if precision == "fp32":
-        yield
-        return
-    if device.type != "cuda":
-        if precision not in _WARNED:
+    """Autocast to `precision` where it helps (see the module docstring); fp32 (no autocast) elsewhere."""
+    dtype = autocast_dtype(device, precision)
+    if dtype is None:
+        if precision != "fp32" and precision not in _WARNED:
             _WARNED.add(precision)
-            log.warning("train.precision=%s applies on CUDA only; training in fp32 on %s.", precision, device)
+            log.warning(
+                "train.precision=%s does not apply on %s (fp16 needs CUDA; bf16 needs CUDA or a CPU with native "
+                "bf16): training in fp32.",
+                precision,
+                device,
+            )
         yield
         return
-    with torch.autocast(device_type="cuda", dtype=_DTYPES[precision]):
+    with torch.autocast(device_type=device.type, dtype=dtype):
         yield

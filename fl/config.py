@@ -120,7 +120,7 @@ class TrainConfig:
     warmup_rounds: int = 0  # rounds of linear warm-up before the schedule
     lr_min: float = 0.0  # the floor the cosine decays towards
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
-    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast on CUDA; CPU always trains in fp32
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast on CUDA; bf16 also on CPUs with native bf16 (fl.accel)
     gradient_checkpointing: bool = False  # recompute activations in backward (long sequences, big models)
 
 
