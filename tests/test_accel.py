@@ -63,7 +63,7 @@ def test_bf16_on_a_native_cpu_trains_with_fp32_master_weights(dp: bool) -> None:
         assert lin(torch.ones(1, 4)).dtype == torch.bfloat16  # autocast is really on
     acc = ClientAccountant("rdp")
 
-    def wrap(m, o, loader):  # type: ignore[no-untyped-def]
+    def wrap(m, o, loader):
         return make_private(
             model=m, optimizer=o, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0, accountant=acc
         )
