@@ -196,6 +196,12 @@ def evaluate_local(msg: Message, context: Context) -> Message:
         return Message(Error(code=DECLINED_CODE, reason=f"declined: {reason}"), reply_to=msg)
     _load_global(msg, context, ws)
     split = data.split.subset(data.indices)
-    loss, acc = evaluate(ws.model, split, batch_size=int(ws.cfg.train.eval_batch_size), pad_id=ws.pad_id)
+    loss, acc = evaluate(
+        ws.model,
+        split,
+        batch_size=int(ws.cfg.train.eval_batch_size),
+        pad_id=ws.pad_id,
+        precision=str(ws.cfg.train.precision),
+    )
     metrics = MetricRecord({K.NUM_EXAMPLES: len(data), "eval-loss": loss, "eval-accuracy": acc})
     return Message(RecordDict({K.METRICS: metrics}), reply_to=msg)

@@ -102,7 +102,13 @@ def run_server(grid: Grid, overrides: list[str]) -> Path:
         t_eval = time.perf_counter()
         load_tensors(ws.model, strategy.materialize(arrays))
         apply_base_delta(ws.model, strategy.base_delta())
-        loss, acc = evaluate(ws.model, ws.task.test, batch_size=int(cfg.train.eval_batch_size), pad_id=ws.pad_id)
+        loss, acc = evaluate(
+            ws.model,
+            ws.task.test,
+            batch_size=int(cfg.train.eval_batch_size),
+            pad_id=ws.pad_id,
+            precision=str(cfg.train.precision),
+        )
         row: dict[str, Any] = {"round": server_round, "accuracy": acc, "loss": loss}
         st = strategy.stats.get(server_round)
         if st is not None:

@@ -86,3 +86,14 @@ def test_bf16_on_a_native_cpu_trains_with_fp32_master_weights(dp: bool) -> None:
         if n in before:
             assert p.dtype == torch.float32 and torch.isfinite(p).all() and not torch.equal(p, before[n]), n
     assert acc.steps == (3 if dp else 0)
+
+
+@pytest.mark.skipif(not accel.cpu_bf16_native(), reason="this CPU has no native bf16 (AVX512-BF16/AMX)")
+def test_evaluation_runs_under_the_training_precision() -> None:
+    from clients.evaluate import evaluate
+
+    model, data = _tiny()
+    split = data.split.subset(data.indices)
+    loss32, _ = evaluate(model, split, batch_size=16, pad_id=0)
+    loss16, _ = evaluate(model, split, batch_size=16, pad_id=0, precision="bf16")
+    assert loss16 != loss32 and abs(loss16 - loss32) < 0.05 * abs(loss32)  # bf16 forwards, same model
