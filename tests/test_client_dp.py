@@ -4,9 +4,11 @@ message to the real ClientApp (mods included) with one Context per node, so no R
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +24,8 @@ from fl import constants as K
 from fl.adapters import fixed_state, trainable_state
 from fl.client_app import app as client_app
 from fl.config import compose
+from fl.outputs import read_metrics
+from fl.simulation import run_simulation
 from fl.wire import from_record, to_record
 from fl.workspace import get_workspace
 from privacy.client_level import ClientLevelPlan, client_level_epsilon, plan_client_level
@@ -245,3 +249,23 @@ def test_a_bad_client_dp_config_is_one_line_naming_the_field(extra: list[str], f
 def test_privacy_off_and_dp_leave_the_client_mode_off() -> None:
     for preset in ("off", "dp"):
         assert compose([f"privacy={preset}"]).privacy.client.enabled is False
+
+
+def test_a_client_dp_simulation_logs_epsilon_per_round(tiny: list[str], tmp_path: Path) -> None:
+    """One real Flower simulation: Fed-SB, node-side clipping through the ClientApp's mod, 2 of 3 clients a round."""
+    overrides = [
+        *_job(tiny, "fed_sb", "sim.fraction_train=0.67", "sim.min_train_clients=1", "privacy.client.clipping=client"),
+        f"run_dir={tmp_path / 'run'}",
+    ]
+    run_dir = run_simulation(overrides)
+    rows = read_metrics(run_dir)
+    plan = json.loads((run_dir / "client_dp_plan.json").read_text())
+    assert (plan["sampled"], plan["population"], plan["planned_rounds"]) == (2, NODES, 2)
+    for rnd in (1, 2):
+        assert rows[rnd]["aggregated"] == 2 and rows[rnd]["rejected"] == 0
+        assert rows[rnd][K.CLIENT_DP_RELEASES] == rnd
+        eps = client_level_epsilon(
+            noise_multiplier=plan["noise_multiplier"], sample_rate=2 / NODES, releases=rnd, delta=plan["delta"]
+        )
+        assert rows[rnd][K.CLIENT_DP_EPSILON] == pytest.approx(eps, rel=1e-12)
+    assert rows[2][K.CLIENT_DP_EPSILON] <= 8.0 and (run_dir / "adapter").is_dir()
