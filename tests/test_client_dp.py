@@ -269,3 +269,12 @@ def test_a_client_dp_simulation_logs_epsilon_per_round(tiny: list[str], tmp_path
         )
         assert rows[rnd][K.CLIENT_DP_EPSILON] == pytest.approx(eps, rel=1e-12)
     assert rows[2][K.CLIENT_DP_EPSILON] <= 8.0 and (run_dir / "adapter").is_dir()
+
+
+def test_a_node_with_a_sample_level_policy_declines_client_level_tasks_and_says_why() -> None:
+    from clients.dp import policy_decline
+
+    cfg = compose(["privacy=client"])
+    reason = policy_decline(cfg, {"privacy-epsilon": 3.0}, 0, 100)
+    assert reason is not None and "privacy.enabled=false" in reason and "not protect this node's data" in reason
+    assert policy_decline(cfg, {}, 0, 100) is None  # no policy: the task runs
