@@ -53,6 +53,15 @@ log = logging.getLogger(__name__)
 NORM_TOLERANCE = 1e-4  # relative slack when checking a node-clipped update against C (float32 rounding)
 
 
+def check_composes(cls: type[LoraStrategy], name: str) -> None:
+    """Raise ValueError naming `strategy=name` if its release is not covered by client-level DP."""
+    if cls.client_dp_problem is not None:
+        raise ValueError(
+            f"strategy={name} does not compose with client-level DP (privacy=client): {cls.client_dp_problem}. "
+            "Use strategy=fedit, ffa_lora or fed_sb, or sample-level DP (privacy=dp)."
+        )
+
+
 class _ClientLevelDP:
     """The behaviour both wrappers share; mixed in before Flower's wrapper class."""
 
@@ -63,12 +72,7 @@ class _ClientLevelDP:
 
     def _setup(self, epsilon_of: Callable[[int], float]) -> None:
         inner = self.inner
-        problem = type(inner).client_dp_problem
-        if problem is not None:
-            raise ValueError(
-                f"strategy={inner.cfg.strategy.name} does not compose with client-level DP (privacy=client): "
-                f"{problem}. Use strategy=fedit, ffa_lora or fed_sb, or sample-level DP (privacy=dp)."
-            )
+        check_composes(type(inner), str(inner.cfg.strategy.name))
         inner.uniform_weights = True
         self.epsilon_of = epsilon_of
         self.reference = ArrayRecord()  # the global arrays this round's updates are measured from

@@ -215,6 +215,9 @@ def test_epsilon_over_rounds_is_opacus_rdp_of_the_subsampled_gaussian(tiny: list
         assert strategy.stats[rnd].extra[K.CLIENT_DP_EPSILON] == pytest.approx(eps, rel=1e-12)
         assert strategy.stats[rnd].sampled == 2
     assert 8.0 - 0.01 <= strategy.stats[3].extra[K.CLIENT_DP_EPSILON] <= 8.0  # σ planned for ε = 8 after 3 rounds
+    resumed = type(strategy)(strategy.cfg, overrides=strategy.overrides, fixed=strategy.fixed)
+    resumed.load_state_dict(strategy.state_dict())  # a checkpoint keeps the release count: ε keeps composing
+    assert resumed.releases == 3
 
 
 def test_sigma_from_a_target_and_given_directly() -> None:
@@ -278,3 +281,8 @@ def test_a_node_with_a_sample_level_policy_declines_client_level_tasks_and_says_
     reason = policy_decline(cfg, {"privacy-epsilon": 3.0}, 0, 100)
     assert reason is not None and "privacy.enabled=false" in reason and "not protect this node's data" in reason
     assert policy_decline(cfg, {}, 0, 100) is None  # no policy: the task runs
+
+
+def test_a_method_that_does_not_compose_is_refused_before_the_simulation_starts(tiny: list[str]) -> None:
+    with pytest.raises(ValueError, match=r"strategy=lora_fair does not compose with client-level DP .*B_k·A_k"):
+        run_simulation([*tiny, "strategy=lora_fair", "privacy=client"])
