@@ -120,13 +120,16 @@ def policy_decline(cfg: DictConfig, node_config: Mapping[str, Any], partition_id
     if not policy.requires_dp:
         return None
     p = cfg.privacy
-    return policy.check(
+    reason = policy.check(
         enabled=bool(p.enabled),
         target_epsilon=float(p.target_epsilon),
         delta=client_plan(cfg, num_examples).delta if p.enabled else 1.0,
         max_grad_norm=float(p.max_grad_norm),
         poisson_sampling=bool(p.poisson_sampling),
     )
+    if reason is not None and p.get("client", {}).get("enabled", False):
+        reason += " (privacy=client: client-level DP does not protect this node's data from the server)"
+    return reason
 
 
 def declined_reply(msg: Message, *, partition_id: int, server_round: int, reason: str) -> Message:

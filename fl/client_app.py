@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 import torch
-from flwr.app import Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.dp import (
@@ -37,6 +37,8 @@ from fl.runtime_env import CLIENT_THREADS_ENV
 from fl.wire import from_record, to_record
 from fl.workspace import Workspace, get_workspace
 from privacy import make_private
+from privacy.client_level import client_clipping_mod
+from privacy.policy import DECLINE_REASON, DECLINE_RECORD
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +100,7 @@ def hello(msg: Message, context: Context) -> Message:
     return Message(RecordDict({K.METRICS: MetricRecord({K.PARTITION_ID: pid})}), reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[client_clipping_mod])  # a no-op unless the server's wrapper asks the node to clip (privacy=client)
 def train(msg: Message, context: Context) -> Message:
     """One round of local training (or, in phase init-grad, Fed-SB's init gradient)."""
     ws, server_round = _workspace(msg, context)
@@ -134,9 +136,15 @@ def train(msg: Message, context: Context) -> Message:
             sample_rate=plan.sample_rate,
             steps=steps,
         ):
-            log.warning("partition %d declines round %d: its privacy budget would be exceeded", pid, server_round)
-            metrics.update({K.NUM_EXAMPLES: len(data), K.DECLINED: 1, K.EPSILON: accountant.epsilon(plan.delta)})
+            spent = accountant.epsilon(plan.delta)
+            why = (
+                f"its privacy budget is spent: ε={spent:.4g} after {accountant.steps} steps, and {steps} more would "
+                f"pass privacy.target_epsilon={plan.target_epsilon:g}"
+            )
+            log.warning("partition %d declines round %d: %s", pid, server_round, why)
+            metrics.update({K.NUM_EXAMPLES: len(data), K.DECLINED: 1, K.EPSILON: spent})
             content[K.METRICS] = MetricRecord(metrics)
+            content[DECLINE_RECORD] = ConfigRecord({DECLINE_REASON: why})
             content[K.STATE_PRIVACY] = save_accountant(context, accountant)
             return Message(content, reply_to=msg)
 

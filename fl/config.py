@@ -19,6 +19,8 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from fl.config_privacy import PrivacyConfig, validate_privacy
+from fl.config_privacy import require as _require
 from fl.schedule import SCHEDULES
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -125,26 +127,6 @@ class TrainConfig:
 
 
 @dataclass
-class PrivacyConfig:
-    """Client-side DP-SGD with Opacus; `enabled: false` is `privacy=off`."""
-
-    enabled: bool = False
-    target_epsilon: float = 3.0
-    delta: float | None = None  # default: below 1 / n_k for each client
-    max_grad_norm: float = 1.0
-    accountant: str = "rdp"  # rdp | prv
-    poisson_sampling: bool = True
-    planned_rounds: int | None = None  # rounds the budget is planned for; default sim.rounds
-    batch_size: int | None = None  # logical (expected Poisson) batch q and σ are planned for; default train.batch_size
-    grad_sample_mode: str = "hooks"  # hooks | ghost (Opacus fast gradient clipping) | functorch
-    local_steps: int | None = None  # logical steps per round under DP; default train.local_steps
-    local_epochs: float | None = None  # or epochs of the partition under DP (overrides privacy.local_steps)
-    init_share: float | None = 0.1  # of ε, for Fed-SB's init releases (their own σ); null: one σ for both
-    # simulated node policies, written like a node config: "partition-id=0 privacy-epsilon=3 privacy-delta=1e-5"
-    node_policies: list[str] = field(default_factory=list)
-
-
-@dataclass
 class SimConfig:
     """Federation shape and the Simulation Runtime's resources."""
 
@@ -233,14 +215,9 @@ def compose(overrides: str | list[str] | tuple[str, ...] | None = None) -> DictC
     return cfg
 
 
-def _require(ok: bool, field_name: str, value: object, fix: str) -> None:
-    if not ok:
-        raise ValueError(f"{field_name}={value!r} is invalid: {fix}")
-
-
 def validate(cfg: DictConfig) -> None:
     """Check values the schemas' types cannot: ranges and cross-field rules. Raises ValueError."""
-    s, d, sim, t, p = cfg.strategy, cfg.data, cfg.sim, cfg.train, cfg.privacy
+    s, d, sim, t = cfg.strategy, cfg.data, cfg.sim, cfg.train
     known = {f for schema in STRATEGY_SCHEMAS.values() for f in schema.__dataclass_fields__}
     unknown = sorted(set(s.keys()) - known)
     _require(not unknown, "strategy", unknown, f"unknown key(s); strategy keys are {sorted(known)}.")
@@ -307,66 +284,7 @@ def validate(cfg: DictConfig) -> None:
     )
     _require(t.precision in ("fp32", "bf16", "fp16"), "train.precision", t.precision, "use fp32, bf16 or fp16.")
     _require(sim.client_gpus >= 0, "sim.client_gpus", sim.client_gpus, "use 0 or a (fractional) GPU count.")
-    if p.node_policies:
-        from privacy.policy import parse_node_policies
-
-        parse_node_policies(p.node_policies)  # raises naming the entry and the fix
-    if p.enabled:
-        _require(
-            not t.gradient_checkpointing,
-            "train.gradient_checkpointing",
-            True,
-            "Opacus' per-example gradient hooks would see every recomputed forward twice; turn it off under DP.",
-        )
-        _require(
-            t.precision != "fp16",
-            "train.precision",
-            t.precision,
-            "fp16 needs a loss scaler, which DP-SGD's clipping does not support; use bf16 or fp32 under DP.",
-        )
-        _require(
-            p.target_epsilon > 0,
-            "privacy.target_epsilon",
-            p.target_epsilon,
-            "must be > 0; use privacy=off for no DP.",
-        )
-        _require(
-            p.delta is None or 0 < p.delta < 1,
-            "privacy.delta",
-            p.delta,
-            "use a value in (0, 1), below 1/n_k, or null for the default.",
-        )
-        _require(p.max_grad_norm > 0, "privacy.max_grad_norm", p.max_grad_norm, "must be > 0.")
-        _require(
-            p.batch_size is None or p.batch_size >= 1,
-            "privacy.batch_size",
-            p.batch_size,
-            "the logical batch must be >= 1 (train.batch_size is the physical one), or null for train.batch_size.",
-        )
-        _require(
-            p.local_steps is None or p.local_steps >= 1,
-            "privacy.local_steps",
-            p.local_steps,
-            "use at least 1 logical step, or null for train.local_steps.",
-        )
-        _require(
-            p.local_epochs is None or p.local_epochs > 0,
-            "privacy.local_epochs",
-            p.local_epochs,
-            "use a positive number of epochs, or null.",
-        )
-        _require(
-            p.init_share is None or 0 < p.init_share < 1,
-            "privacy.init_share",
-            p.init_share,
-            "use a fraction of ε in (0, 1) for Fed-SB's init releases, or null for one σ for init and training.",
-        )
-        _require(
-            p.grad_sample_mode in ("hooks", "ghost", "functorch"),
-            "privacy.grad_sample_mode",
-            p.grad_sample_mode,
-            "use hooks, ghost (fast gradient clipping) or functorch.",
-        )
+    validate_privacy(cfg)
 
 
 FED_SB_INITS = ("federated", "sketch", "server", "random")

@@ -48,3 +48,9 @@ INIT_EXCHANGE = "init-exchange"  # ConfigRecord: 0-based index of this init exch
 INIT_STEP_DENSE = "dense"  # send G_k (every adapted W0's gradient sum)
 INIT_STEP_RIGHT = "sketch-right"  # send G_k·M per module (M = Ω from the seed, or the matrices sent)
 INIT_STEP_LEFT = "sketch-left"  # send G_kᵀ·Q per module (Q sent by the server)
+
+# metrics.jsonl fields of client-level DP (privacy=client; strategies.client_dp)
+CLIENT_DP_EPSILON = "client_dp_epsilon"  # ε of the released global model after this round (null: σ = 0)
+CLIENT_DP_RELEASES = "client_dp_releases"  # noisy aggregates released so far (the accountant's steps)
+CLIENT_DP_NOISE_STD = "client_dp_noise_std"  # std of the noise added to each coordinate of this round's mean
+CLIENT_DP_CLIPPED = "client_dp_clipped"  # fraction of this round's updates the server had to shrink to C

@@ -29,8 +29,10 @@ from fl.data import client_partition
 from fl.outputs import RunOutputs, write_atomic
 from fl.wire import from_record, to_record
 from fl.workspace import Workspace, get_workspace
+from privacy.client_level import plan_client_level
 from strategies import get_strategy
 from strategies.base import RoundStats
+from strategies.client_dp import client_dp_wrapper
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,19 @@ def run_server(grid: Grid, overrides: list[str]) -> Path:
     out.rewrite_metrics(history)
     if cfg.privacy.enabled:
         log_privacy_plan(ws, out)
+    runner: Any = strategy  # what runs the rounds: the strategy, or a DP wrapper around it
+    if cfg.privacy.client.enabled:
+        plan = plan_client_level(cfg)
+        log.info("%s", plan.describe())
+        write_atomic(out.dir / "client_dp_plan.json", json.dumps(asdict(plan), indent=2) + "\n")
+        runner = client_dp_wrapper(
+            strategy,
+            clipping=plan.clipping,
+            noise_multiplier=plan.noise_multiplier,
+            clip_norm=plan.clip_norm,
+            num_sampled_clients=plan.sampled,
+            epsilon_of=plan.epsilon,
+        )
     cumulative = {
         "bytes_up": int(history[-1]["cum_bytes_up"]) if history else 0,
         "bytes_down": int(history[-1]["cum_bytes_down"]) if history else 0,
@@ -139,7 +154,7 @@ def run_server(grid: Grid, overrides: list[str]) -> Path:
 
     final = initial
     if rounds > strategy.round_offset:
-        result = strategy.start(
+        result = runner.start(
             grid,
             initial,
             num_rounds=rounds - strategy.round_offset,

@@ -35,6 +35,11 @@ def run_simulation(overrides: list[str], *, client_app: ClientApp | None = None)
     """
     set_quiet_env()
     cfg = compose(overrides)  # fail fast, before Ray starts
+    if cfg.privacy.client.enabled:  # a method client-level DP does not cover: say so before anything starts
+        from strategies import get_strategy
+        from strategies.client_dp import check_composes
+
+        check_composes(get_strategy(str(cfg.strategy.name)), str(cfg.strategy.name))
     if cfg.run_dir is None:
         from fl.server_app import default_run_dir
 

@@ -83,6 +83,8 @@ class LoraStrategy(FedAvg):
     """
 
     adapter_kind: ClassVar[str] = "lora"
+    client_dp_problem: ClassVar[str | None] = None
+    """Why this method's release is not covered by client-level DP (`strategies.client_dp`); None: it is."""
 
     def __init__(self, cfg: Any, *, overrides: list[str], fixed: Mapping[str, torch.Tensor]) -> None:
         sim = cfg.sim
@@ -105,6 +107,8 @@ class LoraStrategy(FedAvg):
         self.expected: dict[str, tuple[int, ...]] = {}
         self.round_offset = 0  # rounds completed before this session (resume); Flower counts from 1
         self.accountants: dict[int, dict[str, Any]] = {}  # partition -> its accountant state (copy, for resume)
+        self.uniform_weights = False  # weight every reply 1 instead of n_k (client-level DP's noise assumes it)
+        self.releases = 0  # noisy aggregates released under client-level DP (its accountant's steps)
 
     # ------------------------------------------------------------------ hooks for methods
     def prepare(self, grid: Grid, arrays: ArrayRecord) -> ArrayRecord:
@@ -135,20 +139,31 @@ class LoraStrategy(FedAvg):
 
     def state_dict(self) -> dict[str, Any]:
         """Server state beyond the global arrays (for checkpoints)."""
-        return {"rng": self.rng.bit_generator.state, "fixed": dict(self.fixed), "accountants": dict(self.accountants)}
+        return {
+            "rng": self.rng.bit_generator.state,
+            "fixed": dict(self.fixed),
+            "accountants": dict(self.accountants),
+            "releases": self.releases,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore `state_dict()`."""
         self.rng.bit_generator.state = state["rng"]
         self.fixed = dict(state["fixed"])
         self.accountants = dict(state.get("accountants", {}))
+        self.releases = int(state.get("releases", 0))
 
     # ------------------------------------------------------------------ Flower hooks
     def start(self, grid: Grid, initial_arrays: ArrayRecord, **kwargs: Any) -> Any:  # type: ignore[override]
         """Run `prepare`, then Flower's own round loop."""
+        return super().start(grid, self.begin(grid, initial_arrays), **kwargs)
+
+    def begin(self, grid: Grid, initial_arrays: ArrayRecord) -> ArrayRecord:
+        """`prepare` (unless resumed) and the reply shapes to expect; the arrays round 1 starts from.
+        A wrapper around this strategy calls it before Flower's loop."""
         arrays = self.prepare(grid, initial_arrays) if self.round_offset == 0 else initial_arrays
         self.expected = {k: tuple(v.shape) for k, v in from_record(arrays).items()}
-        return super().start(grid, arrays, **kwargs)
+        return arrays
 
     def summary(self) -> None:
         """Log what this strategy is configured to do."""
@@ -218,7 +233,8 @@ class LoraStrategy(FedAvg):
         """Sample nodes reproducibly: a seeded draw over nodes ordered by partition id."""
         self.wait_for_nodes(grid)
         self.discover(grid)
-        known = sorted(self.partition_of, key=self.partition_of.__getitem__)
+        online = set(grid.get_node_ids())  # a node that left (e.g. a restarted SuperNode's old id) is not sampled
+        known = sorted((n for n in self.partition_of if n in online), key=self.partition_of.__getitem__)
         k = min(len(known), max(minimum, round(fraction * len(known))))
         if k == len(known):
             return known
@@ -239,7 +255,10 @@ class LoraStrategy(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Send each sampled client exactly the tensors it needs, and count the bytes."""
+        """Send each sampled client exactly the tensors it needs, and count the bytes.
+
+        Entries of `config` (Flower's train config, e.g. a DP wrapper's clipping norm) join every message's own.
+        """
         server_round += self.round_offset
         nodes = self.sample(grid, self.fraction_train, self.min_train_nodes)
         stats = self.stats.setdefault(server_round, RoundStats())
@@ -248,7 +267,10 @@ class LoraStrategy(FedAvg):
         msgs = []
         for node in nodes:
             content = self.arrays_for(node, arrays)
-            content[K.CONFIG] = self.config_record(server_round, K.PHASE_TRAIN)
+            conf = self.config_record(server_round, K.PHASE_TRAIN)
+            for key, value in config.items():
+                conf[key] = value
+            content[K.CONFIG] = conf
             pid = self.partition_of.get(node)
             if self.round_offset and pid in self.accountants:  # resumed: hand the client its accountant back
                 content[K.STATE_PRIVACY] = ConfigRecord(self.accountants[pid])
@@ -268,8 +290,13 @@ class LoraStrategy(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check every reply, aggregate the sound ones with the method's rule."""
         server_round += self.round_offset
+        return self.aggregate_screened(server_round, self.screen(server_round, replies))
+
+    def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """Count every reply of (absolute) round `server_round` in its stats; return the sound training replies
+        (error replies, declines and replies failing validation are logged and left out)."""
         stats = self.stats.setdefault(server_round, RoundStats())
-        good: list[tuple[int, dict[str, torch.Tensor], float, dict[str, float]]] = []
+        good: list[Message] = []
         replies = list(replies)
         stats.failed += max(0, stats.sampled - len(replies))
         for msg in replies:
@@ -294,9 +321,23 @@ class LoraStrategy(FedAvg):
                 stats.rejected += 1
                 log.warning("round %d: rejected the reply of node %d: %s", server_round, node, problem)
                 continue
+            good.append(msg)
+        return good
+
+    def aggregate_screened(
+        self, server_round: int, replies: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate replies `screen` passed with the method's rule (weights n_k, or 1 with `uniform_weights`)."""
+        stats = self.stats.setdefault(server_round, RoundStats())
+        good: list[tuple[int, dict[str, torch.Tensor], float, dict[str, float]]] = []
+        for msg in replies:
+            metrics = scalars(msg.content.metric_records[K.METRICS])
             state = from_record(msg.content.array_records[K.ARRAYS])
             stats.floats_up += num_floats(state)
-            good.append((self.partition_of.get(node, node), state, metrics[K.NUM_EXAMPLES], metrics))
+            weight = 1.0 if self.uniform_weights else metrics[K.NUM_EXAMPLES]
+            good.append(
+                (self.partition_of.get(msg.metadata.src_node_id, msg.metadata.src_node_id), state, weight, metrics)
+            )
         if len(good) < self.min_train_nodes:
             log.warning(
                 "round %d: only %d usable replies (< sim.min_train_clients=%d); the global adapter stays as it was",

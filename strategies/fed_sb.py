@@ -156,13 +156,13 @@ class FedSB(LoraStrategy):
             self.has_frozen.add(node_id)
         return content
 
-    def aggregate_train(self, server_round: int, replies: Any) -> Any:
+    def screen(self, server_round: int, replies: Any) -> list[Message]:
         """As the base; a node whose reply failed is sent A and B again next time."""
         replies = list(replies)
         for msg in replies:
             if msg.has_error():
                 self.has_frozen.discard(msg.metadata.src_node_id)
-        return super().aggregate_train(server_round, replies)
+        return super().screen(server_round, replies)
 
     def materialize(self, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
         """R and the head from `arrays`, A and B from the server's state."""

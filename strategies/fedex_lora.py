@@ -44,6 +44,10 @@ class FedExLoRA(LoraStrategy):
     """FedEx-LoRA (https://arxiv.org/abs/2410.09432): FedIT plus the residual folded into W0 each round."""
 
     adapter_kind: ClassVar[str] = "lora"
+    client_dp_problem: ClassVar[str | None] = (
+        "its residual E = Σ p_k B_k·A_k − B̄·Ā is built from every client's un-noised factors and sent to all "
+        "clients (and exported) without noise"
+    )
 
     def __init__(self, cfg: Any, *, overrides: list[str], fixed: Mapping[str, torch.Tensor]) -> None:
         super().__init__(cfg, overrides=overrides, fixed=fixed)

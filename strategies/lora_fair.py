@@ -38,6 +38,10 @@ class LoraFAIR(LoraStrategy):
     """LoRA-FAIR (https://arxiv.org/abs/2411.14961): FedIT averaging plus a corrected B̄'."""
 
     adapter_kind: ClassVar[str] = "lora"
+    client_dp_problem: ClassVar[str | None] = (
+        "its correction reads every client's B_k·A_k, which client-level DP leaves un-noised (only the mean "
+        "is), so the corrected B̄' is not post-processing of the private release"
+    )
     SOLVERS: ClassVar[tuple[str, ...]] = ("sgd", "closed_form")
 
     def solver(self) -> Solver:

@@ -1,12 +1,16 @@
-"""A node's privacy policy on Flower's Deployment Runtime (2 SuperNodes on 127.0.0.1, insecure, tiny model).
+"""A node's privacy policy on Flower's Deployment Runtime (SuperNodes on 127.0.0.1, insecure, tiny model).
 
 Node 0 accepts ε ≤ 3 and keeps its accountant in its own folder; node 1 accepts only ε ≤ 1. The server asks for
 ε = 3: node 0 trains and records every step on its disk, node 1 declines every round and the server logs why.
-(In-process ClientApp tests of the other negatives: tests/test_privacy_policy.py.)
+Then a SuperNode killed mid-run and started again with the same node config keeps composing from its disk and
+stops at its target. (In-process ClientApp tests of the other negatives: tests/test_privacy_policy.py.)
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,6 +21,14 @@ from fl.deploy import LocalFederation, prepare_overrides
 from fl.deploy.process import free_port
 from fl.outputs import read_metrics
 from privacy.policy import AccountantStore
+
+
+def _supernode(fed: LocalFederation, name: str, node_config: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """Start an insecure SuperNode with `node_config` (its log: logs/<name>.log)."""
+    log_path = fed.logs / f"{name}.log"
+    argv = [str(Path(sys.executable).parent / "flower-supernode"), "--superlink", fed.address]
+    argv += ["--port", str(free_port()), "--insecure", "--node-config", node_config]
+    return fed.procs.start(argv, env=fed.env, log_path=log_path), log_path
 
 
 @pytest.mark.slow
@@ -43,13 +55,10 @@ def test_deployed_nodes_enforce_their_own_policy_and_keep_their_accountant_on_di
     ]
     with LocalFederation(run_dir / ".deploy", insecure=True, client_threads=1) as fed:
         fed.start(2)
-        nodes = []
-        for pid, policy in enumerate(policies):
-            log_path = fed.logs / f"supernode-{pid}.log"
-            argv = [str(Path(sys.executable).parent / "flower-supernode"), "--superlink", fed.address]
-            argv += ["--port", str(free_port()), "--insecure"]
-            argv += ["--node-config", f"partition-id={pid} num-partitions=2 {policy}"]
-            nodes.append((fed.procs.start(argv, env=fed.env, log_path=log_path), log_path))
+        nodes = [
+            _supernode(fed, f"supernode-{pid}", f"partition-id={pid} num-partitions=2 {policy}")
+            for pid, policy in enumerate(policies)
+        ]
         fed.wait_online(nodes)
         since = time.time_ns()
         run_id = fed.submit(overrides)
@@ -62,3 +71,56 @@ def test_deployed_nodes_enforce_their_own_policy_and_keep_their_accountant_on_di
     acc = store.load()
     assert acc is not None and acc.steps == 2 * 2  # 2 rounds × train.local_steps=2, all on node 0's disk
     assert rows[2]["epsilon_max"] == pytest.approx(acc.epsilon(1e-3), rel=1e-9) and rows[2]["epsilon_max"] <= 3.0
+
+
+@pytest.mark.slow
+def test_a_supernode_killed_mid_run_continues_its_epsilon_from_disk_and_stops_at_its_target(
+    tiny: list[str], tmp_path: Path
+) -> None:
+    """One node, budget planned for 2 of 3 rounds. It is killed (SIGTERM to its process group, by PID) as soon as
+    its round-1 accountant is on disk — before its reply reaches the server — and started again with the same
+    node config and folder (a new node id, an empty Context.state; a fresh run hands back no accountant)."""
+    job = [
+        *tiny,
+        "strategy=fedit",
+        "strategy.rank=2",
+        "sim.rounds=3",
+        "sim.min_train_clients=1",
+        "sim.timeout=120",
+        "privacy=dp",
+        "privacy.target_epsilon=3",
+        "privacy.delta=1e-3",
+        "privacy.planned_rounds=2",  # σ for 2 rounds: a third would pass ε = 3
+        f"run_dir={tmp_path / 'run'}",
+    ]
+    overrides, run_dir = prepare_overrides(job, clients=1)
+    state = tmp_path / "node-state"
+    node_config = f'partition-id=0 num-partitions=1 privacy-epsilon=3 privacy-delta=1e-3 privacy-state-dir="{state}"'
+    with LocalFederation(run_dir / ".deploy", insecure=True, client_threads=1) as fed:
+        fed.start(1)
+        first = _supernode(fed, "supernode-0", node_config)
+        fed.wait_online([first])
+        since = time.time_ns()
+        run_id = fed.submit(overrides)
+        store = AccountantStore(state, run_id=run_id, partition_id=0)
+        deadline = time.monotonic() + 180
+        while (at_kill := store.load()) is None or at_kill.steps < 2:
+            assert time.monotonic() < deadline, "node 0 never recorded its round-1 steps"
+            time.sleep(0.1)
+        fed.procs.refresh()  # remember its ClientApp processes, so the federation stops any straggler
+        os.killpg(first[0].pid, signal.SIGTERM)  # the SuperNode and its ClientApp, by process group id = its PID
+        first[0].wait(timeout=30)
+        restarted = _supernode(fed, "supernode-0-restarted", node_config)
+        fed.wait_online([restarted])
+        fed.follow(run_dir, run_id, since_ns=since, rounds=3, timeout=300)
+        server_log = (fed.logs / "serverapp.log").read_text(errors="replace")
+    rows = read_metrics(run_dir)[1:]
+    final = store.load()
+    assert final is not None and final.steps == 2 * 2  # 2 planned rounds × train.local_steps=2, across the restart
+    trained = [r for r in rows if r["aggregated"]]
+    assert 1 <= len(trained) <= 2 and sum(r["aggregated"] for r in rows) <= 2  # never more than its budget
+    # the restarted node reported the ε of its disk record plus its new steps, not a fresh accountant's
+    assert trained[-1]["epsilon_max"] == pytest.approx(final.epsilon(1e-3), rel=1e-9)
+    assert at_kill.epsilon(1e-3) < trained[-1]["epsilon_max"] <= 3.0
+    assert rows[-1]["declined"] == 1 and len(rows) == 3  # it stops at its target; the run still finishes
+    assert "declined to train: its privacy budget is spent" in server_log and "after 4 steps" in server_log

@@ -1,0 +1,140 @@
+"""Client-level DP (`privacy=client`): the plan (σ, q = m/N, rounds), its accountant, and the node's clipping mod.
+
+McMahan, Ramage, Talwar, Zhang, "Learning Differentially Private Recurrent Language Models", ICLR 2018,
+https://arxiv.org/abs/1710.06963. Each round the server releases the mean of the m sampled clients' updates,
+each clipped to L2 norm C, plus N(0, (σC/m)²) per coordinate: a Gaussian mechanism with noise multiplier σ on
+the sum. Over rounds with client sampling it is accounted as the Poisson-subsampled Gaussian mechanism at
+q = m/N, one step per released aggregate, with Opacus' RDP analysis (Mironov et al. 2019). Our sampling draws
+exactly m of N without replacement; charging it as Poisson at q = m/N is the usual approximation (as in
+McMahan et al.), not a proof for fixed-size sampling.
+
+The strategy wrappers that clip and add the noise are Flower's (`strategies.client_dp`); this module holds
+what both sides need: the plan, ε after k releases, and `client_clipping_mod` for `privacy.client.clipping=client`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from flwr.app import Context, Message
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from omegaconf import DictConfig
+from opacus.accountants.utils import get_noise_multiplier
+
+from fl import constants as K
+from privacy.accountant import ClientAccountant
+
+
+@dataclass(frozen=True)
+class ClientLevelPlan:
+    """Client-level DP for one run (from `plan_client_level`)."""
+
+    noise_multiplier: float  # σ: noise std on the sum of clipped updates / C
+    clip_norm: float  # C: L2 bound on one client's update per round
+    sampled: int  # m: clients sampled per round
+    population: int  # N: sim.num_clients
+    planned_rounds: int
+    delta: float
+    target_epsilon: float | None  # None when σ was given directly
+    clipping: str  # "server" | "client"
+
+    @property
+    def sample_rate(self) -> float:
+        """q = m / N."""
+        return self.sampled / self.population
+
+    def epsilon(self, releases: int) -> float:
+        """ε of the model after `releases` noisy aggregates (inf without noise)."""
+        return client_level_epsilon(
+            noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, releases=releases, delta=self.delta
+        )
+
+    def describe(self) -> str:
+        """One line for logs."""
+        planned = f"planned ε={self.target_epsilon:g}" if self.target_epsilon is not None else "σ given"
+        return (
+            f"client-level DP ({self.clipping}-side clipping): C={self.clip_norm:g}, σ={self.noise_multiplier:.4g}, "
+            f"q={self.sampled}/{self.population}, {self.planned_rounds} rounds ({planned}, δ={self.delta:.2e}): "
+            f"ε={self.epsilon(self.planned_rounds):.4g} after all rounds, by rdp"
+        )
+
+
+def sample_size(num_nodes: int, *, fraction: float, minimum: int) -> int:
+    """Clients sampled per round out of `num_nodes`: `LoraStrategy.sample`'s rule."""
+    return min(num_nodes, max(minimum, round(fraction * num_nodes)))
+
+
+def client_level_epsilon(*, noise_multiplier: float, sample_rate: float, releases: int, delta: float) -> float:
+    """ε after `releases` Poisson-subsampled Gaussian releases (σ, q), by Opacus' RDP accountant."""
+    if releases <= 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return math.inf
+    acc = ClientAccountant("rdp")
+    acc.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=releases)
+    return acc.epsilon(delta)
+
+
+def plan_client_level(cfg: DictConfig) -> ClientLevelPlan:
+    """σ given (`privacy.client.noise_multiplier`) or the smallest σ with ε ≤ `privacy.client.target_epsilon`
+    after `privacy.planned_rounds` (default sim.rounds) releases at q = m/N."""
+    c, sim = cfg.privacy.client, cfg.sim
+    population = int(sim.num_clients)
+    sampled = sample_size(population, fraction=float(sim.fraction_train), minimum=int(sim.min_train_clients))
+    rounds = int(cfg.privacy.planned_rounds or sim.rounds)
+    delta = float(c.delta) if c.delta is not None else 1.0 / (10.0 * population)
+    if c.noise_multiplier is not None:
+        sigma = float(c.noise_multiplier)
+    else:
+        sigma = float(
+            get_noise_multiplier(
+                target_epsilon=float(c.target_epsilon),
+                target_delta=delta,
+                sample_rate=sampled / population,
+                steps=rounds,
+                accountant="rdp",
+                epsilon_tolerance=0.01,
+            )
+        )
+    return ClientLevelPlan(
+        noise_multiplier=sigma,
+        clip_norm=float(c.clip_norm),
+        sampled=sampled,
+        population=population,
+        planned_rounds=rounds,
+        delta=delta,
+        target_epsilon=None if c.target_epsilon is None else float(c.target_epsilon),
+        clipping=str(c.clipping),
+    )
+
+
+def client_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's `fixedclipping_mod` for training messages that ask for it (`clipping_norm` in the config).
+
+    A no-op for every other run (``privacy=off``/``dp``, or server-side clipping). Fed-SB's first message also
+    carries the frozen A and B in a second ArrayRecord, which Flower's mod refuses; it is set aside while the
+    mod looks at the message and put back before the ClientApp runs. A reply without arrays (a node declining
+    by its policy) goes back as it is: nothing to clip, and its reason stays readable.
+    """
+    conf = msg.content.config_records.get(K.CONFIG)
+    if conf is None or KEY_CLIPPING_NORM not in conf:
+        return call_next(msg, context)
+    aside = {k: v for k, v in msg.content.array_records.items() if k != K.ARRAYS}
+    for key in aside:
+        del msg.content[key]
+    replies: list[Message] = []
+
+    def run(m: Message, ctxt: Context) -> Message:
+        for key, record in aside.items():
+            m.content[key] = record
+        reply = call_next(m, ctxt)
+        replies.append(reply)
+        return reply
+
+    out = fixedclipping_mod(msg, context, run)
+    if replies and not replies[0].has_error() and not replies[0].content.array_records:
+        return replies[0]
+    return out

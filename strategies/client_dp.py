@@ -1,0 +1,256 @@
+"""Client-level DP around this framework's strategies: Flower's fixed-clipping DP wrappers, made to fit.
+
+McMahan et al., "Learning Differentially Private Recurrent Language Models", ICLR 2018,
+https://arxiv.org/abs/1710.06963 (DP-FedAvg); Flower's `DifferentialPrivacyServerSideFixedClipping` and
+`DifferentialPrivacyClientSideFixedClipping` (`flwr.serverapp.strategy`) wrap a strategy: each round every
+sampled client's update u_k = reply_k − global (every tensor it sends, the head included, as ONE vector) is
+clipped to ‖u_k‖₂ ≤ C, the wrapped strategy aggregates, and N(0, (σC/m)²) is added to every coordinate of the
+aggregate of m updates. Server-side clipping: the wrapper clips each reply. Client-side: the node clips with
+Flower's `fixedclipping_mod` (`privacy.client_level.client_clipping_mod`) and this wrapper rejects a reply
+whose update exceeds C.
+
+What the wrapped methods release and what is clipped (u_k is what the client trains and sends):
+
+- FedIT: A, B of every module and the head, clipped together as one vector (not A and B separately).
+- FFA-LoRA: B and the head (A is frozen, from the seed, never sent).
+- Fed-SB: R and the head; A and B are frozen and broadcast, not updates. Only `strategy.init=random|server`:
+  a federated or sketched init releases client gradients before round 1 (refused in `fl.config_privacy`).
+- LoRA-FAIR and FedEx-LoRA do not compose (`client_dp_problem`): their server step reads each client's
+  B_k·A_k, which client-level DP leaves un-noised, and releases a function of it that the noise on the
+  mean does not cover. Construction refuses them.
+
+Where this departs from Flower's `aggregate_train` (it overrides that one hook and reuses the rest):
+- replies pass through the wrapped strategy's own checks first (errors, declines, names, shapes, NaN),
+  counted in its round stats; Flower's version skips the round on any error reply and clips by position.
+- every reply weighs 1 (`uniform_weights`): σC/m is the noise for a plain mean of m clipped updates; an
+  n_k-weighted mean would let one client move it by more than C/m.
+- the noise is for the m updates actually averaged (σC/m, m = this round's `aggregated`), not the m planned:
+  with fewer replies a fixed σC/m_planned would be too little noise.
+- each released aggregate is one step of the run's accountant (`epsilon_of(releases)`), logged per round.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any, cast
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    Result,
+)
+from flwr.supercore.differential_privacy import compute_clip_model_update, compute_stdv, get_norm
+
+from fl import constants as K
+from strategies.base import LoraStrategy, RoundStats
+
+log = logging.getLogger(__name__)
+
+NORM_TOLERANCE = 1e-4  # relative slack when checking a node-clipped update against C (float32 rounding)
+
+
+def check_composes(cls: type[LoraStrategy], name: str) -> None:
+    """Raise ValueError naming `strategy=name` if its release is not covered by client-level DP."""
+    if cls.client_dp_problem is not None:
+        raise ValueError(
+            f"strategy={name} does not compose with client-level DP (privacy=client): {cls.client_dp_problem}. "
+            "Use strategy=fedit, ffa_lora or fed_sb, or sample-level DP (privacy=dp)."
+        )
+
+
+class _ClientLevelDP:
+    """The behaviour both wrappers share; mixed in before Flower's wrapper class."""
+
+    noise_multiplier: float
+    clipping_norm: float
+    num_sampled_clients: int
+    strategy: Any
+
+    def _setup(self, epsilon_of: Callable[[int], float]) -> None:
+        inner = self.inner
+        check_composes(type(inner), str(inner.cfg.strategy.name))
+        inner.uniform_weights = True
+        self.epsilon_of = epsilon_of
+        self.reference = ArrayRecord()  # the global arrays this round's updates are measured from
+
+    @property
+    def inner(self) -> LoraStrategy:
+        """The wrapped strategy."""
+        return cast(LoraStrategy, self.strategy)
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """The wrapped strategy's `begin` (e.g. Fed-SB's init), then Flower's round loop on this wrapper."""
+        return super().start(  # type: ignore[misc]
+            grid,
+            self.inner.begin(grid, initial_arrays),
+            num_rounds=num_rounds,
+            timeout=timeout,
+            train_config=train_config,
+            evaluate_config=evaluate_config,
+            evaluate_fn=evaluate_fn,
+        )
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Remember the global arrays, then Flower's wrapper (which may add the clipping norm to `config`)."""
+        self.reference = arrays
+        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+
+    def bound(self, msg: Message, stats: RoundStats) -> str | None:
+        """Make or check ‖update‖ ≤ C for one sound reply; why it must be rejected, or None."""
+        raise NotImplementedError
+
+    def update_of(self, msg: Message) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+        """(names, reply arrays, global arrays) in the global record's order, matched by name."""
+        record = msg.content.array_records[K.ARRAYS]
+        names = list(self.reference.keys())
+        return names, [record[n].numpy() for n in names], [self.reference[n].numpy() for n in names]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Checks, clipping, the method's rule on equal weights, then noise for the updates averaged."""
+        inner = self.inner
+        rnd = server_round + inner.round_offset
+        stats = inner.stats.setdefault(rnd, RoundStats())
+        kept = []
+        for msg in inner.screen(rnd, replies):
+            problem = self.bound(msg, stats)
+            if problem is not None:
+                stats.rejected += 1
+                log.warning("round %d: rejected the reply of node %d: %s", rnd, msg.metadata.src_node_id, problem)
+                continue
+            kept.append(msg)
+        if kept and K.CLIENT_DP_CLIPPED in stats.extra:
+            stats.extra[K.CLIENT_DP_CLIPPED] /= len(kept)
+        arrays, metrics = inner.aggregate_screened(rnd, kept)
+        if arrays is not None:
+            self.num_sampled_clients = stats.aggregated  # Flower's noise std is σC / num_sampled_clients
+            arrays = self._add_noise_to_aggregated_arrays(arrays)  # type: ignore[attr-defined]
+            inner.releases += 1
+            stats.extra[K.CLIENT_DP_NOISE_STD] = compute_stdv(
+                self.noise_multiplier, self.clipping_norm, stats.aggregated
+            )
+        stats.extra[K.CLIENT_DP_RELEASES] = inner.releases
+        stats.extra[K.CLIENT_DP_EPSILON] = self.epsilon_of(inner.releases)
+        log.info(
+            "round %d: client-level DP ε=%.4g after %d releases", rnd, self.epsilon_of(inner.releases), inner.releases
+        )
+        return arrays, metrics
+
+
+class ClientDPServerSideClipping(_ClientLevelDP, DifferentialPrivacyServerSideFixedClipping):
+    """Client-level DP, the server clips every update (`privacy.client.clipping=server`).
+
+    Parameters
+    ----------
+    strategy : LoraStrategy
+        The method to wrap (one whose `client_dp_problem` is None).
+    noise_multiplier : float
+        σ: the noise std on the sum of clipped updates is σ·C.
+    clip_norm : float
+        C, the L2 bound on one client's whole update per round.
+    num_sampled_clients : int
+        m planned per round (Flower's field; the noise uses the m actually aggregated).
+    epsilon_of : callable
+        ε of the model after k released aggregates (`privacy.client_level.ClientLevelPlan.epsilon`).
+    """
+
+    def __init__(
+        self,
+        strategy: LoraStrategy,
+        *,
+        noise_multiplier: float,
+        clip_norm: float,
+        num_sampled_clients: int,
+        epsilon_of: Callable[[int], float],
+    ) -> None:
+        DifferentialPrivacyServerSideFixedClipping.__init__(
+            self, strategy, noise_multiplier, clip_norm, num_sampled_clients
+        )
+        self._setup(epsilon_of)
+
+    def bound(self, msg: Message, stats: RoundStats) -> str | None:
+        """Clip the reply's update to C in place (Flower's `compute_clip_model_update`)."""
+        names, reply, current = self.update_of(msg)
+        if get_norm([r - c for r, c in zip(reply, current, strict=True)]) > self.clipping_norm:
+            stats.extra[K.CLIENT_DP_CLIPPED] = stats.extra.get(K.CLIENT_DP_CLIPPED, 0.0) + 1.0
+        compute_clip_model_update(param1=reply, param2=current, clipping_norm=self.clipping_norm)
+        msg.content[K.ARRAYS] = ArrayRecord({n: Array(np.asarray(v)) for n, v in zip(names, reply, strict=True)})
+        return None
+
+
+class ClientDPClientSideClipping(_ClientLevelDP, DifferentialPrivacyClientSideFixedClipping):
+    """Client-level DP, each node clips its own update (`privacy.client.clipping=client`).
+
+    Flower's wrapper puts ``clipping_norm`` into every training message's config; the node's
+    `client_clipping_mod` (Flower's `fixedclipping_mod`) clips. Parameters as `ClientDPServerSideClipping`.
+    """
+
+    def __init__(
+        self,
+        strategy: LoraStrategy,
+        *,
+        noise_multiplier: float,
+        clip_norm: float,
+        num_sampled_clients: int,
+        epsilon_of: Callable[[int], float],
+    ) -> None:
+        DifferentialPrivacyClientSideFixedClipping.__init__(
+            self, strategy, noise_multiplier, clip_norm, num_sampled_clients
+        )
+        self._setup(epsilon_of)
+
+    def bound(self, msg: Message, stats: RoundStats) -> str | None:
+        """Reject an update the node did not clip: its norm past C would break the noise's calibration."""
+        _, reply, current = self.update_of(msg)
+        norm = get_norm([r - c for r, c in zip(reply, current, strict=True)])
+        if norm > self.clipping_norm * (1 + NORM_TOLERANCE):
+            return (
+                f"update norm {norm:.4g} exceeds privacy.client.clip_norm={self.clipping_norm:g}: the node did not "
+                "clip (its ClientApp must run privacy.client_level.client_clipping_mod)"
+            )
+        return None
+
+
+WRAPPERS: dict[str, type[_ClientLevelDP]] = {
+    "server": ClientDPServerSideClipping,
+    "client": ClientDPClientSideClipping,
+}
+"""`privacy.client.clipping` -> wrapper class."""
+
+
+def client_dp_wrapper(
+    strategy: LoraStrategy,
+    *,
+    clipping: str,
+    noise_multiplier: float,
+    clip_norm: float,
+    num_sampled_clients: int,
+    epsilon_of: Callable[[int], float],
+) -> Any:
+    """`strategy` wrapped for client-level DP with `clipping` = ``server`` or ``client``."""
+    if clipping not in WRAPPERS:
+        raise ValueError(f"privacy.client.clipping={clipping!r} is unknown; use one of {sorted(WRAPPERS)}.")
+    cls = cast(Any, WRAPPERS[clipping])
+    return cls(
+        strategy,
+        noise_multiplier=noise_multiplier,
+        clip_norm=clip_norm,
+        num_sampled_clients=num_sampled_clients,
+        epsilon_of=epsilon_of,
+    )
