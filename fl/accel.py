@@ -44,6 +44,8 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     if precision == "fp32":
         return None
     if device.type == "cuda":
+        if precision == "bf16" and not torch.cuda.is_bf16_supported():
+            return None  # e.g. a T4 or V100: use train.precision=fp16 there
         return _DTYPES[precision]
     if device.type == "cpu" and precision == "bf16" and cpu_bf16_native():
         return torch.bfloat16
@@ -58,7 +60,7 @@ def autocast(device: torch.device, precision: str) -> Iterator[None]:
         if precision != "fp32" and precision not in _WARNED:
             _WARNED.add(precision)
             log.warning(
-                "train.precision=%s does not apply on %s (fp16 needs CUDA; bf16 needs CUDA or a CPU with native "
+                "train.precision=%s does not apply on %s (fp16 needs CUDA; bf16 needs a GPU or a CPU with native "
                 "bf16): training in fp32.",
                 precision,
                 device,

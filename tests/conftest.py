@@ -20,6 +20,7 @@ TINY = [
     "train.local_steps=2",
     "train.batch_size=8",
     "train.eval_batch_size=64",
+    "train.precision=fp32",  # tests compare numbers to float tolerance; bf16 has its own tests (test_accel.py)
 ]
 
 
