@@ -30,7 +30,7 @@ from fl.wire import num_floats
 from fl.workspace import get_workspace
 from privacy import ClientAccountant, make_private
 
-BASE = ["+experiment=smollm2", "train.batch_size=8"]
+BASE = ["+experiment=smollm2", "train.batch_size=8", "train.precision=fp32"]  # the recorded step times are fp32
 METHODS = {"fedit": 8, "ffa_lora": 8, "lora_fair": 8, "fed_sb": 32}
 
 

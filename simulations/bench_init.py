@@ -199,6 +199,8 @@ def main() -> None:
         "data.partitioner=dirichlet",
         "data.alpha=0.5",
         f"data.test_size={args.test_size}",
+        "train.lr_schedule=constant",  # the recorded figures: constant rate, fp32 (--extra overrides)
+        "train.precision=fp32",
         *args.extra,
     ]
     work = Path(args.work).resolve()

@@ -192,6 +192,8 @@ def main() -> None:
             "data.partitioner=dirichlet",
             "data.alpha=0.5",
             f"data.test_size={args.test_size}",
+            "train.lr_schedule=constant",  # as recorded: constant rate, fp32
+            "train.precision=fp32",
         ]
         result["accuracy"] = accuracy_table(args.strategies, args.eps, common)
         result["common"] = common

@@ -102,6 +102,7 @@ def overhead(clients: int, rounds: int, steps: int) -> dict[str, float]:
             "sim.client_cpus=2",
             f"train.local_steps={steps}",
             "data.partitioner=iid",
+            "train.precision=fp32",  # as recorded
             f"run_dir={run_dir}",
         ]
     )
