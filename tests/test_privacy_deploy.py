@@ -113,7 +113,12 @@ def test_a_supernode_killed_mid_run_continues_its_epsilon_from_disk_and_stops_at
         restarted = _supernode(fed, "supernode-0-restarted", node_config)
         fed.wait_online([restarted])
         fed.follow(run_dir, run_id, since_ns=since, rounds=3, timeout=300)
-        server_log = (fed.logs / "serverapp.log").read_text(errors="replace")
+        wanted = "declined to train: its privacy budget is spent"
+        log_deadline = time.monotonic() + 60  # the log stream may trail the run's last metrics line
+        while wanted not in (server_log := (fed.logs / "serverapp.log").read_text(errors="replace")):
+            if time.monotonic() > log_deadline:
+                break
+            time.sleep(0.5)
     rows = read_metrics(run_dir)[1:]
     final = store.load()
     assert final is not None and final.steps == 2 * 2  # 2 planned rounds × train.local_steps=2, across the restart
