@@ -11,6 +11,7 @@ per process.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Iterator
 
@@ -31,6 +32,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@functools.cache  # asked per physical batch by autocast(); the CPU does not change within a process
 def cpu_bf16_native() -> bool:
     """Whether this CPU runs bf16 matrix products natively (oneDNN's own check: AVX512-BF16 or AMX)."""
     try:

@@ -53,6 +53,11 @@ log = logging.getLogger(__name__)
 NORM_TOLERANCE = 1e-4  # relative slack when checking a node-clipped update against C (float32 rounding)
 
 
+def update_norm(reply: list[np.ndarray], current: list[np.ndarray]) -> float:
+    """L2 norm of one client's whole update (reply − global, every tensor as one vector)."""
+    return float(get_norm([r - c for r, c in zip(reply, current, strict=True)]))
+
+
 def check_composes(cls: type[LoraStrategy], name: str) -> None:
     """Raise ValueError naming `strategy=name` if its release is not covered by client-level DP."""
     if cls.client_dp_problem is not None:
@@ -187,7 +192,7 @@ class ClientDPServerSideClipping(_ClientLevelDP, DifferentialPrivacyServerSideFi
     def bound(self, msg: Message, stats: RoundStats) -> str | None:
         """Clip the reply's update to C in place (Flower's `compute_clip_model_update`)."""
         names, reply, current = self.update_of(msg)
-        if get_norm([r - c for r, c in zip(reply, current, strict=True)]) > self.clipping_norm:
+        if update_norm(reply, current) > self.clipping_norm:
             stats.extra[K.CLIENT_DP_CLIPPED] = stats.extra.get(K.CLIENT_DP_CLIPPED, 0.0) + 1.0
         compute_clip_model_update(param1=reply, param2=current, clipping_norm=self.clipping_norm)
         msg.content[K.ARRAYS] = ArrayRecord({n: Array(np.asarray(v)) for n, v in zip(names, reply, strict=True)})
@@ -218,7 +223,7 @@ class ClientDPClientSideClipping(_ClientLevelDP, DifferentialPrivacyClientSideFi
     def bound(self, msg: Message, stats: RoundStats) -> str | None:
         """Reject an update the node did not clip: its norm past C would break the noise's calibration."""
         _, reply, current = self.update_of(msg)
-        norm = get_norm([r - c for r, c in zip(reply, current, strict=True)])
+        norm = update_norm(reply, current)
         if norm > self.clipping_norm * (1 + NORM_TOLERANCE):
             return (
                 f"update norm {norm:.4g} exceeds privacy.client.clip_norm={self.clipping_norm:g}: the node did not "
