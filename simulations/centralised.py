@@ -1,10 +1,12 @@
 """Centralised LoRA on the federation's data: the reference a federated method is measured against.
 
 Same model, adapter (the strategy's kind, rank, alpha), optimiser (AdamW, `strategy.lr`, weight decay,
-batch size), tokenised pool and held-out test split as the federated run the overrides describe; the
-training set is the union of every client's partition, and one model trains on it for `--steps`
-optimiser steps. Compare at the same total number of client steps: rounds × local steps × clients per
-round (e.g. 5 × 20 × 10 = 1,000 for the default job).
+batch size), precision (`train.precision`), learning-rate schedule, tokenised pool and held-out test split
+as the federated run the overrides describe; the training set is the union of every client's partition,
+and one model trains on it for `--steps` optimiser steps. Compare at the same total number of client
+steps: rounds × local steps × clients per round (e.g. 10 × 10 × 10 = 1,000 for `sweep=methods_seeds`).
+The schedule follows the federation's rounds: step s of N trains at the rate of round 1 + ⌊s·R/N⌋ of R
+(`fl.schedule.round_lr`), so a cosine across rounds is the same staircase centrally.
 
 Usage::
 
@@ -23,9 +25,11 @@ import torch
 
 from clients.evaluate import evaluate
 from clients.train import make_loader, round_seed
+from fl.accel import autocast
 from fl.config import compose
 from fl.data import IndexedDataset, client_partition
 from fl.runtime_env import set_quiet_env
+from fl.schedule import round_lr
 from fl.workspace import get_workspace
 
 
@@ -49,7 +53,20 @@ def run(overrides: list[str], *, steps: int, eval_every: int) -> list[dict[str, 
     seed = round_seed(int(cfg.seed), 0, 0)
     loader = make_loader(data, batch_size=int(cfg.train.batch_size), pad_id=ws.pad_id, seed=seed)
     bs = int(cfg.train.eval_batch_size)
-    loss0, acc0 = evaluate(model, ws.task.test, batch_size=bs, pad_id=ws.pad_id)
+    precision, cpu = str(cfg.train.precision), torch.device("cpu")
+    rounds = int(cfg.sim.rounds)
+
+    def lr_at(step: int) -> float:  # the federation's per-round rate, round 1 + floor(step * R / N)
+        return round_lr(
+            1 + step * rounds // steps,
+            peak=float(cfg.strategy.lr),
+            total_rounds=rounds,
+            schedule=str(cfg.train.lr_schedule),
+            warmup_rounds=int(cfg.train.warmup_rounds),
+            lr_min=float(cfg.train.lr_min),
+        )
+
+    loss0, acc0 = evaluate(model, ws.task.test, batch_size=bs, pad_id=ws.pad_id, precision=precision)
     history = [{"step": 0, "accuracy": acc0, "loss": loss0, "seconds": 0.0}]
     print(json.dumps(history[-1]), flush=True)
     t0, step = time.perf_counter(), 0
@@ -58,19 +75,32 @@ def run(overrides: list[str], *, steps: int, eval_every: int) -> list[dict[str, 
         while step < steps:
             for batch in loader:
                 model.train()
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step)
                 opt.zero_grad(set_to_none=True)
-                model(**batch).loss.backward()
+                with autocast(cpu, precision):
+                    loss = model(**batch).loss
+                loss.backward()
                 opt.step()
                 step += 1
                 if step % eval_every == 0 or step == steps:
-                    loss, acc = evaluate(model, ws.task.test, batch_size=bs, pad_id=ws.pad_id)
-                    history.append({"step": step, "accuracy": acc, "loss": loss, "seconds": time.perf_counter() - t0})
+                    loss_t, acc = evaluate(model, ws.task.test, batch_size=bs, pad_id=ws.pad_id, precision=precision)
+                    history.append(
+                        {
+                            "step": step,
+                            "accuracy": acc,
+                            "loss": loss_t,
+                            "lr": lr_at(step - 1),
+                            "seconds": time.perf_counter() - t0,
+                        }
+                    )
                     print(json.dumps(history[-1]), flush=True)
                 if step >= steps:
                     break
     print(
         f"centralised {cfg.strategy.name} (adapter of that method, trained on one machine): "
         f"{len(data)} pooled examples, {steps} steps of batch {cfg.train.batch_size}, lr {cfg.strategy.lr:g} "
+        f"({cfg.train.lr_schedule} over {rounds} rounds' worth), {precision} "
         f"-> accuracy {history[-1]['accuracy']:.4f} on {len(ws.task.test)} held-out examples"
     )
     return history

@@ -56,3 +56,15 @@ def test_server_sends_the_rounds_rate_and_a_resume_keeps_the_schedule() -> None:
         round_lr(r, peak=2e-3, total_rounds=6, schedule="cosine", warmup_rounds=1) for r in range(1, 7)
     ]
     assert K.LR not in whole.config_record(1, "evaluate")
+
+
+def test_centralised_reference_follows_the_federations_schedule(tiny: list[str]) -> None:
+    from simulations.centralised import run
+
+    ov = [*tiny, "sim.rounds=2", "train.lr_schedule=cosine", "strategy.lr=4e-3"]
+    history = run(ov, steps=4, eval_every=1)
+    lrs = [h["lr"] for h in history[1:]]  # step s trains at round 1 + floor(s * 2 / 4)'s rate
+    r1, r2 = (round_lr(r, peak=4e-3, total_rounds=2, schedule="cosine") for r in (1, 2))
+    assert lrs == pytest.approx([r1, r1, r2, r2]) and r2 < r1
+    assert [h["step"] for h in history] == [0, 1, 2, 3, 4]
+    assert all(0.0 <= h["accuracy"] <= 1.0 and math.isfinite(h["loss"]) for h in history)
