@@ -47,6 +47,10 @@ def load_runs(root: Path) -> list[dict[str, Any]]:
         summary = json.loads(summary_path.read_text())
         rows = read_metrics(run_dir)
         eps = [r["epsilon_max"] for r in rows if r.get("epsilon_max") is not None]
+        # ‖Σ p_k B_k A_k − B̄Ā‖/‖Σ p_k B_k A_k‖ of each aggregation (NaN where a round had none)
+        residuals = [
+            float(r["residual"]) for r in rows if r.get("residual") is not None and r["residual"] == r["residual"]
+        ]
         label = cfg.strategy.name
         if cfg.strategy.name == "fed_sb":  # rank and init mode: the init decides Fed-SB's round-0 uplink
             label += f" r={cfg.strategy.rank} init={cfg.strategy.get('init', 'federated')}"
@@ -71,6 +75,8 @@ def load_runs(root: Path) -> list[dict[str, Any]]:
                 "cum_bytes_up": summary["cum_bytes_up"],
                 "cum_bytes_down": summary["cum_bytes_down"],
                 "wall_seconds": summary["wall_seconds"],
+                "server_seconds": sum(float(r.get("aggregate_seconds") or 0.0) for r in rows),
+                "residual_max": max(residuals) if residuals else None,
                 "_rows": rows,
                 "_flat": flat_config(cfg),
             }

@@ -84,6 +84,10 @@ def group_seeds(runs: list[dict[str, Any]]) -> tuple[pd.DataFrame, list[dict[str
                 "up_MB_mean": float(np.mean([m["cum_bytes_up"] for m in members])) / 1e6,
                 "down_MB_mean": float(np.mean([m["cum_bytes_down"] for m in members])) / 1e6,
                 "wall_s_mean": float(np.mean([m["wall_seconds"] for m in members])),
+                "server_s_mean": float(np.mean([m.get("server_seconds", float("nan")) for m in members])),
+                "residual_max": max(
+                    (m["residual_max"] for m in members if m.get("residual_max") is not None), default=None
+                ),
             }
         )
         g["label"] = axis_label(g["axis"])

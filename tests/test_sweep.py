@@ -39,6 +39,9 @@ def test_sweep_writes_one_run_per_cell_and_a_report(sweep: tuple[Path, list[str]
     assert set(df["strategy"]) == {"fedit", "ffa_lora"} and set(df["num_clients"]) == {2, 3}
     csv = pd.read_csv(sweep_dir / "report.csv")
     assert len(csv) == 4 and {"final_accuracy", "cum_bytes_up", "wall_seconds"} <= set(csv.columns)
+    assert (csv["server_seconds"] > 0).all()  # the strategies' aggregate() time, summed over rounds
+    residual = csv.groupby("strategy")["residual_max"].max()  # FedIT's mean of products ≠ product of means
+    assert residual["fedit"] > 1e-4 and residual["ffa_lora"] < 1e-5  # FFA-LoRA's shared A keeps it exact
     assert (sweep_dir / "report.md").read_text().count("\n") == 4 + 2
     names = {p.name for p in plots}
     assert {"accuracy_vs_round.png", "accuracy_vs_uplink.png", "accuracy_vs_clients.png"} <= names
@@ -89,6 +92,7 @@ def test_seeds_are_a_sweep_axis_and_the_report_gives_mean_and_std(
     assert len(seeds) == 1 and int(seeds["n"][0]) == 2 and seeds["seeds"][0] == "0 1"
     assert seeds["final_mean"][0] == pytest.approx(sum(finals) / 2)
     assert seeds["final_std"][0] == pytest.approx(abs(finals[1] - finals[0]) / 2**0.5)  # sample std, n = 2
+    assert seeds["server_s_mean"][0] > 0 and seeds["residual_max"][0] > 0
     pivot = pd.read_csv(tmp_path / "pivot.csv")
     assert list(pivot["method"]) == ["fedit"]
     cell = str(pivot.iloc[0, 1])
