@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-every", type=int, default=100, help="evaluate every this many steps")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     args = ap.parse_args(argv)
+    if args.steps < 1 or args.eval_every < 1:
+        ap.error(f"--steps ({args.steps}) and --eval-every ({args.eval_every}) must be at least 1")
     set_quiet_env()
     torch.set_num_threads(args.threads)
     compose(args.overrides)  # a bad value fails here with the field's name
