@@ -67,9 +67,34 @@ def _batch_len(batch: Mapping[str, torch.Tensor]) -> int:
 
 
 def split_batch(batch: Mapping[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
-    """A logical batch as physical batches of at most `size` examples (all of it when `size` ≥ its length)."""
+    """A logical batch as physical batches of at most `size` examples (all of it when `size` ≥ its length).
+
+    A logical batch comes padded to its longest sequence. When it is split, the examples go into physical
+    batches by length (shortest first) and each physical batch is cut to its own longest sequence, so passes
+    are not spent on padding. The order of examples does not change the logical batch's gradient (a mean,
+    or under DP-SGD a sum of per-example clipped gradients). Cutting needs right padding (this framework's
+    collates); a batch whose ``attention_mask`` is not right-padded is split in order, uncut.
+    """
     n = _batch_len(batch)
-    return [{k: v[s : s + size] for k, v in batch.items()} for s in range(0, n, size)]
+    if size >= n:
+        return [dict(batch)]
+    mask = batch.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return [{k: v[s : s + size] for k, v in batch.items()} for s in range(0, n, size)]
+    lengths = mask.sum(1)
+    width = mask.shape[1]
+    right_padded = bool((mask == (torch.arange(width, device=mask.device) < lengths[:, None])).all())
+    if not right_padded:
+        return [{k: v[s : s + size] for k, v in batch.items()} for s in range(0, n, size)]
+    order = torch.argsort(lengths, stable=True)
+    chunks = []
+    for s in range(0, n, size):
+        idx = order[s : s + size]
+        longest = max(1, int(lengths[idx].max()))
+        chunks.append(
+            {k: v[idx][:, :longest] if v.dim() >= 2 and v.shape[1] == width else v[idx] for k, v in batch.items()}
+        )
+    return chunks
 
 
 def local_train(

@@ -156,6 +156,32 @@ def test_non_dp_accumulation_over_physical_batches_is_one_big_batch() -> None:
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_physical_batches_go_by_length_and_drop_the_logical_batch_padding() -> None:
+    _, data = _tiny("lora", n=32)
+    batch = next(iter(make_loader(data, batch_size=32, pad_id=0, seed=0)))
+    lengths = batch["attention_mask"].sum(1)
+    assert int(lengths.min()) < batch["input_ids"].shape[1]  # the data has padding to save
+    chunks = split_batch(batch, 8)
+    assert [len(c["labels"]) for c in chunks] == [8, 8, 8, 8]
+    widths = [c["input_ids"].shape[1] for c in chunks]
+    assert widths == sorted(widths) and widths[0] < batch["input_ids"].shape[1]
+    seen = set()
+    for c in chunks:
+        assert c["attention_mask"].shape == c["input_ids"].shape
+        assert int(c["attention_mask"].sum(1).max()) == c["input_ids"].shape[1]  # cut to its own longest
+        for ids, m, y in zip(c["input_ids"], c["attention_mask"], c["labels"], strict=True):
+            seen.add((tuple(ids[m.bool()].tolist()), int(y)))
+    whole = {
+        (tuple(ids[m.bool()].tolist()), int(y))
+        for ids, m, y in zip(batch["input_ids"], batch["attention_mask"], batch["labels"], strict=True)
+    }
+    assert seen == whole  # every example once, tokens intact
+    left = {k: v.clone() for k, v in batch.items()}
+    left["attention_mask"] = left["attention_mask"].flip(1)  # left padding: split in order, not cut
+    assert all(c["input_ids"].shape[1] == batch["input_ids"].shape[1] for c in split_batch(left, 8))
+    assert split_batch(batch, 32)[0]["input_ids"].shape == batch["input_ids"].shape
+
+
 @pytest.mark.parametrize("strategy", ["fed_sb", "ffa_lora", "fedit", "lora_fair"])
 def test_the_dp_recipe_of_a_method_composes_and_sets_its_local_work(strategy: str) -> None:
     cfg = compose([f"strategy={strategy}", f"privacy=dp_{strategy}"])
