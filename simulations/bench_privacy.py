@@ -4,7 +4,7 @@ per strategy at several ε and without DP.
 
 Usage::
 
-    python -m simulations.bench_privacy [--steps 30] [--chunks 4] [--skip-accuracy] [--rss]
+    python -m simulations.bench_privacy [--steps 30] [--chunks 4] [--settings 16/16 128/16] [--skip-accuracy] [--rss]
         [--eps 1 3 8] [--strategies fedit ffa_lora fed_sb] [--rounds 5] [--local-steps 10]
 
 The step-time ratio alternates DP and non-DP chunks of `local_train` on the default model (MiniLM, LoRA
@@ -36,10 +36,22 @@ from privacy import ClientAccountant, make_private
 
 # (name, overrides, logical batch): the default adapter (LoRA on every encoder linear layer) at the default
 # batch, and at a DP-sized logical batch made of physical batches of 16.
-SETTINGS: list[tuple[str, list[str], int]] = [
-    ("all-linear, batch 16 (default)", ["train.batch_size=16"], 16),
-    ("all-linear, logical 128 = 8 x 16", ["train.batch_size=16"], 128),
-]
+DEFAULT_SETTINGS = ("16/16", "128/16")
+
+
+def setting(spec: str) -> tuple[str, list[str], int]:
+    """``"L/P"``: logical batch L made of physical batches of P (name, overrides, logical batch)."""
+    logical, physical = (int(x) for x in spec.split("/"))
+    if logical % physical:
+        raise ValueError(f"--settings {spec}: the logical batch must be a multiple of the physical one")
+    name = (
+        f"all-linear, batch {logical}"
+        if logical == physical
+        else f"all-linear, logical {logical} = {logical // physical} x {physical}"
+    )
+    return name, [f"train.batch_size={physical}"], logical
+
+
 MODES = ("hooks", "ghost")
 
 
@@ -162,6 +174,9 @@ def main() -> None:
     ap.add_argument("--local-steps", type=int, default=10)
     ap.add_argument("--clients", type=int, default=10)
     ap.add_argument("--test-size", type=int, default=1000)
+    ap.add_argument(
+        "--settings", nargs="*", default=list(DEFAULT_SETTINGS), help="step-time settings, logical/physical"
+    )
     ap.add_argument("--skip-steps", action="store_true", help="skip the step-time ratios")
     ap.add_argument("--skip-accuracy", action="store_true")
     ap.add_argument("--rss", action="store_true", help="measure peak RSS per client setting")
@@ -175,7 +190,7 @@ def main() -> None:
     result: dict[str, Any] = {"step_time": {}}
     if args.rss:
         result["rss"] = rss_table(args.rss_steps)
-    for name, overrides, logical in SETTINGS if not args.skip_steps else []:
+    for name, overrides, logical in [setting(x) for x in args.settings] if not args.skip_steps else []:
         steps = max(6, args.steps * 16 // logical)  # the same examples per chunk at every logical batch
         r = result["step_time"][name] = step_time_ratio(steps, args.chunks, overrides, logical)
         print(
