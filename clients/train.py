@@ -39,6 +39,7 @@ class TrainResult:
     steps: int  # optimiser steps taken
     seconds: float  # wall seconds of the training loop
     num_examples: int  # examples in the client's partition (the aggregation weight)
+    examples_seen: int = 0  # examples that went through the model (Poisson batches vary around the logical one)
 
 
 def round_seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -198,4 +199,6 @@ def local_train(
     seconds = time.perf_counter() - t0
     if net is not model:
         release(net)
-    return TrainResult(loss=total / max(seen, 1), steps=taken, seconds=seconds, num_examples=len(dataset))
+    return TrainResult(
+        loss=total / max(seen, 1), steps=taken, seconds=seconds, num_examples=len(dataset), examples_seen=seen
+    )

@@ -60,7 +60,9 @@ def _trainer(overrides: list[str], logical: int):
     data = IndexedDataset(ws.task.train, np.arange(min(len(ws.task.train), 6000)))
     acc = ClientAccountant("rdp")
 
-    def run(steps: int, seed: int, mode: str | None) -> tuple[float, int]:
+    def run(steps: int, seed: int, mode: str | None) -> tuple[float, int, int]:
+        """(seconds, logical steps, examples through the model) of one local round."""
+
         def wrap(m, o, loader):
             return make_private(
                 model=m,
@@ -85,7 +87,7 @@ def _trainer(overrides: list[str], logical: int):
             seed=seed,
             wrap=wrap if mode else None,
         )
-        return res.seconds, res.steps
+        return res.seconds, res.steps, res.examples_seen
 
     return run
 
@@ -96,22 +98,28 @@ def step_time_ratio(
     """Seconds per logical step of non-DP and DP (each mode) local training on the same model and data.
 
     Modes share one process and model. Measured here: a ghost round leaves the process ~10% slower for later
-    hooks rounds (allocator state), so time hooks alone (``--modes hooks``) for its ratio.
+    hooks rounds (cause not established), so time hooks alone (``--modes hooks``) for its ratio. Also per example:
+    a Poisson batch has logical ± √logical examples, which moves a per-step ratio by a few percent over a short run.
     """
     run = _trainer(overrides, logical)
     for mode in (None, *modes):  # warm-up
         run(2, 99, mode)
     secs = {m: 0.0 for m in ("plain", *modes)}
     counts = {m: 0 for m in secs}
+    examples = {m: 0 for m in secs}
     order: list[str | None] = [None, *modes]
     for chunk in range(chunks):
         for mode in order if chunk % 2 == 0 else order[::-1]:
-            s, n = run(steps, chunk, mode)
+            s, n, e = run(steps, chunk, mode)
             secs[mode or "plain"] += s
             counts[mode or "plain"] += n
+            examples[mode or "plain"] += e
     per_step = {m: secs[m] / counts[m] for m in secs}
+    per_example = {m: secs[m] / examples[m] for m in secs}
     out = {f"{m}_s_per_step": v for m, v in per_step.items()}
+    out.update({f"{m}_examples_per_step": examples[m] / counts[m] for m in secs})
     out.update({f"ratio_{m}": per_step[m] / per_step["plain"] for m in modes})
+    out.update({f"ratio_{m}_per_example": per_example[m] / per_example["plain"] for m in modes})
     return out
 
 
@@ -126,7 +134,7 @@ def rss_case(name: str, steps: int) -> dict[str, Any]:
     """Run one client setting for `steps` logical steps in this process; its peak RSS in MiB."""
     logical, mode = RSS_CASES[name]
     run = _trainer(["train.batch_size=16"], logical)
-    seconds, taken = run(steps, 0, mode)
+    seconds, taken, _ = run(steps, 0, mode)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     return {"case": name, "peak_rss_mib": peak, "steps": taken, "s_per_step": seconds / max(taken, 1)}
 
@@ -201,7 +209,11 @@ def main() -> None:
         steps = max(6, args.steps * 16 // logical)  # the same examples per chunk at every logical batch
         modes = tuple(args.modes)
         r = result["step_time"][name] = step_time_ratio(steps, args.chunks, overrides, logical, modes)
-        ratios = ", ".join(f"{m} {r[f'ratio_{m}']:.3f} ({r[f'{m}_s_per_step']:.3f} s)" for m in modes)
+        ratios = ", ".join(
+            f"{m} {r[f'ratio_{m}']:.3f} ({r[f'{m}_s_per_step']:.3f} s, {r[f'{m}_examples_per_step']:.1f} examples; "
+            f"per example {r[f'ratio_{m}_per_example']:.3f})"
+            for m in modes
+        )
         print(
             f"DP / non-DP seconds per step, {name}: {ratios} vs {r['plain_s_per_step']:.3f} s non-DP (goal <= 1.10)",
             flush=True,

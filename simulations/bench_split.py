@@ -43,7 +43,7 @@ def main() -> None:
         for name in splits if rep % 2 == 0 else list(splits)[::-1]:
             train.split_batch = splits[name]
             for mode in (None, "hooks") if rep % 2 == 0 else ("hooks", None):
-                seconds, steps = run(args.steps, rep, mode)
+                seconds, steps, _ = run(args.steps, rep, mode)
                 times.setdefault(f"{name}/{mode or 'non-DP'}", []).append(seconds / steps)
     train.split_batch = splits["by_length"]
     mean = {k: sum(v) / len(v) for k, v in times.items()}

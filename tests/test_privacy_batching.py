@@ -84,6 +84,7 @@ def test_the_logical_batch_is_planned_and_charged_the_physical_one_is_what_runs(
     assert res.steps == 3 and acc.steps == 3  # one charge per logical batch, not per physical one
     assert acc.opacus.history == [(1.0, sample_rate(64, 32), 3)] and sample_rate(64, 32) == 0.5
     assert max(seen) <= 8 and sum(seen) > 3 * 8  # memory sees ≤ 8 examples; the logical batches were larger
+    assert res.examples_seen == sum(seen)  # Poisson batches: what went through the model, reported
 
     cfg = compose(["model=tiny", "privacy=dp", "privacy.batch_size=32", "train.batch_size=8", "train.local_epochs=2"])
     assert (logical_batch_size(cfg), physical_batch_size(cfg)) == (32, 8)
