@@ -67,6 +67,11 @@ def _batch_len(batch: Mapping[str, torch.Tensor]) -> int:
     return len(next(iter(batch.values())))
 
 
+def in_order_split(batch: Mapping[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
+    """Consecutive slices of at most `size` examples, each keeping the logical batch's padding."""
+    return [{k: v[s : s + size] for k, v in batch.items()} for s in range(0, _batch_len(batch), size)]
+
+
 def split_batch(batch: Mapping[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
     """A logical batch as physical batches of at most `size` examples (all of it when `size` ≥ its length).
 
@@ -76,17 +81,19 @@ def split_batch(batch: Mapping[str, torch.Tensor], size: int) -> list[dict[str, 
     or under DP-SGD a sum of per-example clipped gradients). Cutting needs right padding (this framework's
     collates); a batch whose ``attention_mask`` is not right-padded is split in order, uncut.
     """
+    if size < 1:
+        raise ValueError(f"The physical batch must be at least 1 example, got {size}; set train.batch_size >= 1.")
     n = _batch_len(batch)
     if size >= n:
         return [dict(batch)]
     mask = batch.get("attention_mask")
     if mask is None or mask.dim() != 2:
-        return [{k: v[s : s + size] for k, v in batch.items()} for s in range(0, n, size)]
+        return in_order_split(batch, size)
     lengths = mask.sum(1)
     width = mask.shape[1]
     right_padded = bool((mask == (torch.arange(width, device=mask.device) < lengths[:, None])).all())
     if not right_padded:
-        return [{k: v[s : s + size] for k, v in batch.items()} for s in range(0, n, size)]
+        return in_order_split(batch, size)
     order = torch.argsort(lengths, stable=True)
     chunks = []
     for s in range(0, n, size):

@@ -41,9 +41,12 @@ DEFAULT_SETTINGS = ("16/16", "128/16")
 
 def setting(spec: str) -> tuple[str, list[str], int]:
     """``"L/P"``: logical batch L made of physical batches of P (name, overrides, logical batch)."""
-    logical, physical = (int(x) for x in spec.split("/"))
-    if logical % physical:
-        raise ValueError(f"--settings {spec}: the logical batch must be a multiple of the physical one")
+    try:
+        logical, physical = (int(x) for x in spec.split("/"))
+    except ValueError:
+        raise ValueError(f"--settings {spec!r}: write logical/physical batch sizes, e.g. 128/16") from None
+    if logical < 1 or physical < 1 or logical % physical:
+        raise ValueError(f"--settings {spec}: both sizes >= 1, the logical batch a multiple of the physical one")
     name = (
         f"all-linear, batch {logical}"
         if logical == physical

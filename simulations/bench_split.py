@@ -11,19 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Mapping
-
-import torch
 
 import clients.train as train
 from fl.runtime_env import set_quiet_env
 from simulations.bench_privacy import _trainer
-
-
-def in_order_split(batch: Mapping[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
-    """The old split: consecutive slices, every one padded to the logical batch's longest sequence."""
-    n = len(next(iter(batch.values())))
-    return [{k: v[s : s + size] for k, v in batch.items()} for s in range(0, n, size)]
 
 
 def main() -> None:
@@ -32,7 +23,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="logical steps per arm and repetition")
     ap.add_argument("--reps", type=int, default=2)
     args = ap.parse_args()
-    splits = {"by_length": train.split_batch, "in_order": in_order_split}
+    splits = {"by_length": train.split_batch, "in_order": train.in_order_split}
     run = _trainer(["train.batch_size=16"], 128)
     for split in splits.values():  # warm-up
         train.split_batch = split

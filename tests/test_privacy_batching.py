@@ -181,6 +181,8 @@ def test_physical_batches_go_by_length_and_drop_the_logical_batch_padding() -> N
     left["attention_mask"] = left["attention_mask"].flip(1)  # left padding: split in order, not cut
     assert all(c["input_ids"].shape[1] == batch["input_ids"].shape[1] for c in split_batch(left, 8))
     assert split_batch(batch, 32)[0]["input_ids"].shape == batch["input_ids"].shape
+    with pytest.raises(ValueError, match=r"train\.batch_size"):
+        split_batch(batch, 0)
 
 
 @pytest.mark.parametrize("strategy", ["fed_sb", "ffa_lora", "fedit", "lora_fair"])
