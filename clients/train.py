@@ -1,4 +1,4 @@
-"""One client's local training: AdamW on the trainable adapter tensors for a number of steps.
+"""One client's local training: the `train.optimizer` (AdamW by default) on the trainable adapter tensors.
 
 A step consumes one *logical* batch (what the optimiser and, under DP, the accountant see), processed in
 *physical* batches of at most `physical_batch_size` examples (what has to fit in memory): gradients are
@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
+from clients.optim import load_state_tensors, make_optimizer, state_tensors
 from fl.accel import autocast
 from fl.data import IndexedDataset
 from fl.tasks import get_task
@@ -40,6 +41,8 @@ class TrainResult:
     seconds: float  # wall seconds of the training loop
     num_examples: int  # examples in the client's partition (the aggregation weight)
     examples_seen: int = 0  # examples that went through the model (Poisson batches vary around the logical one)
+    # the optimiser's state after the round (clients.optim.state_tensors), for train.keep_optimizer_state
+    optimizer_state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
 def round_seed(seed: int, server_round: int, partition_id: int) -> int:
@@ -119,6 +122,9 @@ def local_train(
     precision: str = "fp32",
     physical_batch_size: int | None = None,
     loss_fn: ExampleLoss | None = None,
+    optimizer_name: str = "adamw",
+    momentum: float = 0.0,
+    optimizer_state: Mapping[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train the model's trainable parameters in place for `steps` optimiser steps.
 
@@ -133,7 +139,7 @@ def local_train(
     batch_size : int
         The logical batch (examples per optimiser step; under DP the expected Poisson batch).
     lr, weight_decay : float
-        AdamW settings.
+        The optimiser's settings.
     pad_id : int
         Token id used for padding.
     seed : int
@@ -147,6 +153,11 @@ def local_train(
     loss_fn : callable, optional
         ``(outputs, batch) -> per-example losses``; default: the dataset's task's
         (`fl.tasks.Task.per_example_loss`). Batches go to the model's device.
+    optimizer_name, momentum : str, float
+        `train.optimizer` (`clients.optim.OPTIMIZERS`: adamw, sgd) and SGD's momentum.
+    optimizer_state : mapping, optional
+        The optimiser state this client kept from its last round (`clients.optim.state_tensors`); the
+        result's `optimizer_state` is the state after this round's steps.
     """
     task = get_task(dataset.split.task)
     device = next(model.parameters()).device
@@ -155,7 +166,10 @@ def local_train(
     physical = int(physical_batch_size or batch_size)
     example_loss = loss_fn or task.per_example_loss
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer: torch.optim.Optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = make_optimizer(optimizer_name, params, lr=lr, weight_decay=weight_decay, momentum=momentum)
+    if optimizer_state:
+        load_state_tensors(optimizer, optimizer_state)
+    raw_optimizer = optimizer  # Opacus' DPOptimizer wraps it; its state is this one's
     loader = make_loader(dataset, batch_size=batch_size, pad_id=pad_id, seed=seed)
     net = model
     model.train()  # before wrapping: Opacus validates a module in training mode
@@ -207,5 +221,10 @@ def local_train(
     if net is not model:
         release(net)
     return TrainResult(
-        loss=total / max(seen, 1), steps=taken, seconds=seconds, num_examples=len(dataset), examples_seen=seen
+        loss=total / max(seen, 1),
+        steps=taken,
+        seconds=seconds,
+        num_examples=len(dataset),
+        examples_seen=seen,
+        optimizer_state=state_tensors(raw_optimizer),
     )

@@ -13,8 +13,9 @@ import os
 from typing import Any
 
 import torch
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from omegaconf import DictConfig
 
 from clients.dp import (
     client_plan,
@@ -174,7 +175,12 @@ def train(msg: Message, context: Context) -> Message:
         seed=seed,
         wrap=wrap,
         precision=str(cfg.train.precision),
+        optimizer_name=str(cfg.train.optimizer),
+        momentum=float(cfg.train.momentum),
+        optimizer_state=_kept_optimizer_state(cfg, context),
     )
+    if cfg.train.keep_optimizer_state:  # stays on the client: under DP a function of its noised updates only
+        context.state[K.STATE_OPTIMIZER] = ArrayRecord(torch_state_dict=result.optimizer_state)
     metrics.update(
         {
             K.NUM_EXAMPLES: result.num_examples,
@@ -192,6 +198,13 @@ def train(msg: Message, context: Context) -> Message:
     content[K.ARRAYS] = to_record(trainable_state(ws.model))
     content[K.METRICS] = MetricRecord(metrics)
     return Message(content, reply_to=msg)
+
+
+def _kept_optimizer_state(cfg: DictConfig, context: Context) -> dict[str, torch.Tensor] | None:
+    """The optimiser state this client kept from the last round it joined (`train.keep_optimizer_state`)."""
+    if not cfg.train.keep_optimizer_state or K.STATE_OPTIMIZER not in context.state.array_records:
+        return None
+    return dict(context.state.array_records[K.STATE_OPTIMIZER].to_torch_state_dict())
 
 
 @app.evaluate()

@@ -19,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from clients.optim import OPTIMIZERS
 from fl.config_privacy import PrivacyConfig, validate_privacy
 from fl.config_privacy import require as _require
 from fl.schedule import SCHEDULES
@@ -116,6 +117,9 @@ class TrainConfig:
     local_steps: int = 20
     local_epochs: float | None = None  # if set, overrides local_steps (epochs of the partition)
     weight_decay: float = 0.0
+    optimizer: str = "adamw"  # adamw | sgd (clients.optim.OPTIMIZERS)
+    momentum: float = 0.9  # train.optimizer=sgd: heavy-ball momentum (0 = plain SGD)
+    keep_optimizer_state: bool = False  # a client keeps its optimiser state across the rounds it joins
     eval_batch_size: int = 128
     threads: int = 0  # torch threads per process (0 = leave torch's default)
     lr_schedule: str = "constant"  # constant | cosine, across rounds (fl.schedule); strategy.lr is the peak
@@ -263,6 +267,8 @@ def validate(cfg: DictConfig) -> None:
         t.local_epochs,
         "use a positive number of epochs, or null to use train.local_steps.",
     )
+    _require(t.optimizer in OPTIMIZERS, "train.optimizer", t.optimizer, f"use one of {', '.join(OPTIMIZERS)}.")
+    _require(0 <= t.momentum < 1, "train.momentum", t.momentum, "use a momentum in [0, 1).")
     _require(
         t.lr_schedule in SCHEDULES,
         "train.lr_schedule",

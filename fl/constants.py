@@ -35,6 +35,7 @@ NODE_DATA_PATH = "data-path"  # a node's own data file: it trains on all of it i
 # Context.state keys on a client
 STATE_FROZEN = "fedlora-frozen"
 STATE_PRIVACY = "fedlora-privacy"
+STATE_OPTIMIZER = "fedlora-optimizer"  # train.keep_optimizer_state: the client's optimiser state (ArrayRecord)
 
 # Run outputs
 METRICS_FILE = "metrics.jsonl"

@@ -13,16 +13,14 @@ from typing import Any
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, Context, Message, RecordDict
-from flwr.serverapp import Grid
+from flwr.app import ArrayRecord, Message
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
-from flwr.supercore.task_identity import TaskIdentity
+from loop_grid import LoopGrid
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.rdp import RDPAccountant
 
 from fl import constants as K
 from fl.adapters import fixed_state, trainable_state
-from fl.client_app import app as client_app
 from fl.config import compose
 from fl.outputs import read_metrics
 from fl.simulation import run_simulation
@@ -33,53 +31,6 @@ from strategies import get_strategy, names
 from strategies.client_dp import client_dp_wrapper
 
 NODES = 3
-
-
-class LoopGrid(Grid):
-    """A Grid that runs the ClientApp in this process for each message (one Context per node)."""
-
-    def __init__(self, num_nodes: int) -> None:
-        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 0  # a Message needs a run
-        self.contexts = {
-            100 + pid: Context(
-                run_id=7,
-                node_id=100 + pid,
-                node_config={K.NODE_PARTITION_ID: pid, K.NODE_NUM_PARTITIONS: num_nodes},
-                state=RecordDict(),
-                run_config={},
-            )
-            for pid in range(num_nodes)
-        }
-        self.sent: list[Message] = []
-
-    def set_run(self, run: Any) -> None:
-        raise NotImplementedError
-
-    @property
-    def run(self) -> Any:
-        raise NotImplementedError
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        raise NotImplementedError
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
-
-    def get_nodes(self) -> Any:
-        raise NotImplementedError
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        replies = []
-        for msg in messages:
-            self.sent.append(msg)
-            replies.append(client_app(msg, self.contexts[msg.metadata.dst_node_id]))
-        return replies
 
 
 def _job(tiny: list[str], strategy: str, *extra: str) -> list[str]:
