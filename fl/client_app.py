@@ -159,6 +159,7 @@ def train(msg: Message, context: Context) -> Message:
                 accountant=accountant,
                 poisson_sampling=bool(cfg.privacy.poisson_sampling),
                 grad_sample_mode=str(cfg.privacy.grad_sample_mode),
+                clipping=str(cfg.privacy.clipping),
                 noise_seed=seed,
                 loss_fn=ws.task_def.per_example_loss,
             )

@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 
 from omegaconf import DictConfig
 
+# privacy.engine.CLIPPINGS (a test keeps them equal): named here so that composing a config does not import Opacus
+CLIPPINGS = ("flat", "per_layer")
+
 CLIENT_CLIPPINGS = ("server", "client")
 """Where a client's update is clipped under client-level DP: by the server wrapper, or by the node's mod."""
 
@@ -45,6 +48,7 @@ class PrivacyConfig:
     planned_rounds: int | None = None  # rounds the budget is planned for; default sim.rounds
     batch_size: int | None = None  # logical (expected Poisson) batch q and σ are planned for; default train.batch_size
     grad_sample_mode: str = "hooks"  # hooks | ghost (Opacus fast gradient clipping) | functorch
+    clipping: str = "flat"  # flat: one norm over all trainable tensors | per_layer: each tensor to C/sqrt(#tensors)
     local_steps: int | None = None  # logical steps per round under DP; default train.local_steps
     local_epochs: float | None = None  # or epochs of the partition under DP (overrides privacy.local_steps)
     init_share: float | None = 0.1  # of ε, for Fed-SB's init releases (their own σ); null: one σ for both
@@ -121,6 +125,18 @@ def validate_privacy(cfg: DictConfig) -> None:
             "privacy.grad_sample_mode",
             p.grad_sample_mode,
             "use hooks, ghost (fast gradient clipping) or functorch.",
+        )
+        require(
+            p.clipping in CLIPPINGS,
+            "privacy.clipping",
+            p.clipping,
+            f"use one of {', '.join(CLIPPINGS)}.",
+        )
+        require(
+            p.clipping == "flat" or p.grad_sample_mode != "ghost",
+            "privacy.clipping",
+            p.clipping,
+            "Opacus' ghost clipping clips one flat norm; use privacy.grad_sample_mode=hooks with per_layer.",
         )
     require(
         p.planned_rounds is None or p.planned_rounds >= 1,

@@ -3,6 +3,7 @@
 from privacy.accountant import ACCOUNTANTS, ClientAccountant
 from privacy.budget import DPPlan, default_delta, epsilon_after, plan_dp, sample_rate
 from privacy.engine import (
+    CLIPPINGS,
     GRAD_SAMPLE_MODES,
     make_private,
     noisy_gradient_sum,
@@ -13,6 +14,7 @@ from privacy.engine import (
 
 __all__ = [
     "ACCOUNTANTS",
+    "CLIPPINGS",
     "GRAD_SAMPLE_MODES",
     "ClientAccountant",
     "DPPlan",

@@ -11,6 +11,7 @@ federated initialisation (Singhal et al. 2025), charged as one full-batch Gaussi
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, overload
@@ -18,12 +19,21 @@ from typing import Any, NamedTuple, overload
 import torch
 from opacus import GradSampleModule, PrivacyEngine
 from opacus.grad_sample.gsm_base import OPACUS_PARAM_MONKEYPATCH_ATTRS, AbstractGradSampleModule
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DPOptimizer, DPPerLayerOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch.utils.data import DataLoader
 
 from privacy.accountant import ClientAccountant
 
 log = logging.getLogger(__name__)
+
+CLIPPINGS = ("flat", "per_layer")
+"""``flat``: each example's gradient over all trainable tensors together is clipped to C. ``per_layer``
+(Opacus' per-layer clipping): each trainable tensor's per-example gradient is clipped to C/√P on its own, P the
+number of trainable tensors, so the whole is still ≤ C, and σ, the noise σC and the accounting are unchanged.
+Under flat clipping one large tensor can take the whole bound: at the start of a classification run the new
+head's gradient is ~99% of an example's norm (BENCHMARKS.md), and the adapter's share of the signal drowns in
+noise added to every coordinate alike."""
 
 GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch")
 """Opacus modes that work with keyword inputs (``model(**batch)``). ``hooks`` materialises per-example
@@ -79,6 +89,22 @@ class PrivateRound(NamedTuple):
     objective: Objective
 
 
+class _PerLayerOptimizer(DPPerLayerOptimizer):
+    """Opacus' per-layer DP optimizer, with lower-precision per-example gradients cast to the parameter's dtype
+    before clipping, as Opacus' flat `DPOptimizer.clip_and_accumulate` does (its per-layer one does not, and
+    under bf16 autocast it then assigns a bf16 sum to an fp32 parameter's gradient and fails)."""
+
+    def clip_and_accumulate(self) -> None:
+        for p, bound in zip(self.params, self.max_grad_norms, strict=True):
+            _check_processed_flag(p.grad_sample)
+            grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
+            norms = grad_sample.reshape(len(grad_sample), -1).norm(2, dim=-1)
+            factor = (bound / (norms + 1e-6)).clamp(max=1.0)
+            grad = torch.einsum("i,i...", factor, grad_sample)
+            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+            _mark_as_processed(p.grad_sample)
+
+
 def make_private(
     *,
     model: torch.nn.Module,
@@ -91,6 +117,7 @@ def make_private(
     grad_sample_mode: str = "hooks",
     noise_seed: int | None = None,
     loss_fn: ExampleLoss = classification_loss,
+    clipping: str = "flat",
 ) -> PrivateRound:
     """DP-SGD versions of (model, optimizer, loader) for one round; steps are charged to `accountant`.
 
@@ -119,6 +146,8 @@ def make_private(
         Seeds the noise (reproducible simulations); None draws fresh noise.
     loss_fn : callable
         ``(outputs, batch) -> per-example losses``; ghost clipping needs the loss per example.
+    clipping : str
+        ``"flat"`` or ``"per_layer"`` (`CLIPPINGS`); per_layer needs hooks or functorch.
 
     Returns
     -------
@@ -132,6 +161,11 @@ def make_private(
     """
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise ValueError(f"grad_sample_mode={grad_sample_mode!r} is not supported; use one of {GRAD_SAMPLE_MODES}.")
+    if clipping not in CLIPPINGS or (clipping == "per_layer" and grad_sample_mode == "ghost"):
+        raise ValueError(
+            f"clipping={clipping!r} with grad_sample_mode={grad_sample_mode!r} is not supported; use flat, or "
+            "per_layer with hooks or functorch."
+        )
     if isinstance(model, AbstractGradSampleModule) or hasattr(model, "autograd_grad_sample_hooks"):
         raise ValueError("The model still carries Opacus hooks from an earlier round; call release(model) first.")
     with warnings.catch_warnings():  # only the engine's notice that secure_mode is off (this is a simulation tool)
@@ -139,24 +173,32 @@ def make_private(
         engine = PrivacyEngine(accountant=accountant.kind)
     engine.accountant = accountant.opacus  # make_private attaches the optimizer's step hook to this object
     generator = torch.Generator().manual_seed(noise_seed) if noise_seed is not None else None
+    bound: float | list[float] = max_grad_norm
+    if clipping == "per_layer":  # Opacus wants one bound per optimizer parameter; their L2 norm is C
+        count = sum(len(group["params"]) for group in optimizer.param_groups)
+        bound = [max_grad_norm / math.sqrt(count)] * count
     made = engine.make_private(
         module=model,
         optimizer=optimizer,
         data_loader=data_loader,
         noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm,
+        max_grad_norm=bound,
+        clipping=clipping,
         poisson_sampling=poisson_sampling,
         grad_sample_mode=grad_sample_mode,
         noise_generator=generator,
         criterion=PerExampleCriterion(loss_fn),
     )
     log.debug(
-        "DP-SGD round (%s): σ=%.4g, C=%g, q=%.4g",
+        "DP-SGD round (%s, %s clipping): σ=%.4g, C=%g, q=%.4g",
         grad_sample_mode,
+        clipping,
         noise_multiplier,
         max_grad_norm,
         1 / len(data_loader),
     )
+    if clipping == "per_layer":
+        made[1].__class__ = _PerLayerOptimizer  # same state, the dtype-safe clip_and_accumulate
     if grad_sample_mode == "ghost":
         module, dp_optimizer, criterion, dp_loader = made
         return PrivateRound(module, dp_optimizer, dp_loader, criterion)
