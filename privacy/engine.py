@@ -100,7 +100,7 @@ class _PerLayerOptimizer(DPPerLayerOptimizer):
             grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
             norms = grad_sample.reshape(len(grad_sample), -1).norm(2, dim=-1)
             factor = (bound / (norms + 1e-6)).clamp(max=1.0)
-            grad = torch.einsum("i,i...", factor, grad_sample)
+            grad = (factor.view(-1, *[1] * (grad_sample.dim() - 1)) * grad_sample).sum(0)  # no autocast (einsum is)
             p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
             _mark_as_processed(p.grad_sample)
 

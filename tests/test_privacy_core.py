@@ -20,7 +20,10 @@ from peft import LoraConfig, get_peft_model
 from torch.utils.data import DataLoader
 from transformers import BertConfig, BertForSequenceClassification
 
+from fl.config import compose
+from fl.config_privacy import CLIPPINGS as CONFIG_CLIPPINGS
 from privacy import (
+    CLIPPINGS,
     ClientAccountant,
     default_delta,
     epsilon_after,
@@ -382,6 +385,72 @@ def test_opacus_clips_each_example_to_max_grad_norm() -> None:
     assert torch.allclose(batch_sum, torch.stack(singles).sum(dim=0), atol=1e-7, rtol=1e-4)
     assert float(batch_sum.norm()) <= len(examples) * clip + 1e-6
     release(gsm)
+
+
+def test_per_layer_clipping_bounds_each_tensor_and_keeps_the_total_bound_and_noise() -> None:
+    """`clipping="per_layer"` with σ = 0: each example's gradient of each trainable tensor is clipped to C/√P on
+    its own (so the whole is ≤ C), a batch's sum is the sum of its examples', the DP optimizer's C (the noise
+    scale σC) is the flat C, and it runs under bf16 autocast with fp32 gradients."""
+    clip = 1e-3
+    model = _tiny_lora_bert()
+    examples = _examples(4, seed=3)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    model.train()
+    gsm, dp_opt, _, _ = make_private(
+        model=model,
+        optimizer=opt,
+        data_loader=DataLoader(examples, batch_size=4, collate_fn=_collate),
+        noise_multiplier=0.0,
+        max_grad_norm=clip,
+        accountant=ClientAccountant(),
+        poisson_sampling=False,
+        clipping="per_layer",
+    )
+    params = [p for p in gsm.parameters() if p.requires_grad]
+    bound = clip / math.sqrt(len(params))
+    assert dp_opt.max_grad_norm == pytest.approx(clip)  # the noise std is σ·C, as under flat clipping
+
+    def clipped(items: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        dp_opt.zero_grad(set_to_none=True)
+        gsm(**_collate(items)).loss.backward()
+        dp_opt.clip_and_accumulate()
+        return [p.summed_grad.clone() for p in params]
+
+    singles = [clipped([ex]) for ex in examples]
+    for single in singles:
+        norms = [float(g.norm()) for g in single]
+        assert max(norms) <= bound + 1e-7
+        # the tensors with large gradients (LoRA B, the head's weight) sit exactly at their own bound
+        assert sum(n == pytest.approx(bound, rel=1e-2) for n in norms) >= 2, (norms, bound)  # Opacus: n + 1e-6
+        assert math.sqrt(sum(n * n for n in norms)) <= clip + 1e-7
+    for got, *parts in zip(clipped(examples), *singles, strict=True):
+        torch.testing.assert_close(got, torch.stack(parts).sum(dim=0), atol=1e-8, rtol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # Opacus' own per-layer optimizer fails here
+        got = clipped(examples)
+    assert all(g.dtype == torch.float32 and bool(torch.isfinite(g).all()) for g in got), [g.dtype for g in got]
+    release(gsm)
+
+
+def test_per_layer_clipping_is_refused_with_ghost_and_config_names_the_field() -> None:
+    model = _tiny_lora_bert()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    loader = DataLoader(_examples(8), batch_size=4, collate_fn=_collate)
+    with pytest.raises(ValueError, match="per_layer with hooks or functorch"):
+        make_private(
+            model=model,
+            optimizer=opt,
+            data_loader=loader,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            accountant=ClientAccountant(),
+            grad_sample_mode="ghost",
+            clipping="per_layer",
+        )
+    assert CLIPPINGS == CONFIG_CLIPPINGS
+    with pytest.raises(ValueError, match=r"privacy\.clipping='flt' is invalid: use one of flat, per_layer"):
+        compose(["privacy=dp", "privacy.clipping=flt"])
+    with pytest.raises(ValueError, match=r"privacy\.clipping='per_layer'.*grad_sample_mode=hooks"):
+        compose(["privacy=dp", "privacy.clipping=per_layer", "privacy.grad_sample_mode=ghost"])
 
 
 # ----------------------------------------------------------------------------- Fed-SB init gradient
