@@ -4,8 +4,9 @@ per strategy at several ε and without DP.
 
 Usage::
 
-    python -m simulations.bench_privacy [--steps 30] [--chunks 4] [--settings 16/16 128/16] [--modes hooks ghost]
-        [--skip-accuracy] [--rss] [--eps 1 3 8] [--strategies fedit ffa_lora fed_sb] [--rounds 5] [--local-steps 10]
+    python -m simulations.bench_privacy [--steps 30] [--chunks 4] [--settings 16/16 128/16]
+        [--modes hooks ghost per_layer] [--skip-accuracy] [--rss] [--eps 1 3 8]
+        [--strategies fedit ffa_lora fed_sb] [--rounds 5] [--local-steps 10]
 
 The step-time ratio alternates DP and non-DP chunks of `local_train` on the default model (MiniLM, LoRA
 r=8 on every encoder linear layer) at the same logical and physical batch; DP uses Poisson sampling (expected
@@ -55,7 +56,7 @@ def setting(spec: str) -> tuple[str, list[str], int]:
     return name, [f"train.batch_size={physical}"], logical
 
 
-MODES = ("hooks", "ghost")
+MODES = ("hooks", "ghost", "per_layer")  # per_layer: hooks with privacy.clipping=per_layer
 
 
 def _trainer(overrides: list[str], logical: int):
@@ -75,7 +76,8 @@ def _trainer(overrides: list[str], logical: int):
                 max_grad_norm=1.0,
                 accountant=acc,
                 noise_seed=0,
-                grad_sample_mode=mode or "hooks",
+                grad_sample_mode="hooks" if mode in (None, "per_layer") else mode,
+                clipping="per_layer" if mode == "per_layer" else "flat",
             )
 
         res = local_train(
