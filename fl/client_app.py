@@ -160,6 +160,7 @@ def train(msg: Message, context: Context) -> Message:
                 poisson_sampling=bool(cfg.privacy.poisson_sampling),
                 grad_sample_mode=str(cfg.privacy.grad_sample_mode),
                 clipping=str(cfg.privacy.clipping),
+                head_clip_share=cfg.privacy.head_clip_share,
                 noise_seed=seed,
                 loss_fn=ws.task_def.per_example_loss,
             )

@@ -49,6 +49,7 @@ class PrivacyConfig:
     batch_size: int | None = None  # logical (expected Poisson) batch q and σ are planned for; default train.batch_size
     grad_sample_mode: str = "hooks"  # hooks | ghost (Opacus fast gradient clipping) | functorch
     clipping: str = "flat"  # flat: one norm over all trainable tensors | per_layer: each tensor to C/sqrt(#tensors)
+    head_clip_share: float | None = None  # per_layer: fraction of C^2 for the task head's tensors; null: equal
     local_steps: int | None = None  # logical steps per round under DP; default train.local_steps
     local_epochs: float | None = None  # or epochs of the partition under DP (overrides privacy.local_steps)
     init_share: float | None = 0.1  # of ε, for Fed-SB's init releases (their own σ); null: one σ for both
@@ -137,6 +138,12 @@ def validate_privacy(cfg: DictConfig) -> None:
             "privacy.clipping",
             p.clipping,
             "Opacus' ghost clipping clips one flat norm; use privacy.grad_sample_mode=hooks with per_layer.",
+        )
+        require(
+            p.head_clip_share is None or (p.clipping == "per_layer" and 0 < p.head_clip_share < 1),
+            "privacy.head_clip_share",
+            p.head_clip_share,
+            "use a fraction in (0, 1) with privacy.clipping=per_layer, or null.",
         )
     require(
         p.planned_rounds is None or p.planned_rounds >= 1,

@@ -8,6 +8,7 @@ from privacy.engine import (
     make_private,
     noisy_gradient_sum,
     per_example_cross_entropy,
+    per_layer_bounds,
     release,
     unwrap,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "make_private",
     "noisy_gradient_sum",
     "per_example_cross_entropy",
+    "per_layer_bounds",
     "plan_dp",
     "release",
     "sample_rate",

@@ -105,6 +105,26 @@ class _PerLayerOptimizer(DPPerLayerOptimizer):
             _mark_as_processed(p.grad_sample)
 
 
+def per_layer_bounds(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float, *, head_share: float | None
+) -> list[float]:
+    """One clipping bound per optimizer parameter, in order, with Σ C_i² = C²: equal, or `head_share` of C² over
+    the head's tensors (names with ``modules_to_save``) and the rest over the others. Equal when either group is
+    empty (e.g. a causal LM has no separate head)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    head = [HEAD_MARK in names.get(id(p), "") for p in params]
+    n_head = sum(head)
+    if head_share is None or n_head in (0, len(params)):
+        return [max_grad_norm / math.sqrt(len(params))] * len(params)
+    c_head = max_grad_norm * math.sqrt(head_share / n_head)
+    c_rest = max_grad_norm * math.sqrt((1 - head_share) / (len(params) - n_head))
+    return [c_head if h else c_rest for h in head]
+
+
+HEAD_MARK = "modules_to_save"  # PEFT's copy of a trainable task head (fl.adapters puts the classifier there)
+
+
 def make_private(
     *,
     model: torch.nn.Module,
@@ -118,6 +138,7 @@ def make_private(
     noise_seed: int | None = None,
     loss_fn: ExampleLoss = classification_loss,
     clipping: str = "flat",
+    head_clip_share: float | None = None,
 ) -> PrivateRound:
     """DP-SGD versions of (model, optimizer, loader) for one round; steps are charged to `accountant`.
 
@@ -148,6 +169,9 @@ def make_private(
         ``(outputs, batch) -> per-example losses``; ghost clipping needs the loss per example.
     clipping : str
         ``"flat"`` or ``"per_layer"`` (`CLIPPINGS`); per_layer needs hooks or functorch.
+    head_clip_share : float, optional
+        per_layer only: the fraction of C² given to the task head's tensors (PEFT ``modules_to_save``, e.g. a
+        classifier), the rest split equally over the other trainable tensors; None: C² split equally over all.
 
     Returns
     -------
@@ -175,8 +199,7 @@ def make_private(
     generator = torch.Generator().manual_seed(noise_seed) if noise_seed is not None else None
     bound: float | list[float] = max_grad_norm
     if clipping == "per_layer":  # Opacus wants one bound per optimizer parameter; their L2 norm is C
-        count = sum(len(group["params"]) for group in optimizer.param_groups)
-        bound = [max_grad_norm / math.sqrt(count)] * count
+        bound = per_layer_bounds(model, optimizer, max_grad_norm, head_share=head_clip_share)
     made = engine.make_private(
         module=model,
         optimizer=optimizer,
@@ -192,7 +215,7 @@ def make_private(
     log.debug(
         "DP-SGD round (%s, %s clipping): σ=%.4g, C=%g, q=%.4g",
         grad_sample_mode,
-        clipping,
+        clipping if head_clip_share is None else f"{clipping}, head share {head_clip_share:g}",
         noise_multiplier,
         max_grad_norm,
         1 / len(data_loader),

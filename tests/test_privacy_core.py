@@ -29,6 +29,7 @@ from privacy import (
     epsilon_after,
     make_private,
     noisy_gradient_sum,
+    per_layer_bounds,
     plan_dp,
     release,
     sample_rate,
@@ -429,6 +430,22 @@ def test_per_layer_clipping_bounds_each_tensor_and_keeps_the_total_bound_and_noi
         got = clipped(examples)
     assert all(g.dtype == torch.float32 and bool(torch.isfinite(g).all()) for g in got), [g.dtype for g in got]
     release(gsm)
+
+
+def test_a_head_share_splits_c_squared_between_the_head_and_the_adapter() -> None:
+    model = _tiny_lora_bert()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    head = ["modules_to_save" in n for n in names]
+    assert sum(head) == 2 and len(names) == 10  # classifier weight and bias; A and B of 2 layers x 2 modules
+    equal = per_layer_bounds(model, opt, 0.1, head_share=None)
+    assert equal == pytest.approx([0.1 / math.sqrt(10)] * 10)
+    split = per_layer_bounds(model, opt, 0.1, head_share=0.5)
+    assert sum(c * c for c in split) == pytest.approx(0.01)
+    assert sum(c * c for c, h in zip(split, head, strict=True) if h) == pytest.approx(0.005)
+    assert len({round(c, 12) for c, h in zip(split, head, strict=True) if not h}) == 1
+    with pytest.raises(ValueError, match=r"privacy\.head_clip_share.*per_layer"):
+        compose(["privacy=dp", "privacy.head_clip_share=0.5"])  # flat clipping has no share
 
 
 def test_per_layer_clipping_is_refused_with_ghost_and_config_names_the_field() -> None:
