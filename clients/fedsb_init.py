@@ -26,6 +26,7 @@ from privacy import DPPlan, noisy_gradient_sum
 from strategies.sketch_math import contraction, sketch_width, test_matrix
 
 BASE_SUFFIX = ".base_layer.weight"
+PUBLIC = "public"  # strategy.init_data=public: the run's data.public_size slice
 
 
 def init_examples(data: IndexedDataset, *, count: int, seed: int) -> IndexedDataset:
@@ -185,7 +186,8 @@ def init_gradient_reply(msg: Message, context: Context, ws: Workspace, data: Ind
 def server_init_data(cfg: DictConfig, ws: Workspace) -> IndexedDataset:
     """`strategy.init_data`, tokenised like the run's data (same columns and labels), for init=server.
 
-    Read through the task's `build_data` (file source, no held-out split); at most
+    ``public``: the run's own public slice (`data.public_size`, in no client's partition). Otherwise a file,
+    read through the task's `build_data` (file source, no held-out split); at most
     `init_examples × sim.num_clients` examples (seeded), the total a federated init would use. The run's
     evaluation split is never used: a file that is the run's own `data.path` is refused.
     """
@@ -194,6 +196,14 @@ def server_init_data(cfg: DictConfig, ws: Workspace) -> IndexedDataset:
     path = cfg.strategy.get("init_data")
     if not path:
         raise ValueError("strategy.init=server needs strategy.init_data=PATH (the server's own data file).")
+    count = int(cfg.strategy.init_examples) * int(cfg.sim.num_clients)
+    if str(path) == PUBLIC:  # the run's public slice: in no client's partition and not the evaluation split
+        if ws.task.public is None or len(ws.task.public) == 0:
+            raise ValueError(
+                "strategy.init_data=public needs a public slice: set data.public_size (e.g. 640) on a "
+                "classification task, or give the server's own file as strategy.init_data=PATH."
+            )
+        return init_examples(IndexedDataset(ws.task.public), count=count, seed=int(cfg.seed))
     file = Path(str(path)).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"strategy.init_data={str(path)!r}: no such file. Give a CSV/JSON/JSONL/Parquet file.")
@@ -209,8 +219,14 @@ def server_init_data(cfg: DictConfig, ws: Workspace) -> IndexedDataset:
     data_cfg = OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=True))
     assert isinstance(data_cfg, DictConfig)
     data_cfg.update(
-        {"source": "file", "path": str(file), "test_size": 0, "max_examples": None, "labels": ws.task.label_names}
+        {
+            "source": "file",
+            "path": str(file),
+            "test_size": 0,
+            "public_size": 0,
+            "max_examples": None,
+            "labels": ws.task.label_names,
+        }
     )
     task = ws.task_def.build_data(data_cfg, ws.tokenizer, seed=int(cfg.seed), cache_dir=cfg.cache_dir)
-    count = int(cfg.strategy.init_examples) * int(cfg.sim.num_clients)
     return init_examples(IndexedDataset(task.train), count=count, seed=int(cfg.seed))

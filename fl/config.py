@@ -60,6 +60,9 @@ class DataConfig:
     test_size: int = 2000  # examples held out on the server for central evaluation (0 only on a node's own file)
     labels: list[str] | None = None  # class names in label-id order; default: the sorted labels found in the data
     max_examples: int | None = None  # subsample the training pool (quick runs)
+    # examples after the held-out split kept out of every client: a slice the run treats as public, e.g. the
+    # server's data for Fed-SB's init (strategy.init=server strategy.init_data=public); never evaluated on
+    public_size: int = 0
     max_length: int = 64  # tokens; batches are padded dynamically up to this
     partitioner: str = "dirichlet"  # iid | dirichlet | pathological | natural
     alpha: float = 0.5  # Dirichlet concentration (smaller = more heterogeneous)
@@ -104,7 +107,9 @@ class FedSBConfig(StrategyConfig):
     init_examples: int = 64  # per client, for the federated init gradient
     init_lr: float = 1e-3  # eta of the first full fine-tuning step the init approximates
     init_fraction: float = 1.0  # fraction of clients (seeded sample) that contribute to a federated init
-    init_data: str | None = None  # init=server: the server's own CSV/JSON/JSONL/Parquet file (never the test split)
+    init_data: str | None = (
+        None  # init=server: the server's own CSV/JSON/JSONL/Parquet file, or public (data.public_size)
+    )
     sketch_oversample: int = 8  # init=sketch: p, the sketch has r + p columns per module
     sketch_power_iters: int = 0  # init=sketch: power iterations (two more exchanges each)
 
@@ -252,6 +257,13 @@ def validate(cfg: DictConfig) -> None:
     )
     _require(d.alpha > 0, "data.alpha", d.alpha, "the Dirichlet concentration must be > 0.")
     _require(d.test_size >= 0, "data.test_size", d.test_size, "hold out 0 or more examples (the server needs > 0).")
+    _require(d.public_size >= 0, "data.public_size", d.public_size, "use 0 (no public slice) or more examples.")
+    _require(
+        s.get("init_data") != "public" or d.public_size > 0,
+        "strategy.init_data",
+        "public",
+        "the run has no public slice: set data.public_size (e.g. 640), or give a file as strategy.init_data=PATH.",
+    )
     _require(
         d.labels is None or len(set(d.labels)) == len(d.labels) >= 2,
         "data.labels",
@@ -313,8 +325,8 @@ def validate_fed_sb(s: DictConfig) -> None:
         s.init != "server" or bool(s.init_data),
         "strategy.init_data",
         s.init_data,
-        "strategy.init=server needs the server's own data file: set strategy.init_data=PATH "
-        "(CSV/JSON/JSONL/Parquet with data.text_column and data.label_column).",
+        "strategy.init=server needs the server's own data: set strategy.init_data=PATH "
+        "(CSV/JSON/JSONL/Parquet with data.text_column and data.label_column), or public with data.public_size.",
     )
 
 

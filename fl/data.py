@@ -67,6 +67,7 @@ class TaskData:
     label_names: list[str]
     train_labels: np.ndarray  # for label-based partitioners
     train_natural: list[str] | None  # natural-id column, if configured
+    public: TokenizedSplit | None = None  # data.public_size examples in no client's partition (seq_cls)
 
 
 def _tweets_csv() -> Path:
@@ -200,14 +201,25 @@ def label_ids(raw_labels: Sequence[object], data_cfg: DictConfig) -> tuple[np.nd
 
 
 def split_order(n: int, data_cfg: DictConfig, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(test indices, train indices): a seeded shuffle, the first `data.test_size` held out."""
-    if data_cfg.test_size >= n:
-        raise ValueError(f"data.test_size={data_cfg.test_size} leaves no training data ({n} examples).")
+    """(test indices, train indices): a seeded shuffle, the first `data.test_size` held out, the next
+    `data.public_size` (`public_order`) in neither."""
+    public = int(data_cfg.get("public_size", 0) or 0)
+    if data_cfg.test_size + public >= n:
+        raise ValueError(
+            f"data.test_size={data_cfg.test_size} and data.public_size={public} leave no training data ({n} examples)."
+        )
     order = np.random.default_rng(seed).permutation(n)
-    test_idx, train_idx = order[: data_cfg.test_size], order[data_cfg.test_size :]
+    test_idx, train_idx = order[: data_cfg.test_size], order[data_cfg.test_size + public :]
     if data_cfg.max_examples is not None:
         train_idx = train_idx[: int(data_cfg.max_examples)]
     return test_idx, train_idx
+
+
+def public_order(n: int, data_cfg: DictConfig, *, seed: int) -> np.ndarray:
+    """The public slice's indices (`data.public_size`): right after the held-out ones in `split_order`'s shuffle."""
+    public = int(data_cfg.get("public_size", 0) or 0)
+    order = np.random.default_rng(seed).permutation(n)
+    return order[data_cfg.test_size : data_cfg.test_size + public]
 
 
 def build_task_data(data_cfg: DictConfig, tokenizer: object, *, seed: int, cache_dir: str | None = None) -> TaskData:
@@ -221,14 +233,19 @@ def build_task_data(data_cfg: DictConfig, tokenizer: object, *, seed: int, cache
         labels, label_names = label_ids(ds[data_cfg.label_column], data_cfg)
         natural = [str(v) for v in ds[data_cfg.natural_column]] if data_cfg.partitioner == "natural" else None
         test_idx, train_idx = split_order(len(texts), data_cfg, seed=seed)
-        ids = _tokenize([texts[i] for i in np.concatenate([test_idx, train_idx])], tokenizer, data_cfg.max_length)
-        n_test = len(test_idx)
+        public_idx = public_order(len(texts), data_cfg, seed=seed)
+        chosen = np.concatenate([test_idx, train_idx, public_idx])
+        ids = _tokenize([texts[i] for i in chosen], tokenizer, data_cfg.max_length)
+        n_test, n_train = len(test_idx), len(train_idx)
         return TaskData(
-            train=TokenizedSplit(ids[n_test:], torch.from_numpy(labels[train_idx])),
+            train=TokenizedSplit(ids[n_test : n_test + n_train], torch.from_numpy(labels[train_idx])),
             test=TokenizedSplit(ids[:n_test], torch.from_numpy(labels[test_idx])),
             label_names=label_names,
             train_labels=labels[train_idx],
             train_natural=[natural[i] for i in train_idx] if natural is not None else None,
+            public=TokenizedSplit(ids[n_test + n_train :], torch.from_numpy(labels[public_idx]))
+            if len(public_idx)
+            else None,
         )
 
     return cached_task_data(data_cfg, tokenizer, seed=seed, cache_dir=cache_dir, kind="seq_cls", build=build)

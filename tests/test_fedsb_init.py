@@ -214,6 +214,29 @@ def test_server_init_uses_the_server_file_and_no_client(tiny: list[str], tmp_pat
         torch.testing.assert_close(t, b.double() @ r0.double() @ a.double(), atol=1e-6, rtol=1e-4)
 
 
+def test_a_public_slice_is_in_no_partition_and_is_what_init_server_public_uses(tiny: list[str]) -> None:
+    from clients.fedsb_init import server_init_data
+    from fl.data import partition_indices, public_order, split_order
+
+    overrides = overrides_for(tiny, "strategy.init=server", "strategy.init_data=public", "data.public_size=40")
+    ws, grid, strategy, state = prepared(overrides)
+    assert grid.train_msgs == [] and strategy.stats[0].bytes_up == 0  # no client was asked
+    task, cfg = ws.task, ws.cfg
+    assert task.public is not None and len(task.public) == 40
+    pool = 38158  # the embedded tweets (tiny runs read the same pool; data.max_examples trims its train part)
+    test_idx, train_idx = split_order(pool, cfg.data, seed=int(cfg.seed))
+    public_idx = public_order(pool, cfg.data, seed=int(cfg.seed))
+    assert len(public_idx) == 40 and not set(public_idx) & (set(test_idx) | set(train_idx))
+    parts = partition_indices(task, cfg.data, num_partitions=int(cfg.sim.num_clients), seed=int(cfg.seed))
+    assert sum(len(p) for p in parts) == len(task.train)  # the clients hold the train pool, nothing else
+    data = server_init_data(cfg, ws)
+    assert data.split is task.public and len(data) == min(40, int(cfg.strategy.init_examples) * CLIENTS)
+    grads = gradient_sum(ws.model, data, batch_size=8, pad_id=ws.pad_id)
+    for name, t in products(strategy.fixed, state).items():
+        a, b, r0 = fedsb_init_factors(grads[name], rank=R, lr=1e-3)
+        torch.testing.assert_close(t, b.double() @ r0.double() @ a.double(), atol=1e-6, rtol=1e-4)
+
+
 def test_server_init_names_the_field_when_the_file_is_missing(tiny: list[str], tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"strategy\.init_data"):
         prepared(overrides_for(tiny, "strategy.init=server", f"strategy.init_data={tmp_path / 'nope.csv'}"))
@@ -228,6 +251,8 @@ def test_server_init_names_the_field_when_the_file_is_missing(tiny: list[str], t
         (["strategy.init_fraction=0"], "strategy.init_fraction"),
         (["strategy.init_fraction=1.5"], "strategy.init_fraction"),
         (["strategy.init=server"], "strategy.init_data=None is invalid: strategy.init=server needs"),
+        (["strategy.init=server", "strategy.init_data=public"], r"no public slice: set data\.public_size"),
+        (["data.public_size=-1"], r"data\.public_size=-1 is invalid"),
     ],
 )
 def test_bad_init_config_is_refused_naming_the_field(extra: list[str], match: str) -> None:
