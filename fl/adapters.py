@@ -171,6 +171,22 @@ def build_adapter(
     return model
 
 
+HEAD_MARK = "modules_to_save"  # PEFT's trainable copy of a task head (e.g. the classifier)
+
+
+def freeze_head(model: torch.nn.Module) -> list[str]:
+    """`train.freeze_head`: stop training the task head's tensors (PEFT ``modules_to_save``); returns their names.
+
+    The head keeps its seeded initialisation, which every node builds identically (`fl.models`), so it is
+    neither sent nor averaged; an exported adapter still carries it (PEFT saves ``modules_to_save``).
+    """
+    names = [n for n, p in model.named_parameters() if HEAD_MARK in n]
+    for n, p in model.named_parameters():
+        if HEAD_MARK in n:
+            p.requires_grad_(False)
+    return names
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Detached copies of the parameters that train (what a client sends), by name."""
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}

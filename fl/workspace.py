@@ -17,7 +17,7 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from fl.accel import resolve_device
-from fl.adapters import build_adapter
+from fl.adapters import build_adapter, freeze_head
 from fl.config import compose
 from fl.data import TaskData
 from fl.models import load_base_model, load_tokenizer
@@ -80,6 +80,8 @@ def get_workspace(overrides: list[str] | tuple[str, ...]) -> Workspace:
         seed=int(cfg.seed),
         modules_to_save=task_def.trained_modules(base),
     )
+    if cfg.train.freeze_head:
+        freeze_head(model)
     model.eval()
     ws = Workspace(cfg=cfg, overrides=key, tokenizer=tokenizer, task=task, model=model, kind=kind, task_def=task_def)
     _CACHE[key] = ws

@@ -23,6 +23,7 @@ from opacus.optimizers import DPOptimizer, DPPerLayerOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch.utils.data import DataLoader
 
+from fl.adapters import HEAD_MARK
 from privacy.accountant import ClientAccountant
 
 log = logging.getLogger(__name__)
@@ -120,9 +121,6 @@ def per_layer_bounds(
     c_head = max_grad_norm * math.sqrt(head_share / n_head)
     c_rest = max_grad_norm * math.sqrt((1 - head_share) / (len(params) - n_head))
     return [c_head if h else c_rest for h in head]
-
-
-HEAD_MARK = "modules_to_save"  # PEFT's copy of a trainable task head (fl.adapters puts the classifier there)
 
 
 def make_private(

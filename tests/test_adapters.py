@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fl.adapters import build_adapter, export_peft, fixed_state, load_tensors, trainable_state
+from fl.adapters import build_adapter, export_peft, fixed_state, freeze_head, load_tensors, trainable_state
 from fl.config import compose
 from fl.models import load_base_model
 
@@ -92,3 +92,18 @@ def test_load_tensors_names_the_bad_key_and_shape() -> None:
         load_tensors(model, {key: torch.zeros(1, 1)})
     with pytest.raises(KeyError, match="missing"):
         load_tensors(model, {key: state[key]}, expect=set(state))
+
+
+@pytest.mark.parametrize("kind", ["lora", "ffa", "fedsb"])
+def test_a_frozen_head_is_not_trained_nor_sent_and_is_the_same_seeded_head_everywhere(kind: str) -> None:
+    trained = _build(kind)
+    frozen = _build(kind)
+    names = freeze_head(frozen)
+    assert names and all("classifier" in n for n in names)  # weight and bias of the new head
+    sent = trainable_state(frozen)
+    assert not set(names) & set(sent) and set(sent) == set(trainable_state(trained)) - set(names)
+    heads = dict(frozen.named_parameters())
+    for n in names:  # what another node builds from the same seed: no need to send it
+        assert not heads[n].requires_grad
+        torch.testing.assert_close(heads[n], dict(trained.named_parameters())[n])
+    assert compose(["train.freeze_head=true"]).train.freeze_head is True
