@@ -126,7 +126,7 @@ class TrainConfig:
     momentum: float = 0.9  # train.optimizer=sgd: heavy-ball momentum (0 = plain SGD)
     keep_optimizer_state: bool = False  # a client keeps its optimiser state across the rounds it joins
     # keep a new task head (e.g. the classifier) at its seeded init, the same on every node: only the adapter trains
-    # (under flat DP clipping the new head takes ~92% of each example's gradient norm; BENCHMARKS.md)
+    # (under flat DP clipping the adapter keeps ~8% of C: the new head dominates each example's gradient; BENCHMARKS.md)
     freeze_head: bool = False
     eval_batch_size: int = 128
     threads: int = 0  # torch threads per process (0 = leave torch's default)
