@@ -2,13 +2,12 @@
 
 from privacy.accountant import ACCOUNTANTS, ClientAccountant
 from privacy.budget import DPPlan, default_delta, epsilon_after, plan_dp, sample_rate
+from privacy.clipping import CLIPPINGS, per_layer_bounds
 from privacy.engine import (
-    CLIPPINGS,
     GRAD_SAMPLE_MODES,
     make_private,
     noisy_gradient_sum,
     per_example_cross_entropy,
-    per_layer_bounds,
     release,
     unwrap,
 )

@@ -6,6 +6,7 @@ Models are a tiny random BERT (hidden 32, 2 layers) with LoRA r=4 on query/value
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -349,26 +350,34 @@ def test_make_private_refuses_a_module_still_wrapped_and_unsupported_modes() -> 
     release(gsm)
 
 
+def _noise_free(
+    examples: list[dict[str, torch.Tensor]], *, clip: float, clipping: str = "flat"
+) -> tuple[Any, Any, list[torch.nn.Parameter]]:
+    """A tiny LoRA BERT made private with σ = 0 over `examples` (fixed batches): (module, DP optimizer, params)."""
+    model = _tiny_lora_bert()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    model.train()
+    gsm, dp_opt, _, _ = make_private(
+        model=model,
+        optimizer=opt,
+        data_loader=DataLoader(examples, batch_size=len(examples), collate_fn=_collate),
+        noise_multiplier=0.0,
+        max_grad_norm=clip,
+        accountant=ClientAccountant(),
+        poisson_sampling=False,
+        clipping=clipping,
+    )
+    return gsm, dp_opt, [p for p in gsm.parameters() if p.requires_grad]
+
+
 def test_opacus_clips_each_example_to_max_grad_norm() -> None:
     """What is checked: with σ = 0, the DP optimizer's clipped sum (`p.summed_grad`, filled by
     `clip_and_accumulate`) for a batch equals the sum of the clipped sums of its examples run one at a time,
     and each single example's clipped gradient has joint L2 norm ≤ C over all LoRA/classifier tensors (= C,
     since every unclipped gradient is larger): clipping is per example, not per batch."""
     clip = 1e-3
-    model = _tiny_lora_bert()
     examples = _examples(4, seed=3)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
-    model.train()
-    gsm, dp_opt, _, _ = make_private(
-        model=model,
-        optimizer=opt,
-        data_loader=DataLoader(examples, batch_size=4, collate_fn=_collate),
-        noise_multiplier=0.0,
-        max_grad_norm=clip,
-        accountant=ClientAccountant(),
-        poisson_sampling=False,
-    )
-    params = [p for p in gsm.parameters() if p.requires_grad]
+    gsm, dp_opt, params = _noise_free(examples, clip=clip)
 
     def clipped_sum(items: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         dp_opt.zero_grad(set_to_none=True)
@@ -393,21 +402,8 @@ def test_per_layer_clipping_bounds_each_tensor_and_keeps_the_total_bound_and_noi
     its own (so the whole is ≤ C), a batch's sum is the sum of its examples', the DP optimizer's C (the noise
     scale σC) is the flat C, and it runs under bf16 autocast with fp32 gradients."""
     clip = 1e-3
-    model = _tiny_lora_bert()
     examples = _examples(4, seed=3)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
-    model.train()
-    gsm, dp_opt, _, _ = make_private(
-        model=model,
-        optimizer=opt,
-        data_loader=DataLoader(examples, batch_size=4, collate_fn=_collate),
-        noise_multiplier=0.0,
-        max_grad_norm=clip,
-        accountant=ClientAccountant(),
-        poisson_sampling=False,
-        clipping="per_layer",
-    )
-    params = [p for p in gsm.parameters() if p.requires_grad]
+    gsm, dp_opt, params = _noise_free(examples, clip=clip, clipping="per_layer")
     bound = clip / math.sqrt(len(params))
     assert dp_opt.max_grad_norm == pytest.approx(clip)  # the noise std is σ·C, as under flat clipping
 
