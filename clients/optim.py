@@ -63,7 +63,8 @@ def load_state_tensors(optimizer: torch.optim.Optimizer, tensors: Mapping[str, t
     """Restore what `state_tensors` saved into a new optimiser over the same parameters.
 
     Returns False (and leaves the optimiser fresh) when the saved state does not fit: another number of
-    parameters, another shape, or another optimiser's keys, e.g. after the run's config changed on a resume.
+    parameters, another shape, or another optimiser's keys, e.g. after the run's config changed on a resume;
+    or when it holds NaN or inf (a diverged round must not poison the next).
     """
     params = [p for group in optimizer.param_groups for p in group["params"]]
     state: dict[int, dict[str, torch.Tensor]] = {}
@@ -73,6 +74,9 @@ def load_state_tensors(optimizer: torch.optim.Optimizer, tensors: Mapping[str, t
             log.warning("optimiser state entry %r does not fit this model; starting the optimiser fresh", name)
             return False
         param = params[int(idx_text)]
+        if not bool(torch.isfinite(value).all()):
+            log.warning("optimiser state %r holds NaN or inf; starting the optimiser fresh", name)
+            return False
         if key != "step" and value.shape != param.shape:
             log.warning(
                 "optimiser state %r has shape %s, its parameter %s; starting the optimiser fresh",

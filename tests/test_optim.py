@@ -72,6 +72,11 @@ def test_state_that_does_not_fit_leaves_the_optimiser_fresh() -> None:
     sgd = make_optimizer("sgd", _params(), lr=0.1, momentum=0.9)
     assert not load_state_tensors(sgd, saved)  # AdamW's moments are not a momentum buffer
     assert sgd.state_dict()["state"] == {}
+    poisoned = {k: v.clone() for k, v in saved.items()}
+    poisoned["0.exp_avg_sq"][0, 0] = float("nan")
+    fresh = make_optimizer("adamw", _params(), lr=0.1)
+    assert not load_state_tensors(fresh, poisoned)  # a diverged round's state is not carried on
+    assert fresh.state_dict()["state"] == {}
 
 
 def test_an_unknown_optimizer_or_momentum_names_the_field() -> None:
