@@ -3,27 +3,34 @@
 The client sums ∇_{W0} loss over `strategy.init_examples` of its examples (a seeded choice) with the
 adapter switched off, so the gradient G_k is taken at the pretrained weights. What it sends depends on the
 server's `init-step`: G_k itself (dense init), or a sketch of it — G_k·M or G_kᵀ·Q per module, the
-exchanges of a federated randomized range finder (Halko, Martinsson & Tropp 2011; `strategies.sketch_math`).
-Under DP every release is one Gaussian step at q = 1 on the clipped per-example gradients.
+exchanges of a federated randomized range finder (Halko, Martinsson & Tropp 2011; `fl.sketch`).
+Under DP every release is one Gaussian step at q = 1 on the clipped per-example gradients, made and charged by
+`privacy.gaussian_release`. Nothing here knows a Workspace: the app passes the model, data and settings in.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedTokenizerBase
 
-from clients.dp import client_plan, load_accountant, save_accountant, uses_init_step
 from fl import constants as K
-from fl.data import IndexedDataset
-from fl.tasks import get_task
+from fl.data import IndexedDataset, TaskData
+from fl.sketch import contraction, sketch_width, test_matrix
+from fl.tasks import Task, get_task
 from fl.wire import from_record, to_record
-from fl.workspace import Workspace
-from privacy import DPPlan, noisy_gradient_sum
-from strategies.sketch_math import contraction, sketch_width, test_matrix
+from privacy import PrivacySettings, client_plan, gaussian_release, init_noise_multiplier, noisy_gradient_sum
+from privacy.gaussian import FULL_BATCH
+from privacy.node import load_accountant, save_accountant
+
+log = logging.getLogger(__name__)
 
 BASE_SUFFIX = ".base_layer.weight"
 PUBLIC = "public"  # strategy.init_data=public: the run's data.public_size slice
@@ -66,33 +73,32 @@ def gradient_sum(
             p.requires_grad_(flags[n])
 
 
-def init_noise_multiplier(plan: DPPlan) -> float:
-    """σ of every Fed-SB init release: σ_init from `privacy.init_share`, else the training σ."""
-    return float(plan.init_noise_multiplier or plan.noise_multiplier)
+def clipped_gradient_sum(
+    model: torch.nn.Module, subset: IndexedDataset, *, pad_id: int, max_grad_norm: float
+) -> dict[str, torch.Tensor]:
+    """Σ_i clip_C(∇_{W0} loss_i) over `subset`, adapter disabled, no noise (noise is added per release).
 
-
-def clipped_gradient_sum(ws: Workspace, subset: IndexedDataset, *, max_grad_norm: float) -> dict[str, torch.Tensor]:
-    """Σ_i clip_C(∇_{W0} loss_i) over `subset`, adapter disabled, no noise (noise is added per release)."""
-    bases = {n: p for n, p in ws.model.named_parameters() if n.endswith(BASE_SUFFIX)}
+    `model` is a PEFT model; the loss is the subset's task's (`fl.tasks.Task.loss_of`).
+    """
+    bases = {n: p for n, p in model.named_parameters() if n.endswith(BASE_SUFFIX)}
     task = get_task(subset.split.task)
     batches = [
-        task.collate([subset[i] for i in range(s, min(s + 16, len(subset)))], ws.pad_id)
-        for s in range(0, len(subset), 16)
+        task.collate([subset[i] for i in range(s, min(s + 16, len(subset)))], pad_id) for s in range(0, len(subset), 16)
     ]
-    ws.model.eval()
-    flags = {n: p.requires_grad for n, p in ws.model.named_parameters()}
+    model.eval()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
     # PEFT's disable_adapter() re-enables requires_grad on every adapter tensor when it exits
     # (set_adapter), which would unfreeze Fed-SB's A and B: restore the flags after the context.
-    with ws.model.disable_adapter():
+    with model.disable_adapter():  # type: ignore[operator]
         grads = noisy_gradient_sum(
-            model=ws.model,
+            model=model,
             params=bases,
             batches=batches,
             max_grad_norm=max_grad_norm,
             noise_multiplier=0.0,
             loss_fn=task.loss_of,
         )
-    for n, p in ws.model.named_parameters():
+    for n, p in model.named_parameters():
         p.requires_grad_(flags[n])
     return grads
 
@@ -131,79 +137,135 @@ def sketch_release(
     return out
 
 
-def init_gradient_reply(msg: Message, context: Context, ws: Workspace, data: IndexedDataset, *, pid: int) -> Message:
+@dataclass(frozen=True)
+class InitSpec:
+    """What a client's Fed-SB init release takes from the run config (`from_config`)."""
+
+    examples: int  # strategy.init_examples: examples of the client's partition the gradient is taken over
+    seed: int  # the run seed: which examples, the test matrix Ω, and the release's noise
+    rank: int  # strategy.rank r
+    oversample: int  # strategy.sketch_oversample p (the sketch has r + p columns)
+    batch_size: int  # train.batch_size: examples per pass of the un-noised gradient sum
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> InitSpec:
+        """From a composed Fed-SB config (`strategy.init_examples`, `rank`, `sketch_oversample`)."""
+        s = cfg.strategy
+        return cls(
+            examples=int(s.init_examples),
+            seed=int(cfg.seed),
+            rank=int(s.rank),
+            oversample=int(s.sketch_oversample),
+            batch_size=int(cfg.train.batch_size),
+        )
+
+
+def init_gradient_reply(
+    msg: Message,
+    context: Context,
+    *,
+    model: torch.nn.Module,
+    data: IndexedDataset,
+    pad_id: int,
+    pid: int,
+    spec: InitSpec,
+    privacy: PrivacySettings,
+) -> Message:
     """Reply to one of the server's init exchanges (`init-step`) with this client's release.
 
     Under DP each example's gradient (jointly over every module) is clipped to C = `privacy.max_grad_norm`
     first; the release is then (Σ_i clip(G_i))·M = Σ_i clip(G_i)·M plus N(0, (σC)²) per entry, and M has
-    spectral norm ≤ 1, so one example moves it by at most C: one Gaussian step at sample rate 1, charged to
-    the client's accountant. The plan reserves `clients.dp.uses_init_step` such releases; a request beyond
-    them is refused.
+    spectral norm ≤ 1, so one example moves it by at most C: one Gaussian step at sample rate 1
+    (`privacy.gaussian_release`), charged to the client's accountant. The plan reserves
+    `privacy.init_releases` such releases; a request beyond them is refused.
+
+    Parameters
+    ----------
+    msg, context : Message, Context
+        The server's init request and this node's context (its accountant lives in ``context.state``).
+    model : torch.nn.Module
+        The client's PEFT model (Fed-SB adapter); its adapter is switched off for the gradient.
+    data : IndexedDataset
+        The client's partition; `spec.examples` of it (seeded by `spec.seed` + `pid`) are used.
+    pad_id : int
+        Token id used for padding.
+    pid : int
+        The client's partition id.
+    spec : InitSpec
+        The init's settings from the run config.
+    privacy : PrivacySettings
+        The run's privacy settings (DP releases when `privacy.enabled`).
     """
-    cfg = ws.cfg
     conf = msg.content.config_records[K.CONFIG]
     step = str(conf.get(K.INIT_STEP, K.INIT_STEP_DENSE))
     exchange = int(str(conf.get(K.INIT_EXCHANGE, 0)))
     mats = from_record(msg.content.array_records[K.ARRAYS]) if K.ARRAYS in msg.content.array_records else None
-    subset = init_examples(data, count=int(cfg.strategy.init_examples), seed=int(cfg.seed) + pid)
+    subset = init_examples(data, count=spec.examples, seed=spec.seed + pid)
     content = RecordDict()
     metrics: dict[str, int | float | list[int] | list[float]] = {K.NUM_EXAMPLES: len(subset), K.PARTITION_ID: pid}
 
     def release_of(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        oversample = int(cfg.strategy.get("sketch_oversample", 8))
-        return sketch_release(
-            grads, step, mats=mats, seed=int(cfg.seed), rank=int(cfg.strategy.rank), oversample=oversample
-        )
+        return sketch_release(grads, step, mats=mats, seed=spec.seed, rank=spec.rank, oversample=spec.oversample)
 
-    if cfg.privacy.enabled:
-        plan = client_plan(cfg, len(data))
+    if privacy.enabled:
+        plan = client_plan(privacy, len(data))
         accountant = load_accountant(context, msg, plan.accountant)
-        planned = uses_init_step(cfg)
-        spent = sum(int(n) for _, q, n in accountant.opacus.history if q == 1.0)  # init releases so far
+        planned = privacy.init_releases
+        spent = accountant.steps_at(FULL_BATCH)  # init releases so far
         if max(exchange, spent) >= planned:
             raise ValueError(
                 f"Fed-SB init: exchange {exchange} ({spent} init releases made) is beyond the {planned} "
                 "init releases this client's DP plan reserves; nothing was sent."
             )
-        sigma = init_noise_multiplier(plan)
-        grads = clipped_gradient_sum(ws, subset, max_grad_norm=plan.max_grad_norm)
-        release = release_of(grads)
-        gen = torch.Generator().manual_seed(int(cfg.seed) * 7919 + pid + 104_729 * exchange)
-        if sigma > 0:
-            for t in release.values():
-                t.add_(torch.randn(t.shape, generator=gen), alpha=sigma * plan.max_grad_norm)
-        accountant.step(noise_multiplier=sigma, sample_rate=1.0, steps=1)
+        grads = clipped_gradient_sum(model, subset, pad_id=pad_id, max_grad_norm=plan.max_grad_norm)
+        release = gaussian_release(
+            release_of(grads),
+            noise_multiplier=init_noise_multiplier(plan),
+            clip=plan.max_grad_norm,
+            generator=torch.Generator().manual_seed(spec.seed * 7919 + pid + 104_729 * exchange),
+            accountant=accountant,
+        )
         metrics[K.EPSILON] = accountant.epsilon(plan.delta)
         content[K.STATE_PRIVACY] = save_accountant(context, accountant)
     else:
-        grads = gradient_sum(ws.model, subset, batch_size=int(cfg.train.batch_size), pad_id=ws.pad_id)
-        release = release_of(grads)
+        release = release_of(gradient_sum(model, subset, batch_size=spec.batch_size, pad_id=pad_id))
     content[K.ARRAYS] = to_record(release)
     content[K.METRICS] = MetricRecord(metrics)
     return Message(content, reply_to=msg)
 
 
-def server_init_data(cfg: DictConfig, ws: Workspace) -> IndexedDataset:
+def server_init_data(
+    cfg: DictConfig, *, task: TaskData, task_def: Task, tokenizer: PreTrainedTokenizerBase
+) -> IndexedDataset:
     """`strategy.init_data`, tokenised like the run's data (same columns and labels), for init=server.
 
     ``public``: the run's own public slice (`data.public_size`, in no client's partition). Otherwise a file,
     read through the task's `build_data` (file source, no held-out split); at most
     `init_examples × sim.num_clients` examples (seeded), the total a federated init would use. The run's
     evaluation split is never used: a file that is the run's own `data.path` is refused.
-    """
-    from pathlib import Path
 
-    path = cfg.strategy.get("init_data")
+    Parameters
+    ----------
+    cfg : DictConfig
+        The run config (Fed-SB's `strategy.init_data` and `init_examples`, `data`, `sim.num_clients`, `seed`).
+    task : TaskData
+        The run's tokenised data (its public slice and label names).
+    task_def : Task
+        The run's task, which reads and tokenises the server's file.
+    tokenizer : PreTrainedTokenizerBase
+        The run's tokenizer.
+    """
+    path = cfg.strategy.init_data
     if not path:
         raise ValueError("strategy.init=server needs strategy.init_data=PATH (the server's own data file).")
     count = int(cfg.strategy.init_examples) * int(cfg.sim.num_clients)
     if str(path) == PUBLIC:  # the run's public slice: in no client's partition and not the evaluation split
-        if ws.task.public is None or len(ws.task.public) == 0:
+        if task.public is None or len(task.public) == 0:
             raise ValueError(
                 "strategy.init_data=public needs a public slice: set data.public_size (e.g. 640) on a "
                 "classification task, or give the server's own file as strategy.init_data=PATH."
             )
-        return init_examples(IndexedDataset(ws.task.public), count=count, seed=int(cfg.seed))
+        return init_examples(IndexedDataset(task.public), count=count, seed=int(cfg.seed))
     file = Path(str(path)).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"strategy.init_data={str(path)!r}: no such file. Give a CSV/JSON/JSONL/Parquet file.")
@@ -225,8 +287,28 @@ def server_init_data(cfg: DictConfig, ws: Workspace) -> IndexedDataset:
             "test_size": 0,
             "public_size": 0,
             "max_examples": None,
-            "labels": ws.task.label_names,
+            "labels": task.label_names,
         }
     )
-    task = ws.task_def.build_data(data_cfg, ws.tokenizer, seed=int(cfg.seed), cache_dir=cfg.cache_dir)
-    return init_examples(IndexedDataset(task.train), count=count, seed=int(cfg.seed))
+    own = task_def.build_data(data_cfg, tokenizer, seed=int(cfg.seed), cache_dir=cfg.cache_dir)
+    return init_examples(IndexedDataset(own.train), count=count, seed=int(cfg.seed))
+
+
+def server_init_gradient(
+    cfg: DictConfig,
+    *,
+    model: torch.nn.Module,
+    pad_id: int,
+    task: TaskData,
+    task_def: Task,
+    tokenizer: PreTrainedTokenizerBase,
+) -> dict[str, torch.Tensor]:
+    """init=server: Σ of ∇_{W0} loss over the server's own `strategy.init_data` (`server_init_data`), adapter
+    disabled, by base-weight name; no client is asked and nothing is privatised (the server's own data).
+
+    `model` is the server's PEFT model; `task`, `task_def` and `tokenizer` as in `server_init_data`; the sum runs
+    in passes of `train.batch_size` examples.
+    """
+    data = server_init_data(cfg, task=task, task_def=task_def, tokenizer=tokenizer)
+    log.info("Fed-SB init=server: gradient on %d examples of %s", len(data), cfg.strategy.init_data)
+    return gradient_sum(model, data, batch_size=int(cfg.train.batch_size), pad_id=pad_id)

@@ -35,6 +35,7 @@ A_SUFFIX = f".lora_A.{ADAPTER}.weight"
 B_SUFFIX = f".lora_B.{ADAPTER}.weight"
 SB_B_SUFFIX = f".lora_B.{ADAPTER}.B.weight"
 SB_R_SUFFIX = f".lora_B.{ADAPTER}.R.weight"
+BASE_SUFFIX = ".base_layer.weight"  # the frozen W0 inside a PEFT LoRA layer
 
 
 class RB(torch.nn.Module):

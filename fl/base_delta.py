@@ -25,16 +25,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from fl.adapters import BASE_SUFFIX
+
 BASE_DELTA_FILE = "base_delta.safetensors"
 PEFT_PREFIX = "base_model.model."
-BASE_LAYER = ".base_layer.weight"
 
 _PRETRAINED: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
 def base_weight_name(prefix: str) -> str:
     """The PEFT parameter name of an adapted module's frozen W0, from the module's name prefix."""
-    return prefix + BASE_LAYER
+    return prefix + BASE_SUFFIX
 
 
 def apply_base_delta(model: torch.nn.Module, delta: Mapping[str, torch.Tensor]) -> None:
@@ -70,7 +71,7 @@ def apply_base_delta(model: torch.nn.Module, delta: Mapping[str, torch.Tensor]) 
 def plain_name(peft_name: str) -> str:
     """``base_model.model.X.base_layer.weight`` -> ``X.weight`` (the name in the plain base model)."""
     name = peft_name.removeprefix(PEFT_PREFIX)
-    return name[: -len(BASE_LAYER)] + ".weight" if name.endswith(BASE_LAYER) else name
+    return name[: -len(BASE_SUFFIX)] + ".weight" if name.endswith(BASE_SUFFIX) else name
 
 
 def save_base_delta(delta: Mapping[str, torch.Tensor], out_dir: str | Path) -> Path:

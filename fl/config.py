@@ -19,8 +19,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from clients.optim import OPTIMIZERS
-from fl.config_privacy import PrivacyConfig, validate_privacy
+from fl.config_privacy import PrivacyConfig
 from fl.config_privacy import require as _require
 from fl.schedule import SCHEDULES
 
@@ -90,31 +89,6 @@ class StrategyConfig:
 
 
 @dataclass
-class LoraFairConfig(StrategyConfig):
-    """LoRA-FAIR server correction (Bian et al., ICCV 2025)."""
-
-    solver: str = "sgd"  # sgd (the paper's) | closed_form (ridge, an r x r solve)
-    steps: int = 1000
-    solver_lr: float = 1e-2
-    lam: float = 0.01
-
-
-@dataclass
-class FedSBConfig(StrategyConfig):
-    """Fed-SB (Singhal et al., 2025): W0 + B R A with only R (r x r) trained and averaged."""
-
-    init: str = "federated"  # federated (dense gradients) | sketch (randomized range finder) | server | random
-    init_examples: int = 64  # per client, for the federated init gradient
-    init_lr: float = 1e-3  # eta of the first full fine-tuning step the init approximates
-    init_fraction: float = 1.0  # fraction of clients (seeded sample) that contribute to a federated init
-    init_data: str | None = (
-        None  # init=server: the server's own CSV/JSON/JSONL/Parquet file, or public (data.public_size)
-    )
-    sketch_oversample: int = 8  # init=sketch: p, the sketch has r + p columns per module
-    sketch_power_iters: int = 0  # init=sketch: power iterations (two more exchanges each)
-
-
-@dataclass
 class TrainConfig:
     """Local training on a client."""
 
@@ -122,7 +96,7 @@ class TrainConfig:
     local_steps: int = 20
     local_epochs: float | None = None  # if set, overrides local_steps (epochs of the partition)
     weight_decay: float = 0.0
-    optimizer: str = "adamw"  # adamw | sgd (clients.optim.OPTIMIZERS)
+    optimizer: str = "adamw"  # adamw | sgd (clients.optim.OPTIMIZERS; checked by fl.app.config)
     momentum: float = 0.9  # train.optimizer=sgd: heavy-ball momentum (0 = plain SGD)
     keep_optimizer_state: bool = False  # a client keeps its optimiser state across the rounds it joins
     # keep a new task head (e.g. the classifier) at its seeded init, the same on every node: only the adapter trains
@@ -169,11 +143,19 @@ class Config:
     cache_dir: str | None = None  # tokenised data cache; default ~/.cache/fedlora
 
 
-STRATEGY_SCHEMAS: dict[str, type[StrategyConfig]] = {
-    "lora": StrategyConfig,
-    "lora_fair": LoraFairConfig,
-    "fed_sb": FedSBConfig,
-}
+STRATEGY_SCHEMAS: dict[str, type[StrategyConfig]] = {"lora": StrategyConfig}
+"""`/schema/strategy/<name>` -> the method's schema. Each method registers its own (`strategies.registry.register`
+calls `add_strategy_schema`), so a method's fields live in its one module; `fl.app.config.compose` imports them."""
+
+
+def add_strategy_schema(name: str, schema: type[StrategyConfig]) -> None:
+    """Make `schema` the Hydra schema of `/schema/strategy/<name>` (a strategy YAML extends it)."""
+    if not issubclass(schema, StrategyConfig):
+        raise TypeError(f"The schema of strategy {name!r} must extend fl.config.StrategyConfig, got {schema!r}.")
+    if STRATEGY_SCHEMAS.get(name, schema) is not schema:
+        raise ValueError(f"Strategy {name!r} already has the schema {STRATEGY_SCHEMAS[name].__name__}.")
+    STRATEGY_SCHEMAS[name] = schema
+    _compose_cached.cache_clear()
 
 
 def register_configs() -> None:
@@ -210,7 +192,10 @@ def _compose_cached(overrides: tuple[str, ...]) -> DictConfig:
 
 
 def compose(overrides: str | list[str] | tuple[str, ...] | None = None) -> DictConfig:
-    """Compose the run config from Hydra overrides; the single entry point for every party.
+    """Compose the run config from Hydra overrides with the ground's checks (`validate`).
+
+    Every party composes through `fl.app.config.compose`, which adds the registered methods' schemas and the
+    checks of the layers above (strategy fields, optimiser names, privacy).
 
     Parameters
     ----------
@@ -228,16 +213,12 @@ def compose(overrides: str | list[str] | tuple[str, ...] | None = None) -> DictC
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check values the schemas' types cannot: ranges and cross-field rules. Raises ValueError."""
+    """Check values the schemas' types cannot: ranges and cross-field rules of the ground's groups (the fields
+    every strategy has among them). Raises ValueError."""
     s, d, sim, t = cfg.strategy, cfg.data, cfg.sim, cfg.train
-    known = {f for schema in STRATEGY_SCHEMAS.values() for f in schema.__dataclass_fields__}
-    unknown = sorted(set(s.keys()) - known)
-    _require(not unknown, "strategy", unknown, f"unknown key(s); strategy keys are {sorted(known)}.")
     _require(s.rank > 0, "strategy.rank", s.rank, "the LoRA rank must be a positive integer.")
     _require(s.lr > 0, "strategy.lr", s.lr, "the client learning rate must be > 0.")
     _require(0 <= s.dropout < 1, "strategy.dropout", s.dropout, "use a value in [0, 1).")
-    if s.name == "fed_sb":
-        validate_fed_sb(s)
     _require(sim.num_clients >= 1, "sim.num_clients", sim.num_clients, "need at least one client.")
     _require(sim.rounds >= 1, "sim.rounds", sim.rounds, "need at least one round.")
     _require(
@@ -262,12 +243,6 @@ def validate(cfg: DictConfig) -> None:
     _require(d.test_size >= 0, "data.test_size", d.test_size, "hold out 0 or more examples (the server needs > 0).")
     _require(d.public_size >= 0, "data.public_size", d.public_size, "use 0 (no public slice) or more examples.")
     _require(
-        s.get("init_data") != "public" or d.public_size > 0,
-        "strategy.init_data",
-        "public",
-        "the run has no public slice: set data.public_size (e.g. 640), or give a file as strategy.init_data=PATH.",
-    )
-    _require(
         d.labels is None or len(set(d.labels)) == len(d.labels) >= 2,
         "data.labels",
         d.labels,
@@ -282,7 +257,6 @@ def validate(cfg: DictConfig) -> None:
         t.local_epochs,
         "use a positive number of epochs, or null to use train.local_steps.",
     )
-    _require(t.optimizer in OPTIMIZERS, "train.optimizer", t.optimizer, f"use one of {', '.join(OPTIMIZERS)}.")
     _require(0 <= t.momentum < 1, "train.momentum", t.momentum, "use a momentum in [0, 1).")
     _require(
         t.lr_schedule in SCHEDULES,
@@ -305,32 +279,6 @@ def validate(cfg: DictConfig) -> None:
     )
     _require(t.precision in ("fp32", "bf16", "fp16"), "train.precision", t.precision, "use fp32, bf16 or fp16.")
     _require(sim.client_gpus >= 0, "sim.client_gpus", sim.client_gpus, "use 0 or a (fractional) GPU count.")
-    validate_privacy(cfg)
-
-
-FED_SB_INITS = ("federated", "sketch", "server", "random")
-
-
-def validate_fed_sb(s: DictConfig) -> None:
-    """Fed-SB's init fields (issue 12)."""
-    _require(s.init in FED_SB_INITS, "strategy.init", s.init, f"use one of {list(FED_SB_INITS)}.")
-    _require(s.init_examples >= 1, "strategy.init_examples", s.init_examples, "use at least 1 example.")
-    _require(s.init_lr > 0, "strategy.init_lr", s.init_lr, "the init step size eta must be > 0.")
-    _require(
-        0 < s.init_fraction <= 1,
-        "strategy.init_fraction",
-        s.init_fraction,
-        "use a fraction in (0, 1] of the clients that send an init gradient or sketch.",
-    )
-    _require(s.sketch_oversample >= 0, "strategy.sketch_oversample", s.sketch_oversample, "use p >= 0 (e.g. 8).")
-    _require(s.sketch_power_iters >= 0, "strategy.sketch_power_iters", s.sketch_power_iters, "use 0 or more.")
-    _require(
-        s.init != "server" or bool(s.init_data),
-        "strategy.init_data",
-        s.init_data,
-        "strategy.init=server needs the server's own data: set strategy.init_data=PATH "
-        "(CSV/JSON/JSONL/Parquet with data.text_column and data.label_column), or public with data.public_size.",
-    )
 
 
 def to_yaml(cfg: DictConfig) -> str:

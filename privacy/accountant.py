@@ -62,6 +62,10 @@ class ClientAccountant:
         """Noisy steps recorded so far (over all rounds)."""
         return sum(int(n) for _, _, n in self.opacus.history)
 
+    def steps_at(self, sample_rate: float) -> int:
+        """Noisy steps recorded at sample rate `sample_rate` (e.g. 1.0: full-batch releases, such as Fed-SB's init)."""
+        return sum(int(n) for _, q, n in self.opacus.history if q == sample_rate)
+
     def step(self, *, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
         """Record `steps` steps of the Poisson-subsampled Gaussian mechanism.
 

@@ -15,8 +15,10 @@ what both sides need: the plan, ε after k releases, and `client_clipping_mod` f
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+import torch
 from flwr.app import Context, Message
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
@@ -26,6 +28,7 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from fl import constants as K
 from privacy.accountant import ClientAccountant
+from privacy.settings import ClientLevelSettings
 
 
 @dataclass(frozen=True)
@@ -81,17 +84,19 @@ def client_level_epsilon(*, noise_multiplier: float, sample_rate: float, release
 def plan_client_level(cfg: DictConfig) -> ClientLevelPlan:
     """σ given (`privacy.client.noise_multiplier`) or the smallest σ with ε ≤ `privacy.client.target_epsilon`
     after `privacy.planned_rounds` (default sim.rounds) releases at q = m/N."""
-    c, sim = cfg.privacy.client, cfg.sim
+    c, sim = ClientLevelSettings.from_config(cfg), cfg.sim
     population = int(sim.num_clients)
     sampled = sample_size(population, fraction=float(sim.fraction_train), minimum=int(sim.min_train_clients))
     rounds = int(cfg.privacy.planned_rounds or sim.rounds)
-    delta = float(c.delta) if c.delta is not None else 1.0 / (10.0 * population)
+    delta = c.delta if c.delta is not None else 1.0 / (10.0 * population)
     if c.noise_multiplier is not None:
-        sigma = float(c.noise_multiplier)
+        sigma = c.noise_multiplier
+    elif c.target_epsilon is None:
+        raise ValueError("privacy.client: give privacy.client.noise_multiplier or privacy.client.target_epsilon.")
     else:
         sigma = float(
             get_noise_multiplier(
-                target_epsilon=float(c.target_epsilon),
+                target_epsilon=c.target_epsilon,
                 target_delta=delta,
                 sample_rate=sampled / population,
                 steps=rounds,
@@ -101,13 +106,13 @@ def plan_client_level(cfg: DictConfig) -> ClientLevelPlan:
         )
     return ClientLevelPlan(
         noise_multiplier=sigma,
-        clip_norm=float(c.clip_norm),
+        clip_norm=c.clip_norm,
         sampled=sampled,
         population=population,
         planned_rounds=rounds,
         delta=delta,
-        target_epsilon=None if c.target_epsilon is None else float(c.target_epsilon),
-        clipping=str(c.clipping),
+        target_epsilon=c.target_epsilon,
+        clipping=c.clipping,
     )
 
 
@@ -137,4 +142,21 @@ def client_clipping_mod(msg: Message, context: Context, call_next: ClientAppCall
     out = fixedclipping_mod(msg, context, run)
     if replies and not replies[0].has_error() and not replies[0].content.array_records:
         return replies[0]
+    return out
+
+
+def add_gaussian_noise(
+    state: Mapping[str, torch.Tensor], *, std: float, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """A copy of `state` with N(0, std²) added to every coordinate, drawn from `generator` in name order.
+
+    Client-level DP's release of an aggregate (std = σC/m for the mean of m clipped updates). A seeded
+    generator of the caller's makes `privacy=client` runs reproducible (Flower's wrappers draw from numpy's
+    global RNG).
+    """
+    out = {}
+    for name in sorted(state):
+        t = state[name]
+        noise = torch.randn(t.shape, generator=generator, dtype=torch.float32) * std
+        out[name] = (t.float() + noise).to(t.dtype)
     return out

@@ -46,11 +46,6 @@ Objective = Callable[[Any, Mapping[str, torch.Tensor]], Any]
 """(model outputs, physical batch) -> something with ``.backward()`` and ``.detach()`` (the batch mean)."""
 
 
-def classification_loss(outputs: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Per-example cross-entropy of a sequence classifier's ``outputs.logits`` against ``batch["labels"]``."""
-    return torch.nn.functional.cross_entropy(outputs.logits.float(), batch["labels"], reduction="none")
-
-
 class PerExampleCriterion(torch.nn.Module):
     """An `ExampleLoss` as the criterion Opacus' ghost clipping wraps: ``reduction`` is flipped to
     ``"none"`` by Opacus for the per-example pass, ``"mean"``/``"sum"`` reduce as in ``torch.nn`` losses."""
@@ -88,10 +83,10 @@ def make_private(
     noise_multiplier: float,
     max_grad_norm: float,
     accountant: ClientAccountant,
+    loss_fn: ExampleLoss,
     poisson_sampling: bool = True,
     grad_sample_mode: str = "hooks",
     noise_seed: int | None = None,
-    loss_fn: ExampleLoss = classification_loss,
     clipping: str = "flat",
     head_clip_share: float | None = None,
 ) -> PrivateRound:
@@ -114,14 +109,15 @@ def make_private(
         Per-example clipping bound C (flat: one L2 norm over all trainable tensors).
     accountant : ClientAccountant
         The client's persistent accountant; each optimizer step adds (σ, q, 1) to it.
+    loss_fn : callable
+        ``(outputs, batch) -> per-example losses``, the task's (`fl.tasks.Task.per_example_loss`); ghost
+        clipping needs the loss per example.
     poisson_sampling : bool
         Poisson batches (a `DPDataLoader`), as the accounting assumes; False keeps the loader.
     grad_sample_mode : str
         ``"hooks"``, ``"ghost"`` or ``"functorch"``; see `GRAD_SAMPLE_MODES`.
     noise_seed : int, optional
         Seeds the noise (reproducible simulations); None draws fresh noise.
-    loss_fn : callable
-        ``(outputs, batch) -> per-example losses``; ghost clipping needs the loss per example.
     clipping : str
         ``"flat"`` or ``"per_layer"`` (`CLIPPINGS`); per_layer needs hooks or functorch.
     head_clip_share : float, optional
@@ -215,18 +211,13 @@ def release(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def per_example_cross_entropy(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Per-example cross-entropy of a sequence classifier: ``model(**inputs).logits`` against ``labels``."""
-    return classification_loss(model(**{k: v for k, v in batch.items() if k != "labels"}), batch)
-
-
 @overload
 def noisy_gradient_sum(
     *,
     model: torch.nn.Module,
     params: Sequence[torch.nn.Parameter],
     batches: Iterable[Mapping[str, torch.Tensor]],
-    loss_fn: LossFn = ...,
+    loss_fn: LossFn,
     max_grad_norm: float,
     noise_multiplier: float,
     generator: torch.Generator | None = ...,
@@ -241,7 +232,7 @@ def noisy_gradient_sum(
     model: torch.nn.Module,
     params: Mapping[str, torch.nn.Parameter],
     batches: Iterable[Mapping[str, torch.Tensor]],
-    loss_fn: LossFn = ...,
+    loss_fn: LossFn,
     max_grad_norm: float,
     noise_multiplier: float,
     generator: torch.Generator | None = ...,
@@ -255,7 +246,7 @@ def noisy_gradient_sum(
     model: torch.nn.Module,
     params: Sequence[torch.nn.Parameter] | Mapping[str, torch.nn.Parameter],
     batches: Iterable[Mapping[str, torch.Tensor]],
-    loss_fn: LossFn = per_example_cross_entropy,
+    loss_fn: LossFn,
     max_grad_norm: float,
     noise_multiplier: float,
     generator: torch.Generator | None = None,
@@ -281,7 +272,7 @@ def noisy_gradient_sum(
         Batch-first tensors; each batch is processed in micro-batches of `micro_batch_size` examples,
         which bounds memory (per-example gradients of dense weights: micro_batch_size × their size).
     loss_fn : callable
-        ``(model, batch) -> losses`` of shape (batch,); the default is a sequence classifier's cross-entropy.
+        ``(model, batch) -> losses`` of shape (batch,), the task's (`fl.tasks.Task.loss_of`).
     max_grad_norm : float
         C > 0; ``inf`` disables clipping (then no noise is allowed).
     noise_multiplier : float

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fl import constants as K
 from privacy.accountant import ClientAccountant
 
 NODE_EPSILON = "privacy-epsilon"  # the largest ε (sample-level, whole run) the node accepts
@@ -27,8 +28,8 @@ NODE_MAX_GRAD_NORM = "privacy-max-grad-norm"  # the largest per-example clipping
 NODE_STATE_DIR = "privacy-state-dir"  # a node-local folder for the accountant (node config only)
 POLICY_KEYS = (NODE_EPSILON, NODE_DELTA, NODE_MAX_GRAD_NORM)
 
-DECLINE_RECORD = "privacy-decline"  # ConfigRecord in a declined reply
-DECLINE_REASON = "reason"  # its text field
+DECLINE_RECORD = K.DECLINE_RECORD  # ConfigRecord in a declined reply
+DECLINE_REASON = K.DECLINE_REASON  # its text field
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,10 @@ import torch
 
 from clients.train import local_train
 from fl.adapters import trainable_state
+from fl.app.workspace import get_workspace
 from fl.data import IndexedDataset
 from fl.runtime_env import set_quiet_env
 from fl.wire import num_floats
-from fl.workspace import get_workspace
 from privacy import ClientAccountant, make_private
 
 BASE = ["+experiment=smollm2", "train.batch_size=8", "train.precision=fp32"]  # the recorded step times are fp32
@@ -59,7 +59,13 @@ def seconds_per_step(overrides: list[str], *, steps: int, dp: bool) -> float:
 
     def wrap(m, o, loader):
         return make_private(
-            model=m, optimizer=o, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0, accountant=acc
+            model=m,
+            optimizer=o,
+            data_loader=loader,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            accountant=acc,
+            loss_fn=ws.task_def.per_example_loss,
         )
 
     kw: dict[str, Any] = dict(batch_size=8, lr=1e-3, weight_decay=0.0, pad_id=ws.pad_id, wrap=wrap if dp else None)

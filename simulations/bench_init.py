@@ -56,7 +56,7 @@ RUNS: list[tuple[str, str, list[str]]] = [  # (slug, label, overrides); {init_da
 
 def server_file(common: list[str], path: Path, *, count: int) -> Path:
     """`count` tweets from the training pool (the held-out test split excluded, as `build_task_data` splits)."""
-    from fl.config import compose
+    from fl.app.config import compose
     from fl.data import load_pool
 
     if path.is_file():
@@ -76,7 +76,7 @@ def probe(common: list[str], *, clients: int) -> dict[str, Any]:
     """Dense vs sketched init on the same G = Σ_k G_k (each client's 64 init examples), per module."""
     from clients.fedsb_init import BASE_SUFFIX, gradient_sum, init_examples
     from fl.data import IndexedDataset, client_partition
-    from fl.workspace import get_workspace
+    from fl.app.workspace import get_workspace
     from strategies.lora_math import fedsb_init_factors
     from strategies.sketch_math import range_finder, sketch_factors, sketch_width, test_matrix
 
@@ -144,7 +144,7 @@ def formula_ratios(shapes: dict[str, list[int]], *, rank: int = 32, oversample: 
 
 
 def run_one(overrides: list[str], run_dir: Path) -> dict[str, Any]:
-    from fl.simulation import run_simulation
+    from fl.app.simulation import run_simulation
 
     if not (run_dir / "summary.json").is_file():
         shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts again

@@ -47,7 +47,7 @@ ISSUE_14 = ["FedIT r=8", "FFA-LoRA r=8", "LoRA-FAIR r=8 (closed form)", "Fed-SB 
 
 
 def run_one(strategy: str, extra: list[str], lr: float, common: list[str], *, seed: int = 0) -> dict[str, Any]:
-    from fl.simulation import run_simulation
+    from fl.app.simulation import run_simulation
 
     run_dir = Path(tempfile.mkdtemp(prefix=f"bench-{strategy}-")) / "run"
     t0 = time.perf_counter()

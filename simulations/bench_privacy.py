@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 
 from clients.train import local_train
+from fl.app.workspace import get_workspace
 from fl.data import IndexedDataset
 from fl.outputs import read_metrics
 from fl.runtime_env import set_quiet_env
-from fl.workspace import get_workspace
 from privacy import ClientAccountant, make_private
 
 # (name, overrides, logical batch): the default adapter (LoRA on every encoder linear layer) at the default
@@ -75,6 +75,7 @@ def _trainer(overrides: list[str], logical: int):
                 noise_multiplier=1.0,
                 max_grad_norm=1.0,
                 accountant=acc,
+                loss_fn=ws.task_def.per_example_loss,
                 noise_seed=0,
                 grad_sample_mode="hooks" if mode in (None, "per_layer") else mode,
                 clipping="per_layer" if mode == "per_layer" else "flat",
@@ -159,7 +160,7 @@ def rss_table(steps: int) -> list[dict[str, Any]]:
 
 
 def accuracy_table(strategies: list[str], eps: list[float], common: list[str]) -> list[dict[str, Any]]:
-    from fl.simulation import run_simulation
+    from fl.app.simulation import run_simulation
 
     out = []
     for strategy in strategies:

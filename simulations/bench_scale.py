@@ -54,7 +54,7 @@ class PeakRSS:
 
 
 def run_size(n: int, rounds: int, sampled: int) -> dict[str, Any]:
-    from fl.simulation import run_simulation
+    from fl.app.simulation import run_simulation
 
     run_dir = Path(tempfile.mkdtemp(prefix=f"bench-scale-{n}-")) / "run"
     overrides = [

@@ -29,10 +29,10 @@ import torch
 from clients.train import local_train, make_loader
 from fl.adapters import build_adapter
 from fl.data import IndexedDataset
-from fl.models import load_base_model
 from fl.outputs import read_metrics
 from fl.runtime_env import set_quiet_env
-from fl.workspace import get_workspace
+from fl.tasks import load_base_model
+from fl.app.workspace import get_workspace
 
 
 def bare_loop(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], lr: float) -> float:
@@ -91,7 +91,7 @@ def throughput(steps: int, chunks: int) -> dict[str, float]:
 
 def overhead(clients: int, rounds: int, steps: int) -> dict[str, float]:
     """Simulation overhead of a default-model run with one client at a time."""
-    from fl.simulation import run_simulation
+    from fl.app.simulation import run_simulation
 
     run_dir = Path(tempfile.mkdtemp()) / "run"
     t0 = time.perf_counter()

@@ -28,9 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     from clients.evaluate import evaluate_metrics
     from clients.train import local_train
     from fl.adapters import trainable_state
+    from fl.app.workspace import get_workspace
     from fl.data import IndexedDataset
     from fl.runtime_env import set_quiet_env
-    from fl.workspace import get_workspace
     from privacy import ClientAccountant, make_private
 
     set_quiet_env()
@@ -59,7 +59,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def wrap(m, o, loader):
         return make_private(
-            model=m, optimizer=o, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0, accountant=acc
+            model=m,
+            optimizer=o,
+            data_loader=loader,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            accountant=acc,
+            loss_fn=ws.task_def.per_example_loss,
         )
 
     dp_kw = {**kw, "precision": "fp32" if precision == "fp16" else precision}
@@ -67,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  DP-SGD: {dp.steps} steps, loss {dp.loss:.4f}, ε={acc.epsilon(1e-5):.3f}")
     print("  after:", evaluate_metrics(ws.model, ws.task.test, batch_size=16, pad_id=ws.pad_id))
     if args.sim:
-        from fl.simulation import run_simulation
+        from fl.app.simulation import run_simulation
 
         run_dir = run_simulation(
             [*overrides, "sim.rounds=1", "sim.num_clients=2", "sim.client_gpus=0.5", "train.local_steps=2"]

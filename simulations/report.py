@@ -23,8 +23,9 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from fl import constants as K
-from fl.cli import exit_on_user_error
+from fl.app.cli import exit_on_user_error
 from fl.outputs import read_metrics
+from privacy.settings import planned_epsilon
 from simulations.seeds import flat_config, seed_report
 
 
@@ -66,7 +67,7 @@ def load_runs(root: Path) -> list[dict[str, Any]]:
                 "num_clients": int(cfg.sim.num_clients),
                 "heterogeneity": heterogeneity(cfg),
                 "alpha": float(cfg.data.alpha) if cfg.data.partitioner == "dirichlet" else None,
-                "target_epsilon": float(cfg.privacy.target_epsilon) if cfg.privacy.enabled else None,
+                "target_epsilon": planned_epsilon(cfg),
                 "epsilon_spent": max(eps) if eps else None,
                 "rounds": int(cfg.sim.rounds),
                 "seed": int(cfg.seed),

@@ -32,8 +32,8 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from fl.cli import exit_on_user_error
-from fl.config import CONFIG_DIR, compose
+from fl.app.cli import exit_on_user_error
+from fl.app.config import CONFIG_DIR, compose
 
 SWEEP_DIR = CONFIG_DIR / "sweep"
 
@@ -113,7 +113,7 @@ def run_sweep(
     for i, cid in enumerate(pending):
         entry = record["cells"][cid]
         _progress(i, total, t0, done_now, cid)
-        cmd = [sys.executable, "-m", "fl.cli", *entry["overrides"], f"hydra.run.dir={entry['dir']}"]
+        cmd = [sys.executable, "-m", "fl.app.cli", *entry["overrides"], f"hydra.run.dir={entry['dir']}"]
         started = time.monotonic()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())

@@ -26,6 +26,9 @@ Where this departs from Flower's `aggregate_train` (it overrides that one hook a
   n_k-weighted mean would let one client move it by more than C/m.
 - the noise is for the m updates actually averaged (σC/m, m = this round's `aggregated`), not the m planned:
   with fewer replies a fixed σC/m_planned would be too little noise.
+- the noise comes from a `torch.Generator` seeded by the run seed and the round (`privacy.client_level.
+  add_gaussian_noise`), not numpy's global RNG, so `privacy=client` runs are reproducible; a reply is clipped
+  on its decoded copy, never in the caller's message.
 - each released aggregate is one step of the run's accountant (`epsilon_of(releases)`), logged per round.
 """
 
@@ -36,7 +39,8 @@ from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
@@ -46,7 +50,11 @@ from flwr.serverapp.strategy import (
 from flwr.supercore.differential_privacy import compute_clip_model_update, compute_stdv, get_norm
 
 from fl import constants as K
-from strategies.base import LoraStrategy, RoundStats
+from fl.wire import from_record, to_record
+from privacy.client_level import add_gaussian_noise
+from strategies.base import LoraStrategy
+from strategies.screening import Reply
+from strategies.stats import RoundStats
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +66,7 @@ def update_norm(reply: list[np.ndarray], current: list[np.ndarray]) -> float:
     return float(get_norm([r - c for r, c in zip(reply, current, strict=True)]))
 
 
-def check_composes(cls: type[LoraStrategy], name: str) -> None:
-    """Raise ValueError naming `strategy=name` if its release is not covered by client-level DP."""
-    if cls.client_dp_problem is not None:
-        raise ValueError(
-            f"strategy={name} does not compose with client-level DP (privacy=client): {cls.client_dp_problem}. "
-            "Use strategy=fedit, ffa_lora or fed_sb, or sample-level DP (privacy=dp)."
-        )
+NOISE_SALT = 7_919  # the noise generator's seed: run seed · 1_000_003 + salt + round
 
 
 class _ClientLevelDP:
@@ -77,7 +79,11 @@ class _ClientLevelDP:
 
     def _setup(self, epsilon_of: Callable[[int], float]) -> None:
         inner = self.inner
-        check_composes(type(inner), str(inner.cfg.strategy.name))
+        if type(inner).client_dp_problem is not None:
+            raise ValueError(
+                f"{type(inner).__name__} does not compose with client-level DP (privacy=client): "
+                f"{type(inner).client_dp_problem}."
+            )
         inner.uniform_weights = True
         self.epsilon_of = epsilon_of
         self.reference = ArrayRecord()  # the global arrays this round's updates are measured from
@@ -115,15 +121,14 @@ class _ClientLevelDP:
         self.reference = arrays
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
 
-    def bound(self, msg: Message, stats: RoundStats) -> str | None:
+    def bound(self, reply: Reply, stats: RoundStats) -> str | None:
         """Make or check ‖update‖ ≤ C for one sound reply; why it must be rejected, or None."""
         raise NotImplementedError
 
-    def update_of(self, msg: Message) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
-        """(names, reply arrays, global arrays) in the global record's order, matched by name."""
-        record = msg.content.array_records[K.ARRAYS]
+    def update_of(self, reply: Reply) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+        """(names, reply arrays, global arrays) in the global record's order, matched by name (copies)."""
         names = list(self.reference.keys())
-        return names, [record[n].numpy() for n in names], [self.reference[n].numpy() for n in names]
+        return names, [reply.state[n].numpy().copy() for n in names], [self.reference[n].numpy() for n in names]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -133,23 +138,22 @@ class _ClientLevelDP:
         rnd = server_round + inner.round_offset
         stats = inner.stats.setdefault(rnd, RoundStats())
         kept = []
-        for msg in inner.screen(rnd, replies):
-            problem = self.bound(msg, stats)
+        for reply in inner.screen(rnd, replies):
+            problem = self.bound(reply, stats)
             if problem is not None:
                 stats.rejected += 1
-                log.warning("round %d: rejected the reply of node %d: %s", rnd, msg.metadata.src_node_id, problem)
+                log.warning("round %d: rejected the reply of node %d: %s", rnd, reply.node, problem)
                 continue
-            kept.append(msg)
+            kept.append(reply)
         if kept and K.CLIENT_DP_CLIPPED in stats.extra:
             stats.extra[K.CLIENT_DP_CLIPPED] /= len(kept)
         arrays, metrics = inner.aggregate_screened(rnd, kept)
         if arrays is not None:
-            self.num_sampled_clients = stats.aggregated  # Flower's noise std is σC / num_sampled_clients
-            arrays = self._add_noise_to_aggregated_arrays(arrays)  # type: ignore[attr-defined]
+            std = compute_stdv(self.noise_multiplier, self.clipping_norm, stats.aggregated)
+            gen = torch.Generator().manual_seed(inner.seed * 1_000_003 + NOISE_SALT + rnd)
+            arrays = to_record(add_gaussian_noise(from_record(arrays), std=std, generator=gen))
             inner.releases += 1
-            stats.extra[K.CLIENT_DP_NOISE_STD] = compute_stdv(
-                self.noise_multiplier, self.clipping_norm, stats.aggregated
-            )
+            stats.extra[K.CLIENT_DP_NOISE_STD] = std
         stats.extra[K.CLIENT_DP_RELEASES] = inner.releases
         stats.extra[K.CLIENT_DP_EPSILON] = self.epsilon_of(inner.releases)
         log.info(
@@ -189,13 +193,13 @@ class ClientDPServerSideClipping(_ClientLevelDP, DifferentialPrivacyServerSideFi
         )
         self._setup(epsilon_of)
 
-    def bound(self, msg: Message, stats: RoundStats) -> str | None:
-        """Clip the reply's update to C in place (Flower's `compute_clip_model_update`)."""
-        names, reply, current = self.update_of(msg)
-        if update_norm(reply, current) > self.clipping_norm:
+    def bound(self, reply: Reply, stats: RoundStats) -> str | None:
+        """Clip the reply's decoded update to C (Flower's `compute_clip_model_update`, on a copy)."""
+        names, arrays, current = self.update_of(reply)
+        if update_norm(arrays, current) > self.clipping_norm:
             stats.extra[K.CLIENT_DP_CLIPPED] = stats.extra.get(K.CLIENT_DP_CLIPPED, 0.0) + 1.0
-        compute_clip_model_update(param1=reply, param2=current, clipping_norm=self.clipping_norm)
-        msg.content[K.ARRAYS] = ArrayRecord({n: Array(np.asarray(v)) for n, v in zip(names, reply, strict=True)})
+        compute_clip_model_update(param1=arrays, param2=current, clipping_norm=self.clipping_norm)
+        reply.state = {n: torch.from_numpy(np.asarray(v)) for n, v in zip(names, arrays, strict=True)}
         return None
 
 
@@ -220,10 +224,10 @@ class ClientDPClientSideClipping(_ClientLevelDP, DifferentialPrivacyClientSideFi
         )
         self._setup(epsilon_of)
 
-    def bound(self, msg: Message, stats: RoundStats) -> str | None:
+    def bound(self, reply: Reply, stats: RoundStats) -> str | None:
         """Reject an update the node did not clip: its norm past C would break the noise's calibration."""
-        _, reply, current = self.update_of(msg)
-        norm = update_norm(reply, current)
+        _, arrays, current = self.update_of(reply)
+        norm = update_norm(arrays, current)
         if norm > self.clipping_norm * (1 + NORM_TOLERANCE):
             return (
                 f"update norm {norm:.4g} exceeds privacy.client.clip_norm={self.clipping_norm:g}: the node did not "

@@ -28,46 +28,154 @@ client once, the first time it is sampled, counted in that round's bytes.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fl import constants as K
-from fl.adapters import A_SUFFIX, SB_B_SUFFIX, SB_R_SUFFIX
-from fl.config import FED_SB_INITS
+from fl.adapters import A_SUFFIX, BASE_SUFFIX, SB_B_SUFFIX, SB_R_SUFFIX
+from fl.config import StrategyConfig
+from fl.config_privacy import require
 from fl.wire import array_bytes, from_record, num_floats, to_record
-from strategies.base import LoraStrategy, RoundStats, scalars
+from strategies.base import LoraStrategy
 from strategies.lora_math import fedsb_init_factors
+from strategies.screening import Reply, check_reply
 from strategies.sketch_math import range_finder, sketch_factors, sketch_width
-from strategies.validation import reply_problem
+from strategies.stats import RoundStats, scalars
 
 log = logging.getLogger(__name__)
 
-BASE_SUFFIX = ".base_layer.weight"  # the frozen W0 inside a PEFT LoRA layer
+INITS = ("federated", "sketch", "server", "random")
+CLIENT_INITS = ("federated", "sketch")  # inits that release client gradients before round 1
+PUBLIC = "public"  # strategy.init_data=public: the run's data.public_size slice
+
+
+@dataclass
+class FedSBConfig(StrategyConfig):
+    """Fed-SB's fields (`strategy=fed_sb`)."""
+
+    init: str = "federated"  # federated (dense gradients) | sketch (randomized range finder) | server | random
+    init_examples: int = 64  # per client, for the federated init gradient
+    init_lr: float = 1e-3  # eta of the first full fine-tuning step the init approximates
+    init_fraction: float = 1.0  # fraction of clients (seeded sample) that contribute to a federated init
+    init_data: str | None = None  # init=server: the server's own CSV/JSON/JSONL/Parquet file, or public
+    sketch_oversample: int = 8  # init=sketch: p, the sketch has r + p columns per module
+    sketch_power_iters: int = 0  # init=sketch: power iterations (two more exchanges each)
 
 
 class FedSB(LoraStrategy):
-    """Fed-SB (https://arxiv.org/abs/2502.15436): average only R; A and B sent once per client."""
+    """Fed-SB (https://arxiv.org/abs/2502.15436): average only R; A and B sent once per client.
+
+    Parameters
+    ----------
+    init : {"federated", "sketch", "server", "random"}
+        How A, B and R0 are found before round 1 (module docstring).
+    init_examples, init_lr, init_fraction
+        Examples per client for the init gradient, η of the first step it approximates, the seeded share of
+        clients that send one.
+    init_data : str, optional
+        init=server: the server's own data (a file, or ``public``); the app turns it into `server_gradient`.
+    sketch_oversample, sketch_power_iters : int
+        init=sketch: p (the sketch has r + p columns) and power iterations (two more exchanges each).
+    **kwargs
+        `LoraStrategy`'s arguments.
+    """
 
     adapter_kind: ClassVar[str] = "fedsb"
+    schema: ClassVar[type[StrategyConfig]] = FedSBConfig
 
-    def __init__(self, cfg: Any, **kwargs: Any) -> None:
-        super().__init__(cfg, **kwargs)
+    def __init__(
+        self,
+        *,
+        init: str = "federated",
+        init_examples: int = 64,
+        init_lr: float = 1e-3,
+        init_fraction: float = 1.0,
+        init_data: str | None = None,
+        sketch_oversample: int = 8,
+        sketch_power_iters: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        require(init in INITS, "strategy.init", init, f"use one of {list(INITS)}.")
+        require(init_examples >= 1, "strategy.init_examples", init_examples, "use at least 1 example.")
+        require(init_lr > 0, "strategy.init_lr", init_lr, "the init step size eta must be > 0.")
+        require(
+            0 < init_fraction <= 1,
+            "strategy.init_fraction",
+            init_fraction,
+            "use a fraction in (0, 1] of the clients that send an init gradient or sketch.",
+        )
+        require(sketch_oversample >= 0, "strategy.sketch_oversample", sketch_oversample, "use p >= 0 (e.g. 8).")
+        require(sketch_power_iters >= 0, "strategy.sketch_power_iters", sketch_power_iters, "use 0 or more.")
+        require(
+            init != "server" or bool(init_data),
+            "strategy.init_data",
+            init_data,
+            "strategy.init=server needs the server's own data: set strategy.init_data=PATH "
+            "(CSV/JSON/JSONL/Parquet with data.text_column and data.label_column), or public with data.public_size.",
+        )
+        self.init, self.init_examples, self.init_lr, self.init_fraction = init, init_examples, init_lr, init_fraction
+        self.init_data, self.sketch_oversample, self.sketch_power_iters = (
+            init_data,
+            sketch_oversample,
+            sketch_power_iters,
+        )
         self.has_frozen: set[int] = set()  # nodes that hold the current A and B
 
+    @classmethod
+    def params_from_config(cls, cfg: Any) -> dict[str, Any]:
+        """The base's arguments plus the init's; `init_data=public` needs the run's public slice."""
+        s = cfg.strategy
+        require(
+            s.init_data != PUBLIC or cfg.data.public_size > 0,
+            "strategy.init_data",
+            PUBLIC,
+            "the run has no public slice: set data.public_size (e.g. 640), or give a file as strategy.init_data=PATH.",
+        )
+        init = {
+            "init": str(s.init),
+            "init_examples": int(s.init_examples),
+            "init_lr": float(s.init_lr),
+            "init_fraction": float(s.init_fraction),
+            "init_data": None if s.init_data is None else str(s.init_data),
+            "sketch_oversample": int(s.sketch_oversample),
+            "sketch_power_iters": int(s.sketch_power_iters),
+        }
+        return {**super().params_from_config(cfg), **init}
+
+    @classmethod
+    def client_level_dp_problem(cls, cfg: Any) -> str | None:
+        """A federated or sketched init releases client gradients before round 1: not covered."""
+        if cfg.strategy.init in CLIENT_INITS:
+            return (
+                f"strategy.init={cfg.strategy.init!r} is invalid: Fed-SB's federated/sketched init sends each "
+                "client's dense gradient (or its sketch) before round 1, which client-level DP does not cover; use "
+                "strategy.init=random or strategy.init=server under privacy=client."
+            )
+        return super().client_level_dp_problem(cfg)
+
+    @classmethod
+    def client_init_releases(cls, cfg: Any) -> int:
+        """1 for the dense federated init; 2 + 2·`sketch_power_iters` for the sketched one (Y = G·Ω and Qᵀ·G,
+        plus Gᵀ·Q and G·W per power iteration); 0 for server or random. A client outside `init_fraction` spends
+        nothing, but its plan reserves the releases anyway."""
+        if cfg.strategy.init == "federated":
+            return 1
+        if cfg.strategy.init == "sketch":
+            return 2 + 2 * int(cfg.strategy.sketch_power_iters)
+        return 0
+
     def prepare(self, grid: Grid, arrays: ArrayRecord) -> ArrayRecord:
-        """Initialise A, B, R0 as `strategy.init` says (see the module docstring); round 0 holds its traffic."""
-        s = self.cfg.strategy
-        mode = str(s.init)
+        """Initialise A, B, R0 as `init` says (see the module docstring); round 0 holds its traffic."""
+        mode = self.init
         if mode == "random":
             return arrays
-        if mode not in FED_SB_INITS:
-            raise ValueError(f"strategy.init={mode!r} is unknown; use one of {list(FED_SB_INITS)}.")
         stats = self.stats.setdefault(0, RoundStats())
-        rank, lr = int(s.rank), float(s.init_lr)
+        rank, lr = self.rank, self.init_lr
         shapes = self._module_shapes()
         factors: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         if mode == "server":
@@ -80,15 +188,14 @@ class FedSB(LoraStrategy):
                 factors = {n: fedsb_init_factors(grads[n].float(), rank=rank, lr=lr) for n in shapes}
             else:
                 width = {
-                    n: sketch_width(*shape, rank=rank, oversample=int(s.sketch_oversample))
-                    for n, shape in shapes.items()
+                    n: sketch_width(*shape, rank=rank, oversample=self.sketch_oversample) for n, shape in shapes.items()
                 }
                 y = init.run(K.INIT_STEP_RIGHT, None, expected={n: (shapes[n][0], width[n]) for n in shapes})
                 basis, projection = range_finder(
                     y,
                     left=lambda q: init.run(K.INIT_STEP_LEFT, q, expected={n: (shapes[n][1], width[n]) for n in q}),
                     right=lambda w: init.run(K.INIT_STEP_RIGHT, w, expected={n: (shapes[n][0], width[n]) for n in w}),
-                    power_iters=int(s.sketch_power_iters),
+                    power_iters=self.sketch_power_iters,
                 )
                 factors = {n: sketch_factors(basis[n], projection[n], rank=rank, lr=lr) for n in shapes}
             stats.extra["init_clients"] = len(init.nodes)
@@ -107,13 +214,12 @@ class FedSB(LoraStrategy):
 
     def summary(self) -> None:
         """Log the init mode as well as the base summary."""
-        s = self.cfg.strategy
         log.info(
             "Fed-SB init=%s (init_fraction %.2f, sketch p=%d, power iterations %d)",
-            s.init,
-            float(s.init_fraction),
-            int(s.sketch_oversample),
-            int(s.sketch_power_iters),
+            self.init,
+            self.init_fraction,
+            self.sketch_oversample,
+            self.sketch_power_iters,
         )
         super().summary()
 
@@ -127,26 +233,15 @@ class FedSB(LoraStrategy):
         return shapes
 
     def _init_nodes(self, grid: Grid) -> list[int]:
-        """The clients that contribute to a federated init: a seeded `strategy.init_fraction` of them.
-
-        Drawn from a generator of its own, so round sampling is the same whatever the init does.
-        """
-        self.wait_for_nodes(grid)
-        self.discover(grid)
-        known = sorted(self.partition_of, key=self.partition_of.__getitem__)
-        k = min(len(known), max(1, round(float(self.cfg.strategy.init_fraction) * len(known))))
-        picks = np.random.default_rng(int(self.cfg.seed) + 29).choice(len(known), size=k, replace=False)
-        return [known[i] for i in sorted(picks)]
+        """The clients that contribute to a federated init: a seeded `init_fraction` of them, drawn from a
+        generator of its own, so round sampling is the same whatever the init does."""
+        return self.sampler.subset(grid, self.init_fraction, salt=29)
 
     def _server_gradient(self) -> dict[str, torch.Tensor]:
-        """init=server: the gradient sum on the server's own `strategy.init_data` (no client bytes)."""
-        from clients.fedsb_init import gradient_sum, server_init_data
-        from fl.workspace import get_workspace
-
-        ws = get_workspace(self.overrides)
-        data = server_init_data(self.cfg, ws)
-        log.info("Fed-SB init=server: gradient on %d examples of %s", len(data), self.cfg.strategy.init_data)
-        return gradient_sum(ws.model, data, batch_size=int(self.cfg.train.batch_size), pad_id=ws.pad_id)
+        """init=server: the gradient sum on the server's own `init_data` (no client bytes), from the app."""
+        if self.server_gradient is None:
+            raise ValueError("strategy.init=server needs the server's gradient; the app did not provide one.")
+        return self.server_gradient()
 
     def arrays_for(self, node_id: int, arrays: ArrayRecord) -> RecordDict:
         """R and the head every round; the frozen A and B too the first time a node is sent work."""
@@ -156,7 +251,7 @@ class FedSB(LoraStrategy):
             self.has_frozen.add(node_id)
         return content
 
-    def screen(self, server_round: int, replies: Any) -> list[Message]:
+    def screen(self, server_round: int, replies: Any) -> list[Reply]:
         """As the base; a node whose reply failed is sent A and B again next time."""
         replies = list(replies)
         for msg in replies:
@@ -201,7 +296,7 @@ class _InitExchange:
         sums: dict[str, torch.Tensor] = {}
         good: list[int] = []
         eps: dict[int, float] = {}
-        for reply in self.grid.send_and_receive(msgs, timeout=float(strategy.cfg.sim.timeout)):
+        for reply in self.grid.send_and_receive(msgs, timeout=strategy.timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 st.failed += 1
@@ -209,15 +304,14 @@ class _InitExchange:
                 continue
             st.bytes_up += array_bytes(reply.content)
             strategy.keep_accountant(node, reply)
-            problem = reply_problem(reply, expected=expected, server_round=0)
-            if problem is not None:
+            problem, release = check_reply(reply, expected=expected, server_round=0)
+            if problem is not None or release is None:
                 st.rejected += 1
                 log.warning("Fed-SB init (%s): node %d's reply rejected (%s); going on without it", step, node, problem)
                 continue
             reported = scalars(reply.content.metric_records[K.METRICS])
             if K.EPSILON in reported:
                 eps[node] = reported[K.EPSILON]
-            release = from_record(reply.content.array_records[K.ARRAYS])
             st.floats_up += num_floats(release)
             for name, t in release.items():
                 sums[name] = sums[name] + t.double() if name in sums else t.double()

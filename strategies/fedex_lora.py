@@ -29,7 +29,7 @@ from fl import constants as K
 from fl.adapters import A_SUFFIX, B_SUFFIX
 from fl.base_delta import base_weight_name
 from fl.wire import to_record
-from strategies.base import LoraStrategy, RoundStats
+from strategies.base import LoraStrategy
 from strategies.lora_math import (
     combine_residuals,
     fedex_fold_residual,
@@ -38,6 +38,7 @@ from strategies.lora_math import (
     relative_residual,
     weighted_average,
 )
+from strategies.stats import RoundStats
 
 
 class FedExLoRA(LoraStrategy):
@@ -49,8 +50,8 @@ class FedExLoRA(LoraStrategy):
         "clients (and exported) without noise"
     )
 
-    def __init__(self, cfg: Any, *, overrides: list[str], fixed: Mapping[str, torch.Tensor]) -> None:
-        super().__init__(cfg, overrides=overrides, fixed=fixed)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.fold: dict[str, torch.Tensor] = {}  # base weight name -> cumulative ΔW0 (float32)
         self._fold_record: ArrayRecord | None = None
         self._residual_after = float("nan")
@@ -60,7 +61,7 @@ class FedExLoRA(LoraStrategy):
     ) -> dict[str, torch.Tensor]:
         """FedIT's averages; E per module added to the cumulative fold."""
         agg = weighted_average(states, weights)
-        scaling = float(self.cfg.strategy.alpha) / float(self.cfg.strategy.rank)
+        scaling = self.alpha / self.rank
         before, after = [], []
         for name in [k for k in agg if k.endswith(A_SUFFIX)]:
             prefix = name[: -len(A_SUFFIX)]

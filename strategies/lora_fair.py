@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
 from fl.adapters import A_SUFFIX, B_SUFFIX
-from strategies.base import LoraStrategy, RoundStats
+from fl.config import StrategyConfig
+from strategies.base import LoraStrategy
 from strategies.lora_math import (
     combine_residuals,
     fair_correction_closed_form,
@@ -30,30 +32,68 @@ from strategies.lora_math import (
     relative_residual,
     weighted_average,
 )
+from strategies.stats import RoundStats
 
 Solver = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+SOLVERS = ("sgd", "closed_form")
+
+
+@dataclass
+class LoraFairConfig(StrategyConfig):
+    """LoRA-FAIR's fields (`strategy=lora_fair`)."""
+
+    solver: str = "sgd"  # sgd (the paper's) | closed_form (ridge, an r x r solve)
+    steps: int = 1000
+    solver_lr: float = 1e-2
+    lam: float = 0.01
 
 
 class LoraFAIR(LoraStrategy):
-    """LoRA-FAIR (https://arxiv.org/abs/2411.14961): FedIT averaging plus a corrected B̄'."""
+    """LoRA-FAIR (https://arxiv.org/abs/2411.14961): FedIT averaging plus a corrected B̄'.
+
+    Parameters
+    ----------
+    solver : {"sgd", "closed_form"}
+        The paper's gradient descent on 1 − cos + λ‖ΔB‖², or the ridge least-squares variant in closed form.
+    steps, solver_lr : int, float
+        Gradient-descent steps and step size (`sgd`).
+    lam : float
+        λ, the ridge weight on ‖ΔB‖² (≥ 0; the paper: 0.01, λ = 0 hurts).
+    **kwargs
+        `LoraStrategy`'s arguments.
+    """
 
     adapter_kind: ClassVar[str] = "lora"
+    schema: ClassVar[type[StrategyConfig]] = LoraFairConfig
     client_dp_problem: ClassVar[str | None] = (
         "its correction reads every client's B_k·A_k, which client-level DP leaves un-noised (only the mean "
         "is), so the corrected B̄' is not post-processing of the private release"
     )
-    SOLVERS: ClassVar[tuple[str, ...]] = ("sgd", "closed_form")
+
+    def __init__(
+        self, *, solver: str = "sgd", steps: int = 1000, solver_lr: float = 1e-2, lam: float = 0.01, **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        if solver not in SOLVERS:
+            raise ValueError(f"strategy.solver={solver!r} is unknown; use one of {', '.join(SOLVERS)}.")
+        if steps < 1 or solver_lr <= 0:
+            raise ValueError(f"strategy.steps={steps} must be >= 1 and strategy.solver_lr={solver_lr} > 0.")
+        if lam < 0:
+            raise ValueError(f"strategy.lam={lam} is invalid: the ridge weight must be >= 0.")
+        self.solver_name, self.steps, self.solver_lr, self.lam = solver, steps, solver_lr, lam
+
+    @classmethod
+    def params_from_config(cls, cfg: Any) -> dict[str, Any]:
+        """The base's arguments plus the solver's."""
+        s = cfg.strategy
+        solver = {"solver": str(s.solver), "steps": int(s.steps), "solver_lr": float(s.solver_lr), "lam": float(s.lam)}
+        return {**super().params_from_config(cfg), **solver}
 
     def solver(self) -> Solver:
         """The configured solver as (ΔW, Ā, B̄) -> B̄'."""
-        s = self.cfg.strategy
-        if s.solver == "sgd":
-            return lambda dw, a, b: fair_correction_sgd(
-                dw, a, b, lam=float(s.lam), lr=float(s.solver_lr), steps=int(s.steps)
-            )
-        if s.solver == "closed_form":
-            return lambda dw, a, b: fair_correction_closed_form(dw, a, b, lam=float(s.lam))
-        raise ValueError(f"strategy.solver={s.solver!r} is unknown; use one of {self.SOLVERS}.")
+        if self.solver_name == "sgd":
+            return lambda dw, a, b: fair_correction_sgd(dw, a, b, lam=self.lam, lr=self.solver_lr, steps=self.steps)
+        return lambda dw, a, b: fair_correction_closed_form(dw, a, b, lam=self.lam)
 
     def aggregate_arrays(
         self, server_round: int, states: list[dict[str, torch.Tensor]], weights: list[float]

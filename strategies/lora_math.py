@@ -7,6 +7,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
+from fl.adapters import module_factors
+
 
 def _normalise(weights: Sequence[float]) -> list[float]:
     total = float(sum(weights))
@@ -175,3 +177,19 @@ def fedex_fold_residual(
     target = scaling * _ideal_update64(As, Bs, weights)
     got = scaling * (B_bar.double() @ A_bar.double()) + E.double()
     return float(((target - got) ** 2).sum()), float((target**2).sum())
+
+
+def aggregation_residual(
+    fixed: Mapping[str, torch.Tensor],
+    states: Sequence[Mapping[str, torch.Tensor]],
+    weights: Sequence[float],
+    agg: Mapping[str, torch.Tensor],
+) -> float:
+    """‖Σ p_k B_k A_k − B̄Ā‖ / ‖Σ p_k B_k A_k‖ over every adapted module (0 = exact), with the frozen factors
+    `fixed` (FFA's A, Fed-SB's A and B) completing each client's and the aggregate's tensors."""
+    per_client = [module_factors({**fixed, **s}) for s in states]
+    parts = []
+    for prefix, (b_bar, a_bar) in module_factors({**fixed, **agg}).items():
+        dw = ideal_update([f[prefix][1] for f in per_client], [f[prefix][0] for f in per_client], weights)
+        parts.append(relative_residual(dw, b_bar, a_bar))
+    return combine_residuals(parts)

@@ -13,8 +13,8 @@ import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl import client_app as real
 from fl import constants as K
+from fl.app import client_app as real
 from fl.wire import from_record, to_record
 
 app = ClientApp()

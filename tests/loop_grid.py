@@ -13,7 +13,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from fl import constants as K
-from fl.client_app import app as client_app
+from fl.app.client_app import app as client_app
 
 
 class LoopGrid(Grid):

@@ -10,10 +10,12 @@ import torch
 from clients.train import local_train
 from fl import accel
 from fl.adapters import build_adapter
-from fl.config import compose
+from fl.app.config import compose
 from fl.data import IndexedDataset, TokenizedSplit
-from fl.models import load_base_model
+from fl.tasks import get_task, load_base_model
 from privacy import ClientAccountant, make_private
+
+SEQ_CLS = get_task("seq_cls")  # the tiny models here are sequence classifiers
 
 CPU = torch.device("cpu")
 
@@ -65,7 +67,13 @@ def test_bf16_on_a_native_cpu_trains_with_fp32_master_weights(dp: bool) -> None:
 
     def wrap(m, o, loader):
         return make_private(
-            model=m, optimizer=o, data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0, accountant=acc
+            model=m,
+            optimizer=o,
+            data_loader=loader,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            accountant=acc,
+            loss_fn=SEQ_CLS.per_example_loss,
         )
 
     res = local_train(

@@ -9,8 +9,8 @@ import torch
 from peft import PeftModel
 
 from fl.adapters import build_adapter, export_peft, fixed_state, freeze_head, load_tensors, trainable_state
-from fl.config import compose
-from fl.models import load_base_model
+from fl.app.config import compose
+from fl.tasks import load_base_model
 
 KINDS = ["lora", "ffa", "fedsb"]
 HIDDEN, INTER, LAYERS, LABELS = 32, 64, 2, 3

@@ -10,15 +10,15 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fl.config import compose
+from fl.app.config import compose
+from fl.app.simulation import run_simulation
+from fl.app.workspace import get_workspace
 from fl.data import IndexedDataset
-from fl.models import load_base_model, load_tokenizer
+from fl.models import load_tokenizer
 from fl.outputs import read_metrics
-from fl.simulation import run_simulation
-from fl.tasks import get_task
+from fl.tasks import get_task, load_base_model
 from fl.tasks.causal_lm import IGNORE
 from fl.tasks.instructions import load_records, tokenize_conversations
-from fl.workspace import get_workspace
 
 LLAMA = [
     "model=tiny_llama",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fl.cli import DEBUG_ENV
+from fl.app.cli import DEBUG_ENV
 from simulations import report, sweep
 
 
@@ -17,7 +17,9 @@ def _fl_sim(*args: str, debug: bool = False) -> subprocess.CompletedProcess[str]
     env = {k: v for k, v in os.environ.items() if k not in (DEBUG_ENV, "HYDRA_FULL_ERROR")}
     if debug:
         env[DEBUG_ENV] = "1"
-    return subprocess.run([sys.executable, "-m", "fl.cli", *args], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "fl.app.cli", *args], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 @pytest.mark.parametrize(
@@ -26,10 +28,11 @@ def _fl_sim(*args: str, debug: bool = False) -> subprocess.CompletedProcess[str]
         ("strategy.rnak=3", "Key 'rnak' not in 'StrategyConfig'"),
         ("sim.rounds=0", "sim.rounds=0 is invalid: need at least one round."),
         ("strategy=nosuch", "Available options in 'strategy': fed_sb, fedex_lora, fedit"),
+        ("strategy=lora_fair strategy.solver=nosuch", "strategy.solver='nosuch' is unknown; use one of sgd"),
     ],
 )
 def test_fl_sim_user_error_is_one_line(override: str, says: str, tmp_path: Path) -> None:
-    proc = _fl_sim("model=tiny", override, f"run_dir={tmp_path}")
+    proc = _fl_sim("model=tiny", *override.split(), f"run_dir={tmp_path}")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fl-sim: error: ") and says in lines[0], proc.stderr

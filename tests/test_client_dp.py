@@ -21,11 +21,11 @@ from opacus.accountants.rdp import RDPAccountant
 
 from fl import constants as K
 from fl.adapters import fixed_state, trainable_state
-from fl.config import compose
+from fl.app.config import compose
+from fl.app.simulation import run_simulation
+from fl.app.workspace import get_workspace
 from fl.outputs import read_metrics
-from fl.simulation import run_simulation
 from fl.wire import from_record, to_record
-from fl.workspace import get_workspace
 from privacy.client_level import ClientLevelPlan, client_level_epsilon, plan_client_level
 from strategies import get_strategy, names
 from strategies.client_dp import client_dp_wrapper
@@ -44,7 +44,7 @@ def _run(overrides: list[str], rounds: int = 2) -> tuple[Any, Any, list[dict[str
     """Run `rounds` rounds of the wrapped strategy in-process; (strategy, wrapper, per-round arrays + stats)."""
     cfg = compose(overrides)
     ws = get_workspace(overrides)
-    strategy = get_strategy(cfg.strategy.name)(cfg, overrides=overrides, fixed=fixed_state(ws.model))
+    strategy = get_strategy(cfg.strategy.name).from_config(cfg, overrides=overrides, fixed=fixed_state(ws.model))
     plan = plan_client_level(cfg)
     wrapper = client_dp_wrapper(
         strategy,
@@ -166,7 +166,7 @@ def test_epsilon_over_rounds_is_opacus_rdp_of_the_subsampled_gaussian(tiny: list
         assert strategy.stats[rnd].extra[K.CLIENT_DP_EPSILON] == pytest.approx(eps, rel=1e-12)
         assert strategy.stats[rnd].sampled == 2
     assert 8.0 - 0.01 <= strategy.stats[3].extra[K.CLIENT_DP_EPSILON] <= 8.0  # σ planned for ε = 8 after 3 rounds
-    resumed = type(strategy)(strategy.cfg, overrides=strategy.overrides, fixed=strategy.fixed)
+    resumed = type(strategy).from_config(compose(overrides), overrides=strategy.overrides, fixed=strategy.fixed)
     resumed.load_state_dict(strategy.state_dict())  # a checkpoint keeps the release count: ε keeps composing
     assert resumed.releases == 3
 
@@ -226,12 +226,13 @@ def test_a_client_dp_simulation_logs_epsilon_per_round(tiny: list[str], tmp_path
 
 
 def test_a_node_with_a_sample_level_policy_declines_client_level_tasks_and_says_why() -> None:
-    from clients.dp import policy_decline
+    from privacy.node import policy_decline
+    from privacy.settings import PrivacySettings
 
-    cfg = compose(["privacy=client"])
-    reason = policy_decline(cfg, {"privacy-epsilon": 3.0}, 0, 100)
+    settings = PrivacySettings.from_config(compose(["privacy=client"]), init_releases=0)
+    reason = policy_decline(settings, {"privacy-epsilon": 3.0}, 0, 100)
     assert reason is not None and "privacy.enabled=false" in reason and "not protect this node's data" in reason
-    assert policy_decline(cfg, {}, 0, 100) is None  # no policy: the task runs
+    assert policy_decline(settings, {}, 0, 100) is None  # no policy: the task runs
 
 
 def test_a_method_that_does_not_compose_is_refused_before_the_simulation_starts(tiny: list[str]) -> None:

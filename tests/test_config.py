@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from fl.config import compose, split_overrides
+from fl.app.config import compose, split_overrides
 
 
 def test_compose_defaults_and_overrides() -> None:
@@ -71,7 +72,7 @@ def test_bad_values_name_the_field(override: str, field: str | None) -> None:
 
 @pytest.mark.parametrize(("arg", "needle"), [("strategy=nosuch", "nosuch"), ("sim.num_clientz=3", "num_clientz")])
 def test_fl_sim_fails_at_once_on_bad_input(arg: str, needle: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "fl.cli", arg], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "fl.app.cli", arg], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert needle in proc.stdout + proc.stderr
 
@@ -91,7 +92,28 @@ def test_unknown_task_lists_the_valid_ones() -> None:
 
 
 def test_ray_address_joins_an_existing_cluster() -> None:
-    from fl.simulation import ray_init_args
+    from fl.app.simulation import ray_init_args
 
     assert ray_init_args("auto") == {"address": "auto"}
     assert "num_cpus" in ray_init_args(None)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "override", "says"),
+    [
+        ("lora_fair", "strategy.solver=nosuch", "strategy.solver='nosuch' is unknown; use one of sgd, closed_form"),
+        ("lora_fair", "strategy.lam=-1", "strategy.lam=-1.0 is invalid"),
+        ("lora_fair", "strategy.steps=0", "strategy.steps=0 must be >= 1"),
+        ("fed_sb", "strategy.init=nosuch", "strategy.init='nosuch' is invalid"),
+        ("fed_sb", "strategy.init_fraction=0", "strategy.init_fraction=0.0 is invalid"),
+        ("fed_sb", "strategy.init_lr=0", "strategy.init_lr=0.0 is invalid"),
+        ("fed_sb", "strategy.init=server", "strategy.init_data=None is invalid"),
+        ("fed_sb", "strategy.init_data=public", "strategy.init_data='public' is invalid: the run has no public slice"),
+        ("fedit", "strategy.rank=0", "strategy.rank=0 is invalid"),
+        ("ffa_lora", "train.optimizer=adam", "train.optimizer='adam' is invalid: use one of adamw, sgd"),
+    ],
+)
+def test_a_bad_strategy_field_fails_at_compose_naming_it(strategy: str, override: str, says: str) -> None:
+    """The method's typed constructor checks its fields when the config is composed, before any client trains."""
+    with pytest.raises(ValueError, match=re.escape(says)):
+        compose([f"strategy={strategy}", override])

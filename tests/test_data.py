@@ -8,9 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fl.config import compose
-from fl.data import build_task_data, load_pool, partition_indices
+from fl.app.config import compose
+from fl.data import load_pool, partition_indices
 from fl.models import load_tokenizer
+from fl.tasks.classification import build_task_data
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +94,8 @@ def test_a_node_trains_on_its_own_file_with_the_runs_label_list(tiny: list[str],
     """`--node-config "partition-id=0 data-path=FILE"`: all of FILE, labels through data.labels, fresh cache."""
     from flwr.app import Context, RecordDict
 
-    from fl.client_app import _partition, local_data_overrides
-    from fl.workspace import get_workspace
+    from fl.app.client_app import _partition, local_data_overrides
+    from fl.app.workspace import get_workspace
 
     path = tmp_path / "site-a.csv"
     pd.DataFrame({"text": [f"site a says {i}" for i in range(40)], "label": ["positive"] * 40}).to_csv(path)

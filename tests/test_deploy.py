@@ -21,10 +21,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
+from fl.app.simulation import run_simulation
 from fl.deploy import CONNECTION, LocalFederation, deploy, flower_exit_code, flwr_cli, prepare_overrides
 from fl.deploy.certs import create_federation_credentials, create_node_keys
 from fl.outputs import read_metrics
-from fl.simulation import run_simulation
 
 JOB = ["strategy=fed_sb", "strategy.rank=4", "sim.num_clients=2", "sim.rounds=2"]
 SUPERNODE_CONNECTION_ERROR = 305  # Flower's exit code (in the log; the OS exit status is 1)

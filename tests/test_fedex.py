@@ -12,13 +12,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import PeftModel
 
+from fl.app.simulation import run_simulation
+from fl.app.workspace import get_workspace
 from fl.base_delta import BASE_DELTA_FILE, apply_base_delta, apply_to_base
 from fl.checkpoint import Checkpoint
-from fl.data import IndexedDataset, collate
-from fl.models import load_base_model
+from fl.data import IndexedDataset
 from fl.outputs import read_metrics
-from fl.simulation import run_simulation
-from fl.workspace import get_workspace
+from fl.tasks import load_base_model
+from fl.tasks.classification import collate
 from strategies.lora_math import combine_residuals, fedex_fold_residual, fedex_residual, weighted_average
 
 dims = st.tuples(st.integers(2, 12), st.integers(2, 12), st.integers(1, 4), st.integers(2, 5), st.integers(0, 10_000))
@@ -108,7 +109,7 @@ def test_the_fold_survives_a_checkpoint_and_goes_to_every_client(tiny: list[str]
     from flwr.app import ArrayRecord
 
     from fl import constants as K
-    from fl.config import compose
+    from fl.app.config import compose
     from fl.wire import from_record
     from strategies.fedex_lora import FedExLoRA
 

@@ -15,22 +15,24 @@ from flwr.app import Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 
-from clients.dp import client_plan, uses_init_step
 from clients.fedsb_init import (
     BASE_SUFFIX,
+    InitSpec,
     clipped_gradient_sum,
     gradient_sum,
     init_examples,
     init_gradient_reply,
+    server_init_data,
     sketch_release,
 )
 from fl import constants as K
 from fl.adapters import A_SUFFIX, SB_B_SUFFIX, SB_R_SUFFIX, fixed_state, trainable_state
-from fl.config import compose
+from fl.app.config import compose
+from fl.app.workspace import Workspace, get_workspace, server_init_gradient
 from fl.data import IndexedDataset, client_partition
 from fl.wire import from_record, to_record
-from fl.workspace import Workspace, get_workspace
-from privacy import ClientAccountant
+from privacy import ClientAccountant, PrivacySettings, client_plan
+from strategies import get_strategy
 from strategies.fed_sb import FedSB
 from strategies.lora_math import fedsb_init_factors
 from strategies.sketch_math import orthonormal_basis, range_finder, sketch_factors, sketch_width, test_matrix
@@ -70,7 +72,7 @@ class FakeGrid:
                 continue
             self.train_msgs.append(msg)
             ws = get_workspace(self.overrides)
-            reply = init_gradient_reply(msg, self.contexts[node], ws, partition(ws, pid, self.clients), pid=pid)
+            reply = init_reply(msg, self.contexts[node], ws, partition(ws, pid, self.clients), pid=pid)
             replies.append(self._tampered(reply, self.tamper.get(pid)))
         return replies
 
@@ -83,6 +85,33 @@ class FakeGrid:
         state[name] = torch.full_like(state[name], math.nan) if how == "nan" else state[name][:, :-1]
         reply.content[K.ARRAYS] = to_record(state)
         return reply
+
+
+def init_reply(msg: Message, context: Context, ws: Workspace, data: IndexedDataset, *, pid: int) -> Message:
+    """What the ClientApp does with an init request."""
+    return init_gradient_reply(
+        msg,
+        context,
+        model=ws.model,
+        data=data,
+        pad_id=ws.pad_id,
+        pid=pid,
+        spec=InitSpec.from_config(ws.cfg),
+        privacy=ws.privacy,
+    )
+
+
+def fedsb(ws: Workspace, overrides: list[str]) -> FedSB:
+    """The server's strategy, built as the ServerApp builds it."""
+    strategy = FedSB.from_config(
+        ws.cfg, overrides=overrides, fixed=fixed_state(ws.model), server_gradient=lambda: server_init_gradient(ws)
+    )
+    assert isinstance(strategy, FedSB)
+    return strategy
+
+
+def server_data(ws: Workspace) -> IndexedDataset:
+    return server_init_data(ws.cfg, task=ws.task, task_def=ws.task_def, tokenizer=ws.tokenizer)
 
 
 def partition(ws: Workspace, pid: int, clients: int) -> IndexedDataset:
@@ -105,7 +134,7 @@ def overrides_for(tiny: list[str], *extra: str) -> list[str]:
 def prepared(overrides: list[str], *, clients: int = CLIENTS, tamper: dict[int, str] | None = None):  # type: ignore[no-untyped-def]
     ws = get_workspace(overrides)
     grid = FakeGrid(overrides, clients=clients, tamper=tamper)
-    strategy = FedSB(ws.cfg, overrides=overrides, fixed=fixed_state(ws.model))
+    strategy = fedsb(ws, overrides)
     arrays = strategy.prepare(grid, to_record(trainable_state(ws.model)))  # type: ignore[arg-type]
     return ws, grid, strategy, from_record(arrays)
 
@@ -204,9 +233,7 @@ def test_server_init_uses_the_server_file_and_no_client(tiny: list[str], tmp_pat
     overrides = overrides_for(tiny, "strategy.init=server", f"strategy.init_data={path}")
     ws, grid, strategy, state = prepared(overrides)
     assert grid.train_msgs == [] and strategy.stats[0].bytes_up == 0
-    from clients.fedsb_init import server_init_data
-
-    data = server_init_data(ws.cfg, ws)
+    data = server_data(ws)
     assert len(data) == 12
     grads = gradient_sum(ws.model, data, batch_size=8, pad_id=ws.pad_id)
     for n, t in products(strategy.fixed, state).items():
@@ -215,7 +242,6 @@ def test_server_init_uses_the_server_file_and_no_client(tiny: list[str], tmp_pat
 
 
 def test_a_public_slice_is_in_no_partition_and_is_what_init_server_public_uses(tiny: list[str]) -> None:
-    from clients.fedsb_init import server_init_data
     from fl.data import partition_indices, public_order, split_order
 
     overrides = overrides_for(tiny, "strategy.init=server", "strategy.init_data=public", "data.public_size=40")
@@ -229,7 +255,7 @@ def test_a_public_slice_is_in_no_partition_and_is_what_init_server_public_uses(t
     assert len(public_idx) == 40 and not set(public_idx) & (set(test_idx) | set(train_idx))
     parts = partition_indices(task, cfg.data, num_partitions=int(cfg.sim.num_clients), seed=int(cfg.seed))
     assert sum(len(p) for p in parts) == len(task.train)  # the clients hold the train pool, nothing else
-    data = server_init_data(cfg, ws)
+    data = server_data(ws)
     assert data.split is task.public and len(data) == min(40, int(cfg.strategy.init_examples) * CLIENTS)
     grads = gradient_sum(ws.model, data, batch_size=8, pad_id=ws.pad_id)
     for name, t in products(strategy.fixed, state).items():
@@ -273,8 +299,9 @@ def test_bad_init_config_is_refused_naming_the_field(extra: list[str], match: st
 )
 def test_the_dp_plan_reserves_every_init_release(extra: list[str], releases: int) -> None:
     cfg = compose([*extra, "privacy=dp"])
-    assert uses_init_step(cfg) == releases
-    assert client_plan(cfg, 200).extra_full_batch_steps == releases
+    init_releases = get_strategy(str(cfg.strategy.name)).client_init_releases(cfg)
+    assert init_releases == releases
+    assert client_plan(PrivacySettings.from_config(cfg, init_releases=init_releases), 200).init_steps == releases
 
 
 def _flat_norm(state: dict[str, torch.Tensor]) -> float:
@@ -287,7 +314,7 @@ def test_one_examples_share_of_every_dp_sketch_release_is_at_most_c(tiny: list[s
     ws = get_workspace(overrides_for(tiny, "strategy.init=sketch"))
     data = init_examples(partition(ws, 0, CLIENTS), count=5, seed=0)
     c = 1e-3  # far below the tiny model's per-example gradient norms: every example is clipped
-    full = clipped_gradient_sum(ws, data, max_grad_norm=c)
+    full = clipped_gradient_sum(ws.model, data, pad_id=ws.pad_id, max_grad_norm=c)
     gen = torch.Generator().manual_seed(0)
     honest = {
         n: orthonormal_basis(torch.randn(g.shape[0], 8, generator=gen, dtype=torch.float64)) for n, g in full.items()
@@ -296,7 +323,7 @@ def test_one_examples_share_of_every_dp_sketch_release_is_at_most_c(tiny: list[s
     args = {"seed": 0, "rank": R, "oversample": 8}
     for i in range(len(data)):
         rest = IndexedDataset(data.split, data.indices[[j for j in range(len(data)) if j != i]])
-        without = clipped_gradient_sum(ws, rest, max_grad_norm=c)
+        without = clipped_gradient_sum(ws.model, rest, pad_id=ws.pad_id, max_grad_norm=c)
         for step, mats in [(K.INIT_STEP_RIGHT, None), (K.INIT_STEP_LEFT, honest), (K.INIT_STEP_LEFT, evil)]:
             a = sketch_release(full, step, mats=mats, **args)  # type: ignore[arg-type]
             b = sketch_release(without, step, mats=mats, **args)  # type: ignore[arg-type]
@@ -311,7 +338,7 @@ def test_dp_sketch_charges_each_release_as_opacus_would(tiny: list[str]) -> None
     overrides = overrides_for(tiny, "strategy.init=sketch", "strategy.sketch_power_iters=1", "privacy=dp")
     ws, grid, strategy, _ = prepared(overrides)
     for pid in range(CLIENTS):
-        plan = client_plan(ws.cfg, len(partition(ws, pid, CLIENTS)))
+        plan = client_plan(ws.privacy, len(partition(ws, pid, CLIENTS)))
         ref = RDPAccountant()
         assert plan.init_noise_multiplier is not None and plan.init_share is not None  # privacy=dp's default share
         for _ in range(4):
@@ -323,7 +350,7 @@ def test_dp_sketch_charges_each_release_as_opacus_would(tiny: list[str]) -> None
     assert strategy.stats[0].extra["epsilon_max"] == pytest.approx(
         max(
             ClientAccountant.from_config_record(ctx.state.config_records[K.STATE_PRIVACY]).epsilon(
-                client_plan(ws.cfg, len(partition(ws, ctx.node_id - 100, CLIENTS))).delta
+                client_plan(ws.privacy, len(partition(ws, ctx.node_id - 100, CLIENTS))).delta
             )
             for ctx in grid.contexts.values()
         )
@@ -333,26 +360,26 @@ def test_dp_sketch_charges_each_release_as_opacus_would(tiny: list[str]) -> None
 def test_a_dp_client_refuses_an_init_release_beyond_its_plan(tiny: list[str]) -> None:
     overrides = overrides_for(tiny, "strategy.init=sketch", "privacy=dp")
     ws = get_workspace(overrides)
-    strategy = FedSB(ws.cfg, overrides=overrides, fixed=fixed_state(ws.model))
+    strategy = fedsb(ws, overrides)
     conf = strategy.config_record(0, K.PHASE_INIT_GRAD)
     conf[K.INIT_STEP], conf[K.INIT_EXCHANGE] = K.INIT_STEP_RIGHT, 2
     msg = Message(RecordDict({K.CONFIG: conf}), 100, MessageType.TRAIN)
     ctx = Context(run_id=1, node_id=100, node_config={}, state=RecordDict(), run_config={})
     with pytest.raises(ValueError, match="beyond the 2 init releases"):
-        init_gradient_reply(msg, ctx, ws, partition(ws, 0, CLIENTS), pid=0)
+        init_reply(msg, ctx, ws, partition(ws, 0, CLIENTS), pid=0)
     # a server that restarts the count is refused too: the client counts the releases in its own accountant
     conf[K.INIT_EXCHANGE] = 0
     spent = ClientAccountant("rdp")
     spent.step(noise_multiplier=1.0, sample_rate=1.0, steps=2)
     ctx.state[K.STATE_PRIVACY] = spent.to_config_record()
     with pytest.raises(ValueError, match="2 init releases made"):
-        init_gradient_reply(msg, ctx, ws, partition(ws, 0, CLIENTS), pid=0)
+        init_reply(msg, ctx, ws, partition(ws, 0, CLIENTS), pid=0)
 
 
 def test_sketch_init_in_a_real_simulation_costs_less_than_dense_and_trains(tiny: list[str], tmp_path: Path) -> None:
     """The one Flower simulation of this file: init=sketch, 2 clients, 2 rounds."""
+    from fl.app.simulation import run_simulation
     from fl.outputs import read_metrics
-    from fl.simulation import run_simulation
 
     overrides = [*overrides_for(tiny, "strategy.init=sketch", "sim.rounds=2"), "sim.num_clients=2"]
     run_dir = run_simulation([*overrides, f"run_dir={tmp_path / 'run'}"])

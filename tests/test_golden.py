@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from loop_grid import LoopGrid
 
-from fl.server_app import run_server
+from fl.app.server_app import run_server
 from fl.outputs import read_metrics
 
 GOLDEN = Path(__file__).with_name("golden_metrics.json")

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from transformers import BertConfig, BertForSequenceClassification
 
-from fl.config import compose
-from fl.models import linear_module_names, load_base_model
+from fl.app.config import compose
+from fl.models import linear_module_names
+from fl.tasks import load_base_model
 
 
 def _save_tiny(path: Path, num_labels: int) -> Path:

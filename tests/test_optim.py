@@ -13,9 +13,9 @@ from loop_grid import LoopGrid
 from clients.optim import OPTIMIZERS, load_state_tensors, make_optimizer, state_tensors
 from fl import constants as K
 from fl.adapters import fixed_state, trainable_state
-from fl.config import compose
+from fl.app.config import compose
+from fl.app.workspace import get_workspace
 from fl.wire import to_record
-from fl.workspace import get_workspace
 from strategies import get_strategy
 
 
@@ -91,7 +91,7 @@ def test_an_unknown_optimizer_or_momentum_names_the_field() -> None:
 def _rounds(overrides: list[str], rounds: int = 2) -> LoopGrid:
     cfg = compose(overrides)
     ws = get_workspace(overrides)
-    strategy = get_strategy(cfg.strategy.name)(cfg, overrides=overrides, fixed=fixed_state(ws.model))
+    strategy = get_strategy(cfg.strategy.name).from_config(cfg, overrides=overrides, fixed=fixed_state(ws.model))
     grid = LoopGrid(2)
     strategy.start(grid, to_record(trainable_state(ws.model)), num_rounds=rounds, evaluate_fn=lambda *a: None)
     return grid

@@ -12,11 +12,11 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from clients.train import local_train
 from fl.adapters import build_adapter, trainable_state
-from fl.config import compose
+from fl.app.config import compose
+from fl.app.simulation import run_simulation
 from fl.data import IndexedDataset, TokenizedSplit
-from fl.models import load_base_model
 from fl.outputs import read_metrics
-from fl.simulation import run_simulation
+from fl.tasks import get_task, load_base_model
 from privacy import (
     ClientAccountant,
     default_delta,
@@ -26,6 +26,8 @@ from privacy import (
     release,
     sample_rate,
 )
+
+SEQ_CLS = get_task("seq_cls")  # the tiny models here are sequence classifiers
 
 
 @pytest.mark.parametrize(("kind", "cls"), [("rdp", RDPAccountant), ("prv", PRVAccountant)])
@@ -146,6 +148,7 @@ def test_dp_round_trains_and_charges_exactly_the_steps_taken() -> None:
             max_grad_norm=1.0,
             accountant=acc,
             noise_seed=0,
+            loss_fn=SEQ_CLS.per_example_loss,
         )
 
     for _ in range(2):  # two rounds on the same module: hooks must not pile up
@@ -178,6 +181,7 @@ def test_per_example_clipping_bounds_every_example() -> None:
         max_grad_norm=clip,
         accountant=ClientAccountant("rdp"),
         poisson_sampling=False,
+        loss_fn=SEQ_CLS.per_example_loss,
     )
     batch = next(iter(dp_loader))
     gsm.train()
@@ -195,14 +199,19 @@ def test_per_example_clipping_bounds_every_example() -> None:
 
 def test_noisy_gradient_sum_is_the_plain_sum_without_clipping_or_noise() -> None:
     model, data = _tiny_model_and_data(12)
-    from fl.data import collate
+    from fl.tasks.classification import collate
 
     batches = [collate([data[i] for i in range(s, s + 4)], 0) for s in range(0, 12, 4)]
     params = {n: p for n, p in model.named_parameters() if n.endswith("query.base_layer.weight")}
     acc = ClientAccountant("rdp")
     model.eval()
     plain = noisy_gradient_sum(
-        model=model, params=params, batches=batches, max_grad_norm=float("inf"), noise_multiplier=0.0
+        model=model,
+        params=params,
+        batches=batches,
+        max_grad_norm=float("inf"),
+        noise_multiplier=0.0,
+        loss_fn=SEQ_CLS.loss_of,
     )
     for p in params.values():
         p.requires_grad_(True)
@@ -220,6 +229,7 @@ def test_noisy_gradient_sum_is_the_plain_sum_without_clipping_or_noise() -> None
         noise_multiplier=1.0,
         generator=torch.Generator().manual_seed(0),
         accountant=acc,
+        loss_fn=SEQ_CLS.loss_of,
     )
     assert clipped and acc.steps == 1 and acc.opacus.history[0][1] == 1.0
 

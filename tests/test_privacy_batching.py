@@ -7,17 +7,18 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from clients.dp import client_plan, logical_batch_size, physical_batch_size, steps_per_round
 from clients.train import local_train, make_loader, split_batch
 from fl.adapters import build_adapter
-from fl.config import compose
-from fl.data import IndexedDataset, TokenizedSplit, collate
-from fl.models import load_base_model
-from fl.tasks import get_task
-from privacy import ClientAccountant, make_private, release, sample_rate
-from privacy.engine import classification_loss
+from fl.app.config import compose
+from fl.data import IndexedDataset, TokenizedSplit
+from fl.tasks import get_task, load_base_model
+from fl.tasks.classification import collate
+from privacy import ClientAccountant, PrivacySettings, client_plan, make_private, release, sample_rate, steps_per_round
 
-model_inputs = get_task("seq_cls").model_inputs
+SEQ_CLS = get_task("seq_cls")  # the tiny models here are sequence classifiers
+
+model_inputs = SEQ_CLS.model_inputs
+classification_loss = SEQ_CLS.per_example_loss
 
 
 def _tiny(kind: str = "lora", n: int = 64, seed: int = 0) -> tuple[torch.nn.Module, IndexedDataset]:
@@ -65,6 +66,7 @@ def test_the_logical_batch_is_planned_and_charged_the_physical_one_is_what_runs(
             max_grad_norm=1.0,
             accountant=acc,
             grad_sample_mode=mode,
+            loss_fn=SEQ_CLS.per_example_loss,
         )
 
     res = local_train(
@@ -87,11 +89,14 @@ def test_the_logical_batch_is_planned_and_charged_the_physical_one_is_what_runs(
     assert res.examples_seen == sum(seen)  # Poisson batches: what went through the model, reported
 
     cfg = compose(["model=tiny", "privacy=dp", "privacy.batch_size=32", "train.batch_size=8", "train.local_epochs=2"])
-    assert (logical_batch_size(cfg), physical_batch_size(cfg)) == (32, 8)
-    plan = client_plan(cfg, 640)
-    assert plan.sample_rate == sample_rate(640, 32) and plan.steps_per_round == steps_per_round(cfg, 640) == 40
-    off = compose(["model=tiny", "privacy=off", "privacy.batch_size=32", "train.batch_size=8"])
-    assert logical_batch_size(off) == physical_batch_size(off) == 8  # without DP nothing changes
+    settings = PrivacySettings.from_config(cfg, init_releases=0)
+    assert (settings.logical_batch, settings.physical_batch) == (32, 8)
+    plan = client_plan(settings, 640)
+    assert plan.sample_rate == sample_rate(640, 32) and plan.steps_per_round == steps_per_round(settings, 640) == 40
+    off = PrivacySettings.from_config(
+        compose(["model=tiny", "privacy=off", "privacy.batch_size=32", "train.batch_size=8"]), init_releases=0
+    )
+    assert off.logical_batch == off.physical_batch == 8  # without DP nothing changes
 
 
 def _clipped_sum(kind: str, mode: str, *, physical: int, clip: float) -> dict[str, torch.Tensor]:

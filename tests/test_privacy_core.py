@@ -21,8 +21,9 @@ from peft import LoraConfig, get_peft_model
 from torch.utils.data import DataLoader
 from transformers import BertConfig, BertForSequenceClassification
 
-from fl.config import compose
+from fl.app.config import compose
 from fl.config_privacy import CLIPPINGS as CONFIG_CLIPPINGS
+from fl.tasks import get_task
 from privacy import (
     CLIPPINGS,
     ClientAccountant,
@@ -36,6 +37,8 @@ from privacy import (
     sample_rate,
     unwrap,
 )
+
+SEQ_CLS = get_task("seq_cls")  # the tiny models here are sequence classifiers
 
 DELTA = 1e-5
 SEGMENTS = [(1.1, 0.01, 50), (1.1, 0.01, 30), (0.9, 0.02, 10), (2.0, 1.0, 1)]  # (σ, q, steps), incl. a q=1 step
@@ -294,6 +297,7 @@ def _dp_round(model: torch.nn.Module, acc: ClientAccountant, *, seed: int) -> tu
         max_grad_norm=1.0,
         accountant=acc,
         noise_seed=seed,
+        loss_fn=SEQ_CLS.per_example_loss,
     )
     assert isinstance(dp_opt, DPOptimizer) and isinstance(dp_loader, DPDataLoader) and unwrap(gsm) is model
     hooks, taken = _hook_count(model), 0
@@ -340,7 +344,13 @@ def test_make_private_refuses_a_module_still_wrapped_and_unsupported_modes() -> 
     model = _tiny_lora_bert()
     loader = DataLoader(_examples(8), batch_size=4, collate_fn=_collate)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    kw = {"optimizer": opt, "data_loader": loader, "noise_multiplier": 1.0, "max_grad_norm": 1.0}
+    kw = {
+        "optimizer": opt,
+        "data_loader": loader,
+        "noise_multiplier": 1.0,
+        "max_grad_norm": 1.0,
+        "loss_fn": SEQ_CLS.per_example_loss,
+    }
     with pytest.raises(ValueError, match="grad_sample_mode='ew'"):
         make_private(model=model, accountant=ClientAccountant(), grad_sample_mode="ew", **kw)  # type: ignore[arg-type]
     model.train()
@@ -366,6 +376,7 @@ def _noise_free(
         accountant=ClientAccountant(),
         poisson_sampling=False,
         clipping=clipping,
+        loss_fn=SEQ_CLS.per_example_loss,
     )
     return gsm, dp_opt, [p for p in gsm.parameters() if p.requires_grad]
 
@@ -458,6 +469,7 @@ def test_per_layer_clipping_is_refused_with_ghost_and_config_names_the_field() -
             accountant=ClientAccountant(),
             grad_sample_mode="ghost",
             clipping="per_layer",
+            loss_fn=SEQ_CLS.per_example_loss,
         )
     assert CLIPPINGS == CONFIG_CLIPPINGS
     with pytest.raises(ValueError, match=r"privacy\.clipping='flt' is invalid: use one of flat, per_layer"):
@@ -506,9 +518,15 @@ def test_noisy_gradient_sum_is_the_plain_sum_without_clipping_or_noise() -> None
             max_grad_norm=math.inf,
             noise_multiplier=0.0,
             micro_batch_size=3,
+            loss_fn=SEQ_CLS.loss_of,
         )
         as_dict = noisy_gradient_sum(
-            model=model, params=named, batches=batches, max_grad_norm=math.inf, noise_multiplier=0.0
+            model=model,
+            params=named,
+            batches=batches,
+            max_grad_norm=math.inf,
+            noise_multiplier=0.0,
+            loss_fn=SEQ_CLS.loss_of,
         )
     assert isinstance(as_list, list) and list(as_dict) == list(named)
     for got, alt, want in zip(as_list, as_dict.values(), ref, strict=True):
@@ -528,7 +546,7 @@ def test_noisy_gradient_sum_bounds_each_example_and_charges_one_full_batch_step(
     params = list(_base_weights(model).values())
     examples = _examples(4, seed=6)
     clip = 1e-4
-    kw = {"model": model, "params": params, "max_grad_norm": clip, "noise_multiplier": 0.0}
+    kw = {"model": model, "params": params, "max_grad_norm": clip, "noise_multiplier": 0.0, "loss_fn": SEQ_CLS.loss_of}
     raw = [torch.cat([g.reshape(-1) for g in _plain_gradient_sum(model, params, [_collate([ex])])]) for ex in examples]
     assert min(float(r.norm()) for r in raw) > 10 * clip
     singles = [
@@ -563,4 +581,5 @@ def test_noisy_gradient_sum_rejects_noise_without_clipping() -> None:
             batches=[_collate(_examples(2))],
             max_grad_norm=math.inf,
             noise_multiplier=1.0,
+            loss_fn=SEQ_CLS.loss_of,
         )

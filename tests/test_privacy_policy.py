@@ -14,9 +14,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fl import constants as K
 from fl.adapters import trainable_state
-from fl.client_app import evaluate_local, train
+from fl.app.client_app import evaluate_local, train
+from fl.app.workspace import get_workspace
 from fl.wire import to_record
-from fl.workspace import get_workspace
 from privacy import ClientAccountant
 from privacy.policy import DECLINE_REASON, DECLINE_RECORD, AccountantStore, NodePolicy, parse_node_policies
 

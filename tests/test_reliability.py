@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fl.app.cli import resume_overrides
+from fl.app.simulation import run_simulation
 from fl.checkpoint import CHECKPOINT_FILE, Checkpoint
-from fl.cli import resume_overrides
 from fl.outputs import read_metrics
-from fl.simulation import run_simulation
 
 SIM = ["sim.num_clients=3", "sim.min_train_clients=2", "data.partitioner=iid"]
 
@@ -123,7 +123,7 @@ def test_server_killed_mid_run_resumes_to_the_uninterrupted_result(tiny: list[st
     common = [*tiny, *SIM, "sim.rounds=3", "train.local_steps=4"]
     killed_dir = tmp_path / "killed"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fl.cli", *common, f"hydra.run.dir={killed_dir}"],
+        [sys.executable, "-m", "fl.app.cli", *common, f"hydra.run.dir={killed_dir}"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

@@ -11,11 +11,11 @@ from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, Rec
 from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from strategies.validation import reply_problem
 
 from fl import constants as K
-from fl.config import compose
+from fl.app.config import compose
 from strategies import FedIT
-from strategies.validation import reply_problem
 
 EXPECTED = {"m.lora_A.default.weight": (2, 3), "m.lora_B.default.weight": (3, 2), "head.weight": (3,)}
 
@@ -90,7 +90,7 @@ def test_reply_validation_never_crashes_and_passes_only_sound_replies(rec) -> No
 @given(st.lists(records(), min_size=1, max_size=4), st.integers(0, 2**16))
 def test_the_aggregate_never_holds_a_bad_tensor(recs, seed) -> None:  # type: ignore[no-untyped-def]
     cfg = compose(["model=tiny", "sim.num_clients=2", "sim.min_train_clients=1"])
-    strategy = FedIT(cfg, overrides=[], fixed={})
+    strategy = FedIT.from_config(cfg, overrides=[], fixed={})
     strategy.expected = dict(EXPECTED)
     good = _good_state(np.random.default_rng(seed))
     msgs = [_msg(good, {K.NUM_EXAMPLES: 10})] + [_msg(s, m) for s, m in recs]

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from fl import constants as K
-from fl.config import compose
+from fl.app.config import compose
 from fl.schedule import round_lr
 from strategies.fedit import FedIT
 
@@ -40,13 +40,13 @@ def test_unknown_schedule_names_the_field() -> None:
 
 def _strategy(overrides: list[str]) -> FedIT:
     cfg = compose(overrides)
-    return FedIT(cfg, overrides=overrides, fixed={})
+    return FedIT.from_config(cfg, overrides=overrides, fixed={})
 
 
 def test_server_sends_the_rounds_rate_and_a_resume_keeps_the_schedule() -> None:
     ov = ["model=tiny", "sim.rounds=6", "train.lr_schedule=cosine", "train.warmup_rounds=1", "strategy.lr=2e-3"]
     whole = _strategy(ov)
-    # Flower counts each session's rounds from 1; round_offset makes them absolute (fl/server_app.py)
+    # Flower counts each session's rounds from 1; round_offset makes them absolute (fl/app/server_app.py)
     uninterrupted = [float(whole.config_record(r, K.PHASE_TRAIN)[K.LR]) for r in range(1, 7)]
     resumed = _strategy(ov)
     resumed.round_offset = 3  # a run resumed after round 3

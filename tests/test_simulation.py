@@ -10,12 +10,13 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fl.data import IndexedDataset, collate
-from fl.models import load_base_model
+from fl.app.simulation import run_simulation
+from fl.app.workspace import get_workspace
+from fl.data import IndexedDataset
 from fl.outputs import read_metrics
-from fl.simulation import run_simulation
+from fl.tasks import load_base_model
+from fl.tasks.classification import collate
 from fl.wire import from_record
-from fl.workspace import get_workspace
 
 SIM = ["sim.num_clients=2", "sim.rounds=2", "data.partitioner=iid"]
 

@@ -10,11 +10,12 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fl.data import IndexedDataset, collate
-from fl.models import load_base_model
+from fl.app.simulation import run_simulation
+from fl.app.workspace import get_workspace
+from fl.data import IndexedDataset
 from fl.outputs import read_metrics
-from fl.simulation import run_simulation
-from fl.workspace import get_workspace
+from fl.tasks import load_base_model
+from fl.tasks.classification import collate
 from strategies import names
 
 H, INTER, LAYERS, LABELS, R, CLIENTS, ROUNDS = 32, 64, 2, 3, 4, 2, 2

@@ -24,7 +24,7 @@ def bench(overrides: Sequence[str], *, clients: int | None = None, insecure: boo
 
     All three must end with the same metrics; `bench.json` in the run folder keeps the figures.
     """
-    from fl.simulation import run_simulation
+    from fl.app.simulation import run_simulation
 
     ov, base = prepare_overrides(overrides, clients=clients)
     job = [o for o in ov if not o.startswith("run_dir=")]

@@ -16,7 +16,7 @@ def _raise_on_signal(signum: int, _frame: object) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """`fl-deploy --clients N [--insecure] [--warm] [--bench] [overrides]`."""
-    from fl.cli import setup_logging
+    from fl.app.cli import setup_logging
 
     parser = argparse.ArgumentParser(
         prog="fl-deploy",

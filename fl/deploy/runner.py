@@ -35,7 +35,7 @@ from typing import Any
 import tomli_w
 
 from fl import constants as K
-from fl.config import compose
+from fl.app.config import compose
 from fl.deploy.certs import DEFAULT_SANS, NodeKeys, ServerCerts, create_federation_credentials
 from fl.deploy.process import (
     LOOPBACK,
@@ -372,7 +372,7 @@ def prepare_overrides(overrides: Sequence[str], *, clients: int | None) -> tuple
         else:
             out.append(o)
     if run_dir is None:
-        from fl.server_app import default_run_dir
+        from fl.app.server_app import default_run_dir
 
         run_dir = str(default_run_dir())
     path = Path(run_dir).expanduser().resolve()

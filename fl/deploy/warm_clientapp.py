@@ -16,7 +16,7 @@ log = logging.getLogger("fl.deploy")
 APP_PACKAGES = ("fl", "clients", "strategies", "privacy", "simulations")  # the app's own code (pyproject)
 
 
-def run_clientapp_executor(runtime_api_address: str, *, preload: str = "fl.client_app", poll: float = 0.25) -> None:
+def run_clientapp_executor(runtime_api_address: str, *, preload: str = "fl.app.client_app", poll: float = 0.25) -> None:
     """A warm SuperExec for `flower-supernode --isolation process`: one forked child per ClientApp task.
 
     Flower's SuperExec starts a fresh `flwr-clientapp` per message, which imports torch, transformers,

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fl.data import TaskData, TokenizedSplit
+from fl.models import public_id
 
 Batch = dict[str, torch.Tensor]
 
@@ -89,3 +90,18 @@ def get_task(name: str) -> Task:
 def task_names() -> list[str]:
     """Registered `model.task` names."""
     return sorted(_TASKS)
+
+
+def load_base_model(
+    model_cfg: DictConfig, *, num_labels: int, seed: int, cache_dir: str | None = None
+) -> PreTrainedModel:
+    """Build the frozen base model of `model.task`, seeded (a classifier gets a `num_labels` head).
+
+    The model is named by its public id (`fl.models.public_id`), which an exported adapter_config.json records
+    as ``base_model_name_or_path`` instead of this machine's package path.
+    """
+    model = get_task(str(model_cfg.task)).build_model(model_cfg, num_labels=num_labels, seed=seed, cache_dir=cache_dir)
+    name = public_id(str(model_cfg.name))
+    model.name_or_path = name
+    model.config._name_or_path = name
+    return model

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from fl.data import TaskData, TokenizedSplit, cached_task_data, label_ids, split_order
-from fl.models import TINY_LLAMA, _quiet_load, load_tokenizer, resolve_name
+from fl.models import TINY_LLAMA, load_tokenizer, quiet_load, resolve_name
 from fl.tasks.base import Batch, Task, register_task
 from fl.tasks.instructions import load_records, tokenize_conversations
 
@@ -62,7 +62,7 @@ class CausalLM(Task):
                 )
                 model: PreTrainedModel = LlamaForCausalLM(config)
             else:
-                model = _quiet_load(
+                model = quiet_load(
                     AutoModelForCausalLM.from_pretrained, resolve_name(model_cfg.name, cache_dir), dtype=torch.float32
                 )
         if model.config.pad_token_id is None:

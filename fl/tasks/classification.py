@@ -1,7 +1,9 @@
 """Sequence classification (`model.task=seq_cls`): an encoder with a classification head over text labels.
 
 The head is new (seeded) and trained and averaged in full by every method (PEFT ``modules_to_save``);
-the loss is the cross-entropy of the head's logits; evaluation gives mean loss and accuracy.
+the loss is the cross-entropy of the head's logits; evaluation gives mean loss and accuracy. The data is a
+pool of (text, label) rows (`fl.data.load_pool`), split and tokenised once (`build_task_data`, cached on disk)
+and padded per batch (`collate`).
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import datasets
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from transformers import (
@@ -19,9 +23,78 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from fl.data import IndexedDataset, TaskData, TokenizedSplit, build_task_data, collate
-from fl.models import HEAD_NAMES, TINY_MODEL, _quiet_load, load_tokenizer, resolve_name
+from fl.data import (
+    IndexedDataset,
+    TaskData,
+    TokenizedSplit,
+    cached_task_data,
+    label_ids,
+    load_pool,
+    public_order,
+    split_order,
+)
+from fl.models import HEAD_NAMES, TINY_MODEL, load_tokenizer, quiet_load, resolve_name
 from fl.tasks.base import Batch, Task, register_task
+
+NAME = "seq_cls"  # the `model.task` of this module
+
+
+def _check_columns(ds: datasets.Dataset, data_cfg: DictConfig) -> None:
+    needed = [
+        ("data.text_column", data_cfg.text_column),
+        ("data.label_column", data_cfg.label_column),
+    ]
+    if data_cfg.partitioner == "natural":
+        needed.append(("data.natural_column", data_cfg.natural_column))
+    for field_name, col in needed:
+        if col not in ds.column_names:
+            raise KeyError(f"{field_name}={col!r} is not a column of the data; columns are {ds.column_names}.")
+
+
+def _tokenize(texts: list[str], tokenizer: object, max_length: int) -> list[torch.Tensor]:
+    enc = tokenizer(texts, truncation=True, max_length=max_length)  # type: ignore[operator]
+    return [torch.tensor(ids, dtype=torch.int32) for ids in enc["input_ids"]]
+
+
+def build_task_data(data_cfg: DictConfig, tokenizer: object, *, seed: int, cache_dir: str | None = None) -> TaskData:
+    """Text classification: load, split (seeded shuffle; the first `test_size` are the server's test set),
+    tokenise; cached."""
+
+    def build() -> TaskData:
+        ds = load_pool(data_cfg)
+        _check_columns(ds, data_cfg)
+        texts = [str(t) if t is not None else "" for t in ds[data_cfg.text_column]]
+        labels, label_names = label_ids(ds[data_cfg.label_column], data_cfg)
+        natural = [str(v) for v in ds[data_cfg.natural_column]] if data_cfg.partitioner == "natural" else None
+        test_idx, train_idx = split_order(len(texts), data_cfg, seed=seed)
+        public_idx = public_order(len(texts), data_cfg, seed=seed)
+        chosen = np.concatenate([test_idx, train_idx, public_idx])
+        ids = _tokenize([texts[i] for i in chosen], tokenizer, data_cfg.max_length)
+        n_test, n_train = len(test_idx), len(train_idx)
+        return TaskData(
+            train=TokenizedSplit(ids[n_test : n_test + n_train], torch.from_numpy(labels[train_idx]), task=NAME),
+            test=TokenizedSplit(ids[:n_test], torch.from_numpy(labels[test_idx]), task=NAME),
+            label_names=label_names,
+            train_labels=labels[train_idx],
+            train_natural=[natural[i] for i in train_idx] if natural is not None else None,
+            public=TokenizedSplit(ids[n_test + n_train :], torch.from_numpy(labels[public_idx]), task=NAME)
+            if len(public_idx)
+            else None,
+        )
+
+    return cached_task_data(data_cfg, tokenizer, seed=seed, cache_dir=cache_dir, kind=NAME, build=build)
+
+
+def collate(batch: list[tuple[torch.Tensor, int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad a batch of (ids, label) to its longest sequence (dynamic padding)."""
+    longest = max((len(ids) for ids, _ in batch), default=1)
+    input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), longest), dtype=torch.long)
+    for i, (ids, _) in enumerate(batch):
+        input_ids[i, : len(ids)] = ids
+        mask[i, : len(ids)] = 1
+    labels = torch.tensor([int(y) for _, y in batch], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
 def head_name(model: torch.nn.Module) -> str:
@@ -35,7 +108,7 @@ def head_name(model: torch.nn.Module) -> str:
 class Classification(Task):
     """Text -> one of `data.labels`; the head's logits against the label id."""
 
-    name = "seq_cls"
+    name = NAME
 
     def build_model(
         self, model_cfg: DictConfig, *, num_labels: int, seed: int, cache_dir: str | None = None
@@ -65,7 +138,7 @@ class Classification(Task):
     def _pretrained(model_cfg: DictConfig, *, num_labels: int, cache_dir: str | None) -> PreTrainedModel:
         # The load report ("classifier MISSING: newly initialized") is expected for a new head.
         try:
-            return _quiet_load(
+            return quiet_load(
                 AutoModelForSequenceClassification.from_pretrained,
                 resolve_name(model_cfg.name, cache_dir),
                 num_labels=num_labels,

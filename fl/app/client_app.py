@@ -17,28 +17,19 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig
 
-from clients.dp import (
-    client_plan,
-    declined_reply,
-    load_accountant,
-    logical_batch_size,
-    node_policy,
-    physical_batch_size,
-    policy_decline,
-    save_accountant,
-    steps_per_round,
-)
 from clients.evaluate import evaluate
+from clients.fedsb_init import InitSpec, init_gradient_reply
 from clients.train import local_train, round_seed
 from fl import constants as K
 from fl.adapters import load_tensors, trainable_state
+from fl.app.workspace import Workspace, get_workspace
 from fl.base_delta import apply_base_delta
 from fl.data import IndexedDataset, client_partition
 from fl.runtime_env import CLIENT_THREADS_ENV
 from fl.wire import from_record, to_record
-from fl.workspace import Workspace, get_workspace
-from privacy import make_private
+from privacy import client_plan, make_private, steps_per_round
 from privacy.client_level import client_clipping_mod
+from privacy.node import declined_reply, load_accountant, node_policy, policy_decline, save_accountant
 from privacy.policy import DECLINE_REASON, DECLINE_RECORD
 
 log = logging.getLogger(__name__)
@@ -107,26 +98,34 @@ def train(msg: Message, context: Context) -> Message:
     ws, server_round = _workspace(msg, context)
     pid, data = _partition(context, ws)
     conf = msg.content.config_records[K.CONFIG]
-    reason = policy_decline(ws.cfg, context.node_config, pid, len(data))
+    settings = ws.privacy
+    reason = policy_decline(settings, context.node_config, pid, len(data))
     if reason is not None:  # the node's own privacy policy: nothing computed from its data leaves it
         log.warning("partition %d declines round %d: %s", pid, server_round, reason)
         if str(conf[K.PHASE]) == K.PHASE_INIT_GRAD:  # the init exchange expects arrays: an error reply instead
             return Message(Error(code=DECLINED_CODE, reason=f"declined: {reason}"), reply_to=msg)
         return declined_reply(msg, partition_id=pid, server_round=server_round, reason=reason)
     if str(conf[K.PHASE]) == K.PHASE_INIT_GRAD:
-        from clients.fedsb_init import init_gradient_reply
-
-        return init_gradient_reply(msg, context, ws, data, pid=pid)
+        return init_gradient_reply(
+            msg,
+            context,
+            model=ws.model,
+            data=data,
+            pad_id=ws.pad_id,
+            pid=pid,
+            spec=InitSpec.from_config(ws.cfg),
+            privacy=settings,
+        )
     _load_global(msg, context, ws)
     cfg = ws.cfg
-    steps = steps_per_round(cfg, len(data))
+    steps = steps_per_round(settings, len(data))
     seed = round_seed(int(cfg.seed), server_round, pid)
     metrics: dict[str, int | float | list[int] | list[float]] = {K.PARTITION_ID: pid, K.SERVER_ROUND: server_round}
     content = RecordDict()
     wrap = None
     accountant = None
-    if cfg.privacy.enabled:
-        plan = client_plan(cfg, len(data))
+    if settings.enabled:
+        plan = client_plan(settings, len(data))
         accountant = load_accountant(context, msg, plan.accountant, delta=plan.delta)
         if accountant.steps == 0:  # this client's first DP round: say what it will do (node files: its own n)
             log.info("partition %d (%d examples): %s", pid, len(data), plan.describe())
@@ -157,10 +156,10 @@ def train(msg: Message, context: Context) -> Message:
                 noise_multiplier=plan.noise_multiplier,
                 max_grad_norm=plan.max_grad_norm,
                 accountant=accountant,
-                poisson_sampling=bool(cfg.privacy.poisson_sampling),
-                grad_sample_mode=str(cfg.privacy.grad_sample_mode),
-                clipping=str(cfg.privacy.clipping),
-                head_clip_share=cfg.privacy.head_clip_share,
+                poisson_sampling=settings.poisson_sampling,
+                grad_sample_mode=settings.grad_sample_mode,
+                clipping=settings.clipping,
+                head_clip_share=settings.head_clip_share,
                 noise_seed=seed,
                 loss_fn=ws.task_def.per_example_loss,
             )
@@ -169,8 +168,8 @@ def train(msg: Message, context: Context) -> Message:
         ws.model,
         data,
         steps=steps,
-        batch_size=logical_batch_size(cfg),
-        physical_batch_size=physical_batch_size(cfg),
+        batch_size=settings.logical_batch,
+        physical_batch_size=settings.physical_batch,
         lr=float(conf.get(K.LR, cfg.strategy.lr)),  # the round's rate (train.lr_schedule)
         weight_decay=float(cfg.train.weight_decay),
         pad_id=ws.pad_id,
@@ -193,7 +192,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     if accountant is not None:
         # The training loss is an un-noised function of the client's examples: under DP it stays on the client.
-        metrics[K.EPSILON] = accountant.epsilon(client_plan(cfg, len(data)).delta)
+        metrics[K.EPSILON] = accountant.epsilon(client_plan(settings, len(data)).delta)
         content[K.STATE_PRIVACY] = save_accountant(context, accountant)
     else:
         metrics[K.TRAIN_LOSS] = result.loss
@@ -214,7 +213,7 @@ def evaluate_local(msg: Message, context: Context) -> Message:
     """Federated evaluation: the global adapter on this client's own partition."""
     ws, _ = _workspace(msg, context)
     pid, data = _partition(context, ws)
-    if node_policy(ws.cfg, context.node_config, pid).requires_dp:  # un-noised metrics of the node's own data
+    if node_policy(ws.privacy, context.node_config, pid).requires_dp:  # un-noised metrics of the node's own data
         reason = "this node's privacy policy does not release un-noised evaluation metrics of its data"
         return Message(Error(code=DECLINED_CODE, reason=f"declined: {reason}"), reply_to=msg)
     _load_global(msg, context, ws)
@@ -226,5 +225,5 @@ def evaluate_local(msg: Message, context: Context) -> Message:
         pad_id=ws.pad_id,
         precision=str(ws.cfg.train.precision),
     )
-    metrics = MetricRecord({K.NUM_EXAMPLES: len(data), "eval-loss": loss, "eval-accuracy": acc})
+    metrics = MetricRecord({K.NUM_EXAMPLES: len(data), K.EVAL_LOSS: loss, K.EVAL_ACCURACY: acc})
     return Message(RecordDict({K.METRICS: metrics}), reply_to=msg)

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fl.config import compose
+from fl.app.config import compose
 from fl.runtime_env import CLIENT_THREADS_ENV, set_quiet_env
 
 if TYPE_CHECKING:
@@ -34,14 +34,9 @@ def run_simulation(overrides: list[str], *, client_app: ClientApp | None = None)
     Ray is shut down before returning, also on error, so no Flower or Ray process outlives the call.
     """
     set_quiet_env()
-    cfg = compose(overrides)  # fail fast, before Ray starts
-    if cfg.privacy.client.enabled:  # a method client-level DP does not cover: say so before anything starts
-        from strategies import get_strategy
-        from strategies.client_dp import check_composes
-
-        check_composes(get_strategy(str(cfg.strategy.name)), str(cfg.strategy.name))
+    cfg = compose(overrides)  # fail fast, before Ray starts (a method client-level DP does not cover included)
     if cfg.run_dir is None:
-        from fl.server_app import default_run_dir
+        from fl.app.server_app import default_run_dir
 
         overrides = [*overrides, f"run_dir={default_run_dir()}"]
         cfg = compose(overrides)
@@ -49,15 +44,15 @@ def run_simulation(overrides: list[str], *, client_app: ClientApp | None = None)
     # α=0.1 over 20 clients with min_partition_size) must stop the run here with its message, not fail
     # every client in every round of a run that then "finishes" untrained.
     from fl.data import client_partition
-    from fl.workspace import get_workspace
+    from fl.app.workspace import get_workspace
 
     ws = get_workspace(list(overrides))  # the ServerApp below reuses it (same process, same overrides)
     client_partition(ws.task, cfg.data, pid=0, num_partitions=int(cfg.sim.num_clients), seed=int(cfg.seed))
     import ray
     from flwr.simulation import run_simulation as flwr_run_simulation
 
-    from fl.client_app import app as default_client_app
-    from fl.server_app import make_server_app
+    from fl.app.client_app import app as default_client_app
+    from fl.app.server_app import make_server_app
 
     # Each actor's torch gets as many threads as the CPUs Ray reserves for it (read by the ClientApp;
     # actors inherit this environment); without it every actor starts one thread per core.

@@ -20,7 +20,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from fl.config import CONFIG_DIR, register_configs, validate
+from fl.app.config import CONFIG_DIR, register_configs, validate
 from fl.runtime_env import set_quiet_env
 
 register_configs()
@@ -108,7 +108,7 @@ def _run(cfg: DictConfig) -> None:
     else:
         overrides = [o for o in hc.overrides.task if not o.startswith("run_dir=")]
         overrides.append(f"run_dir={cfg.run_dir or hc.runtime.output_dir}")
-    from fl.simulation import run_simulation
+    from fl.app.simulation import run_simulation
 
     run_dir = run_simulation(overrides)
     print(f"\nDone. Outputs in {run_dir.resolve()}:")

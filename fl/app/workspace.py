@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from omegaconf import DictConfig
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
+from clients import fedsb_init
 from fl.accel import resolve_device
 from fl.adapters import build_adapter, freeze_head
-from fl.config import compose
+from fl.app.config import compose
 from fl.data import TaskData
-from fl.models import load_base_model, load_tokenizer
-from fl.tasks import Task, get_task
+from fl.models import load_tokenizer
+from fl.tasks import Task, get_task, load_base_model
+from privacy import PrivacySettings
 from strategies import get_strategy
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,12 @@ class Workspace:
     def num_labels(self) -> int:
         return len(self.task.label_names)
 
+    @cached_property
+    def privacy(self) -> PrivacySettings:
+        """The run's privacy settings, read once; the plan reserves the method's releases before round 1."""
+        releases = get_strategy(str(self.cfg.strategy.name)).client_init_releases(self.cfg)
+        return PrivacySettings.from_config(self.cfg, init_releases=releases)
+
     def fresh_base(self) -> torch.nn.Module:
         """A new base model like the one `model` wraps, on CPU (for export)."""
         return load_base_model(
@@ -55,6 +64,14 @@ class Workspace:
 
 
 _CACHE: dict[tuple[str, ...], Workspace] = {}
+
+
+def server_init_gradient(ws: Workspace) -> dict[str, torch.Tensor]:
+    """The loss gradient sum w.r.t. every adapted W0 on the server's own init data (`strategy.init_data`),
+    for a method whose init needs it (Fed-SB's init=server): the strategy gets it as `server_gradient`."""
+    return fedsb_init.server_init_gradient(
+        ws.cfg, model=ws.model, pad_id=ws.pad_id, task=ws.task, task_def=ws.task_def, tokenizer=ws.tokenizer
+    )
 
 
 def get_workspace(overrides: list[str] | tuple[str, ...]) -> Workspace:

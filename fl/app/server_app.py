@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import asdict
 from datetime import datetime
@@ -19,19 +18,18 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from clients.dp import client_plan
 from clients.evaluate import evaluate
 from fl.adapters import export_peft, fixed_state, load_tensors, trainable_state
+from fl.app.config import compose, split_overrides
+from fl.app.workspace import Workspace, get_workspace, server_init_gradient
 from fl.base_delta import apply_base_delta, save_base_delta
 from fl.checkpoint import Checkpoint
-from fl.config import compose, split_overrides
 from fl.data import client_partition
 from fl.outputs import RunOutputs, write_atomic
 from fl.wire import from_record, to_record
-from fl.workspace import Workspace, get_workspace
+from privacy import client_plan
 from privacy.client_level import plan_client_level
 from strategies import get_strategy
-from strategies.base import RoundStats
 from strategies.client_dp import client_dp_wrapper
 
 log = logging.getLogger(__name__)
@@ -41,29 +39,6 @@ def default_run_dir() -> Path:
     """outputs/<date>/<time>, like Hydra's default run dir."""
     now = datetime.now()
     return Path("outputs") / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S")
-
-
-def round_row(st: RoundStats) -> dict[str, Any]:
-    """The strategy's record of one round, as metrics.jsonl fields."""
-    return {
-        "bytes_up": st.bytes_up,
-        "bytes_down": st.bytes_down,
-        "floats_up": st.floats_up,
-        "floats_down": st.floats_down,
-        "sampled": st.sampled,
-        "replied": st.replied,
-        "aggregated": st.aggregated,
-        "failed": st.failed,
-        "rejected": st.rejected,
-        "declined": st.declined,
-        "skipped": st.skipped,
-        "train_loss": None if math.isnan(st.train_loss) else st.train_loss,  # None: skipped round, or DP clients
-        "residual": st.residual,
-        "client_seconds": st.client_seconds,
-        "aggregate_seconds": st.aggregate_seconds,
-        "round_seconds": st.round_seconds,
-        **st.extra,
-    }
 
 
 def run_server(grid: Grid, overrides: list[str]) -> Path:
@@ -77,7 +52,9 @@ def run_server(grid: Grid, overrides: list[str]) -> Path:
     ckpt = Checkpoint.load(cfg.resume) if cfg.resume else None
     out = RunOutputs(cfg.run_dir or default_run_dir())
     out.write_config(cfg)
-    strategy = get_strategy(cfg.strategy.name)(cfg, overrides=list(overrides), fixed=fixed_state(ws.model))
+    strategy = get_strategy(cfg.strategy.name).from_config(
+        cfg, overrides=list(overrides), fixed=fixed_state(ws.model), server_gradient=lambda: server_init_gradient(ws)
+    )
     rounds = int(cfg.sim.rounds)
     history: list[dict[str, Any]] = []
     initial = to_record(trainable_state(ws.model))
@@ -90,10 +67,10 @@ def run_server(grid: Grid, overrides: list[str]) -> Path:
         wall_before = float(history[-1]["wall_seconds"])
         log.info("Resuming %s after round %d of %d", out.dir, ckpt.round, rounds)
     out.rewrite_metrics(history)
-    if cfg.privacy.enabled:
+    if ws.privacy.enabled:
         log_privacy_plan(ws, out)
     runner: Any = strategy  # what runs the rounds: the strategy, or a DP wrapper around it
-    if cfg.privacy.client.enabled:
+    if ws.privacy.client.enabled:
         plan = plan_client_level(cfg)
         log.info("%s", plan.describe())
         write_atomic(out.dir / "client_dp_plan.json", json.dumps(asdict(plan), indent=2) + "\n")
@@ -129,7 +106,7 @@ def run_server(grid: Grid, overrides: list[str]) -> Path:
         if st is not None:
             cumulative["bytes_up"] += st.bytes_up
             cumulative["bytes_down"] += st.bytes_down
-            row.update(round_row(st))
+            row.update(st.row())
         row.update(
             eval_seconds=time.perf_counter() - t_eval,
             cum_bytes_up=cumulative["bytes_up"],
@@ -198,9 +175,9 @@ def log_privacy_plan(ws: Workspace, out: RunOutputs) -> None:
     plans = []
     for pid in range(n):
         size = len(client_partition(ws.task, cfg.data, pid=pid, num_partitions=n, seed=int(cfg.seed)))
-        plans.append({"partition": pid, "num_examples": size, **asdict(client_plan(cfg, size))})
+        plans.append({"partition": pid, "num_examples": size, **asdict(client_plan(ws.privacy, size))})
     sigmas = [p["noise_multiplier"] for p in plans]
-    log.info("%s", client_plan(cfg, plans[0]["num_examples"]).describe() + " (client 0)")
+    log.info("%s", client_plan(ws.privacy, plans[0]["num_examples"]).describe() + " (client 0)")
     log.info(
         "DP plans of %d clients: noise multiplier %.3f..%.3f, sample rate %.4g..%.4g, target ε=%s",
         n,
@@ -208,7 +185,7 @@ def log_privacy_plan(ws: Workspace, out: RunOutputs) -> None:
         max(sigmas),
         min(p["sample_rate"] for p in plans),
         max(p["sample_rate"] for p in plans),
-        cfg.privacy.target_epsilon,
+        ws.privacy.target_epsilon,
     )
     write_atomic(out.dir / "privacy_plan.json", json.dumps(plans, indent=2) + "\n")
 

@@ -1,0 +1,106 @@
+"""Which nodes a round asks: partition ids learnt once per node, then a seeded draw in partition order.
+
+Flower's `FedAvg.sample_nodes` draws from the grid's node ids, which differ from run to run; sampling by
+partition id with the run's seed makes a run reproducible whichever ids the runtime hands out.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fl import constants as K
+from strategies.stats import scalars
+
+log = logging.getLogger(__name__)
+
+DISCOVERY_TIMEOUT = 300.0  # seconds the first hello to a node may take (process start-up included)
+
+
+class NodeSampler:
+    """Seeded node sampling over the nodes' partition ids.
+
+    Parameters
+    ----------
+    seed : int
+        The run seed (the draws use a generator of their own, seed + 17).
+    num_nodes : int
+        Nodes to wait for before the first round (`sim.num_clients`).
+    timeout : float
+        Seconds to wait for them (`sim.timeout`), and the floor of the hello query's timeout.
+    hello : callable
+        The ConfigRecord of the hello query.
+    """
+
+    def __init__(self, *, seed: int, num_nodes: int, timeout: float, hello: Callable[[], ConfigRecord]) -> None:
+        self.rng = np.random.default_rng(int(seed) + 17)
+        self.seed, self.num_nodes, self.timeout, self.hello = int(seed), int(num_nodes), float(timeout), hello
+        self.partition_of: dict[int, int] = {}  # node id -> partition id
+
+    def discover(self, grid: Grid) -> None:
+        """Learn the partition id of every connected node not seen yet (one small query each)."""
+        new = [n for n in sorted(grid.get_node_ids()) if n not in self.partition_of]
+        if not new:
+            return
+        msgs = [Message(RecordDict({K.CONFIG: self.hello()}), n, MessageType.QUERY) for n in new]
+        # Fresh ClientApp processes import torch and transformers before answering: give them time,
+        # independent of a short round timeout. Nodes that stay silent are asked again next round.
+        for reply in grid.send_and_receive(msgs, timeout=max(self.timeout, DISCOVERY_TIMEOUT)):
+            if reply.has_error():
+                log.warning(
+                    "Node %d did not answer the hello query: %s", reply.metadata.src_node_id, reply.error.reason
+                )
+                continue
+            pid = scalars(reply.content.metric_records[K.METRICS])[K.PARTITION_ID]
+            self.partition_of[reply.metadata.src_node_id] = int(pid)
+
+    def wait_for_nodes(self, grid: Grid) -> None:
+        """Block until `num_nodes` nodes are connected (TimeoutError after `timeout` seconds)."""
+        deadline = time.monotonic() + self.timeout
+        while len(list(grid.get_node_ids())) < self.num_nodes:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"Only {len(list(grid.get_node_ids()))} of sim.num_clients="
+                    f"{self.num_nodes} nodes connected within {self.timeout} s."
+                )
+            time.sleep(0.5)
+
+    def known(self, grid: Grid) -> list[int]:
+        """Connected nodes with a known partition id, in partition order (after waiting and discovering)."""
+        self.wait_for_nodes(grid)
+        self.discover(grid)
+        online = set(grid.get_node_ids())  # a node that left (e.g. a restarted SuperNode's old id) is not sampled
+        return sorted((n for n in self.partition_of if n in online), key=self.partition_of.__getitem__)
+
+    def sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
+        """A seeded draw of max(`minimum`, round(`fraction` × known)) nodes, in partition order."""
+        known = self.known(grid)
+        k = min(len(known), max(minimum, round(fraction * len(known))))
+        if k == len(known):
+            return known
+        picks = self.rng.choice(len(known), size=k, replace=False)
+        return [known[i] for i in sorted(picks)]
+
+    def subset(self, grid: Grid, fraction: float, *, salt: int) -> list[int]:
+        """A seeded `fraction` (at least one) of all known nodes from a generator of its own (seed + `salt`),
+        so the rounds' draws stay the same whatever this subset is used for (e.g. Fed-SB's init clients)."""
+        self.wait_for_nodes(grid)
+        self.discover(grid)
+        known = sorted(self.partition_of, key=self.partition_of.__getitem__)
+        k = min(len(known), max(1, round(float(fraction) * len(known))))
+        picks = np.random.default_rng(self.seed + salt).choice(len(known), size=k, replace=False)
+        return [known[i] for i in sorted(picks)]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The draw generator's state (for checkpoints)."""
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`."""
+        self.rng.bit_generator.state = state["rng"]

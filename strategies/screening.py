@@ -1,0 +1,127 @@
+"""Screening a round's replies before they may touch the aggregate: errors, declines, then each reply's records,
+names, shapes, dtypes, finiteness and round. Each reply's arrays are decoded once, here."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from flwr.app import Message
+
+from fl import constants as K
+from fl.wire import array_bytes, from_record
+from strategies.stats import RoundStats, scalars
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Reply:
+    """A sound training reply, decoded once."""
+
+    node: int
+    partition: int  # the node's partition id (its node id when unknown)
+    state: dict[str, torch.Tensor]  # the arrays it sent
+    metrics: dict[str, float]  # its scalar metrics
+
+
+def decline_reason(msg: Message) -> str:
+    """Why a client declined (its `privacy-decline` record), or the default reason."""
+    decline = msg.content.config_records.get(K.DECLINE_RECORD)
+    if decline is not None and K.DECLINE_REASON in decline:
+        return str(decline[K.DECLINE_REASON])
+    return "privacy budget"
+
+
+def screen(
+    server_round: int,
+    replies: Iterable[Message],
+    *,
+    expected: Mapping[str, tuple[int, ...]],
+    stats: RoundStats,
+    partition_of: Mapping[int, int],
+    on_reply: Callable[[int, Message], None] | None = None,
+) -> list[Reply]:
+    """Count every reply of (absolute) round `server_round` in `stats`; return the sound training replies.
+
+    Error replies, missing replies, declines and replies that fail `check_reply` are logged and left out;
+    `on_reply(node, msg)` sees every reply that arrived without an error (e.g. to keep its accountant state).
+    """
+    good: list[Reply] = []
+    replies = list(replies)
+    stats.failed += max(0, stats.sampled - len(replies))
+    for msg in replies:
+        node = msg.metadata.src_node_id
+        if msg.has_error():
+            stats.failed += 1
+            log.warning("round %d: client on node %d failed: %s", server_round, node, msg.error.reason)
+            continue
+        stats.replied += 1
+        stats.bytes_up += array_bytes(msg.content)
+        if on_reply is not None:
+            on_reply(node, msg)
+        record = msg.content.metric_records.get(K.METRICS)
+        metrics = scalars(record) if record is not None else {}
+        if metrics.get(K.DECLINED, 0.0):
+            stats.declined += 1
+            log.warning("round %d: client on node %d declined to train: %s", server_round, node, decline_reason(msg))
+            continue
+        problem, state = check_reply(msg, expected=expected, server_round=server_round)
+        if problem is not None or state is None:
+            stats.rejected += 1
+            log.warning("round %d: rejected the reply of node %d: %s", server_round, node, problem)
+            continue
+        good.append(Reply(node, partition_of.get(node, node), state, metrics))
+    return good
+
+
+def reply_problem(msg: Message, *, expected: Mapping[str, tuple[int, ...]], server_round: int) -> str | None:
+    """Why a training reply must be rejected, or None if it is sound (`check_reply` without the arrays)."""
+    return check_reply(msg, expected=expected, server_round=server_round)[0]
+
+
+def check_reply(
+    msg: Message, *, expected: Mapping[str, tuple[int, ...]], server_round: int
+) -> tuple[str | None, dict[str, torch.Tensor] | None]:
+    """(why a training reply must be rejected or None, its decoded arrays when sound).
+
+    Parameters
+    ----------
+    msg : Message
+        The reply (not an error reply; those are counted as failures before this).
+    expected : mapping of str to shape
+        The tensor names and shapes this method's clients must send back.
+    server_round : int
+        The round the server is aggregating; a reply for another round is stale.
+    """
+    content = msg.content
+    if K.METRICS not in content.metric_records:
+        return f"no MetricRecord {K.METRICS!r}", None
+    metrics = content.metric_records[K.METRICS]
+    n = metrics.get(K.NUM_EXAMPLES)
+    if not isinstance(n, int | float) or not math.isfinite(n) or n <= 0:
+        return f"{K.NUM_EXAMPLES}={n!r} must be a positive number", None
+    got_round = metrics.get(K.SERVER_ROUND)
+    if isinstance(got_round, int | float) and int(got_round) != server_round:
+        return f"{K.SERVER_ROUND}={got_round} but the server is in round {server_round}", None
+    if K.ARRAYS not in content.array_records:
+        return f"no ArrayRecord {K.ARRAYS!r}", None
+    try:
+        state = from_record(content.array_records[K.ARRAYS])
+    except Exception as e:  # any undecodable array is a bad reply, not a crash
+        return f"arrays could not be decoded ({type(e).__name__}: {e})", None
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        return f"wrong tensor names (missing {missing[:2]}, extra {extra[:2]})", None
+    for name, t in state.items():
+        if tuple(t.shape) != tuple(expected[name]):
+            return f"{name} has shape {tuple(t.shape)}, expected {tuple(expected[name])}", None
+        if not t.is_floating_point():
+            return f"{name} has dtype {t.dtype}, expected a float tensor", None
+        if not bool(torch.isfinite(t).all()):
+            return f"{name} holds NaN or Inf", None
+    return None, state

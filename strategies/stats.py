@@ -1,0 +1,75 @@
+"""What the server saw in one round: the counters and sums behind one line of metrics.jsonl."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from flwr.app import MetricRecord
+
+from fl import constants as K
+
+
+def scalars(record: MetricRecord) -> dict[str, float]:
+    """The scalar entries of a MetricRecord as floats (lists are left out)."""
+    return {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
+
+
+@dataclass
+class RoundStats:
+    """What the server saw in one round (one line of metrics.jsonl, with central evaluation)."""
+
+    sampled: int = 0
+    replied: int = 0
+    aggregated: int = 0
+    failed: int = 0  # error replies (exception, timeout) and missing replies
+    rejected: int = 0  # replies that failed validation
+    declined: int = 0  # clients that chose not to train (e.g. privacy budget spent)
+    skipped: bool = False  # too few usable replies: the global adapter stayed as it was
+    bytes_down: int = 0
+    bytes_up: int = 0
+    floats_down: int = 0
+    floats_up: int = 0
+    train_loss: float = float("nan")
+    client_seconds: float = 0.0  # sum of clients' training-loop seconds
+    aggregate_seconds: float = 0.0
+    residual: float = float("nan")
+    round_seconds: float = 0.0  # wall seconds from sending the round's messages to aggregating
+    started: float = 0.0  # perf_counter() when the round's messages were built
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def record_clients(self, metrics: list[dict[str, float]], weights: list[float]) -> None:
+        """The aggregated clients' weighted training loss, their seconds and the ε they report."""
+        # DP clients do not report their training loss (an un-noised statistic of their data): NaN then.
+        losses = [(w, m[K.TRAIN_LOSS]) for m, w in zip(metrics, weights, strict=True) if K.TRAIN_LOSS in m]
+        if losses:
+            self.train_loss = sum(w * v for w, v in losses) / sum(w for w, _ in losses)
+        self.client_seconds = sum(m.get(K.TRAIN_SECONDS, 0.0) for m in metrics)
+        eps = [m[K.EPSILON] for m in metrics if K.EPSILON in m]
+        if eps:
+            self.extra["epsilon_max"] = max(eps)
+            self.extra["epsilon_mean"] = sum(eps) / len(eps)
+
+    def row(self) -> dict[str, Any]:
+        """This round as metrics.jsonl fields."""
+        return {
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "floats_up": self.floats_up,
+            "floats_down": self.floats_down,
+            "sampled": self.sampled,
+            "replied": self.replied,
+            "aggregated": self.aggregated,
+            "failed": self.failed,
+            "rejected": self.rejected,
+            "declined": self.declined,
+            "skipped": self.skipped,
+            # None: a skipped round, or DP clients (they keep their un-noised training loss)
+            "train_loss": None if math.isnan(self.train_loss) else self.train_loss,
+            "residual": self.residual,
+            "client_seconds": self.client_seconds,
+            "aggregate_seconds": self.aggregate_seconds,
+            "round_seconds": self.round_seconds,
+            **self.extra,
+        }
