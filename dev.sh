@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's two commands. Each one sets up everything it needs on a fresh machine:
 #   bash dev.sh run [hydra overrides...]   run the default job (or any fl-sim job)
-#   bash dev.sh test                       lint (ruff), types (mypy) and the test suite (pytest)
+#   bash dev.sh test                       lint (ruff), types (mypy), the layer contract (import-linter), pytest
 # Also: bash dev.sh setup (install only), bash dev.sh <console-script> [...] (e.g. fl-sim, fl-sweep).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -46,6 +46,7 @@ case "$cmd" in
     "$VENV/bin/ruff" format --check .
     "$VENV/bin/ruff" check .
     "$VENV/bin/mypy"
+    "$VENV/bin/lint-imports"  # the layers of shared/DESIGN.md ([tool.importlinter] in pyproject.toml)
     exec "$VENV/bin/pytest" -q "$@"
     ;;
   *) setup; exec "$VENV/bin/$cmd" "$@" ;;

@@ -40,7 +40,7 @@ def compose(overrides: str | Sequence[str] | None = None) -> DictConfig:
         Read-only, validated by every layer (a misspelt key or a bad value raises ValueError naming it).
     """
     register_configs()
-    cfg = ground.compose(list(split_overrides(overrides)) if not isinstance(overrides, str) else overrides)
+    cfg = ground.compose(split_overrides(overrides if isinstance(overrides, str) else list(overrides or [])))
     validate_layers(cfg)
     return cfg
 
