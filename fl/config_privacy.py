@@ -7,14 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from omegaconf import DictConfig
-
 # privacy.engine.CLIPPINGS (a test keeps them equal): named here so that composing a config does not import Opacus
 CLIPPINGS = ("flat", "per_layer")
 
 CLIENT_CLIPPINGS = ("server", "client")
 """Where a client's update is clipped under client-level DP: by the server wrapper, or by the node's mod."""
-
 
 
 @dataclass

@@ -75,8 +75,8 @@ def server_file(common: list[str], path: Path, *, count: int) -> Path:
 def probe(common: list[str], *, clients: int) -> dict[str, Any]:
     """Dense vs sketched init on the same G = Σ_k G_k (each client's 64 init examples), per module."""
     from clients.fedsb_init import BASE_SUFFIX, gradient_sum, init_examples
-    from fl.data import IndexedDataset, client_partition
     from fl.app.workspace import get_workspace
+    from fl.data import IndexedDataset, client_partition
     from strategies.lora_math import fedsb_init_factors
     from strategies.sketch_math import range_finder, sketch_factors, sketch_width, test_matrix
 

@@ -28,11 +28,11 @@ import torch
 
 from clients.train import local_train, make_loader
 from fl.adapters import build_adapter
+from fl.app.workspace import get_workspace
 from fl.data import IndexedDataset
 from fl.outputs import read_metrics
 from fl.runtime_env import set_quiet_env
 from fl.tasks import load_base_model
-from fl.app.workspace import get_workspace
 
 
 def bare_loop(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], lr: float) -> float:

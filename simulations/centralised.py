@@ -27,10 +27,10 @@ from clients.evaluate import evaluate
 from clients.train import make_loader, round_seed
 from fl.accel import autocast
 from fl.app.config import compose
+from fl.app.workspace import get_workspace
 from fl.data import IndexedDataset, client_partition
 from fl.runtime_env import set_quiet_env
 from fl.schedule import round_lr
-from fl.app.workspace import get_workspace
 
 
 def pooled_indices(overrides: list[str]) -> np.ndarray:

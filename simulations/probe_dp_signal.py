@@ -24,9 +24,9 @@ import torch
 
 from clients.fedsb_init import gradient_sum, init_examples
 from fl.adapters import HEAD_MARK
+from fl.app.workspace import get_workspace
 from fl.data import IndexedDataset, client_partition
 from fl.tasks import get_task
-from fl.app.workspace import get_workspace
 
 
 def norm_split(overrides: list[str], *, count: int) -> dict[str, float]:
