@@ -43,8 +43,8 @@ def run_simulation(overrides: list[str], *, client_app: ClientApp | None = None)
     # Every simulated client takes a partition of the pool: a partitioning that cannot be made (e.g. Dirichlet
     # α=0.1 over 20 clients with min_partition_size) must stop the run here with its message, not fail
     # every client in every round of a run that then "finishes" untrained.
-    from fl.data import client_partition
     from fl.app.workspace import get_workspace
+    from fl.data import client_partition
 
     ws = get_workspace(list(overrides))  # the ServerApp below reuses it (same process, same overrides)
     client_partition(ws.task, cfg.data, pid=0, num_partitions=int(cfg.sim.num_clients), seed=int(cfg.seed))

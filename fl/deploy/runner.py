@@ -16,7 +16,7 @@ Every process is started in its own session and stopped by PID (and its process 
 fails or is interrupted (Ctrl-C, SIGTERM). `--insecure` skips TLS and node authentication (local trials).
 `--warm` keeps ClientApp libraries loaded between messages (`fl.deploy.warm_clientapp`); `--bench`
 (`fl.deploy.bench`) times the same job in simulation and in deployment. The command line is `fl.deploy.cli`;
-imports go one way: cli -> bench -> runner -> process, certs; never back.
+imports go one way: cli -> bench -> runner -> follow, process, certs; never back.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import tomli_w
 from fl import constants as K
 from fl.app.config import compose
 from fl.deploy.certs import DEFAULT_SANS, NodeKeys, ServerCerts, create_federation_credentials
+from fl.deploy.follow import follow_run, written_since
 from fl.deploy.process import (
     LOOPBACK,
     DeployError,
@@ -176,55 +177,6 @@ def run_status(run_id: int, *, connection: str, env: dict[str, str]) -> str:
     return str(runs[0]["status"]) if runs else "unknown"
 
 
-def _log_row(row: dict[str, Any], rounds: int) -> None:
-    log.info(
-        "[deploy] round %d/%d accuracy=%.4f loss=%.4f up=%s B down=%s B wall=%.1fs",
-        row["round"],
-        rounds,
-        row["accuracy"],
-        row["loss"],
-        row.get("bytes_up", 0),
-        row.get("bytes_down", 0),
-        row["wall_seconds"],
-    )
-
-
-def _written_since(path: Path, since_ns: int) -> bool:
-    return path.is_file() and path.stat().st_mtime_ns >= since_ns
-
-
-def follow_run(
-    run_dir: Path,
-    *,
-    since_ns: int,
-    rounds: int,
-    check: Callable[[], None],
-    timeout: float | None = None,
-    poll: float = 1.0,
-) -> dict[str, Any]:
-    """Log each new metrics.jsonl row until a summary.json newer than `since_ns` appears; return it.
-
-    `check()` is called every `poll` s and raises when the run cannot finish any more (a process died,
-    the SuperLink reports the run failed).
-    """
-    deadline = None if timeout is None else time.monotonic() + timeout
-    metrics, summary = run_dir / K.METRICS_FILE, run_dir / K.SUMMARY_FILE
-    seen = 0
-    while True:
-        fresh = _written_since(metrics, since_ns)  # not a previous run's rows
-        lines = [ln for ln in metrics.read_text().splitlines(keepends=True) if ln.endswith("\n")] if fresh else []
-        seen = 0 if len(lines) < seen else seen  # rewritten (the ServerApp starts the file over)
-        for line in lines[seen:]:
-            _log_row(json.loads(line), rounds)
-        seen = len(lines)
-        if _written_since(summary, since_ns):
-            return dict(json.loads(summary.read_text()))
-        if deadline is not None and time.monotonic() > deadline:
-            raise DeployError(f"No {summary} after {timeout:.0f} s.")
-        check()
-        time.sleep(poll)
-
-
 @dataclass
 class LocalFederation:
     """A SuperLink and SuperNodes on 127.0.0.1; credentials, logs and FLWR_HOME live in `workdir`.
@@ -342,7 +294,7 @@ class LocalFederation:
             status = run_status(run_id, connection=CONNECTION, env=self.env)
             if status.startswith("finished"):
                 time.sleep(2.0)  # summary.json is written before the ServerApp returns; one last look
-                if not _written_since(run_dir / K.SUMMARY_FILE, since_ns):
+                if not written_since(run_dir / K.SUMMARY_FILE, since_ns):
                     tail = (self.logs / "serverapp.log").read_text(errors="replace")[-3000:]
                     raise DeployError(f"Run {run_id} ended ({status}) without writing summary.json:\n{tail}")
             else:
