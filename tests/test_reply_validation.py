@@ -11,11 +11,11 @@ from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, Rec
 from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from strategies.validation import reply_problem
 
 from fl import constants as K
 from fl.app.config import compose
 from strategies import FedIT
+from strategies.screening import reply_problem
 
 EXPECTED = {"m.lora_A.default.weight": (2, 3), "m.lora_B.default.weight": (3, 2), "head.weight": (3,)}
 
