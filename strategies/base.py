@@ -117,8 +117,14 @@ class LoraStrategy(FedAvg):
     # ------------------------------------------------------------------ the bridge to Hydra
     @classmethod
     def params_from_config(cls, cfg: Any) -> dict[str, Any]:
-        """The constructor's keyword arguments from a composed run config (methods add their own fields)."""
+        """The constructor's keyword arguments from a composed run config (methods add their own fields).
+        A key the method's schema does not have (e.g. appended with `+strategy.x=`) is refused, naming it."""
         s, sim, t = cfg.strategy, cfg.sim, cfg.train
+        unknown = sorted(set(s.keys()) - set(cls.schema.__dataclass_fields__))
+        if unknown:
+            raise ValueError(
+                f"strategy={s.name} has no key(s) {unknown}; its keys are {sorted(cls.schema.__dataclass_fields__)}."
+            )
         return {
             "num_nodes": int(sim.num_clients),
             "rounds": int(sim.rounds),

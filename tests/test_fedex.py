@@ -114,10 +114,10 @@ def test_the_fold_survives_a_checkpoint_and_goes_to_every_client(tiny: list[str]
     from strategies.fedex_lora import FedExLoRA
 
     overrides = [*tiny, "strategy=fedex_lora"]
-    first = FedExLoRA(compose(overrides), overrides=overrides, fixed={})
+    first = FedExLoRA.from_config(compose(overrides), overrides=overrides, fixed={})
     assert K.BASE_DELTA not in first.arrays_for(1, ArrayRecord())  # round 1: nothing folded yet
     first.fold = {"m.base_layer.weight": torch.randn(3, 2)}
-    resumed = FedExLoRA(compose(overrides), overrides=overrides, fixed={})
+    resumed = FedExLoRA.from_config(compose(overrides), overrides=overrides, fixed={})
     resumed.load_state_dict(first.state_dict())
     sent = from_record(resumed.arrays_for(7, ArrayRecord()).array_records[K.BASE_DELTA])
     assert torch.equal(sent["m.base_layer.weight"], first.fold["m.base_layer.weight"])
