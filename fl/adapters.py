@@ -134,6 +134,37 @@ def lora_config(
     )
 
 
+def check_ranks_fit(
+    base: torch.nn.Module,
+    ranks: Mapping[str, int],
+    *,
+    targets: list[str],
+    modules_to_save: list[str] | None = None,
+) -> None:
+    """Refuse a LoRA rank wider than a target module's smaller side, naming the rank's key, the module and its shape.
+
+    A rank r > min(d_out, d_in) adds no expressiveness and breaks Fed-SB's orthonormal A and B (they need r
+    orthonormal columns). Called before any work, with every rank the run names (`fl.ranks.configured_ranks`).
+
+    Parameters
+    ----------
+    ranks : mapping of str to int
+        The rank under each config key, e.g. ``{"strategy.rank": 32, "sim.client_ranks[1]": 8}``.
+    """
+    trained = present_heads(base) if modules_to_save is None else list(modules_to_save)
+    names = linear_module_names(base, list(targets), exclude=(*NOT_ADAPTED, *trained))
+    modules = dict(base.named_modules())
+    narrowest = min(names, key=lambda n: min(modules[n].weight.shape))
+    d_out, d_in = (int(x) for x in modules[narrowest].weight.shape)
+    for key, rank in ranks.items():
+        if int(rank) > min(d_out, d_in):
+            raise ValueError(
+                f"{key}={rank} does not fit module {narrowest} (d_out x d_in = {d_out} x {d_in}): a LoRA rank "
+                f"must be at most {min(d_out, d_in)} on this model; lower {key.split('[')[0]} or narrow "
+                "model.target_modules."
+            )
+
+
 def build_adapter(
     base: PreTrainedModel,
     *,
@@ -142,14 +173,19 @@ def build_adapter(
     targets: list[str],
     seed: int,
     modules_to_save: list[str] | None = None,
+    rank: int | None = None,
+    rank_key: str = "strategy.rank",
 ) -> PeftModel:
     """Wrap `base` with the adapter of `kind`; deterministic in `seed` (forked RNG).
 
     `base` is consumed (PEFT injects layers into it). Move `base` to its device first (opacus #820); the
     adapter tensors are drawn on CPU and follow it. `modules_to_save` defaults to `present_heads(base)`.
+    `rank` (default `strategy_cfg.rank`) is this party's own rank in a heterogeneous federation; one that does
+    not fit a target module is refused naming `rank_key` (`check_ranks_fit`).
     """
     ak = get_kind(kind)
-    rank = int(strategy_cfg.rank)
+    rank = int(strategy_cfg.rank) if rank is None else int(rank)
+    check_ranks_fit(base, {rank_key: rank}, targets=list(targets), modules_to_save=modules_to_save)
     alpha = float(rank) if ak.fixed_alpha_equals_rank else float(strategy_cfg.alpha)
     cfg = lora_config(
         base,

@@ -125,6 +125,9 @@ class SimConfig:
     client_gpus: float = 0.0  # Ray GPUs per virtual client (0.25 = four clients share a GPU)
     ray_address: str | None = None  # an existing Ray cluster (e.g. auto); default: start a local Ray
     timeout: float = 3600.0  # seconds the server waits for a round's replies
+    # heterogeneous ranks (fl.ranks): a list cycled over partition ids (or drawn from it, seeded); null: strategy.rank
+    client_ranks: list[int] | None = None
+    client_rank_draw: str = "cycle"  # cycle | random
 
 
 @dataclass
@@ -238,6 +241,18 @@ def validate(cfg: DictConfig) -> None:
         "sim.min_train_clients",
         sim.min_train_clients,
         f"must be between 1 and sim.num_clients ({sim.num_clients}).",
+    )
+    _require(
+        not sim.client_ranks or all(int(r) >= 1 for r in sim.client_ranks),
+        "sim.client_ranks",
+        sim.client_ranks,
+        "list positive integer ranks, e.g. [2,4,8,16], or null for strategy.rank everywhere.",
+    )
+    _require(
+        sim.client_rank_draw in ("cycle", "random"),
+        "sim.client_rank_draw",
+        sim.client_rank_draw,
+        "use cycle (partition i gets ranks[i % len]) or random (a seeded draw from the list).",
     )
     _require(d.alpha > 0, "data.alpha", d.alpha, "the Dirichlet concentration must be > 0.")
     _require(d.test_size >= 0, "data.test_size", d.test_size, "hold out 0 or more examples (the server needs > 0).")

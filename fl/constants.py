@@ -27,6 +27,7 @@ TRAIN_LOSS = "train-loss"
 TRAIN_SECONDS = "train-seconds"
 TRAIN_STEPS = "train-steps"
 EPSILON = "epsilon"
+LORA_RANK = "lora-rank"  # the rank a client trains at (hello reply and training reply)
 DECLINED = "declined"  # 1 when a client declined to train (e.g. privacy budget), else 0
 EVAL_LOSS = "eval-loss"  # federated evaluation: the global adapter's loss on a client's own data
 EVAL_ACCURACY = "eval-accuracy"
@@ -39,6 +40,7 @@ DECLINE_REASON = "reason"
 # Node config keys (Flower's own names)
 NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
+NODE_LORA_RANK = "lora-rank"  # a node's own LoRA rank (heterogeneous federations; fl.ranks)
 NODE_DATA_PATH = "data-path"  # a node's own data file: it trains on all of it instead of a partition of the pool
 
 # Context.state keys on a client

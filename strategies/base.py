@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fl import constants as K
+from fl import ranks
 from fl.config import StrategyConfig
 from fl.schedule import round_lr
 from fl.wire import array_bytes, from_record, num_floats, to_record
@@ -32,6 +33,9 @@ from strategies.screening import Reply, screen
 from strategies.stats import RoundStats
 
 log = logging.getLogger(__name__)
+
+HETERO_METHODS = ("flora", "flexlora", "hetlora")
+"""The registered methods that take mixed client ranks (named in the refusal of the others)."""
 
 ServerGradient = Callable[[], dict[str, torch.Tensor]]
 """The loss gradient w.r.t. every adapted W0 on the server's own init data (Fed-SB's init=server), by base-weight
@@ -67,6 +71,8 @@ class LoraStrategy(FedAvg):
     """The method's Hydra schema (`/schema/strategy/<name>`): its fields and their types."""
     client_dp_problem: ClassVar[str | None] = None
     """Why this method's release is not covered by client-level DP (`strategies.client_dp`); None: it is."""
+    mixed_ranks: ClassVar[bool] = False
+    """Whether clients may train at ranks of their own (`sim.client_ranks`, node config `lora-rank`; `fl.ranks`)."""
 
     def __init__(
         self,
@@ -124,6 +130,12 @@ class LoraStrategy(FedAvg):
         if unknown:
             raise ValueError(
                 f"strategy={s.name} has no key(s) {unknown}; its keys are {sorted(cls.schema.__dataclass_fields__)}."
+            )
+        if ranks.is_mixed(cfg) and not cls.mixed_ranks:
+            raise ValueError(
+                f"sim.client_ranks={list(sim.client_ranks)} gives clients ranks other than strategy.rank={s.rank}, "
+                f"which strategy={s.name} cannot aggregate (it needs one rank everywhere); use a heterogeneous "
+                f"method ({', '.join(HETERO_METHODS)}) or sim.client_ranks=null."
             )
         return {
             "num_nodes": int(sim.num_clients),
@@ -304,7 +316,7 @@ class LoraStrategy(FedAvg):
         return screen(
             server_round,
             replies,
-            expected=self.expected,
+            expected=self.expected_for,
             stats=self.stats.setdefault(server_round, RoundStats()),
             partition_of=self.sampler.partition_of,
             on_reply=self.keep_accountant,
@@ -334,7 +346,7 @@ class LoraStrategy(FedAvg):
         stats.aggregate_seconds = time.perf_counter() - t0
         stats.aggregated = len(good)
         stats.residual = self.residual(states, weights, agg)
-        stats.record_clients([r.metrics for r in good], weights)
+        stats.record_clients([r.metrics for r in good], weights, ranks=self.mixed_ranks)
         stats.round_seconds = time.perf_counter() - stats.started
         return to_record(agg), MetricRecord({K.TRAIN_LOSS: stats.train_loss, K.AGGREGATED: len(good)})
 
@@ -343,6 +355,10 @@ class LoraStrategy(FedAvg):
         if K.STATE_PRIVACY in msg.content.config_records:
             record = msg.content.config_records[K.STATE_PRIVACY]
             self.accountants[self.sampler.partition_of.get(node, node)] = dict(record.items())
+
+    def expected_for(self, node: int) -> Mapping[str, tuple[int, ...]]:
+        """The tensor names and shapes `node` must reply with. Default: the global arrays' (one rank for all)."""
+        return self.expected
 
     def residual(
         self, states: list[dict[str, torch.Tensor]], weights: list[float], agg: Mapping[str, torch.Tensor]

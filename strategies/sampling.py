@@ -42,6 +42,7 @@ class NodeSampler:
         self.rng = np.random.default_rng(int(seed) + 17)
         self.seed, self.num_nodes, self.timeout, self.hello = int(seed), int(num_nodes), float(timeout), hello
         self.partition_of: dict[int, int] = {}  # node id -> partition id
+        self.rank_of: dict[int, int] = {}  # node id -> the LoRA rank it trains at (when its hello says)
 
     def discover(self, grid: Grid) -> None:
         """Learn the partition id of every connected node not seen yet (one small query each)."""
@@ -57,8 +58,10 @@ class NodeSampler:
                     "Node %d did not answer the hello query: %s", reply.metadata.src_node_id, reply.error.reason
                 )
                 continue
-            pid = scalars(reply.content.metric_records[K.METRICS])[K.PARTITION_ID]
-            self.partition_of[reply.metadata.src_node_id] = int(pid)
+            said = scalars(reply.content.metric_records[K.METRICS])
+            self.partition_of[reply.metadata.src_node_id] = int(said[K.PARTITION_ID])
+            if K.LORA_RANK in said:
+                self.rank_of[reply.metadata.src_node_id] = int(said[K.LORA_RANK])
 
     def wait_for_nodes(self, grid: Grid) -> None:
         """Block until `num_nodes` nodes are connected (TimeoutError after `timeout` seconds)."""

@@ -40,7 +40,7 @@ def screen(
     server_round: int,
     replies: Iterable[Message],
     *,
-    expected: Mapping[str, tuple[int, ...]],
+    expected: Mapping[str, tuple[int, ...]] | Callable[[int], Mapping[str, tuple[int, ...]]],
     stats: RoundStats,
     partition_of: Mapping[int, int],
     on_reply: Callable[[int, Message], None] | None = None,
@@ -69,7 +69,8 @@ def screen(
             stats.declined += 1
             log.warning("round %d: client on node %d declined to train: %s", server_round, node, decline_reason(msg))
             continue
-        problem, state = check_reply(msg, expected=expected, server_round=server_round)
+        shapes = expected(node) if callable(expected) else expected  # per node: its own rank (heterogeneous runs)
+        problem, state = check_reply(msg, expected=shapes, server_round=server_round)
         if problem is not None or state is None:
             stats.rejected += 1
             log.warning("round %d: rejected the reply of node %d: %s", server_round, node, problem)

@@ -38,9 +38,13 @@ class RoundStats:
     round_seconds: float = 0.0  # wall seconds from sending the round's messages to aggregating
     started: float = 0.0  # perf_counter() when the round's messages were built
     extra: dict[str, float] = field(default_factory=dict)
+    client_ranks: list[int] = field(default_factory=list)  # the aggregated clients' ranks (heterogeneous methods)
 
-    def record_clients(self, metrics: list[dict[str, float]], weights: list[float]) -> None:
-        """The aggregated clients' weighted training loss, their seconds and the ε they report."""
+    def record_clients(self, metrics: list[dict[str, float]], weights: list[float], *, ranks: bool = False) -> None:
+        """The aggregated clients' weighted training loss, their seconds and the ε they report (and, with `ranks`,
+        the LoRA rank each trained at, in partition order)."""
+        if ranks:
+            self.client_ranks = [int(m[K.LORA_RANK]) for m in metrics if K.LORA_RANK in m]
         # DP clients do not report their training loss (an un-noised statistic of their data): NaN then.
         losses = [(w, m[K.TRAIN_LOSS]) for m, w in zip(metrics, weights, strict=True) if K.TRAIN_LOSS in m]
         if losses:
@@ -71,5 +75,6 @@ class RoundStats:
             "client_seconds": self.client_seconds,
             "aggregate_seconds": self.aggregate_seconds,
             "round_seconds": self.round_seconds,
+            **({"client_ranks": self.client_ranks} if self.client_ranks else {}),
             **self.extra,
         }

@@ -22,9 +22,11 @@ from clients.fedsb_init import InitSpec, init_gradient_reply
 from clients.train import local_train, round_seed
 from fl import constants as K
 from fl.adapters import load_tensors, trainable_state
+from fl.app.config import compose
 from fl.app.workspace import Workspace, get_workspace
 from fl.base_delta import apply_base_delta
 from fl.data import IndexedDataset, client_partition
+from fl.ranks import client_rank, rank_source
 from fl.runtime_env import CLIENT_THREADS_ENV
 from fl.wire import from_record, to_record
 from privacy import client_plan, make_private, steps_per_round
@@ -76,9 +78,17 @@ def _load_global(msg: Message, context: Context, ws: Workspace) -> None:
     load_tensors(ws.model, from_record(content.array_records[K.ARRAYS]), expect=expected)
 
 
+def _own_rank(overrides: list[str], context: Context) -> int:
+    """The LoRA rank this node trains at (`fl.ranks.client_rank`: its node config, else `sim.client_ranks`)."""
+    return client_rank(compose(overrides), int(str(context.node_config[K.NODE_PARTITION_ID])), context.node_config)
+
+
 def _workspace(msg: Message, context: Context) -> tuple[Workspace, int]:
     conf = msg.content.config_records[K.CONFIG]
-    ws = get_workspace(local_data_overrides(json.loads(str(conf[K.OVERRIDES])), dict(context.node_config)))
+    overrides = local_data_overrides(json.loads(str(conf[K.OVERRIDES])), dict(context.node_config))
+    rank = _own_rank(overrides, context)
+    same = rank == int(compose(overrides).strategy.rank)  # the server's rank: share its cached workspace
+    ws = get_workspace(overrides, rank=None if same else rank, rank_key=rank_source(context.node_config))
     threads = int(ws.cfg.train.threads) or int(os.environ.get(CLIENT_THREADS_ENV, "0"))
     if threads > 0 and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
@@ -87,9 +97,13 @@ def _workspace(msg: Message, context: Context) -> tuple[Workspace, int]:
 
 @app.query()
 def hello(msg: Message, context: Context) -> Message:
-    """Tell the server this node's partition id (used for reproducible sampling)."""
+    """Tell the server this node's partition id (used for reproducible sampling) and the LoRA rank it trains at."""
     pid = int(str(context.node_config[K.NODE_PARTITION_ID]))
-    return Message(RecordDict({K.METRICS: MetricRecord({K.PARTITION_ID: pid})}), reply_to=msg)
+    said: dict[str, int | float | list[int] | list[float]] = {K.PARTITION_ID: pid}
+    conf = msg.content.config_records.get(K.CONFIG)
+    if conf is not None and K.OVERRIDES in conf:
+        said[K.LORA_RANK] = _own_rank(json.loads(str(conf[K.OVERRIDES])), context)
+    return Message(RecordDict({K.METRICS: MetricRecord(said)}), reply_to=msg)
 
 
 @app.train(mods=[client_clipping_mod])  # a no-op unless the server's wrapper asks the node to clip (privacy=client)
@@ -120,7 +134,11 @@ def train(msg: Message, context: Context) -> Message:
     cfg = ws.cfg
     steps = steps_per_round(settings, len(data))
     seed = round_seed(int(cfg.seed), server_round, pid)
-    metrics: dict[str, int | float | list[int] | list[float]] = {K.PARTITION_ID: pid, K.SERVER_ROUND: server_round}
+    metrics: dict[str, int | float | list[int] | list[float]] = {
+        K.PARTITION_ID: pid,
+        K.SERVER_ROUND: server_round,
+        K.LORA_RANK: ws.rank,
+    }
     content = RecordDict()
     wrap = None
     accountant = None

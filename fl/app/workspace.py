@@ -18,8 +18,9 @@ from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from clients import fedsb_init
+from fl import ranks
 from fl.accel import resolve_device
-from fl.adapters import build_adapter, freeze_head
+from fl.adapters import build_adapter, check_ranks_fit, freeze_head
 from fl.app.config import compose
 from fl.data import TaskData
 from fl.models import load_tokenizer
@@ -41,6 +42,7 @@ class Workspace:
     model: PeftModel
     kind: str
     task_def: Task  # what `model.task` means: model, data, batches, loss, metrics
+    rank: int = 0  # the LoRA rank `model` was built at (a client's own in a heterogeneous federation)
 
     @property
     def pad_id(self) -> int:
@@ -63,7 +65,8 @@ class Workspace:
         )
 
 
-_CACHE: dict[tuple[str, ...], Workspace] = {}
+_CACHE: dict[tuple[tuple[str, ...], int | None], Workspace] = {}
+CACHE_SIZE = 4  # workspaces kept per process: one per rank a process serves in a heterogeneous federation
 
 
 def server_init_gradient(ws: Workspace) -> dict[str, torch.Tensor]:
@@ -74,13 +77,20 @@ def server_init_gradient(ws: Workspace) -> dict[str, torch.Tensor]:
     )
 
 
-def get_workspace(overrides: list[str] | tuple[str, ...]) -> Workspace:
-    """The cached workspace for these overrides (built on first use; the previous run's is freed)."""
-    key = tuple(overrides)
+def get_workspace(
+    overrides: list[str] | tuple[str, ...], *, rank: int | None = None, rank_key: str = ranks.RANK_KEY
+) -> Workspace:
+    """The cached workspace for these overrides and adapter rank (built on first use; another run's are freed).
+
+    `rank` (default `strategy.rank`) is a client's own rank (`fl.ranks.client_rank`), named `rank_key` in errors.
+    Every rank the config names must fit the model's target modules: checked before the adapter is built.
+    """
+    key = (tuple(overrides), rank)
     if key in _CACHE:
         return _CACHE[key]
-    _CACHE.clear()
-    cfg = compose(list(key))
+    if any(k[0] != key[0] for k in _CACHE) or len(_CACHE) >= CACHE_SIZE:
+        _CACHE.clear()
+    cfg = compose(list(key[0]))
     task_def = get_task(str(cfg.model.task))
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
     task = task_def.build_data(cfg.data, tokenizer, seed=int(cfg.seed), cache_dir=cfg.cache_dir)
@@ -88,18 +98,32 @@ def get_workspace(overrides: list[str] | tuple[str, ...]) -> Workspace:
     base = load_base_model(cfg.model, num_labels=len(task.label_names), seed=int(cfg.seed), cache_dir=cfg.cache_dir)
     if cfg.train.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trained = task_def.trained_modules(base)
+    targets = list(cfg.model.target_modules)
+    check_ranks_fit(base, ranks.configured_ranks(cfg), targets=targets, modules_to_save=trained)
     base.to(resolve_device(str(cfg.train.device)))  # type: ignore[arg-type]  # before PEFT/Opacus wrap it: opacus #820
     model = build_adapter(
         base,
         kind=kind,
         strategy_cfg=cfg.strategy,
-        targets=list(cfg.model.target_modules),
+        targets=targets,
         seed=int(cfg.seed),
-        modules_to_save=task_def.trained_modules(base),
+        modules_to_save=trained,
+        rank=rank,
+        rank_key=rank_key,
     )
     if cfg.train.freeze_head:
         freeze_head(model)
     model.eval()
-    ws = Workspace(cfg=cfg, overrides=key, tokenizer=tokenizer, task=task, model=model, kind=kind, task_def=task_def)
+    ws = Workspace(
+        cfg=cfg,
+        overrides=key[0],
+        tokenizer=tokenizer,
+        task=task,
+        model=model,
+        kind=kind,
+        task_def=task_def,
+        rank=int(cfg.strategy.rank) if rank is None else int(rank),
+    )
     _CACHE[key] = ws
     return ws
