@@ -4,6 +4,8 @@ from strategies.fed_sb import FedSB
 from strategies.fedex_lora import FedExLoRA
 from strategies.fedit import FedIT
 from strategies.ffa_lora import FFALoRA
+from strategies.flexlora import FlexLoRA
+from strategies.hetlora import HetLoRA
 from strategies.lora_fair import LoraFAIR
 from strategies.registry import get_strategy, names, register
 
@@ -12,5 +14,18 @@ register("ffa_lora", FFALoRA)
 register("lora_fair", LoraFAIR)
 register("fed_sb", FedSB)
 register("fedex_lora", FedExLoRA)
+register("flexlora", FlexLoRA)
+register("hetlora", HetLoRA)
 
-__all__ = ["FFALoRA", "FedExLoRA", "FedIT", "FedSB", "LoraFAIR", "get_strategy", "names", "register"]
+__all__ = [
+    "FFALoRA",
+    "FedExLoRA",
+    "FedIT",
+    "FedSB",
+    "FlexLoRA",
+    "HetLoRA",
+    "LoraFAIR",
+    "get_strategy",
+    "names",
+    "register",
+]

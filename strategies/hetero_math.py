@@ -113,13 +113,25 @@ def tail_norm(B: torch.Tensor, A: torch.Tensor, keep: int) -> float:
     return float((B[:, keep:].double() @ A[keep:].double()).norm())
 
 
-def self_prune_rank(B: torch.Tensor, A: torch.Tensor, rank: int, *, gamma: float, previous: float | None) -> int:
-    """HetLoRA's local rank self-pruning: a client at rank r drops its last components, down to ⌊γ r⌋ (at least
-    1), when their contribution ‖B[:, ⌊γr⌋:r] A[⌊γr⌋:r]‖_F is smaller than the same norm a round before
-    (`previous`; None on its first round: no pruning). Returns the new rank."""
+def prune_keep(rank: int, gamma: float) -> int:
+    """The rank a pruning step keeps: ⌊γ r⌋, at least 1."""
     if not 0 < gamma <= 1:
         raise ValueError(f"gamma={gamma} must be in (0, 1]")
-    keep = max(1, math.floor(gamma * rank))
+    return max(1, math.floor(gamma * rank))
+
+
+def prune_decision(rank: int, *, gamma: float, tail: float, previous: float | None) -> int:
+    """HetLoRA's self-pruning rule: drop to `prune_keep(rank, gamma)` when the trailing components' norm `tail` is
+    smaller than a round before (`previous`; None: no earlier round at this rank, keep)."""
+    keep = prune_keep(rank, gamma)
     if previous is None or keep >= rank:
         return rank
-    return keep if tail_norm(B[:, :rank], A[:rank], keep) < previous else rank
+    return keep if tail < previous else rank
+
+
+def self_prune_rank(B: torch.Tensor, A: torch.Tensor, rank: int, *, gamma: float, previous: float | None) -> int:
+    """HetLoRA's local rank self-pruning for one module: a client at rank r drops its last components, down to
+    ⌊γ r⌋ (at least 1), when their contribution ‖B[:, ⌊γr⌋:r] A[⌊γr⌋:r]‖_F is smaller than the same norm a round
+    before (`previous`; None on its first round: no pruning). Returns the new rank."""
+    tail = tail_norm(B[:, :rank], A[:rank], prune_keep(rank, gamma))
+    return prune_decision(rank, gamma=gamma, tail=tail, previous=previous)
