@@ -68,6 +68,34 @@ def apply_base_delta(model: torch.nn.Module, delta: Mapping[str, torch.Tensor]) 
             p.copy_(saved[name] + d.to(device=p.device, dtype=p.dtype))
 
 
+FACTOR_SEP = "|"  # a factored delta's keys: "<part>|<base weight name>|B" and "...|A"; ΔW0 = Σ_parts B·A
+
+
+def factored(parts: Mapping[str, Mapping[str, tuple[torch.Tensor, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """A change to W0 held as factor pairs: {part: {base weight name: (B, A)}} -> flat tensors to send."""
+    out: dict[str, torch.Tensor] = {}
+    for part, pairs in parts.items():
+        for name, (B, A) in pairs.items():
+            out[f"{part}{FACTOR_SEP}{name}{FACTOR_SEP}B"] = B
+            out[f"{part}{FACTOR_SEP}{name}{FACTOR_SEP}A"] = A
+    return out
+
+
+def delta_from_factors(flat: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ΔW0 per base weight name = Σ over parts of B·A (float64 sums, float32 out), from `factored`'s tensors."""
+    acc: dict[str, torch.Tensor] = {}
+    for key in sorted(flat):
+        part, name, which = key.split(FACTOR_SEP)
+        if which != "B":
+            continue
+        A = flat.get(f"{part}{FACTOR_SEP}{name}{FACTOR_SEP}A")
+        if A is None:
+            raise KeyError(f"The factored base delta has B but no A for {name!r} (part {part}).")
+        prod = flat[key].double() @ A.double()
+        acc[name] = acc[name] + prod if name in acc else prod
+    return {k: v.float() for k, v in acc.items()}
+
+
 def plain_name(peft_name: str) -> str:
     """``base_model.model.X.base_layer.weight`` -> ``X.weight`` (the name in the plain base model)."""
     name = peft_name.removeprefix(PEFT_PREFIX)

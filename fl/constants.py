@@ -8,6 +8,7 @@ CONFIG = "config"  # ConfigRecord: round instructions to a client
 METRICS = "metrics"  # MetricRecord: a client's reply metrics
 FROZEN = "frozen"  # ArrayRecord: frozen shared tensors sent once (Fed-SB's A and B)
 BASE_DELTA = "base-delta"  # ArrayRecord: the cumulative change to frozen W0 (FedEx-LoRA's fold), absolute
+BASE_DELTA_FACTORS = "base-delta-factors"  # ArrayRecord: the same change as factor pairs B_t, A_t (FLoRA's stacks)
 
 # ConfigRecord keys (server -> client)
 SERVER_ROUND = "server-round"

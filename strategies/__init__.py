@@ -5,6 +5,7 @@ from strategies.fedex_lora import FedExLoRA
 from strategies.fedit import FedIT
 from strategies.ffa_lora import FFALoRA
 from strategies.flexlora import FlexLoRA
+from strategies.flora import FLoRA
 from strategies.hetlora import HetLoRA
 from strategies.lora_fair import LoraFAIR
 from strategies.registry import get_strategy, names, register
@@ -14,6 +15,7 @@ register("ffa_lora", FFALoRA)
 register("lora_fair", LoraFAIR)
 register("fed_sb", FedSB)
 register("fedex_lora", FedExLoRA)
+register("flora", FLoRA)
 register("flexlora", FlexLoRA)
 register("hetlora", HetLoRA)
 

@@ -40,6 +40,10 @@ class HeteroLoRA(LoraStrategy):
 
     adapter_kind: ClassVar[str] = "lora"
     mixed_ranks: ClassVar[bool] = True
+    client_dp_problem: ClassVar[str | None] = (
+        "its clients reply at ranks of their own and the server step reads each client's factors, so updates "
+        "cannot be clipped and noised against one global adapter"
+    )
 
     @classmethod
     def params_from_config(cls, cfg: Any) -> dict[str, Any]:

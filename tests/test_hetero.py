@@ -14,7 +14,7 @@ from fl.outputs import read_metrics
 from fl.tasks import load_base_model
 from tests.loop_grid import LoopGrid
 
-HETERO = ["flexlora", "hetlora"]
+HETERO = ["flora", "flexlora", "hetlora"]
 
 
 def _run(tiny: list[str], tmp_path: Path, strategy: str, *extra: str, node_ranks: list[int] | None = None) -> Path:
@@ -48,6 +48,9 @@ def test_mixed_ranks_train_aggregate_and_export(tiny: list[str], tmp_path: Path,
         assert 0.0 <= r["accuracy"] <= 1.0 and r["bytes_up"] > 0
     if strategy == "flexlora":  # the server's rank-4 truncation of ΔW = Σ p_k s_k B_k A_k (rank ≤ 9): inexact
         assert 0.0 < rows[-1]["residual"] < 1.0
+    if strategy == "flora":  # stacking is exact; the stacks of every round so far go down
+        assert rows[-1]["residual"] < 1e-5 and rows[2]["bytes_down"] > rows[1]["bytes_down"]
+        assert (run_dir / "adapter" / "base_delta.safetensors").is_file()
     cfg = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert cfg["r"] == 4
     from fl.app.config import compose

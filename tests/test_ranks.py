@@ -7,9 +7,10 @@ import pytest
 
 import strategies
 from fl import ranks
-from fl.adapters import check_ranks_fit
+from fl.adapters import build_adapter, check_ranks_fit
 from fl.app.config import compose
 from fl.app.workspace import get_workspace
+from fl.ranks import rank_source
 from fl.tasks import get_task, load_base_model
 
 NARROWEST = {"tiny": 32, "tiny_llama": 16}  # tiny: hidden 32; tiny_llama: k/v projections 16 wide
@@ -85,3 +86,22 @@ def test_client_ranks_cycle_draw_and_node_config() -> None:
 def test_bad_rank_settings_fail_at_compose(override: str, says: str) -> None:
     with pytest.raises(ValueError, match=says):
         compose(["strategy=fedit", override])
+
+
+@pytest.mark.parametrize("strategy", ["flora", "flexlora", "hetlora"])
+def test_heterogeneous_methods_take_mixed_ranks_within_the_server_rank(strategy: str) -> None:
+    compose([f"strategy={strategy}", "strategy.rank=8", "sim.client_ranks=[2,4,8]"])
+    with pytest.raises(ValueError, match=r"strategy.rank=4 is below max\(sim.client_ranks\)=8"):
+        compose([f"strategy={strategy}", "strategy.rank=4", "sim.client_ranks=[2,8]"])
+    cfg = compose(["model=tiny", f"strategy={strategy}"])
+    base = load_base_model(cfg.model, num_labels=3, seed=0)
+    with pytest.raises(ValueError, match=r"--node-config lora-rank=40 does not fit module"):  # a node's own rank
+        build_adapter(
+            base,
+            kind="lora",
+            strategy_cfg=cfg.strategy,
+            targets=["all-linear"],
+            seed=0,
+            rank=40,
+            rank_key=rank_source({"lora-rank": 40}),
+        )

@@ -24,7 +24,7 @@ from fl import constants as K
 from fl.adapters import load_tensors, trainable_state
 from fl.app.config import compose
 from fl.app.workspace import Workspace, get_workspace
-from fl.base_delta import apply_base_delta
+from fl.base_delta import apply_base_delta, delta_from_factors
 from fl.data import IndexedDataset, client_partition
 from fl.ranks import client_rank, rank_source
 from fl.runtime_env import CLIENT_THREADS_ENV
@@ -73,7 +73,11 @@ def _load_global(msg: Message, context: Context, ws: Workspace) -> None:
     if K.STATE_FROZEN in context.state.array_records:
         load_tensors(ws.model, from_record(context.state.array_records[K.STATE_FROZEN]))
     delta = content.array_records.get(K.BASE_DELTA)
-    apply_base_delta(ws.model, from_record(delta) if delta is not None else {})  # FedEx-LoRA's fold (absolute)
+    fold = from_record(delta) if delta is not None else {}  # FedEx-LoRA's fold (absolute)
+    if K.BASE_DELTA_FACTORS in content.array_records:  # the same as factor pairs (FLoRA's stacks)
+        for name, d in delta_from_factors(from_record(content.array_records[K.BASE_DELTA_FACTORS])).items():
+            fold[name] = fold[name] + d if name in fold else d
+    apply_base_delta(ws.model, fold)
     expected = {n for n, p in ws.model.named_parameters() if p.requires_grad}
     load_tensors(ws.model, from_record(content.array_records[K.ARRAYS]), expect=expected)
 
