@@ -34,6 +34,8 @@ def flat_config(cfg: DictConfig | ListConfig) -> dict[str, Any]:
         if isinstance(node, dict):
             for k, v in node.items():
                 walk(v, f"{prefix}{k}.")
+        elif isinstance(node, list):  # e.g. sim.client_ranks: one hashable, sortable value per setting
+            out[prefix[:-1]] = json.dumps(node)
         else:
             out[prefix[:-1]] = node
 
@@ -66,6 +68,15 @@ def group_seeds(runs: list[dict[str, Any]]) -> tuple[pd.DataFrame, list[dict[str
             key, {"strategy": r["strategy"], "axis": {k: r["_flat"].get(k) for k in axis}, "runs": []}
         )
         g["runs"].append(r)
+
+    def same(g: dict[str, Any]) -> str:
+        return json.dumps([g["strategy"], g["axis"]], sort_keys=True, default=str)
+
+    seen: dict[str, int] = {}
+    for g in groups.values():
+        seen[same(g)] = seen.get(same(g), 0) + 1
+    for g in [g for g in groups.values() if seen[same(g)] > 1]:  # one method at two ranks: the rank names the row
+        g["strategy"] = f"{g['strategy']} r={g['runs'][0]['_flat'].get('strategy.rank')}"
     rows = []
     for g in groups.values():
         members = g["runs"]

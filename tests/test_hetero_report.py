@@ -1,0 +1,49 @@
+"""fl-report on a heterogeneous-ranks sweep: a rank list is one setting, and one method at two ranks gets two rows;
+the ready sweep's cells all compose."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from fl.app.config import compose
+from simulations.seeds import flat_config, group_seeds
+from simulations.sweep import expand, load_sweep
+
+
+def _run(strategy: str, rank: int, ranks: list[int] | None, seed: int, acc: float) -> dict[str, Any]:
+    cfg = OmegaConf.create({"strategy": {"name": strategy, "rank": rank}, "sim": {"client_ranks": ranks}, "seed": seed})
+    return {
+        "_flat": flat_config(cfg),
+        "strategy": strategy,
+        "seed": seed,
+        "final_accuracy": acc,
+        "best_accuracy": acc,
+        "cum_bytes_up": 1,
+        "cum_bytes_down": 1,
+        "wall_seconds": 1.0,
+    }
+
+
+def test_ranks_group_into_one_row_per_method_and_rank() -> None:
+    runs = [
+        *(_run("fedit", 2, None, s, 0.5 + s / 100) for s in range(3)),
+        *(_run("fedit", 16, None, s, 0.6) for s in range(3)),
+        *(_run("flora", 16, [2, 4, 8, 16], s, 0.7) for s in range(3)),
+    ]
+    df, groups = group_seeds(runs)
+    assert sorted(df["strategy"]) == ["fedit r=16", "fedit r=2", "flora"]
+    assert set(df["n"]) == {3}
+    assert df.loc[df["strategy"] == "fedit r=2", "final_mean"].item() == 0.51
+    assert {g["axis"]["sim.client_ranks"] for g in groups} == {None, "[2, 4, 8, 16]"}
+
+
+def test_the_hetero_sweep_cells_compose() -> None:
+    overrides, cases = load_sweep("hetero")
+    cells = expand(overrides, cases)
+    assert len(cells) == 15
+    for cell in cells:
+        cfg = compose(cell)
+        if cfg.strategy.name != "fedit":
+            assert list(cfg.sim.client_ranks) == [2, 4, 8, 16] and cfg.sim.client_rank_draw == "random"
