@@ -38,6 +38,7 @@ class RoundStats:
     round_seconds: float = 0.0  # wall seconds from sending the round's messages to aggregating
     started: float = 0.0  # perf_counter() when the round's messages were built
     extra: dict[str, float] = field(default_factory=dict)
+    defence: dict[str, Any] = field(default_factory=dict)  # defence_* fields: who was capped, clipped, dropped
 
     def record_clients(self, metrics: list[dict[str, float]], weights: list[float]) -> None:
         """The aggregated clients' weighted training loss, their seconds and the ε they report."""
@@ -72,4 +73,5 @@ class RoundStats:
             "aggregate_seconds": self.aggregate_seconds,
             "round_seconds": self.round_seconds,
             **self.extra,
+            **self.defence,
         }
