@@ -149,7 +149,7 @@ def test_the_defence_state_is_checkpointed_and_a_different_defence_is_refused() 
     again = RobustAggregation(make_defence("norm_bound", bound="median"))
     again.load_state_dict(robust.state_dict())
     assert again.defence.state_dict() == {"history": [pytest.approx(3.0)]}
-    with pytest.raises(ValueError, match="strategy.defence=median"):
+    with pytest.raises(ValueError, match=r"strategy\.defence=median"):
         RobustAggregation(make_defence("median")).load_state_dict(robust.state_dict())
 
 
