@@ -251,3 +251,28 @@ def test_under_client_level_dp_the_norm_bound_is_the_dp_clip(tiny: list[str], tm
         assert "2" in row["defence_clipped"] and row["defence"] == "norm_bound"  # recorded by the DP wrapper's clip
         assert "defence_norms" not in row  # the defence did not clip a second time
         assert row["aggregated"] == NODES
+
+
+def test_a_resumed_run_with_a_defence_ends_where_the_uninterrupted_one_ends(tiny: list[str], tmp_path: Path) -> None:
+    from fl.app.cli import resume_overrides
+    from fl.checkpoint import Checkpoint
+
+    job = [
+        *tiny,
+        *ATTACK,
+        "strategy=ffa_lora",
+        "strategy.rank=2",
+        "strategy.defence=norm_bound",
+        "strategy.defence_bound=median",
+    ]
+    run_server(LoopGrid(NODES), [*job, f"run_dir={tmp_path / 'full'}"])
+    run_server(LoopGrid(NODES), [*job, "sim.rounds=1", f"run_dir={tmp_path / 'part'}"])
+    assert Checkpoint.load(tmp_path / "part").strategy_state["robust"]["history"]  # the defence's state is saved
+    run_server(LoopGrid(NODES), resume_overrides(str(tmp_path / "part"), ["sim.rounds=2"]))
+    full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "part")
+    assert [r["round"] for r in resumed] == [0, 1, 2]
+    for a, b in zip(full, resumed, strict=True):
+        for key in ("accuracy", "loss", "defence_bound"):
+            assert a.get(key) == pytest.approx(b.get(key), rel=1e-6), (key, a["round"])
+        assert a.get("defence_clipped", {}).keys() == b.get("defence_clipped", {}).keys()
+    assert len(Checkpoint.load(tmp_path / "part").strategy_state["robust"]["history"]) == 2
