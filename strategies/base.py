@@ -26,8 +26,8 @@ from fl import constants as K
 from fl.config import StrategyConfig
 from fl.schedule import round_lr
 from fl.wire import array_bytes, from_record, num_floats, to_record
-from strategies.defences import RobustAggregation
 from strategies.lora_math import aggregation_residual, weighted_average
+from strategies.robust import RobustAggregation
 from strategies.sampling import NodeSampler
 from strategies.screening import Reply, screen
 from strategies.stats import RoundStats

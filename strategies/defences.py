@@ -57,7 +57,7 @@ class Kept:
     weights: list[float]
 
 
-def _all(replies: list[Reply], weights: list[float], states: list[dict[str, torch.Tensor]] | None = None) -> Kept:
+def keep_all(replies: list[Reply], weights: list[float], states: list[dict[str, torch.Tensor]] | None = None) -> Kept:
     return Kept(replies, weights, [r.state for r in replies] if states is None else states, weights)
 
 
@@ -79,7 +79,7 @@ class Defence:
         stats: RoundStats,
     ) -> Kept:
         """The replies and states the method's rule aggregates this round."""
-        return _all(replies, weights)
+        return keep_all(replies, weights)
 
     def describe(self) -> str:
         """One line for the strategy's summary."""
@@ -113,7 +113,7 @@ class NormBound(Defence):
         stats: RoundStats,
     ) -> Kept:
         if self.external_clip or reference is None:
-            return _all(replies, weights)
+            return keep_all(replies, weights)
         ref = from_record(reference)
         norms = [rm.norm(rm.update_vector(r.state, ref, space=space)) for r in replies]
         bound = float(np.median(norms)) if self.bound is None else self.bound
@@ -126,7 +126,7 @@ class NormBound(Defence):
             if scale < 1.0:
                 record_clip(stats, r.partition, scale)
         stats.defence["defence_bound"] = bound
-        return _all(replies, weights, states)
+        return keep_all(replies, weights, states)
 
     def describe(self) -> str:
         return f"norm_bound (bound {'median of the round' if self.bound is None else self.bound})"
@@ -263,7 +263,7 @@ class MultiKrum(Defence):
                 dropped,
                 [float(scores[i]) for i in range(n) if i not in chosen],
             )
-        return _all([replies[i] for i in chosen], [weights[i] for i in chosen])
+        return keep_all([replies[i] for i in chosen], [weights[i] for i in chosen])
 
     def describe(self) -> str:
         return f"{self.name} (f={self.f}, keep {'n - f' if self.m is None else self.m})"
@@ -276,141 +276,3 @@ class Krum(MultiKrum):
 
     def __init__(self, f: int) -> None:
         super().__init__(f, 1)
-
-
-DEFENCES = ("none", "norm_bound", "trimmed_mean", "median", "krum", "multikrum")
-"""`strategy.defence` values."""
-
-
-def _require(ok: bool, key: str, value: object, fix: str) -> None:
-    if not ok:
-        raise ValueError(f"strategy.{key}={value!r} is invalid: {fix}")
-
-
-def _number_or(value: object, word: str, key: str) -> float | None:
-    """`value` as a positive float, or None when it is `word`."""
-    if str(value) == word:
-        return None
-    try:
-        x = float(str(value))
-    except ValueError:
-        x = float("nan")
-    _require(x > 0, key, value, f"use a number > 0 or {word}.")
-    return x
-
-
-def make_defence(
-    name: str, *, bound: object = None, trim_fraction: float = 0.2, krum_f: int = 1, multikrum_m: int | None = None
-) -> Defence:
-    """The defence `name` with its parameters checked (errors name the `strategy.*` key)."""
-    _require(name in DEFENCES, "defence", name, f"use one of {', '.join(DEFENCES)}.")
-    if name == "norm_bound":
-        _require(
-            bound is not None, "defence_bound", bound, f"strategy.defence=norm_bound needs a bound > 0 or {MEDIAN}."
-        )
-        return NormBound(_number_or(bound, MEDIAN, "defence_bound"))
-    if name == "trimmed_mean":
-        _require(0 <= trim_fraction < 0.5, "trim_fraction", trim_fraction, "cut a fraction in [0, 0.5) at each end.")
-        return TrimmedMean(float(trim_fraction))
-    if name == "median":
-        return Median()
-    if name in ("krum", "multikrum"):
-        _require(krum_f >= 0, "krum_f", krum_f, "f, the hostile clients tolerated, must be >= 0.")
-        _require(multikrum_m is None or multikrum_m >= 1, "multikrum_m", multikrum_m, "keep at least 1 update.")
-        return Krum(int(krum_f)) if name == "krum" else MultiKrum(int(krum_f), multikrum_m)
-    return Defence()
-
-
-class RobustAggregation:
-    """The round's defence and the cap on claimed weight, as the strategy applies them (`strategy.defence*`,
-    `strategy.max_examples_weight`). Parameters: `defence` (a `Defence`), `max_examples` (None | a number |
-    ``median`` | ``equal``)."""
-
-    def __init__(self, defence: Defence | None = None, max_examples: object = None) -> None:
-        self.defence = defence or Defence()
-        if max_examples is not None and str(max_examples) not in (MEDIAN, EQUAL):
-            _number_or(max_examples, f"{MEDIAN} or {EQUAL}", "max_examples_weight")
-        self.max_examples = max_examples
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> RobustAggregation:
-        """From a composed config; under client-level DP a norm bound is the DP clip `privacy.client.clip_norm`."""
-        s = cfg.strategy
-        bound = s.defence_bound
-        client = cfg.privacy.client
-        if client.enabled and s.defence == "norm_bound":
-            _require(
-                bound is None or float(str(bound)) == float(client.clip_norm),
-                "defence_bound",
-                bound,
-                f"under client-level DP the norm bound is privacy.client.clip_norm={client.clip_norm}: "
-                "leave strategy.defence_bound unset.",
-            )
-            bound = client.clip_norm
-        defence = make_defence(
-            str(s.defence),
-            bound=bound,
-            trim_fraction=float(s.trim_fraction),
-            krum_f=int(s.krum_f),
-            multikrum_m=s.multikrum_m,
-        )
-        return cls(defence, s.max_examples_weight)
-
-    @staticmethod
-    def client_dp_problem(cfg: Any) -> str | None:
-        """Why `strategy.defence` does not compose with client-level DP, or None."""
-        if str(cfg.strategy.defence) in ("none", "norm_bound"):
-            return None
-        return (
-            f"strategy.defence={cfg.strategy.defence} does not compose with client-level DP (privacy=client): the "
-            "noise σC/m is calibrated to a mean of m updates clipped to C, and a median, trimmed mean or Krum pick "
-            "moves by more than C/m when one client changes; use strategy.defence=norm_bound (the DP clip) or none."
-        )
-
-    def weights(self, replies: list[Reply], claimed: list[float], stats: RoundStats) -> list[float]:
-        """The aggregation weights: the claimed counts, capped by `max_examples_weight`."""
-        if self.max_examples is None:
-            return claimed
-        if str(self.max_examples) == EQUAL:
-            return [1.0] * len(claimed)
-        cap = float(np.median(claimed)) if str(self.max_examples) == MEDIAN else float(str(self.max_examples))
-        capped = {r.partition: w for r, w in zip(replies, claimed, strict=True) if w > cap}
-        if capped:
-            stats.defence["defence_capped"] = capped
-        return [min(w, cap) for w in claimed]
-
-    def apply(
-        self,
-        replies: list[Reply],
-        claimed: list[float],
-        *,
-        reference: ArrayRecord | None,
-        space: str,
-        stats: RoundStats,
-    ) -> Kept:
-        """Cap the weights, then the defence; what the method's rule aggregates."""
-        weights = self.weights(replies, claimed, stats)
-        if type(self.defence) is Defence:
-            return _all(replies, weights)
-        stats.defence["defence"] = self.defence.name
-        kept = self.defence.apply(replies, weights, reference=reference, space=space, stats=stats)
-        if "defence_clipped" in stats.defence:
-            log.info("%s clipped partitions %s", self.defence.name, stats.defence["defence_clipped"])
-        return kept
-
-    def describe(self) -> str:
-        """One line for the strategy's summary."""
-        return f"defence={self.defence.describe()}, max_examples_weight={self.max_examples}"
-
-    def state_dict(self) -> dict[str, Any]:
-        """The defence's state (checkpointed with the strategy's)."""
-        return {"defence": self.defence.name, **self.defence.state_dict()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore `state_dict()` (a checkpoint of another defence is refused)."""
-        if state and state.get("defence") != self.defence.name:
-            raise ValueError(
-                f"The checkpoint's defence is {state.get('defence')!r} but strategy.defence={self.defence.name}; "
-                "resume with the run's own strategy.defence."
-            )
-        self.defence.load_state_dict(state)
