@@ -86,6 +86,13 @@ class StrategyConfig:
     alpha: float = 16.0  # LoRA scaling s = alpha / rank
     dropout: float = 0.0
     lr: float = 1e-3  # client learning rate (AdamW); methods tune their own default
+    # robust aggregation against hostile clients (strategies/defences.py, docs/reliability.md)
+    defence: str = "none"  # none | norm_bound | trimmed_mean | median | krum | multikrum
+    defence_bound: str | None = None  # norm_bound: a number, or median (the median of the round's update norms)
+    trim_fraction: float = 0.2  # trimmed_mean: the fraction cut at each end of every coordinate
+    krum_f: int = 1  # krum, multikrum: f, the hostile clients tolerated
+    multikrum_m: int | None = None  # multikrum: updates kept (default n - f)
+    max_examples_weight: str | None = None  # cap on a claimed count: null | a number | median | equal (weights 1)
 
 
 @dataclass
@@ -128,6 +135,10 @@ class SimConfig:
     # heterogeneous ranks (fl.ranks): a list cycled over partition ids (or drawn from it, seeded); null: strategy.rank
     client_ranks: list[int] | None = None
     client_rank_draw: str = "cycle"  # cycle | random
+    # simulated hostile clients (clients/attack.py); a deployed node attacks with --node-config "attack=scale"
+    attack: str = "none"  # none | scale | sign_flip | gaussian | label_flip | num_examples
+    attackers: Any = 0  # how many (drawn with the run seed), or a list of partition ids
+    attack_strength: float | None = None  # default: the attack's own (scale 100, sign_flip 1, gaussian 10, ...)
 
 
 @dataclass

@@ -43,6 +43,8 @@ NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
 NODE_LORA_RANK = "lora-rank"  # a node's own LoRA rank (heterogeneous federations; fl.ranks)
 NODE_DATA_PATH = "data-path"  # a node's own data file: it trains on all of it instead of a partition of the pool
+NODE_ATTACK = "attack"  # a simulated hostile node (clients/attack.py): scale | sign_flip | gaussian | ...
+NODE_ATTACK_STRENGTH = "attack-strength"  # its strength (default: the attack's own)
 
 # Context.state keys on a client
 STATE_FROZEN = "fedlora-frozen"

@@ -28,6 +28,7 @@ from fl.config import StrategyConfig
 from fl.schedule import round_lr
 from fl.wire import array_bytes, from_record, num_floats, to_record
 from strategies.lora_math import aggregation_residual, weighted_average
+from strategies.robust import RobustAggregation
 from strategies.sampling import NodeSampler
 from strategies.screening import Reply, screen
 from strategies.stats import RoundStats
@@ -73,6 +74,8 @@ class LoraStrategy(FedAvg):
     """Why this method's release is not covered by client-level DP (`strategies.client_dp`); None: it is."""
     mixed_ranks: ClassVar[bool] = False
     """Whether clients may train at ranks of their own (`sim.client_ranks`, node config `lora-rank`; `fl.ranks`)."""
+    update_space: ClassVar[str] = "factors"
+    """Where a client's update lives for a defence (`strategies.robust_math`): factors | product (B_k·A_k)."""
 
     def __init__(
         self,
@@ -93,6 +96,7 @@ class LoraStrategy(FedAvg):
         timeout: float = 3600.0,
         seed: int = 0,
         server_gradient: ServerGradient | None = None,
+        robust: RobustAggregation | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -119,6 +123,8 @@ class LoraStrategy(FedAvg):
         self.accountants: dict[int, dict[str, Any]] = {}  # partition -> its accountant state (copy, for resume)
         self.uniform_weights = False  # weight every reply 1 instead of n_k (client-level DP's noise assumes it)
         self.releases = 0  # noisy aggregates released under client-level DP (its accountant's steps)
+        self.robust = robust or RobustAggregation()  # strategy.defence and strategy.max_examples_weight
+        self.round_arrays: ArrayRecord | None = None  # the global arrays of this round (a defence's reference)
 
     # ------------------------------------------------------------------ the bridge to Hydra
     @classmethod
@@ -151,6 +157,7 @@ class LoraStrategy(FedAvg):
             "min_train_nodes": int(sim.min_train_clients),
             "timeout": float(sim.timeout),
             "seed": int(cfg.seed),
+            "robust": RobustAggregation.from_config(cfg),
         }
 
     @classmethod
@@ -162,7 +169,7 @@ class LoraStrategy(FedAvg):
     def client_level_dp_problem(cls, cfg: Any) -> str | None:
         """Why client-level DP (`privacy=client`) does not cover this method as configured; None: it does."""
         if cls.client_dp_problem is None:
-            return None
+            return RobustAggregation.client_dp_problem(cfg)
         return (
             f"strategy={cfg.strategy.name} does not compose with client-level DP (privacy=client): "
             f"{cls.client_dp_problem}. Use strategy=fedit, ffa_lora or fed_sb, or sample-level DP (privacy=dp)."
@@ -207,6 +214,7 @@ class LoraStrategy(FedAvg):
             "fixed": dict(self.fixed),
             "accountants": dict(self.accountants),
             "releases": self.releases,
+            "robust": self.robust.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -215,6 +223,7 @@ class LoraStrategy(FedAvg):
         self.fixed = dict(state["fixed"])
         self.accountants = dict(state.get("accountants", {}))
         self.releases = int(state.get("releases", 0))
+        self.robust.load_state_dict(state.get("robust", {}))
 
     # ------------------------------------------------------------------ Flower hooks
     def start(self, grid: Grid, initial_arrays: ArrayRecord, **kwargs: Any) -> Any:  # type: ignore[override]
@@ -244,6 +253,7 @@ class LoraStrategy(FedAvg):
             self.fraction_train,
             self.sampler.num_nodes,
         )
+        log.info("%s: %s", type(self).__name__, self.robust.describe())
         super().summary()
 
     def _hello(self) -> ConfigRecord:
@@ -283,6 +293,7 @@ class LoraStrategy(FedAvg):
         a DP wrapper's clipping norm) join every message's own.
         """
         server_round += self.round_offset
+        self.round_arrays = arrays
         nodes = self.sampler.sample(grid, self.fraction_train, self.min_train_nodes)
         stats = self.stats.setdefault(server_round, RoundStats())
         stats.started = time.perf_counter()
@@ -339,16 +350,17 @@ class LoraStrategy(FedAvg):
             stats.round_seconds = time.perf_counter() - stats.started
             return None, None
         good = sorted(replies, key=lambda r: r.partition)  # a fixed order makes float sums reproducible
-        states = [r.state for r in good]
-        weights = [1.0 if self.uniform_weights else r.metrics[K.NUM_EXAMPLES] for r in good]
+        claimed = [1.0 if self.uniform_weights else r.metrics[K.NUM_EXAMPLES] for r in good]
         t0 = time.perf_counter()
+        kept = self.robust.apply(good, claimed, reference=self.round_arrays, space=self.update_space, stats=stats)
+        states, weights = kept.states, kept.weights  # the replies, or what the defence made of them
         agg = self.aggregate_arrays(server_round, states, weights)
         stats.aggregate_seconds = time.perf_counter() - t0
-        stats.aggregated = len(good)
+        stats.aggregated = len(kept.replies)
         stats.residual = self.residual(states, weights, agg)
-        stats.record_clients([r.metrics for r in good], weights, ranks=self.mixed_ranks)
+        stats.record_clients([r.metrics for r in kept.replies], kept.client_weights, ranks=self.mixed_ranks)
         stats.round_seconds = time.perf_counter() - stats.started
-        return to_record(agg), MetricRecord({K.TRAIN_LOSS: stats.train_loss, K.AGGREGATED: len(good)})
+        return to_record(agg), MetricRecord({K.TRAIN_LOSS: stats.train_loss, K.AGGREGATED: len(kept.replies)})
 
     def keep_accountant(self, node: int, msg: Message) -> None:
         """Keep a copy of the privacy accountant state a client reports (restored to it after a resume)."""

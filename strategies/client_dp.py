@@ -53,6 +53,7 @@ from fl import constants as K
 from fl.wire import from_record, to_record
 from privacy.client_level import add_gaussian_noise
 from strategies.base import LoraStrategy
+from strategies.defences import record_clip
 from strategies.screening import Reply
 from strategies.stats import RoundStats
 
@@ -85,6 +86,7 @@ class _ClientLevelDP:
                 f"{type(inner).client_dp_problem}."
             )
         inner.uniform_weights = True
+        inner.robust.defence.external_clip = True  # strategy.defence=norm_bound: this wrapper's clip is the bound
         self.epsilon_of = epsilon_of
         self.reference = ArrayRecord()  # the global arrays this round's updates are measured from
 
@@ -196,8 +198,11 @@ class ClientDPServerSideClipping(_ClientLevelDP, DifferentialPrivacyServerSideFi
     def bound(self, reply: Reply, stats: RoundStats) -> str | None:
         """Clip the reply's decoded update to C (Flower's `compute_clip_model_update`, on a copy)."""
         names, arrays, current = self.update_of(reply)
-        if update_norm(arrays, current) > self.clipping_norm:
+        norm = update_norm(arrays, current)
+        if norm > self.clipping_norm:
             stats.extra[K.CLIENT_DP_CLIPPED] = stats.extra.get(K.CLIENT_DP_CLIPPED, 0.0) + 1.0
+            if self.inner.robust.defence.name == "norm_bound":  # strategy.defence=norm_bound: this clip is its bound
+                record_clip(stats, reply.partition, self.clipping_norm / norm)
         compute_clip_model_update(param1=arrays, param2=current, clipping_norm=self.clipping_norm)
         reply.state = {n: torch.from_numpy(np.asarray(v)) for n, v in zip(names, arrays, strict=True)}
         return None

@@ -85,6 +85,7 @@ class FedSB(LoraStrategy):
     """
 
     adapter_kind: ClassVar[str] = "fedsb"
+    update_space: ClassVar[str] = "factors"  # the trained factor is the whole update (strategies.defences)
     schema: ClassVar[type[StrategyConfig]] = FedSBConfig
 
     def __init__(

@@ -45,6 +45,7 @@ class FedExLoRA(LoraStrategy):
     """FedEx-LoRA (https://arxiv.org/abs/2410.09432): FedIT plus the residual folded into W0 each round."""
 
     adapter_kind: ClassVar[str] = "lora"
+    update_space: ClassVar[str] = "product"  # a defence acts on B_k·A_k − B̄·Ā (strategies.defences)
     client_dp_problem: ClassVar[str | None] = (
         "its residual E = Σ p_k B_k·A_k − B̄·Ā is built from every client's un-noised factors and sent to all "
         "clients (and exported) without noise"

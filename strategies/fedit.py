@@ -18,3 +18,4 @@ class FedIT(LoraStrategy):
     """FedIT (https://arxiv.org/abs/2305.05644): FedAvg over LoRA A, B and the head."""
 
     adapter_kind: ClassVar[str] = "lora"
+    update_space: ClassVar[str] = "product"  # a defence acts on B_k·A_k − B̄·Ā (strategies.defences)

@@ -20,3 +20,4 @@ class FFALoRA(LoraStrategy):
     """FFA-LoRA (https://arxiv.org/abs/2403.12313): frozen shared A, FedAvg over B and the head."""
 
     adapter_kind: ClassVar[str] = "ffa"
+    update_space: ClassVar[str] = "factors"  # the trained factor is the whole update (strategies.defences)

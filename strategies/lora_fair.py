@@ -64,6 +64,7 @@ class LoraFAIR(LoraStrategy):
     """
 
     adapter_kind: ClassVar[str] = "lora"
+    update_space: ClassVar[str] = "product"  # a defence acts on B_k·A_k − B̄·Ā (strategies.defences)
     schema: ClassVar[type[StrategyConfig]] = LoraFairConfig
     client_dp_problem: ClassVar[str | None] = (
         "its correction reads every client's B_k·A_k, which client-level DP leaves un-noised (only the mean "

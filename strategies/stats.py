@@ -39,6 +39,7 @@ class RoundStats:
     started: float = 0.0  # perf_counter() when the round's messages were built
     extra: dict[str, float] = field(default_factory=dict)
     client_ranks: list[int] = field(default_factory=list)  # the aggregated clients' ranks (heterogeneous methods)
+    defence: dict[str, Any] = field(default_factory=dict)  # defence_* fields: who was capped, clipped, dropped
 
     def record_clients(self, metrics: list[dict[str, float]], weights: list[float], *, ranks: bool = False) -> None:
         """The aggregated clients' weighted training loss, their seconds and the ε they report (and, with `ranks`,
@@ -77,4 +78,5 @@ class RoundStats:
             "round_seconds": self.round_seconds,
             **({"client_ranks": self.client_ranks} if self.client_ranks else {}),
             **self.extra,
+            **self.defence,
         }

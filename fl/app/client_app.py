@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 from omegaconf import DictConfig
 
+from clients.attack import attack_for
 from clients.evaluate import evaluate
 from clients.fedsb_init import InitSpec, init_gradient_reply
 from clients.train import local_train, round_seed
@@ -136,6 +137,8 @@ def train(msg: Message, context: Context) -> Message:
         )
     _load_global(msg, context, ws)
     cfg = ws.cfg
+    attack = attack_for(cfg, dict(context.node_config), pid)  # a simulated hostile client (sim.attack)
+    data = attack.data(data, ws.num_labels)
     steps = steps_per_round(settings, len(data))
     seed = round_seed(int(cfg.seed), server_round, pid)
     metrics: dict[str, int | float | list[int] | list[float]] = {
@@ -206,7 +209,7 @@ def train(msg: Message, context: Context) -> Message:
         context.state[K.STATE_OPTIMIZER] = ArrayRecord(torch_state_dict=result.optimizer_state)
     metrics.update(
         {
-            K.NUM_EXAMPLES: result.num_examples,
+            K.NUM_EXAMPLES: attack.num_examples(result.num_examples),
             K.TRAIN_STEPS: result.steps,
             K.TRAIN_SECONDS: result.seconds,
             K.DECLINED: 0,
@@ -218,7 +221,8 @@ def train(msg: Message, context: Context) -> Message:
         content[K.STATE_PRIVACY] = save_accountant(context, accountant)
     else:
         metrics[K.TRAIN_LOSS] = result.loss
-    content[K.ARRAYS] = to_record(trainable_state(ws.model))
+    received = from_record(msg.content.array_records[K.ARRAYS])
+    content[K.ARRAYS] = to_record(attack.reply(trainable_state(ws.model), received, seed=seed))
     content[K.METRICS] = MetricRecord(metrics)
     return Message(content, reply_to=msg)
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from omegaconf import DictConfig
 
 import strategies
+from clients.attack import validate_attack
 from clients.optim import OPTIMIZERS
 from fl import config as ground
 from fl.config_privacy import require
@@ -56,6 +57,7 @@ def validate_layers(cfg: DictConfig) -> None:
     t = cfg.train
     require(t.optimizer in OPTIMIZERS, "train.optimizer", t.optimizer, f"use one of {', '.join(OPTIMIZERS)}.")
     validate_privacy(cfg)
+    validate_attack(cfg)
     cls = strategies.get_strategy(str(cfg.strategy.name))
     flwr_log = logging.getLogger("flwr")
     level = flwr_log.level
