@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategies", help="comma-separated runs of the strategies part (default: every one)")
     parser.add_argument("--skip", default="", help=f"comma-separated parts to leave out, of {','.join(PARTS)}")
     parser.add_argument("--part-timeout", type=float, default=300.0, help="seconds one part may run (0: no limit)")
+    parser.add_argument("--deadline", type=float, default=0.0, help="seconds the whole check may run (0: no limit)")
     parser.add_argument("--work-dir", help="run folders and the data cache (default: a temporary folder)")
     args = parser.parse_args(argv)
     skip = {s for s in args.skip.split(",") if s}
@@ -136,11 +137,18 @@ def main(argv: list[str] | None = None) -> int:
     }
     t0 = time.perf_counter()
     for name in PARTS:
+        left = args.deadline - (time.perf_counter() - t0) if args.deadline > 0 else float("inf")
         if name in skip:
             report["parts"][name] = {"status": "skipped", "reason": "left out with --skip"}
+        elif left < 15:
+            report["parts"][name] = {
+                "status": "skipped",
+                "reason": f"--deadline {args.deadline:g} s: {left:.0f} s left",
+            }
         else:
             print(f"gpu_check: {name} ...", flush=True)
-            report["parts"][name] = run_part(name, chk, timeout=args.part_timeout)
+            limit = min(args.part_timeout or float("inf"), left - 5)
+            report["parts"][name] = run_part(name, chk, timeout=0 if limit == float("inf") else limit)
             print(f"gpu_check: {name} {report['parts'][name]['status']}", flush=True)
         report["seconds"] = _since(t0)
         report["failed"] = [n for n, p in report["parts"].items() if p["status"] == "failed"]

@@ -2,7 +2,7 @@
 
 Every part takes a `Check` (the devices, models, folders) and returns a JSON-ready dict; a part that cannot
 run something says so in ``skipped`` (what, and why) instead of failing. A part fails by raising; a comparison
-that goes wrong raises `CheckFailed` naming the figures.
+that goes wrong raises `CheckError` naming the figures.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ FEDERATION_ACCURACY_TOLERANCE = 0.05  # |final accuracy on CUDA − on CPU|, sam
 DATA = ["data.max_examples=600", "data.test_size=100", "data.max_length=32", "train.eval_batch_size=64"]
 
 
-class CheckFailed(AssertionError):
+class CheckError(AssertionError):
     """A comparison of the check went wrong (the message names the figures)."""
 
 
@@ -113,14 +113,14 @@ def _train(ws: Workspace, chk: Check, *, precision: str, batch: int, wrap: Any =
     if device.type == "cuda":
         out["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
     if not math.isfinite(res.loss) or moved <= 0:
-        raise CheckFailed(f"{precision} on {device}: loss {res.loss}, adapter change {moved} (must be finite and > 0)")
+        raise CheckError(f"{precision} on {device}: loss {res.loss}, adapter change {moved} (must be finite and > 0)")
     return out
 
 
 def _workspace(overrides: list[str], device: str) -> Workspace:
     ws = get_workspace([*overrides, f"train.device={device}", "train.precision=fp32"])
     if _on(ws) != {torch.device(device).type}:
-        raise CheckFailed(f"train.device={device}: the model's parameters are on {_on(ws)}")
+        raise CheckError(f"train.device={device}: the model's parameters are on {_on(ws)}")
     return ws
 
 
@@ -149,7 +149,7 @@ def precision_part(chk: Check) -> dict[str, Any]:
                     "step_time_ratio": bf16["step_seconds"] / fp32["step_seconds"],
                 }
                 if rel > BF16_LOSS_TOLERANCE:
-                    raise CheckFailed(f"{name} on {dev}: bf16 loss differs from fp32 by {rel:.3f} (> tolerance)")
+                    raise CheckError(f"{name} on {dev}: bf16 loss differs from fp32 by {rel:.3f} (> tolerance)")
         if chk.cuda:
             cpu = runs["cpu/fp32"]["step_seconds"]
             runs["gpu_speedup_over_cpu"] = {
@@ -177,7 +177,9 @@ def dp_part(chk: Check) -> dict[str, Any]:
         for mode, precision in modes:
             acc = ClientAccountant("rdp")
 
-            def wrap(m: Any, o: Any, loader: Any, mode: str = mode, acc: ClientAccountant = acc) -> Any:
+            def wrap(
+                m: Any, o: Any, loader: Any, mode: str = mode, acc: ClientAccountant = acc, loss: Any = ws.task_def
+            ) -> Any:
                 return make_private(
                     model=m,
                     optimizer=o,
@@ -187,7 +189,7 @@ def dp_part(chk: Check) -> dict[str, Any]:
                     accountant=acc,
                     grad_sample_mode=mode,
                     noise_seed=7,  # seeded noise: the simulation's path
-                    loss_fn=ws.task_def.per_example_loss,
+                    loss_fn=loss.per_example_loss,
                 )
 
             r = _train(ws, chk, precision=precision, batch=batch, wrap=wrap)
@@ -256,7 +258,7 @@ def strategies_part(chk: Check) -> dict[str, Any]:
         rows = read_metrics(run_dir)
         on = _on(get_workspace(overrides))
         if on != {device}:
-            raise CheckFailed(f"{name}: after the round the model's parameters are on {on}, not {device}")
+            raise CheckError(f"{name}: after the round the model's parameters are on {on}, not {device}")
         last = rows[-1]
         out[name] = {
             "seconds": time.perf_counter() - t0,
@@ -266,7 +268,7 @@ def strategies_part(chk: Check) -> dict[str, Any]:
             "failed_replies": last.get("failed", 0),
         }
         if last.get("failed", 0) or not all(math.isfinite(r["loss"]) for r in rows):
-            raise CheckFailed(f"{name}: failed replies {last.get('failed')} or a non-finite loss in {rows}")
+            raise CheckError(f"{name}: failed replies {last.get('failed')} or a non-finite loss in {rows}")
     return out
 
 
@@ -290,12 +292,12 @@ def federation_part(chk: Check) -> dict[str, Any]:
             "files": sorted(p.name for p in run_dir.iterdir()),
         }
         if not (run_dir / K.SUMMARY_FILE).is_file():
-            raise CheckFailed(f"the {dev} federation wrote no summary.json in {run_dir}")
+            raise CheckError(f"the {dev} federation wrote no summary.json in {run_dir}")
     if chk.cuda:
         gap = abs(out["cuda"]["accuracy"][-1] - out["cpu"]["accuracy"][-1])
         out["final_accuracy_gap_cuda_cpu"] = gap
         cpu_s, cuda_s = (sum(x or 0.0 for x in out[d]["client_seconds"]) for d in ("cpu", "cuda"))
         out["client_seconds_ratio_cpu_over_cuda"] = cpu_s / cuda_s if cuda_s else None
         if gap > FEDERATION_ACCURACY_TOLERANCE:
-            raise CheckFailed(f"final accuracy on cuda and cpu differ by {gap:.3f} (> {FEDERATION_ACCURACY_TOLERANCE})")
+            raise CheckError(f"final accuracy on cuda and cpu differ by {gap:.3f} (> {FEDERATION_ACCURACY_TOLERANCE})")
     return out
