@@ -225,8 +225,8 @@ class InProcessGrid(Grid):
     def _unused(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError("InProcessGrid runs send_and_receive only")
 
-    set_run = create_message = get_nodes = push_messages = pull_messages = _unused  # type: ignore[assignment]
-    run = property(_unused)  # type: ignore[assignment]
+    set_run = create_message = get_nodes = push_messages = pull_messages = _unused
+    run = property(_unused)
 
 
 STRATEGY_RUNS = {
