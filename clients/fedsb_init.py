@@ -100,7 +100,7 @@ def clipped_gradient_sum(
         )
     for n, p in model.named_parameters():
         p.requires_grad_(flags[n])
-    return grads
+    return {n: g.cpu() for n, g in grads.items()}  # like gradient_sum: the release maths and the wire are on CPU
 
 
 def sketch_release(

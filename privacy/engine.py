@@ -147,7 +147,10 @@ def make_private(
         warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
         engine = PrivacyEngine(accountant=accountant.kind)
     engine.accountant = accountant.opacus  # make_private attaches the optimizer's step hook to this object
-    generator = torch.Generator().manual_seed(noise_seed) if noise_seed is not None else None
+    # Opacus draws the noise on the parameters' device with this generator, so it must live there (a CPU
+    # generator fails on CUDA); the same seed gives the same noise on one device, not across devices.
+    device = next((p.device for g in optimizer.param_groups for p in g["params"]), torch.device("cpu"))
+    generator = torch.Generator(device=device).manual_seed(noise_seed) if noise_seed is not None else None
     bound: float | list[float] = max_grad_norm
     if clipping == "per_layer":  # Opacus wants one bound per optimizer parameter; their L2 norm is C
         bound = per_layer_bounds(model, optimizer, max_grad_norm, head_share=head_clip_share)

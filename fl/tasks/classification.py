@@ -142,6 +142,7 @@ class Classification(Task):
                 AutoModelForSequenceClassification.from_pretrained,
                 resolve_name(model_cfg.name, cache_dir),
                 num_labels=num_labels,
+                dtype=torch.float32,  # fp32 master weights also from an fp16/bf16 checkpoint (autocast lowers them)
             )
         except (RuntimeError, ValueError) as e:
             if not any(s in str(e) for s in ("size mismatch", "shape", "mismatched_sizes")):
