@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from fl import constants as K
 from simulations.report import report
 from simulations.study import majority_share
-from simulations.sweep import run_sweep
+from simulations.sweep import expand, load_sweep, run_sweep
 
 
 def _copy(src: Path, dst: Path, *, seed: int, alpha: float | None, final: float) -> None:
@@ -110,3 +110,20 @@ def test_labels_are_readable_and_no_folder_name_reaches_the_tables(study: tuple[
     assert "cellfolder" not in text and "cells/" not in text and "ffa_lora" not in main and "fedit" not in main
     assert {"accuracy_vs_heterogeneity.png"} <= {p.name for p in plots}
     assert all(p.stat().st_size > 5000 for p in plots)
+
+
+def test_the_study_gives_every_cell_the_same_client_steps_and_runs_seed_0_first() -> None:
+    from fl.app.config import compose
+
+    cells = expand(*load_sweep("study"))
+    assert len(cells) == 3 * 2 * 3 * 2  # methods x client counts x partitionings x seeds
+    assert all("seed=0" in c for c in cells[:18]) and all("seed=1" in c for c in cells[18:])
+    cfgs = [compose(c) for c in cells]
+    steps = {c.sim.rounds * c.train.local_steps * round(c.sim.num_clients * c.sim.fraction_train) for c in cfgs}
+    assert steps == {1000}
+    assert {
+        (c.sim.num_clients, c.data.partitioner, c.data.alpha if c.data.partitioner == "dirichlet" else None)
+        for c in cfgs
+    } == {(n, p, a) for n in (5, 20) for p, a in (("iid", None), ("dirichlet", 0.5), ("dirichlet", 0.1))}
+    assert {c.strategy.name for c in cfgs} == {"fedit", "ffa_lora", "fed_sb"}
+    assert {c.strategy.init for c in cfgs if c.strategy.name == "fed_sb"} == {"sketch"}
