@@ -124,6 +124,8 @@ def study_groups(runs: list[dict[str, Any]]) -> pd.DataFrame:
                 "majority_mean": float(np.mean([v for v in majorities if v is not None]))
                 if any(v is not None for v in majorities)
                 else float("nan"),
+                "majority_min": min((v for v in majorities if v is not None), default=float("nan")),
+                "majority_max": max((v for v in majorities if v is not None), default=float("nan")),
                 "did_not_learn": sum(bool(f) for f in flops),
             }
         )
@@ -180,10 +182,10 @@ def pairs(df: pd.DataFrame) -> pd.DataFrame:
 
 def study_markdown(df: pd.DataFrame, *, markdown: Any) -> str:
     """The study's section of report.md: a pivot per client count, the pairs, how to read them."""
-    majority = df["majority_mean"].dropna()
+    low, high = df["majority_min"].min(), df["majority_max"].max()
     floor = (
-        f"majority class {majority.min():.3f}–{majority.max():.3f} of the held-out split (by seed)"
-        if len(majority)
+        f"majority class's share of its held-out split ({low:.3f}–{high:.3f}, by seed)"
+        if low == low
         else "no majority-class floor (not a classification task)"
     )
     parts = [

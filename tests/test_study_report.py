@@ -99,9 +99,10 @@ def test_pairs_say_whether_a_difference_exceeds_the_seeds_spread(study: tuple[Pa
 
 
 def test_labels_are_readable_and_no_folder_name_reaches_the_tables(study: tuple[Path, dict[str, float]]) -> None:
-    root, _ = study
+    root, floor = study
     _, plots = report(root)
     text = (root / "report.md").read_text()
+    assert f"({min(floor.values()):.3f}–{max(floor.values()):.3f}, by seed)" in text  # each seed's own test split
     assert text.startswith("## Final held-out accuracy: methods × partitioning")
     assert "### 2 clients" in text and "| FFA-LoRA |" in text and "Dirichlet α=0.1" in text
     main = text.split("## Every run")[0]
