@@ -2,10 +2,12 @@
 
 Reads every run folder below DIR (one with summary.json, config.yaml and metrics.jsonl) and writes, in
 DIR: `report.md`, `report.csv` and the plots whose x-axis actually varies across the runs:
-accuracy vs round per strategy, final accuracy vs heterogeneity, accuracy vs cumulative uplink bytes
-(log scale), accuracy vs ε, accuracy vs number of clients. Runs that differ only in `seed` are also
-aggregated into mean ± std (n) in `seeds.md`/`seeds.csv`, with a methods × swept-axis pivot and
-error-bar plots (`simulations/seeds.py`).
+accuracy vs round per strategy, accuracy vs cumulative uplink bytes (log scale), accuracy vs ε. Runs that
+differ only in `seed` are also aggregated into mean ± std (n) in `seeds.md`/`seeds.csv`, with a methods ×
+swept-axis pivot and error-bar plots (`simulations/seeds.py`). When the runs vary the number of clients or
+the partitioning (a study, `simulations/study.py`), report.md opens with a methods × partitioning pivot per
+client count (readable labels, "did not learn" marks, which differences exceed the seeds' spread), and the
+accuracy-vs-heterogeneity and vs-clients plots carry ± std error bars; the per-run table follows.
 """
 
 from __future__ import annotations
@@ -27,6 +29,14 @@ from fl.app.cli import exit_on_user_error
 from fl.outputs import read_metrics
 from privacy.settings import planned_epsilon
 from simulations.seeds import flat_config, seed_report
+from simulations.study import (
+    DID_NOT_LEARN_MARGIN,
+    is_study,
+    majority_share,
+    method_label,
+    partition_label,
+    study_report,
+)
 
 
 def heterogeneity(cfg: Any) -> str:
@@ -59,10 +69,14 @@ def load_runs(root: Path) -> list[dict[str, Any]]:
                 label += f" x{cfg.strategy.init_fraction}"
             if cfg.strategy.get("init") == "sketch" and int(cfg.strategy.get("sketch_power_iters", 0)):
                 label += f" q={cfg.strategy.sketch_power_iters}"
+        flat = flat_config(cfg)
+        majority = majority_share(cfg)
         runs.append(
             {
                 "run": str(run_dir.relative_to(root)) if run_dir != root else ".",
                 "strategy": label,
+                "method": method_label(flat),
+                "partitioning": partition_label(flat),
                 "rank": int(cfg.strategy.rank),
                 "num_clients": int(cfg.sim.num_clients),
                 "heterogeneity": heterogeneity(cfg),
@@ -72,6 +86,9 @@ def load_runs(root: Path) -> list[dict[str, Any]]:
                 "rounds": int(cfg.sim.rounds),
                 "seed": int(cfg.seed),
                 "final_accuracy": summary["final_accuracy"],
+                "majority": majority,
+                "did_not_learn": majority is not None
+                and float(summary["final_accuracy"]) < majority + DID_NOT_LEARN_MARGIN,
                 "best_accuracy": summary["best_accuracy"],
                 "cum_bytes_up": summary["cum_bytes_up"],
                 "cum_bytes_down": summary["cum_bytes_down"],
@@ -79,7 +96,7 @@ def load_runs(root: Path) -> list[dict[str, Any]]:
                 "server_seconds": sum(float(r.get("aggregate_seconds") or 0.0) for r in rows),
                 "residual_max": max(residuals) if residuals else None,
                 "_rows": rows,
-                "_flat": flat_config(cfg),
+                "_flat": flat,
             }
         )
     return runs
@@ -173,35 +190,21 @@ def report(root: Path) -> tuple[pd.DataFrame, list[Path]]:
     df = pd.DataFrame([{k: v for k, v in r.items() if not k.startswith("_")} for r in runs])
     df = df.sort_values(["strategy", "num_clients", "heterogeneity"]).reset_index(drop=True)
     df.to_csv(root / "report.csv", index=False)
-    shown = df.drop(columns=["alpha"]).copy()
+    # the per-run table: readable labels, not folder names (report.csv keeps the folder in `run`)
+    shown = df.drop(columns=["alpha", "run", "strategy", "heterogeneity"]).copy()
+    shown["did_not_learn"] = shown["did_not_learn"].map({True: "did not learn", False: ""})
     shown["cum_bytes_up"] = (shown["cum_bytes_up"] / 1e6).round(2)
     shown["cum_bytes_down"] = (shown["cum_bytes_down"] / 1e6).round(2)
-    shown = shown.rename(columns={"cum_bytes_up": "up MB", "cum_bytes_down": "down MB"})
-    (root / "report.md").write_text(markdown_table(shown))
+    shown = shown.rename(columns={"cum_bytes_up": "up MB", "cum_bytes_down": "down MB", "did_not_learn": "learned?"})
     plots = [plot_accuracy_vs_round(runs, root), plot_accuracy_vs_uplink(runs, root)]
     plots += seed_report(runs, root, markdown=markdown_table)
-    if df["heterogeneity"].nunique() > 1:
-        plots.append(
-            plot_final_vs(
-                df,
-                "heterogeneity",
-                root,
-                title="Final accuracy vs data heterogeneity",
-                xlabel="partitioning",
-                fname="accuracy_vs_heterogeneity.png",
-            )
-        )
-    if df["num_clients"].nunique() > 1:
-        plots.append(
-            plot_final_vs(
-                df,
-                "num_clients",
-                root,
-                title="Final accuracy vs number of clients",
-                xlabel="clients",
-                fname="accuracy_vs_clients.png",
-            )
-        )
+    study = is_study(runs)
+    if study:  # the pivots per client count are the main table; the per-run table follows
+        text, more = study_report(runs, root, markdown=markdown_table)
+        plots += more
+        (root / "report.md").write_text(text + "\n## Every run\n\n" + markdown_table(shown))
+    else:
+        (root / "report.md").write_text(markdown_table(shown))
     dp = df.dropna(subset=["target_epsilon"])
     if dp["target_epsilon"].nunique() > 1 or (len(dp) and len(dp) < len(df)):
         eps = df.assign(

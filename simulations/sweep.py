@@ -10,7 +10,8 @@ The grid is expanded with Hydra's own override parser (comma lists, `range(...)`
 so a cell's overrides are exactly what `fl-sim` would take. Each cell runs `fl-sim` in a fresh process
 (a crash, a bad value or an out-of-memory in one cell cannot take the sweep down) and writes
 `<dir>/cells/<cell>/` like any run. Re-running the same command on the same `--dir` skips the cells that
-finished (they have summary.json) and retries the others; `sweep.json` records each cell's status.
+finished (they have summary.json) and retries the others — a cell stopped mid-run (it has checkpoint.pt)
+continues from its last complete round with `fl-sim resume=<cell>`; `sweep.json` records each cell's status.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fl.app.cli import exit_on_user_error
 from fl.app.config import CONFIG_DIR, compose
+from fl.checkpoint import CHECKPOINT_FILE
 
 SWEEP_DIR = CONFIG_DIR / "sweep"
 
@@ -114,6 +116,10 @@ def run_sweep(
         entry = record["cells"][cid]
         _progress(i, total, t0, done_now, cid)
         cmd = [sys.executable, "-m", "fl.app.cli", *entry["overrides"], f"hydra.run.dir={entry['dir']}"]
+        checkpoint = Path(entry["dir"]) / CHECKPOINT_FILE
+        if checkpoint.is_file():  # a cell stopped mid-run continues from its last complete round
+            cmd = [sys.executable, "-m", "fl.app.cli", f"resume={entry['dir']}", f"hydra.run.dir={entry['dir']}"]
+            entry["resumed"] = True
         started = time.monotonic()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
@@ -127,6 +133,8 @@ def run_sweep(
             Path(entry["dir"]).mkdir(parents=True, exist_ok=True)
             (Path(entry["dir"]) / "FAILED.txt").write_text(tail)
             entry["error"] = tail.strip().splitlines()[-1] if tail.strip() else "no output"
+            if entry.get("resumed") and checkpoint.is_file():  # a checkpoint that cannot resume: start over next time
+                os.replace(checkpoint, checkpoint.with_suffix(".failed-resume"))
             print(f"  cell {cid} FAILED: {entry['error']}", file=sys.stderr)
         else:
             done_now += 1

@@ -42,7 +42,9 @@ def test_sweep_writes_one_run_per_cell_and_a_report(sweep: tuple[Path, list[str]
     assert (csv["server_seconds"] > 0).all()  # the strategies' aggregate() time, summed over rounds
     residual = csv.groupby("strategy")["residual_max"].max()  # FedIT's mean of products ≠ product of means
     assert residual["fedit"] > 1e-4 and residual["ffa_lora"] < 1e-5  # FFA-LoRA's shared A keeps it exact
-    assert (sweep_dir / "report.md").read_text().count("\n") == 4 + 2
+    text = (sweep_dir / "report.md").read_text()  # 2 and 3 clients: a study, its pivots first
+    assert text.startswith("## Final held-out accuracy") and "### 2 clients" in text and "### 3 clients" in text
+    assert text.split("## Every run\n\n")[1].count("\n") == 4 + 2  # the per-run table: a row per run
     names = {p.name for p in plots}
     assert {"accuracy_vs_round.png", "accuracy_vs_uplink.png", "accuracy_vs_clients.png"} <= names
     assert all(p.stat().st_size > 5000 for p in plots)
@@ -59,6 +61,8 @@ def test_interrupted_sweep_resumes_without_redoing_finished_cells(sweep: tuple[P
     assert (interrupted / "summary.json").is_file()
     assert before == {c.name: (c / "summary.json").stat().st_mtime_ns for c in cells[1:]}
     assert [e for e in record["cells"].values() if "seconds" in e] == [record["cells"][interrupted.name]]
+    assert record["cells"][interrupted.name]["resumed"]  # its checkpoint.pt was there: `fl-sim resume=<cell>`
+    assert json.loads((interrupted / "summary.json").read_text())["resumed_from_round"] == 1
 
 
 def test_a_failing_cell_is_recorded_and_the_sweep_goes_on(tiny: list[str], tmp_path: Path) -> None:

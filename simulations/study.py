@@ -1,0 +1,223 @@
+"""A clients × heterogeneity × methods study in `fl-report`: the tables and plots a reader can cite.
+
+Runs that differ only in `seed` form a group (`simulations.seeds.group_seeds`). For every client count the
+main table has the methods as rows and the partitionings as columns (IID, then Dirichlet α from large to
+small, i.e. from mild to strong heterogeneity), each cell "mean ± sample std (n=…)" of the final held-out
+accuracy. Labels are readable ("FFA-LoRA", "Dirichlet α=0.1"), never run folder names.
+
+- **did not learn**: a run whose final accuracy is below the majority class's share of its evaluation
+  split + 2 points. The share is computed from the run's own config (`majority_share`): the tweets' test
+  split is drawn with the run's seed, so it differs slightly between seeds. A pivot cell notes how many of
+  its runs did not learn.
+- **pairs**: for every two methods in a column (same clients, same partitioning), the difference of their
+  means and whether it exceeds the seeds' spread, taken as the sum of the two sample stds (the mean ± std
+  intervals do not overlap). With n < 2 in either group there is no spread and no verdict.
+- plots with ± std error bars: final accuracy vs partitioning (a panel per client count) and vs the number
+  of clients (a panel per partitioning).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from simulations.seeds import group_seeds
+
+DID_NOT_LEARN_MARGIN = 0.02  # final accuracy below majority share + 2 points
+METHOD_NAMES = {
+    "fedit": "FedIT",
+    "ffa_lora": "FFA-LoRA",
+    "fed_sb": "Fed-SB",
+    "lora_fair": "LoRA-FAIR",
+    "fedex_lora": "FedEx-LoRA",
+}
+LAYOUT_KEYS = ("sim.num_clients", "sim.fraction_train", "data.partitioner", "data.alpha", "data.labels_per_client")
+
+
+def method_label(flat: dict[str, Any]) -> str:
+    """ "FedIT", "FFA-LoRA", "Fed-SB r=32 (sketch init)" … from a run's flat config."""
+    name = str(flat.get("strategy.name"))
+    label = METHOD_NAMES.get(name, name)
+    if name == "fed_sb":
+        label += f" r={flat.get('strategy.rank')} ({flat.get('strategy.init', 'federated')} init)"
+    return label
+
+
+def partition_label(flat: dict[str, Any]) -> str:
+    """ "IID", "Dirichlet α=0.5", "pathological k=2" …"""
+    kind = str(flat.get("data.partitioner"))
+    if kind == "iid":
+        return "IID"
+    if kind == "dirichlet":
+        return f"Dirichlet α={float(flat['data.alpha']):g}"
+    if kind == "pathological":
+        return f"pathological k={flat.get('data.labels_per_client')}"
+    return kind
+
+
+def _partition_order(label: str) -> tuple[int, float, str]:
+    """IID first, then Dirichlet from large α to small (mild → strong heterogeneity), then the rest."""
+    if label == "IID":
+        return (0, 0.0, label)
+    if label.startswith("Dirichlet α="):
+        return (1, -float(label.split("=", 1)[1]), label)
+    return (2, 0.0, label)
+
+
+@lru_cache(maxsize=64)
+def _majority(data_json: str, seed: int) -> float:
+    from omegaconf import OmegaConf
+
+    from fl.data import label_ids, load_pool, split_order
+
+    data_cfg = OmegaConf.create(json.loads(data_json))
+    ds = load_pool(data_cfg)
+    labels, _ = label_ids(ds[data_cfg.label_column], data_cfg)
+    test_idx, _ = split_order(len(labels), data_cfg, seed=seed)
+    counts = np.bincount(labels[test_idx])
+    return float(counts.max() / counts.sum())
+
+
+def majority_share(cfg: Any) -> float | None:
+    """The largest class's share of the run's held-out split (what always predicting it scores).
+
+    Classification runs only (`model.task=seq_cls`); None for other tasks, whose accuracy has no such floor.
+    """
+    from omegaconf import OmegaConf
+
+    if str(cfg.model.get("task", "seq_cls")) != "seq_cls":
+        return None
+    return _majority(json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True), int(cfg.seed))
+
+
+def is_study(runs: list[dict[str, Any]]) -> bool:
+    """Whether the runs vary the number of clients or the partitioning (a study's axes)."""
+    return len({r["num_clients"] for r in runs}) > 1 or len({r["heterogeneity"] for r in runs}) > 1
+
+
+def study_groups(runs: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per group of seeds: method, clients, partitioning (readable), n, mean, std, did-not-learn count."""
+    _, groups = group_seeds(runs)
+    rows = []
+    for g in groups:
+        first = g["runs"][0]["_flat"]
+        extra = {k: v for k, v in g["axis"].items() if k not in LAYOUT_KEYS and not k.startswith("data.min_")}
+        method = method_label(first) + (" (" + ", ".join(f"{k}={v}" for k, v in extra.items()) + ")" if extra else "")
+        finals = [float(m["final_accuracy"]) for m in g["runs"]]
+        majorities = [m.get("majority") for m in g["runs"]]
+        flops = [m.get("did_not_learn") for m in g["runs"]]
+        rows.append(
+            {
+                "method": method,
+                "clients": int(first["sim.num_clients"]),
+                "partitioning": partition_label(first),
+                "n": len(finals),
+                "seeds": " ".join(str(m["seed"]) for m in sorted(g["runs"], key=lambda m: m["seed"])),
+                "final_mean": float(np.mean(finals)),
+                "final_std": float(np.std(finals, ddof=1)) if len(finals) > 1 else float("nan"),
+                "majority_mean": float(np.mean([v for v in majorities if v is not None]))
+                if any(v is not None for v in majorities)
+                else float("nan"),
+                "majority_min": min((v for v in majorities if v is not None), default=float("nan")),
+                "majority_max": max((v for v in majorities if v is not None), default=float("nan")),
+                "did_not_learn": sum(bool(f) for f in flops),
+            }
+        )
+    df = pd.DataFrame(rows)
+    df["_order"] = df["partitioning"].map(_partition_order)
+    return df.sort_values(["clients", "_order", "method"]).drop(columns="_order").reset_index(drop=True)
+
+
+def _cell(row: pd.Series) -> str:
+    std = row.final_std
+    text = f"{row.final_mean:.3f}" + ("" if std != std else f" ± {std:.3f}") + f" (n={row.n})"
+    if row.did_not_learn:
+        text += f" — did not learn ({row.did_not_learn}/{row.n})"
+    return text
+
+
+def pivots(df: pd.DataFrame) -> dict[int, pd.DataFrame]:
+    """Per client count: methods as rows, partitionings as columns (mild → strong), "mean ± std (n)" cells."""
+    columns = sorted(df["partitioning"].unique(), key=_partition_order)
+    out = {}
+    for clients, g in df.groupby("clients"):
+        table = g.assign(cell=g.apply(_cell, axis=1)).pivot(index="method", columns="partitioning", values="cell")
+        table = table.reindex(columns=[c for c in columns if c in table.columns]).fillna("—")
+        table.columns.name = None
+        out[int(clients)] = table.reset_index()
+    return out
+
+
+def pairs(df: pd.DataFrame) -> pd.DataFrame:
+    """Every two methods in a column: difference of means (points) and whether it exceeds std_a + std_b."""
+    rows = []
+    for (clients, part), g in df.groupby(["clients", "partitioning"]):
+        for a, b in combinations(g.sort_values("final_mean", ascending=False).itertuples(index=False), 2):
+            spread = a.final_std + b.final_std
+            known = a.n >= 2 and b.n >= 2 and spread == spread
+            diff = 100 * (a.final_mean - b.final_mean)
+            rows.append(
+                {
+                    "clients": int(clients),
+                    "partitioning": part,
+                    "higher": a.method,
+                    "lower": b.method,
+                    "difference (points)": round(diff, 1),
+                    "spread (points, std + std)": round(100 * spread, 1) if known else float("nan"),
+                    "exceeds the spread": ("yes" if diff > 100 * spread else "no") if known else "n < 2",
+                }
+            )
+    out = pd.DataFrame(rows)
+    if len(out):
+        out = out.assign(_o=out["partitioning"].map(_partition_order)).sort_values(["clients", "_o"])
+        out = out.drop(columns="_o").reset_index(drop=True)
+    return out
+
+
+def study_markdown(df: pd.DataFrame, *, markdown: Any) -> str:
+    """The study's section of report.md: a pivot per client count, the pairs, how to read them."""
+    low, high = df["majority_min"].min(), df["majority_max"].max()
+    floor = (
+        f"majority class's share of its held-out split ({low:.3f}–{high:.3f}, by seed)"
+        if low == low
+        else "no majority-class floor (not a classification task)"
+    )
+    parts = [
+        "## Final held-out accuracy: methods × partitioning, per number of clients\n\n"
+        f'Mean ± sample std over seeds (n runs). "did not learn": the run ended below the {floor} '
+        f"+ {100 * DID_NOT_LEARN_MARGIN:.0f} points.\n"
+    ]
+    for clients, table in pivots(df).items():
+        parts.append(f"\n### {clients} clients\n\n" + markdown(table))
+    pair_table = pairs(df)
+    if len(pair_table):
+        parts.append(
+            "\n## Which differences exceed the seeds' spread\n\n"
+            "For each two methods in a column: the difference of their mean final accuracies and whether it is "
+            "larger than the sum of their sample stds (their mean ± std intervals do not overlap).\n\n"
+            + markdown(pair_table)
+        )
+    return "".join(parts)
+
+
+def study_report(runs: list[dict[str, Any]], root: Path, *, markdown: Any) -> tuple[str, list[Path]]:
+    """Write study.csv, pivot_<n>_clients.csv, pairs.csv and the error-bar plots; returns (markdown, plots)."""
+    from simulations.study_plots import plot_vs_clients, plot_vs_partitioning
+
+    df = study_groups(runs)
+    df.to_csv(root / "study.csv", index=False)
+    for clients, table in pivots(df).items():
+        table.to_csv(root / f"pivot_{clients}_clients.csv", index=False)
+    pairs(df).to_csv(root / "pairs.csv", index=False)
+    plots = []
+    if df["partitioning"].nunique() > 1:
+        plots.append(plot_vs_partitioning(df, root, order=_partition_order))
+    if df["clients"].nunique() > 1:
+        plots.append(plot_vs_clients(df, root, order=_partition_order))
+    return study_markdown(df, markdown=markdown), plots

@@ -1,0 +1,84 @@
+"""The study's error-bar plots (`simulations.study`): final accuracy vs partitioning and vs clients."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+
+def _panels(n: int) -> tuple[plt.Figure, list[Any]]:
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n + 1, 4.3), sharey=True, squeeze=False)
+    return fig, list(axes[0])
+
+
+def _floor(ax: Any, g: pd.DataFrame) -> None:
+    majority = g["majority_mean"].dropna()
+    if len(majority):
+        ax.axhline(majority.mean(), color="grey", ls="--", lw=1, label="majority class")
+
+
+def _errorbars(ax: Any, g: pd.DataFrame, x: str, positions: dict[Any, int], methods: list[str]) -> None:
+    width = 0.12
+    for j, method in enumerate(methods):
+        m = g[g["method"] == method].assign(_pos=lambda d: d[x].map(positions)).sort_values("_pos")
+        if not len(m):
+            continue
+        xs = m["_pos"].to_numpy(dtype=float) + (j - (len(methods) - 1) / 2) * width
+        ax.errorbar(
+            xs,
+            m["final_mean"],
+            yerr=np.nan_to_num(m["final_std"].to_numpy(dtype=float)),
+            marker="o",
+            capsize=4,
+            color=f"C{j % 10}",
+            label=method,
+        )
+
+
+def plot_vs_partitioning(df: pd.DataFrame, out: Path, *, order: Callable[[str], Any]) -> Path:
+    """Final accuracy (mean ± std over seeds) vs partitioning, IID first; a panel per client count."""
+    parts = sorted(df["partitioning"].unique(), key=order)
+    methods = sorted(df["method"].unique())
+    counts = sorted(df["clients"].unique())
+    fig, axes = _panels(len(counts))
+    for ax, clients in zip(axes, counts, strict=True):
+        g = df[df["clients"] == clients]
+        _errorbars(ax, g, "partitioning", {p: i for i, p in enumerate(parts)}, methods)
+        _floor(ax, g)
+        ax.set_xticks(range(len(parts)), parts)
+        ax.set(title=f"{clients} clients", xlabel="partitioning (more heterogeneous →)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("final accuracy (held-out), mean ± std")
+    axes[-1].legend(fontsize=8)
+    fig.suptitle("Final accuracy vs data heterogeneity")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_heterogeneity.png", dpi=120)
+    plt.close(fig)
+    return out / "accuracy_vs_heterogeneity.png"
+
+
+def plot_vs_clients(df: pd.DataFrame, out: Path, *, order: Callable[[str], Any]) -> Path:
+    """Final accuracy (mean ± std over seeds) vs the number of clients; a panel per partitioning."""
+    parts = sorted(df["partitioning"].unique(), key=order)
+    methods = sorted(df["method"].unique())
+    counts = sorted(df["clients"].unique())
+    fig, axes = _panels(len(parts))
+    for ax, part in zip(axes, parts, strict=True):
+        g = df[df["partitioning"] == part]
+        _errorbars(ax, g, "clients", {c: i for i, c in enumerate(counts)}, methods)
+        _floor(ax, g)
+        ax.set_xticks(range(len(counts)), [str(c) for c in counts])
+        ax.set(title=part, xlabel="number of clients")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("final accuracy (held-out), mean ± std")
+    axes[-1].legend(fontsize=8)
+    fig.suptitle("Final accuracy vs number of clients")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_clients.png", dpi=120)
+    plt.close(fig)
+    return out / "accuracy_vs_clients.png"
