@@ -89,7 +89,8 @@ class RunProgress:
         self.sampled = 0
         self.done = 0
         self.steps = 0
-        self.replies_total = 0  # train replies received in this session (the ETA's pace)
+        self.replies_total = 0  # train replies received since the first training round began (the ETA's pace)
+        self.t_train: float | None = None  # when the first training round began (start-up is not the pace)
         self._last_plain = -float("inf")
         self._live: Any = None
         if self.live:
@@ -102,6 +103,8 @@ class RunProgress:
     # ---------------------------------------------------------------- events
     def round_started(self, server_round: int, sampled: int, phase: str = K.PHASE_TRAIN) -> None:
         self.round, self.sampled, self.done, self.steps, self.phase = server_round, sampled, 0, 0, phase
+        if phase == K.PHASE_TRAIN and self.t_train is None:
+            self.t_train = time.monotonic()
         self._plain(force=True)
 
     def reply(self, steps: int = 0) -> None:
@@ -128,9 +131,9 @@ class RunProgress:
     # ---------------------------------------------------------------- the line
     def eta(self) -> float | None:
         """Seconds left: the pace per train reply so far times the replies still to come (None before one)."""
-        if self.replies_total == 0 or self.sampled == 0:
+        if self.replies_total == 0 or self.sampled == 0 or self.t_train is None:
             return None
-        pace = (time.monotonic() - self.t0) / self.replies_total
+        pace = (time.monotonic() - self.t_train) / self.replies_total
         left = max(0, self.rounds - self.round) * self.sampled + (self.sampled - self.done)
         return pace * left
 

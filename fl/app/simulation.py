@@ -69,7 +69,7 @@ def run_simulation(overrides: list[str], *, client_app: ClientApp | None = None)
                 server_app=make_server_app(list(overrides)),
                 client_app=client_app or default_client_app,
                 num_supernodes=int(cfg.sim.num_clients),
-                backend_config=backend_config,  # type: ignore[arg-type]
+                backend_config=backend_config,
                 verbose_logging=str(cfg.log_level) == "debug",
             )
     finally:

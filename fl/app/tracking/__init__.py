@@ -10,6 +10,7 @@ Each backend's package is an extra (`pip install fedlora[mlflow]`, `[tensorboard
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path

@@ -27,7 +27,7 @@ class WandbTracker(Tracker):
         self.dir = Path(str(tracking.uri)) if tracking.uri else Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.run: Any = wandb.init(
-            mode=str(tracking.mode),
+            mode="online" if str(tracking.mode) == "online" else "offline",
             dir=str(self.dir),
             project=str(tracking.experiment),
             group=str(tracking.experiment),
