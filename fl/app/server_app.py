@@ -115,7 +115,9 @@ def run_server(grid: Grid, overrides: list[str]) -> Path:
             pad_id=ws.pad_id,
             precision=str(cfg.train.precision),
         )
-        row: dict[str, Any] = {"round": server_round, "accuracy": acc, "loss": loss, "eval_examples": len(split)}
+        row: dict[str, Any] = {"round": server_round, "accuracy": acc, "loss": loss}
+        if round_split is not test_split:  # sim.round_eval_size: say which rounds scored a subset
+            row["eval_examples"] = len(split)
         st = strategy.stats.get(server_round)
         if st is not None:
             cumulative["bytes_up"] += st.bytes_up
