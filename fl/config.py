@@ -24,6 +24,7 @@ from fl.config_privacy import require as _require
 from fl.schedule import SCHEDULES
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+LOG_LEVELS = ("info", "debug", "warning")  # `log_level`: what the console shows (fl.app.console)
 
 
 @dataclass
@@ -139,6 +140,25 @@ class SimConfig:
     attack: str = "none"  # none | scale | sign_flip | gaussian | label_flip | num_examples
     attackers: Any = 0  # how many (drawn with the run seed), or a list of partition ids
     attack_strength: float | None = None  # default: the attack's own (scale 100, sign_flip 1, gaussian 10, ...)
+    # held-out examples scored after every round but the last (a fixed seeded subset of data.test_size; the
+    # last round always scores all of them); null: every round scores the whole split
+    round_eval_size: int | None = None
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment tracking (`tracking=none|mlflow|tensorboard|wandb`, fl.app.tracking): the flattened config as
+    params, every round's metrics at step = round, the adapter and plots as artifacts."""
+
+    backend: str = "none"
+    # MLflow: a tracking URI (default: a file store in <run_dir>/mlruns); TensorBoard: the log root (default
+    # <run_dir>/tensorboard); W&B: the folder its run files go to (default the run folder)
+    uri: str | None = None
+    experiment: str = "fedlora"  # MLflow experiment / W&B project and group; a sweep sets its own
+    run_name: str | None = None  # default: the run folder's name
+    tags: list[str] = field(default_factory=list)  # "key=value" strings (a sweep tags each cell with its swept keys)
+    mode: str = "offline"  # W&B: offline (no network) | online
+    artifacts: bool = True  # log the adapter folder and the plots
 
 
 @dataclass
@@ -151,7 +171,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     sim: SimConfig = field(default_factory=SimConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 0
+    log_level: str = "info"  # info: our progress only, Flower's and Ray's output hidden | debug: everything
     run_dir: str | None = None  # where outputs go; fl-sim sets it to Hydra's run dir
     resume: str | None = None  # a run folder to continue from its last complete round
     cache_dir: str | None = None  # tokenised data cache; default ~/.cache/fedlora
@@ -182,6 +204,7 @@ def register_configs() -> None:
     cs.store(group="schema/data", name="data", node=DataConfig)
     cs.store(group="schema/privacy", name="privacy", node=PrivacyConfig)
     cs.store(group="schema/sim", name="sim", node=SimConfig)
+    cs.store(group="schema/tracking", name="tracking", node=TrackingConfig)
     for name, node in STRATEGY_SCHEMAS.items():
         cs.store(group="schema/strategy", name=name, node=node)
 
@@ -304,6 +327,13 @@ def validate(cfg: DictConfig) -> None:
         "use auto, cpu, cuda or cuda:N.",
     )
     _require(t.precision in ("fp32", "bf16", "fp16"), "train.precision", t.precision, "use fp32, bf16 or fp16.")
+    _require(
+        sim.round_eval_size is None or sim.round_eval_size >= 1,
+        "sim.round_eval_size",
+        sim.round_eval_size,
+        "use null (every round scores all of data.test_size) or a positive number of examples.",
+    )
+    _require(cfg.log_level in LOG_LEVELS, "log_level", cfg.log_level, f"use one of {', '.join(LOG_LEVELS)}.")
     _require(sim.client_gpus >= 0, "sim.client_gpus", sim.client_gpus, "use 0 or a (fractional) GPU count.")
 
 

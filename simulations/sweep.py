@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fl.app.cli import exit_on_user_error
 from fl.app.config import CONFIG_DIR, compose
+from fl.app.progress import clock
 from fl.checkpoint import CHECKPOINT_FILE
 
 SWEEP_DIR = CONFIG_DIR / "sweep"
@@ -115,10 +116,12 @@ def run_sweep(
     for i, cid in enumerate(pending):
         entry = record["cells"][cid]
         _progress(i, total, t0, done_now, cid)
-        cmd = [sys.executable, "-m", "fl.app.cli", *entry["overrides"], f"hydra.run.dir={entry['dir']}"]
+        track = tracking_overrides(entry["overrides"], sweep_dir, cid, keys)
+        cmd = [sys.executable, "-m", "fl.app.cli", *entry["overrides"], *track, f"hydra.run.dir={entry['dir']}"]
         checkpoint = Path(entry["dir"]) / CHECKPOINT_FILE
         if checkpoint.is_file():  # a cell stopped mid-run continues from its last complete round
-            cmd = [sys.executable, "-m", "fl.app.cli", f"resume={entry['dir']}", f"hydra.run.dir={entry['dir']}"]
+            cmd = [sys.executable, "-m", "fl.app.cli", f"resume={entry['dir']}", *track]
+            cmd.append(f"hydra.run.dir={entry['dir']}")
             entry["resumed"] = True
         started = time.monotonic()
         try:
@@ -148,13 +151,36 @@ def run_sweep(
     return record
 
 
+def tracking_overrides(cell: list[str], sweep_dir: Path, cid: str, keys: list[str]) -> list[str]:
+    """With `tracking=` on, the sweep is one experiment (named after its folder, unless `tracking.experiment`
+    is given) in one store under the sweep folder (unless `tracking.uri` is given), one run per cell named
+    after it and tagged with the cell's swept keys. Not part of the cell's id: resuming finds the same cells."""
+    cfg = compose(cell)
+    backend = str(cfg.tracking.backend)
+    if backend == "none":
+        return []
+    given = {o.split("=", 1)[0].lstrip("+") for o in cell}
+    out = [f"tracking.run_name={cid}"]
+    if "tracking.experiment" not in given:
+        out.append(f"tracking.experiment={sweep_dir.resolve().name}")
+    if "tracking.uri" not in given:
+        root = sweep_dir.resolve()
+        out.append(f"tracking.uri={root / 'mlruns' if backend == 'mlflow' else root / backend}")
+    tags = [o for o in cell if o.split("=", 1)[0] in keys]
+    if tags and "tracking.tags" not in given:
+        out.append("tracking.tags=[" + ",".join(repr(t) for t in tags) + "]")
+    return out
+
+
 def _progress(i: int, total: int, t0: float, done: int, cid: str) -> None:
+    """Cells done of total, elapsed, and an ETA from the mean time of the cells run so far."""
     elapsed = time.monotonic() - t0
     eta = elapsed / i * (total - i) if i else float("nan")
     width = 30
     bar = "#" * int(width * i / max(total, 1))
-    eta_s = "?" if eta != eta else f"{eta / 60:.1f} min"
-    print(f"[{bar:<{width}}] {i}/{total} elapsed {elapsed / 60:.1f} min ETA {eta_s}  {cid}", flush=True)
+    eta_s = "?" if eta != eta else clock(eta)
+    line = f"[{bar:<{width}}] cells {i}/{total} done · elapsed {clock(elapsed)} · ETA {eta_s}"
+    print(f"{line}  {cid}" if cid else line, flush=True)
 
 
 def _write(path: Path, record: dict[str, Any]) -> None:

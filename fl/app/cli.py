@@ -108,8 +108,10 @@ def _run(cfg: DictConfig) -> None:
     else:
         overrides = [o for o in hc.overrides.task if not o.startswith("run_dir=")]
         overrides.append(f"run_dir={cfg.run_dir or hc.runtime.output_dir}")
+    from fl.app.console import set_levels
     from fl.app.simulation import run_simulation
 
+    set_levels(str(cfg.log_level))
     run_dir = run_simulation(overrides)
     print(f"\nDone. Outputs in {run_dir.resolve()}:")
     print("  config.yaml  metrics.jsonl  summary.json  adapter/  (load with PeftModel.from_pretrained)")

@@ -15,16 +15,19 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from clients.evaluate import evaluate
 from fl.adapters import export_peft, fixed_state, load_tensors, trainable_state
 from fl.app.config import compose, split_overrides
+from fl.app.progress import ProgressGrid, RunProgress
+from fl.app.tracking import flat_params, make_tracker, numeric_metrics, plot_history
 from fl.app.workspace import Workspace, get_workspace, server_init_gradient
 from fl.base_delta import apply_base_delta, save_base_delta
 from fl.checkpoint import Checkpoint
-from fl.data import client_partition
+from fl.data import TokenizedSplit, client_partition
 from fl.outputs import RunOutputs, write_atomic
 from fl.wire import from_record, to_record
 from privacy import client_plan
@@ -67,6 +70,16 @@ def run_server(grid: Grid, overrides: list[str]) -> Path:
         wall_before = float(history[-1]["wall_seconds"])
         log.info("Resuming %s after round %d of %d", out.dir, ckpt.round, rounds)
     out.rewrite_metrics(history)
+    tracker = make_tracker(cfg, out.dir)
+    tracker.log_params(flat_params(cfg))
+    for row in history:  # a resumed run's earlier rounds
+        tracker.log_round(int(row["round"]), numeric_metrics(row))
+    progress = RunProgress(
+        rounds=rounds,
+        steps_per_client=None if ws.privacy.local_epochs is not None else ws.privacy.local_steps,
+        start_round=strategy.round_offset,
+    )
+    test_split, round_split = ws.task.test, round_eval_split(ws.task.test, cfg.sim.round_eval_size, int(cfg.seed))
     if ws.privacy.enabled:
         log_privacy_plan(ws, out)
     runner: Any = strategy  # what runs the rounds: the strategy, or a DP wrapper around it
@@ -94,14 +107,17 @@ def run_server(grid: Grid, overrides: list[str]) -> Path:
         t_eval = time.perf_counter()
         load_tensors(ws.model, strategy.materialize(arrays))
         apply_base_delta(ws.model, strategy.base_delta())
+        split = test_split if server_round >= rounds else round_split  # the last round scores all of it
         loss, acc = evaluate(
             ws.model,
-            ws.task.test,
+            split,
             batch_size=int(cfg.train.eval_batch_size),
             pad_id=ws.pad_id,
             precision=str(cfg.train.precision),
         )
         row: dict[str, Any] = {"round": server_round, "accuracy": acc, "loss": loss}
+        if round_split is not test_split:  # sim.round_eval_size: say which rounds scored a subset
+            row["eval_examples"] = len(split)
         st = strategy.stats.get(server_round)
         if st is not None:
             cumulative["bytes_up"] += st.bytes_up
@@ -116,29 +132,27 @@ def run_server(grid: Grid, overrides: list[str]) -> Path:
         out.append_metrics(row)
         history.append(row)
         Checkpoint(server_round, from_record(arrays), strategy.state_dict(), history, base_overrides).save(out.dir)
-        log.info(
-            "[round %d/%d] accuracy=%.4f loss=%.4f up=%s B down=%s B residual=%s wall=%.1fs",
-            server_round,
-            rounds,
-            acc,
-            loss,
-            row.get("bytes_up", 0),
-            row.get("bytes_down", 0),
-            row.get("residual"),
-            row["wall_seconds"],
-        )
+        tracker.log_round(server_round, numeric_metrics(row))
+        if log.isEnabledFor(logging.INFO):
+            progress.round_done(row)
         return MetricRecord({"accuracy": acc, "loss": loss})
 
     final = initial
-    if rounds > strategy.round_offset:
-        result = runner.start(
-            grid,
-            initial,
-            num_rounds=rounds - strategy.round_offset,
-            timeout=float(cfg.sim.timeout),
-            evaluate_fn=central_evaluate,
-        )
-        final = result.arrays if result.arrays is not None and len(result.arrays) else from_history(history, out)
+    try:
+        if rounds > strategy.round_offset:
+            result = runner.start(
+                ProgressGrid(grid, progress),
+                initial,
+                num_rounds=rounds - strategy.round_offset,
+                timeout=float(cfg.sim.timeout),
+                evaluate_fn=central_evaluate,
+            )
+            final = result.arrays if result.arrays is not None and len(result.arrays) else from_history(history, out)
+    except BaseException:
+        progress.close()
+        tracker.finish("FAILED")
+        raise
+    progress.close()
     load_tensors(ws.model, strategy.materialize(final))
     apply_base_delta(ws.model, strategy.base_delta())
     export_peft(ws.model, kind=ws.kind, base=ws.fresh_base(), out_dir=out.adapter_dir)  # type: ignore[arg-type]
@@ -164,8 +178,19 @@ def run_server(grid: Grid, overrides: list[str]) -> Path:
             "resumed_from_round": ckpt.round if ckpt is not None else None,
         }
     )
+    if cfg.tracking.backend != "none" and cfg.tracking.artifacts:
+        tracker.log_artifacts(out.adapter_dir, plot_history(history, out.dir))
+    tracker.finish()
     log.info("Run finished: outputs in %s", out.dir.resolve())
     return out.dir
+
+
+def round_eval_split(test: TokenizedSplit, size: int | None, seed: int) -> TokenizedSplit:
+    """What rounds before the last score (`sim.round_eval_size`): a seeded subset of the held-out split, the
+    same every round (so rounds compare), or all of it."""
+    if size is None or size >= len(test):
+        return test
+    return test.subset(np.sort(np.random.default_rng(seed).permutation(len(test))[: int(size)]))
 
 
 def log_privacy_plan(ws: Workspace, out: RunOutputs) -> None:

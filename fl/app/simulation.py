@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fl.app.config import compose
+from fl.app.console import quiet_third_party, ray_init_logging
 from fl.runtime_env import CLIENT_THREADS_ENV, set_quiet_env
 
 if TYPE_CHECKING:
@@ -59,15 +60,18 @@ def run_simulation(overrides: list[str], *, client_app: ClientApp | None = None)
     os.environ[CLIENT_THREADS_ENV] = str(max(1, int(cfg.train.threads or cfg.sim.client_cpus)))
     backend_config = {
         "client_resources": {"num_cpus": float(cfg.sim.client_cpus), "num_gpus": float(cfg.sim.client_gpus)},
-        "init_args": ray_init_args(cfg.sim.ray_address),
+        # Ray's own console output as `log_level` wants it (fl.app.console: actors' logs only with debug)
+        "init_args": {**ray_init_args(cfg.sim.ray_address), **ray_init_logging(str(cfg.log_level))},
     }
     try:
-        flwr_run_simulation(
-            server_app=make_server_app(list(overrides)),
-            client_app=client_app or default_client_app,
-            num_supernodes=int(cfg.sim.num_clients),
-            backend_config=backend_config,  # type: ignore[arg-type]
-        )
+        with quiet_third_party(str(cfg.log_level)):
+            flwr_run_simulation(
+                server_app=make_server_app(list(overrides)),
+                client_app=client_app or default_client_app,
+                num_supernodes=int(cfg.sim.num_clients),
+                backend_config=backend_config,
+                verbose_logging=str(cfg.log_level) == "debug",
+            )
     finally:
         if ray.is_initialized():
             ray.shutdown()
