@@ -92,7 +92,6 @@ def test_two_federations_in_a_row_share_the_ledger_and_the_second_is_declined_na
     total = np.asarray(runs["run-1-partition-0"]["rdp"]) + np.asarray(runs["run-2-partition-0"]["rdp"])
     assert ledger.spent(1e-3) == pytest.approx(epsilon_from_curve(total, LEDGER_ORDERS, 1e-3)[0])
     assert spent < ledger.spent(1e-3) <= 3.5
-    print(reason)
 
 
 def test_a_server_side_resume_continues_the_nodes_ledger_entry(tiny: list[str], tmp_path: Path) -> None:
