@@ -42,6 +42,7 @@ class PrivacyConfig:
     poisson_sampling: bool = True
     planned_rounds: int | None = None  # rounds the budget is planned for; default sim.rounds
     batch_size: int | None = None  # logical (expected Poisson) batch q and σ are planned for; default train.batch_size
+    physical_batch: int | None = None  # examples per forward/backward pass under DP; default train.batch_size
     grad_sample_mode: str = "hooks"  # hooks | ghost (Opacus fast gradient clipping) | functorch
     clipping: str = "flat"  # flat: one norm over all trainable tensors | per_layer: each tensor to C/sqrt(#tensors)
     head_clip_share: float | None = None  # per_layer: fraction of C^2 for the task head's tensors; null: equal

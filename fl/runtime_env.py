@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 CLIENT_THREADS_ENV = "FEDLORA_CLIENT_THREADS"  # torch threads per ClientApp process (simulation)
+SIMULATION_ENV = "FEDLORA_SIMULATION"  # "1" in a simulation's actors: nodes there are not deployment nodes
 
 QUIET_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",

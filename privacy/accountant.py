@@ -18,6 +18,8 @@ import numpy as np
 from flwr.app import ConfigRecord
 from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
 
+from privacy.orders import rdp_epsilon
+
 ACCOUNTANTS: dict[str, type[IAccountant]] = {"rdp": RDPAccountant, "prv": PRVAccountant}
 """Accountant kinds by the name `privacy.accountant` takes."""
 
@@ -94,14 +96,25 @@ class ClientAccountant:
             history.append((noise_multiplier, sample_rate, steps))
 
     def epsilon(self, delta: float) -> float:
-        """ε spent so far at this δ: 0.0 before any step, inf if a step had no noise."""
+        """ε spent so far at this δ: 0.0 before any step, inf if a step had no noise.
+
+        RDP: over Opacus' default orders, widened when the optimum sits at their edge (`privacy.orders`), so
+        the ε is tight and Opacus' edge-order warning never fires."""
         history = self.opacus.history
         if not history:
             return 0.0
         if any(sigma == 0 for sigma, _, _ in history):
             return math.inf
+        if self.kind == "rdp":
+            return rdp_epsilon(history, delta)[0]
         with np.errstate(divide="ignore"):  # PRV at q = 1 takes log(1 - q) = log 0 on purpose; the result is exact
             return float(self.opacus.get_epsilon(delta=delta))
+
+    def optimal_order(self, delta: float) -> float | None:
+        """The RDP order at which this history's ε (at δ) is reached; None before any step."""
+        if not self.opacus.history:
+            return None
+        return rdp_epsilon(self.opacus.history, delta)[1]
 
     def would_exceed(
         self, *, target_epsilon: float, delta: float, noise_multiplier: float, sample_rate: float, steps: int

@@ -14,9 +14,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from opacus.accountants.utils import get_noise_multiplier
-
 from privacy.accountant import ACCOUNTANTS, ClientAccountant
+from privacy.orders import quiet_orders, rdp_epsilon
 
 EPSILON_TOLERANCE = 0.01
 """The plan's ε lies in [target − this, target] (the bisection tolerance Opacus uses too)."""
@@ -40,6 +39,11 @@ class DPPlan:
     init_noise_multiplier: float | None = None  # σ_init of those releases (None without any)
     init_share: float | None = None  # fraction of ε σ_init was chosen for; None: σ_init = σ
     batch_size: int | None = None  # the logical batch q was planned for
+    num_examples: int = 0  # n, the client's examples
+    dp_steps: int = 0  # noisy training steps the plan charges: steps_per_round × planned_rounds
+    examples_seen: int = 0  # expected examples through the model over those steps: dp_steps · q · n
+    rdp_order: float | None = None  # the optimal RDP order of the planned run's ε (also under PRV: for comparison)
+    rdp_max_order: float | None = None  # the largest order searched (widened past Opacus' 63 when needed)
 
     @property
     def extra_full_batch_steps(self) -> int:
@@ -203,16 +207,7 @@ def plan_dp(
             ),
             init_share * target_epsilon,
         )
-    if extra_full_batch_steps == 0:
-        sigma = get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=q,
-            steps=steps,
-            accountant=accountant,
-            epsilon_tolerance=EPSILON_TOLERANCE,
-        )
-    else:
+    with quiet_orders():  # the search's small σ candidates put the optimum at the edge; the plan's does not
         sigma = _bisect(
             lambda s: epsilon_after(
                 s,
@@ -225,8 +220,10 @@ def plan_dp(
             ),
             target_epsilon,
         )
-        if init_sigma is None:
-            init_sigma = sigma
+    if extra_full_batch_steps and init_sigma is None:
+        init_sigma = sigma
+    history = [(float(init_sigma or sigma), 1.0, extra_full_batch_steps), (float(sigma), q, steps)]
+    _, order, orders = rdp_epsilon([h for h in history if h[2]], delta)
     return DPPlan(
         noise_multiplier=float(sigma),
         sample_rate=q,
@@ -240,6 +237,11 @@ def plan_dp(
         init_noise_multiplier=float(init_sigma) if init_sigma is not None else None,
         init_share=init_share if extra_full_batch_steps else None,
         batch_size=batch_size,
+        num_examples=num_examples,
+        dp_steps=steps,
+        examples_seen=round(steps * q * num_examples),
+        rdp_order=order,
+        rdp_max_order=max(orders),
     )
 
 

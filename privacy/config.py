@@ -49,6 +49,13 @@ def validate_privacy(cfg: DictConfig) -> None:
             "the logical batch must be >= 1 (train.batch_size is the physical one), or null for train.batch_size.",
         )
         require(
+            p.physical_batch is None or p.physical_batch >= 1,
+            "privacy.physical_batch",
+            p.physical_batch,
+            "examples per forward/backward pass must be >= 1 (e.g. 64 where memory allows), or null for "
+            "train.batch_size.",
+        )
+        require(
             p.local_steps is None or p.local_steps >= 1,
             "privacy.local_steps",
             p.local_steps,

@@ -89,6 +89,7 @@ def make_private(
     noise_seed: int | None = None,
     clipping: str = "flat",
     head_clip_share: float | None = None,
+    secure_mode: bool = False,
 ) -> PrivateRound:
     """DP-SGD versions of (model, optimizer, loader) for one round; steps are charged to `accountant`.
 
@@ -123,6 +124,9 @@ def make_private(
     head_clip_share : float, optional
         per_layer only: the fraction of C² given to the task head's tensors (PEFT ``modules_to_save``, e.g. a
         classifier), the rest split equally over the other trainable tensors; None: C² split equally over all.
+    secure_mode : bool
+        Opacus' secure RNG: noise from a CSPRNG (torchcsprng), drawn so that it resists floating-point attacks
+        (Jin et al. 2022); `noise_seed` is then ignored. Raises with the fix when torchcsprng is missing.
 
     Returns
     -------
@@ -143,14 +147,14 @@ def make_private(
         )
     if isinstance(model, AbstractGradSampleModule) or hasattr(model, "autograd_grad_sample_hooks"):
         raise ValueError("The model still carries Opacus hooks from an earlier round; call release(model) first.")
-    with warnings.catch_warnings():  # only the engine's notice that secure_mode is off (this is a simulation tool)
-        warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
-        engine = PrivacyEngine(accountant=accountant.kind)
+    engine = _engine(accountant.kind, secure_mode=secure_mode)
     engine.accountant = accountant.opacus  # make_private attaches the optimizer's step hook to this object
     # Opacus draws the noise on the parameters' device with this generator, so it must live there (a CPU
     # generator fails on CUDA); the same seed gives the same noise on one device, not across devices.
     device = next((p.device for g in optimizer.param_groups for p in g["params"]), torch.device("cpu"))
-    generator = torch.Generator(device=device).manual_seed(noise_seed) if noise_seed is not None else None
+    generator = (
+        torch.Generator(device=device).manual_seed(noise_seed) if noise_seed is not None and not secure_mode else None
+    )
     bound: float | list[float] = max_grad_norm
     if clipping == "per_layer":  # Opacus wants one bound per optimizer parameter; their L2 norm is C
         bound = per_layer_bounds(model, optimizer, max_grad_norm, head_share=head_clip_share)
@@ -185,6 +189,25 @@ def make_private(
         return loss_fn(outputs, batch).mean()
 
     return PrivateRound(module, dp_optimizer, dp_loader, objective)
+
+
+SECURE_RNG_MISSING = (
+    "privacy-secure-rng is on (the default on deployment nodes): Opacus' secure_mode needs the torchcsprng "
+    "package, which is not installed (PyPI has no build of it for torch 2.x). Install a torchcsprng built for "
+    "this torch, or start the SuperNode with --node-config '... privacy-secure-rng=false' to draw the noise from "
+    "torch's default generator (not cryptographically secure)."
+)
+
+
+def _engine(kind: str, *, secure_mode: bool) -> PrivacyEngine:
+    if secure_mode:
+        try:
+            return PrivacyEngine(accountant=kind, secure_mode=True)
+        except ImportError as e:
+            raise RuntimeError(SECURE_RNG_MISSING) from e
+    with warnings.catch_warnings():  # only the engine's notice that secure_mode is off (simulations, opted-out nodes)
+        warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+        return PrivacyEngine(accountant=kind)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,5 +1,6 @@
 """The node's side of privacy: its policy against the task's settings, a declined reply, and its accountant
-kept across rounds in `Context.state` and (with ``privacy-state-dir``) on the node's own disk.
+kept across rounds in `Context.state` and (with ``privacy-state-dir``) on the node's own disk, its lifetime
+budget across runs (`privacy.ledger`), and its noise source (Opacus' secure RNG on deployment nodes).
 
 The mechanisms are `privacy.policy` (`NodePolicy`, `AccountantStore`, `most_spent`); this module applies them to
 one Flower message and context.
@@ -7,13 +8,17 @@ one Flower message and context.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fl import constants as K
+from fl.runtime_env import SIMULATION_ENV
 from privacy.accountant import ClientAccountant
+from privacy.budget import DPPlan
+from privacy.ledger import LifetimeBudget, PrivacyLedger, ledger_decline
 from privacy.policy import (
     DECLINE_REASON,
     DECLINE_RECORD,
@@ -60,6 +65,44 @@ def declined_reply(msg: Message, *, partition_id: int, server_round: int, reason
     return Message(content, reply_to=msg)
 
 
+NODE_SECURE_RNG = "privacy-secure-rng"  # node config: Opacus' secure_mode (default: on for deployment nodes)
+
+
+def secure_rng(node_config: Mapping[str, Any]) -> bool:
+    """Whether this node draws DP noise with Opacus' `secure_mode` (a CSPRNG, and noise that resists the
+    floating-point attack of Jin et al. 2022). On by default for deployment nodes, off in simulations (their
+    seeded generator makes runs reproducible); ``privacy-secure-rng=false`` turns it off on a node."""
+    raw = node_config.get(NODE_SECURE_RNG)
+    if raw is None or raw == "":
+        return os.environ.get(SIMULATION_ENV) != "1"
+    value = str(raw).strip().lower()
+    if value not in ("true", "false", "1", "0"):
+        raise ValueError(f"Node config {NODE_SECURE_RNG}={raw!r} must be true or false.")
+    return value in ("true", "1")
+
+
+def _ledger(context: Context) -> tuple[LifetimeBudget, str] | None:
+    state_dir = context.node_config.get(NODE_STATE_DIR)
+    budget = LifetimeBudget.from_node_config(context.node_config, str(state_dir) if state_dir else None)
+    if budget is None:
+        return None
+    pid = int(str(context.node_config.get(K.NODE_PARTITION_ID, 0)))
+    return budget, f"run-{int(context.run_id)}-partition-{pid}"
+
+
+def lifetime_decline(context: Context, settings: PrivacySettings, plan: DPPlan | None) -> str | None:
+    """Why this task would pass the node's lifetime budget (`privacy.ledger`); None: it fits, or no budget."""
+    found = _ledger(context)
+    if found is None:
+        return None
+    budget, key = found
+    if not settings.enabled or plan is None:
+        return (
+            f"this node keeps a lifetime privacy budget (ledger {budget.name!r}) but the task has privacy.enabled=false"
+        )
+    return ledger_decline(budget, key=key, planned=plan.history(), delta=plan.delta, target_epsilon=plan.target_epsilon)
+
+
 def _store(context: Context) -> AccountantStore | None:
     state_dir = context.node_config.get(NODE_STATE_DIR)
     if not state_dir:
@@ -79,7 +122,11 @@ def load_accountant(context: Context, msg: Message, kind: str, *, delta: float =
     server = None
     if K.STATE_PRIVACY in msg.content.config_records:
         server = ClientAccountant.from_config_record(msg.content.config_records[K.STATE_PRIVACY])
-    return most_spent([*own, server], delta=delta) or ClientAccountant(kind)
+    chosen = most_spent([*own, server], delta=delta) or ClientAccountant(kind)
+    found = _ledger(context)
+    if found is not None and server is not None and chosen.steps:  # a server-side resume: continue its entry
+        PrivacyLedger(found[0].path).record(found[1], chosen.opacus.history, resumed=True)
+    return chosen
 
 
 def save_accountant(context: Context, accountant: ClientAccountant) -> ConfigRecord:
@@ -88,6 +135,9 @@ def save_accountant(context: Context, accountant: ClientAccountant) -> ConfigRec
     store = _store(context)
     if store is not None:
         store.save(accountant)
+    found = _ledger(context)
+    if found is not None:
+        PrivacyLedger(found[0].path).record(found[1], accountant.opacus.history)
     record = accountant.to_config_record()
     context.state[K.STATE_PRIVACY] = record
     return record

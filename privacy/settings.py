@@ -67,7 +67,9 @@ class PrivacySettings:
     logical_batch : int
         Examples per optimiser step: `privacy.batch_size` under DP when set, else `train.batch_size`.
     physical_batch : int
-        Examples per forward/backward pass: `train.batch_size`, never more than the logical batch.
+        Examples per forward/backward pass: `privacy.physical_batch` under DP when set, else `train.batch_size`;
+        never more than the logical batch. Larger is faster (fewer passes) where memory allows; the noise and
+        the accounting do not depend on it.
     local_steps, local_epochs : int or None, float or None
         A round's local work (epochs, when set, win over steps): `privacy.local_*` under DP when either is
         set, else `train.local_*`.
@@ -137,7 +139,7 @@ class PrivacySettings:
             poisson_sampling=bool(p.poisson_sampling),
             planned_rounds=int(p.planned_rounds or cfg.sim.rounds),
             logical_batch=logical,
-            physical_batch=min(int(t.batch_size), logical),
+            physical_batch=min(int(p.physical_batch or t.batch_size) if p.enabled else int(t.batch_size), logical),
             local_steps=None if steps is None else int(steps),
             local_epochs=None if epochs is None else float(epochs),
             grad_sample_mode=str(p.grad_sample_mode),

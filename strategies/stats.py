@@ -55,6 +55,10 @@ class RoundStats:
         if eps:
             self.extra["epsilon_max"] = max(eps)
             self.extra["epsilon_mean"] = sum(eps) / len(eps)
+        steps = [m[K.DP_STEPS] for m in metrics if K.DP_STEPS in m]
+        if steps:  # DP steps each client's accountant has recorded (all rounds), and their σ
+            self.extra["dp_steps_max"] = max(steps)
+            self.extra["noise_multiplier_max"] = max(m.get(K.NOISE_MULTIPLIER, 0.0) for m in metrics)
 
     def row(self) -> dict[str, Any]:
         """This round as metrics.jsonl fields."""

@@ -25,7 +25,8 @@ class LoopGrid(Grid):
             100 + pid: Context(
                 run_id=7,
                 node_id=100 + pid,
-                node_config={K.NODE_PARTITION_ID: pid, K.NODE_NUM_PARTITIONS: num_nodes},
+                # simulated nodes: the seeded noise, as in a simulation (no Opacus secure_mode)
+                node_config={K.NODE_PARTITION_ID: pid, K.NODE_NUM_PARTITIONS: num_nodes, "privacy-secure-rng": "false"},
                 state=RecordDict(),
                 run_config={},
             )

@@ -27,7 +27,8 @@ def _supernode(fed: LocalFederation, name: str, node_config: str) -> tuple[subpr
     """Start an insecure SuperNode with `node_config` (its log: logs/<name>.log)."""
     log_path = fed.logs / f"{name}.log"
     argv = [str(Path(sys.executable).parent / "flower-supernode"), "--superlink", fed.address]
-    argv += ["--port", str(free_port()), "--insecure", "--node-config", node_config]
+    # privacy-secure-rng=false: Opacus' secure_mode (the deployment default) needs torchcsprng, not installed here
+    argv += ["--port", str(free_port()), "--insecure", "--node-config", f"{node_config} privacy-secure-rng=false"]
     return fed.procs.start(argv, env=fed.env, log_path=log_path), log_path
 
 

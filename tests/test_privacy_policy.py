@@ -88,7 +88,8 @@ def _message(overrides: list[str], server_round: int, *, accountant: ClientAccou
 
 
 def _context(node_config: dict[str, Any]) -> Context:
-    return Context(run_id=42, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+    config = {"privacy-secure-rng": "false", **node_config}  # the seeded noise (no torchcsprng here)
+    return Context(run_id=42, node_id=1, node_config=config, state=RecordDict(), run_config={})
 
 
 def _declined(reply: Message) -> str:

@@ -32,7 +32,15 @@ from fl.runtime_env import CLIENT_THREADS_ENV
 from fl.wire import from_record, to_record
 from privacy import client_plan, make_private, steps_per_round
 from privacy.client_level import client_clipping_mod
-from privacy.node import declined_reply, load_accountant, node_policy, policy_decline, save_accountant
+from privacy.node import (
+    declined_reply,
+    lifetime_decline,
+    load_accountant,
+    node_policy,
+    policy_decline,
+    save_accountant,
+    secure_rng,
+)
 from privacy.policy import DECLINE_REASON, DECLINE_RECORD
 
 log = logging.getLogger(__name__)
@@ -119,6 +127,8 @@ def train(msg: Message, context: Context) -> Message:
     conf = msg.content.config_records[K.CONFIG]
     settings = ws.privacy
     reason = policy_decline(settings, context.node_config, pid, len(data))
+    if reason is None and (str(conf[K.PHASE]) == K.PHASE_INIT_GRAD or not settings.enabled):
+        reason = lifetime_decline(context, settings, client_plan(settings, len(data)) if settings.enabled else None)
     if reason is not None:  # the node's own privacy policy: nothing computed from its data leaves it
         log.warning("partition %d declines round %d: %s", pid, server_round, reason)
         if str(conf[K.PHASE]) == K.PHASE_INIT_GRAD:  # the init exchange expects arrays: an error reply instead
@@ -154,6 +164,11 @@ def train(msg: Message, context: Context) -> Message:
         accountant = load_accountant(context, msg, plan.accountant, delta=plan.delta)
         if accountant.steps == 0:  # this client's first DP round: say what it will do (node files: its own n)
             log.info("partition %d (%d examples): %s", pid, len(data), plan.describe())
+        lifetime = lifetime_decline(context, settings, plan)  # after load_accountant: a resume continues its entry
+        if lifetime is not None:
+            log.warning("partition %d declines round %d: %s", pid, server_round, lifetime)
+            return declined_reply(msg, partition_id=pid, server_round=server_round, reason=lifetime)
+        secure = secure_rng(context.node_config)
         if accountant.would_exceed(
             target_epsilon=plan.target_epsilon,
             delta=plan.delta,
@@ -185,7 +200,8 @@ def train(msg: Message, context: Context) -> Message:
                 grad_sample_mode=settings.grad_sample_mode,
                 clipping=settings.clipping,
                 head_clip_share=settings.head_clip_share,
-                noise_seed=seed,
+                noise_seed=None if secure else seed,
+                secure_mode=secure,
                 loss_fn=ws.task_def.per_example_loss,
             )
 
@@ -217,7 +233,11 @@ def train(msg: Message, context: Context) -> Message:
     )
     if accountant is not None:
         # The training loss is an un-noised function of the client's examples: under DP it stays on the client.
-        metrics[K.EPSILON] = accountant.epsilon(client_plan(settings, len(data)).delta)
+        plan = client_plan(settings, len(data))
+        metrics[K.EPSILON] = accountant.epsilon(plan.delta)
+        metrics[K.DP_STEPS] = accountant.steps_at(plan.sample_rate)
+        metrics[K.NOISE_MULTIPLIER] = plan.noise_multiplier
+        metrics[K.EXAMPLES_SEEN] = result.examples_seen
         content[K.STATE_PRIVACY] = save_accountant(context, accountant)
     else:
         metrics[K.TRAIN_LOSS] = result.loss

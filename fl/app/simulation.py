@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from fl.app.config import compose
 from fl.app.console import quiet_third_party, ray_init_logging
-from fl.runtime_env import CLIENT_THREADS_ENV, set_quiet_env
+from fl.runtime_env import CLIENT_THREADS_ENV, SIMULATION_ENV, set_quiet_env
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
@@ -57,6 +57,7 @@ def run_simulation(overrides: list[str], *, client_app: ClientApp | None = None)
 
     # Each actor's torch gets as many threads as the CPUs Ray reserves for it (read by the ClientApp;
     # actors inherit this environment); without it every actor starts one thread per core.
+    os.environ[SIMULATION_ENV] = "1"  # simulated nodes keep the seeded noise (no Opacus secure_mode)
     os.environ[CLIENT_THREADS_ENV] = str(max(1, int(cfg.train.threads or cfg.sim.client_cpus)))
     backend_config = {
         "client_resources": {"num_cpus": float(cfg.sim.client_cpus), "num_gpus": float(cfg.sim.client_gpus)},
