@@ -192,7 +192,7 @@ def make_private(
 
 
 SECURE_RNG_MISSING = (
-    "privacy-secure-rng is on (the default on deployment nodes): Opacus' secure_mode needs the torchcsprng "
+    "privacy-secure-rng=true: Opacus' secure_mode needs the torchcsprng "
     "package, which is not installed (PyPI has no build of it for torch 2.x). Install a torchcsprng built for "
     "this torch, or start the SuperNode with --node-config '... privacy-secure-rng=false' to draw the noise from "
     "torch's default generator (not cryptographically secure)."

@@ -8,6 +8,7 @@ one Flower message and context.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -28,7 +29,10 @@ from privacy.policy import (
     NodePolicy,
     most_spent,
 )
+
 from privacy.settings import PrivacySettings
+
+log = logging.getLogger(__name__)
 
 
 def node_policy(settings: PrivacySettings, node_config: Mapping[str, Any], partition_id: int) -> NodePolicy:
@@ -65,20 +69,49 @@ def declined_reply(msg: Message, *, partition_id: int, server_round: int, reason
     return Message(content, reply_to=msg)
 
 
-NODE_SECURE_RNG = "privacy-secure-rng"  # node config: Opacus' secure_mode (default: on for deployment nodes)
+NODE_SECURE_RNG = "privacy-secure-rng"  # node config: true | false | auto (default: auto on deployment nodes)
+_warned_insecure = False
+
+
+def csprng_available() -> bool:
+    """Whether Opacus' `secure_mode` can run here: it needs the torchcsprng package (PyPI has no build of it for
+    torch 2.x, so most installs lack it)."""
+    try:
+        import torchcsprng  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def secure_rng(node_config: Mapping[str, Any]) -> bool:
     """Whether this node draws DP noise with Opacus' `secure_mode` (a CSPRNG, and noise that resists the
-    floating-point attack of Jin et al. 2022). On by default for deployment nodes, off in simulations (their
-    seeded generator makes runs reproducible); ``privacy-secure-rng=false`` turns it off on a node."""
+    floating-point attack of Jin et al. 2022).
+
+    ``privacy-secure-rng=true`` demands it (a node without torchcsprng then fails its first DP round with the
+    fix); ``false`` turns it off; unset or ``auto`` uses it on deployment nodes where torchcsprng is installed and
+    otherwise warns once that the noise comes from torch's default generator. Simulations keep their seeded
+    generator (reproducible runs)."""
+    global _warned_insecure
     raw = node_config.get(NODE_SECURE_RNG)
-    if raw is None or raw == "":
-        return os.environ.get(SIMULATION_ENV) != "1"
-    value = str(raw).strip().lower()
-    if value not in ("true", "false", "1", "0"):
-        raise ValueError(f"Node config {NODE_SECURE_RNG}={raw!r} must be true or false.")
-    return value in ("true", "1")
+    value = "auto" if raw is None or str(raw).strip() == "" else str(raw).strip().lower()
+    if value not in ("true", "false", "1", "0", "auto"):
+        raise ValueError(f"Node config {NODE_SECURE_RNG}={raw!r} must be true, false or auto.")
+    if value != "auto":
+        return value in ("true", "1")
+    if os.environ.get(SIMULATION_ENV) == "1":
+        return False
+    if csprng_available():
+        return True
+    if not _warned_insecure:
+        _warned_insecure = True
+        log.warning(
+            "DP noise on this node comes from torch's default generator, not a CSPRNG: Opacus' secure_mode needs "
+            "torchcsprng (not installed). Install it and set --node-config '%s=true' to demand it, or '%s=false' "
+            "to silence this.",
+            NODE_SECURE_RNG,
+            NODE_SECURE_RNG,
+        )
+    return False
 
 
 def _ledger(context: Context) -> tuple[LifetimeBudget, str] | None:

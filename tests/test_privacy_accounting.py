@@ -125,7 +125,7 @@ def test_the_plans_dp_steps_are_the_steps_taken_across_rounds_and_no_order_warni
     assert not _order_warnings(caught) and ORDER_WARNING not in capfd.readouterr().err
 
 
-def test_secure_rng_is_the_deployment_default_and_says_what_to_do_without_torchcsprng(
+def test_secure_rng_demanded_without_torchcsprng_says_what_to_do(
     tiny: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     pytest.importorskip("opacus")
@@ -138,7 +138,24 @@ def test_secure_rng_is_the_deployment_default_and_says_what_to_do_without_torchc
     monkeypatch.delenv("FEDLORA_SIMULATION", raising=False)
     job = [*tiny, "strategy=fedit", "strategy.rank=2", "sim.num_clients=2", "data.partitioner=iid"]
     job += ["privacy=dp", "privacy.target_epsilon=3"]
-    ctx = Context(run_id=6, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
+    node = {"partition-id": 0, "num-partitions": 2, "privacy-secure-rng": "true"}
+    ctx = Context(run_id=6, node_id=1, node_config=node, state=RecordDict(),
                   run_config={})  # fmt: skip
     with pytest.raises(RuntimeError, match="privacy-secure-rng=false"):
         train(_message(job, 1), ctx)
+
+
+def test_secure_rng_auto_uses_the_csprng_only_where_it_exists(monkeypatch: pytest.MonkeyPatch) -> None:
+    from privacy import node
+
+    monkeypatch.delenv("FEDLORA_SIMULATION", raising=False)
+    monkeypatch.setattr(node, "csprng_available", lambda: True)
+    assert node.secure_rng({}) is True and node.secure_rng({"privacy-secure-rng": "auto"}) is True
+    monkeypatch.setattr(node, "csprng_available", lambda: False)
+    assert node.secure_rng({}) is False  # falls back, with one warning, instead of failing every DP round
+    assert node.secure_rng({"privacy-secure-rng": "true"}) is True  # demanded: make_private then names the fix
+    monkeypatch.setenv("FEDLORA_SIMULATION", "1")
+    monkeypatch.setattr(node, "csprng_available", lambda: True)
+    assert node.secure_rng({}) is False  # simulations keep the seeded generator
+    with pytest.raises(ValueError, match="privacy-secure-rng"):
+        node.secure_rng({"privacy-secure-rng": "maybe"})
