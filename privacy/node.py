@@ -29,7 +29,6 @@ from privacy.policy import (
     NodePolicy,
     most_spent,
 )
-
 from privacy.settings import PrivacySettings
 
 log = logging.getLogger(__name__)
@@ -77,7 +76,7 @@ def csprng_available() -> bool:
     """Whether Opacus' `secure_mode` can run here: it needs the torchcsprng package (PyPI has no build of it for
     torch 2.x, so most installs lack it)."""
     try:
-        import torchcsprng  # type: ignore[import-not-found]  # noqa: F401
+        import torchcsprng  # noqa: F401
     except ImportError:
         return False
     return True
