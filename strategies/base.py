@@ -253,7 +253,8 @@ class LoraStrategy(FedAvg):
             self.fraction_train,
             self.sampler.num_nodes,
         )
-        log.info("%s: %s", type(self).__name__, self.robust.describe())
+        if self.robust.active:  # the default (no defence, no cap) says nothing
+            log.info("%s: %s", type(self).__name__, self.robust.describe())
         super().summary()
 
     def _hello(self) -> ConfigRecord:

@@ -137,6 +137,11 @@ class RobustAggregation:
             log.info("%s clipped partitions %s", self.defence.name, stats.defence["defence_clipped"])
         return kept
 
+    @property
+    def active(self) -> bool:
+        """Whether a defence or a cap on claimed weight is on (the default has neither)."""
+        return self.defence.name != "none" or self.max_examples is not None
+
     def describe(self) -> str:
         """One line for the strategy's summary."""
         return f"defence={self.defence.describe()}, max_examples_weight={self.max_examples}"
