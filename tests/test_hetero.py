@@ -7,12 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+from loop_grid import LoopGrid
 from peft import PeftModel
 
 from fl.app.server_app import run_server
 from fl.outputs import read_metrics
 from fl.tasks import load_base_model
-from loop_grid import LoopGrid
 
 HETERO = ["flora", "flexlora", "hetlora"]
 
