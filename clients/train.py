@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, RandomSampler, Sampler
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from clients.optim import load_state_tensors, make_optimizer, state_tensors
 from fl.accel import autocast
@@ -50,13 +51,25 @@ def round_seed(seed: int, server_round: int, partition_id: int) -> int:
     return (seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**31 - 1)
 
 
-def make_loader(dataset: IndexedDataset, *, batch_size: int, pad_id: int, seed: int) -> DataLoader:
-    """Shuffled mini-batches with dynamic padding, in an order fixed by `seed`."""
+def make_loader(
+    dataset: IndexedDataset, *, batch_size: int, pad_id: int, seed: int, group_by_length: bool = False
+) -> DataLoader:
+    """Shuffled mini-batches with dynamic padding, in an order fixed by `seed`.
+
+    `group_by_length` draws them with transformers' `LengthGroupedSampler` (as `Trainer(group_by_length=True)`):
+    a shuffled order cut into mega-batches of 50 batches, each sorted by length, so a batch holds examples of
+    similar length and pads little (a MiniLM step on the tweets ~0.6x; BENCHMARKS.md, issue 22).
+    """
     gen = torch.Generator().manual_seed(seed)
+    size = min(batch_size, len(dataset))
+    sampler: Sampler[int] = RandomSampler(dataset, generator=gen)
+    if group_by_length:
+        lengths = [len(dataset.split.input_ids[int(i)]) for i in dataset.indices]
+        sampler = LengthGroupedSampler(size, lengths=lengths, generator=gen)
     return DataLoader(
         dataset,
-        batch_size=min(batch_size, len(dataset)),
-        sampler=RandomSampler(dataset, generator=gen),
+        batch_size=size,
+        sampler=sampler,
         collate_fn=partial(get_task(dataset.split.task).collate, pad_id=pad_id),
     )
 
@@ -125,6 +138,7 @@ def local_train(
     optimizer_name: str = "adamw",
     momentum: float = 0.0,
     optimizer_state: Mapping[str, torch.Tensor] | None = None,
+    group_by_length: bool = False,
 ) -> TrainResult:
     """Train the model's trainable parameters in place for `steps` optimiser steps.
 
@@ -158,6 +172,9 @@ def local_train(
     optimizer_state : mapping, optional
         The optimiser state this client kept from its last round (`clients.optim.state_tensors`); the
         result's `optimizer_state` is the state after this round's steps.
+    group_by_length : bool
+        `train.group_by_length`: batches of similar-length examples (`make_loader`); a DP `wrap` replaces the
+        loader with Opacus' Poisson sampler, so it has no effect there.
     """
     task = get_task(dataset.split.task)
     device = next(model.parameters()).device
@@ -170,7 +187,7 @@ def local_train(
     if optimizer_state:
         load_state_tensors(optimizer, optimizer_state)
     raw_optimizer = optimizer  # Opacus' DPOptimizer wraps it; its state is this one's
-    loader = make_loader(dataset, batch_size=batch_size, pad_id=pad_id, seed=seed)
+    loader = make_loader(dataset, batch_size=batch_size, pad_id=pad_id, seed=seed, group_by_length=group_by_length)
     net = model
     model.train()  # before wrapping: Opacus validates a module in training mode
     private: PrivateRound | None = None

@@ -118,6 +118,9 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast on CUDA; bf16 also on CPUs with native bf16 (fl.accel)
     gradient_checkpointing: bool = False  # recompute activations in backward (long sequences, big models)
+    # batches of similar-length examples (transformers' LengthGroupedSampler): less padding, a cheaper step; DP
+    # runs keep Opacus' Poisson sampling (its accounting assumes it), so there it does nothing
+    group_by_length: bool = False
 
 
 @dataclass

@@ -220,6 +220,7 @@ def train(msg: Message, context: Context) -> Message:
         optimizer_name=str(cfg.train.optimizer),
         momentum=float(cfg.train.momentum),
         optimizer_state=_kept_optimizer_state(cfg, context),
+        group_by_length=bool(cfg.train.group_by_length),
     )
     if cfg.train.keep_optimizer_state:  # stays on the client: under DP a function of its noised updates only
         context.state[K.STATE_OPTIMIZER] = ArrayRecord(torch_state_dict=result.optimizer_state)
