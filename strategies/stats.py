@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import MetricRecord
+from flwr.app import MetricRecord, RecordDict
 
 from fl import constants as K
+from fl.wire import array_bytes, from_record, num_floats
+
+log = logging.getLogger(__name__)
 
 
 def scalars(record: MetricRecord) -> dict[str, float]:
@@ -40,6 +45,22 @@ class RoundStats:
     extra: dict[str, float] = field(default_factory=dict)
     client_ranks: list[int] = field(default_factory=list)  # the aggregated clients' ranks (heterogeneous methods)
     defence: dict[str, Any] = field(default_factory=dict)  # defence_* fields: who was capped, clipped, dropped
+
+    def count_down(self, content: RecordDict) -> None:
+        """Count one message's bytes and floats sent to a client."""
+        self.bytes_down += array_bytes(content)
+        self.floats_down += sum(num_floats(from_record(r)) for r in content.array_records.values())
+
+    def skip(self, server_round: int, usable: int, needed: int) -> None:
+        """Too few usable replies: the round aggregates nothing (warned once, with the config key to change)."""
+        log.warning(
+            "round %d: only %d usable replies (< sim.min_train_clients=%d); the global adapter stays as it was",
+            server_round,
+            usable,
+            needed,
+        )
+        self.skipped = True
+        self.round_seconds = time.perf_counter() - self.started
 
     def record_clients(self, metrics: list[dict[str, float]], weights: list[float], *, ranks: bool = False) -> None:
         """The aggregated clients' weighted training loss, their seconds and the ε they report (and, with `ranks`,

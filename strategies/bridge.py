@@ -1,0 +1,86 @@
+"""A strategy's bridge to Hydra: the keyword arguments its constructor takes, read from a composed config.
+
+Each method declares its schema (`/schema/strategy/<name>`) and what it supports (mixed ranks, client-level DP);
+`from_config` checks the config against those declarations and the constructor checks the values, so
+`fl.app.config.compose` fails on a bad field before any client trains.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Self
+
+from fl import ranks
+from fl.config import StrategyConfig
+from strategies.robust import RobustAggregation
+
+HETERO_METHODS = ("flora", "flexlora", "hetlora")
+"""The registered methods that take mixed client ranks (named in the refusal of the others)."""
+
+
+class ConfigBridge:
+    """Class-level declarations of a method and the classmethods that read its fields from a run config."""
+
+    adapter_kind: ClassVar[str] = "lora"
+    """The adapter every party builds for this method (`fl.adapters.build_adapter`)."""
+    schema: ClassVar[type[StrategyConfig]] = StrategyConfig
+    """The method's Hydra schema (`/schema/strategy/<name>`): its fields and their types."""
+    client_dp_problem: ClassVar[str | None] = None
+    """Why this method's release is not covered by client-level DP (`strategies.client_dp`); None: it is."""
+    mixed_ranks: ClassVar[bool] = False
+    """Whether clients may train at ranks of their own (`sim.client_ranks`, node config `lora-rank`; `fl.ranks`)."""
+
+    update_space: ClassVar[str] = "factors"
+    """Where a client's update lives for a defence (`strategies.robust_math`): factors | product (B_k·A_k)."""
+
+    @classmethod
+    def params_from_config(cls, cfg: Any) -> dict[str, Any]:
+        """The constructor's keyword arguments from a composed run config (methods add their own fields).
+        A key the method's schema does not have (e.g. appended with `+strategy.x=`) is refused, naming it."""
+        s, sim, t = cfg.strategy, cfg.sim, cfg.train
+        unknown = sorted(set(s.keys()) - set(cls.schema.__dataclass_fields__))
+        if unknown:
+            raise ValueError(
+                f"strategy={s.name} has no key(s) {unknown}; its keys are {sorted(cls.schema.__dataclass_fields__)}."
+            )
+        if ranks.is_mixed(cfg) and not cls.mixed_ranks:
+            raise ValueError(
+                f"sim.client_ranks={list(sim.client_ranks)} gives clients ranks other than strategy.rank={s.rank}, "
+                f"which strategy={s.name} cannot aggregate (it needs one rank everywhere); use a heterogeneous "
+                f"method ({', '.join(HETERO_METHODS)}) or sim.client_ranks=null."
+            )
+        return {
+            "num_nodes": int(sim.num_clients),
+            "rounds": int(sim.rounds),
+            "rank": int(s.rank),
+            "alpha": float(s.alpha),
+            "lr": float(s.lr),
+            "lr_schedule": str(t.lr_schedule),
+            "warmup_rounds": int(t.warmup_rounds),
+            "lr_min": float(t.lr_min),
+            "fraction_train": float(sim.fraction_train),
+            "fraction_evaluate": float(sim.fraction_evaluate),
+            "min_train_nodes": int(sim.min_train_clients),
+            "timeout": float(sim.timeout),
+            "seed": int(cfg.seed),
+            "robust": RobustAggregation.from_config(cfg),
+        }
+
+    @classmethod
+    def from_config(cls, cfg: Any, **runtime: Any) -> Self:
+        """Build from a composed config; `runtime` adds what only the app has (overrides, fixed, server_gradient)."""
+        return cls(**cls.params_from_config(cfg), **runtime)
+
+    @classmethod
+    def client_level_dp_problem(cls, cfg: Any) -> str | None:
+        """Why client-level DP (`privacy=client`) does not cover this method as configured; None: it does."""
+        if cls.client_dp_problem is None:
+            return RobustAggregation.client_dp_problem(cfg)
+        return (
+            f"strategy={cfg.strategy.name} does not compose with client-level DP (privacy=client): "
+            f"{cls.client_dp_problem}. Use strategy=fedit, ffa_lora or fed_sb, or sample-level DP (privacy=dp)."
+        )
+
+    @classmethod
+    def client_init_releases(cls, cfg: Any) -> int:
+        """Releases of client data a client makes before round 1 (Fed-SB's init); its DP plan reserves them."""
+        return 0
