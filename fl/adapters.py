@@ -17,6 +17,7 @@ R into B: lora_B = B·R, lora_alpha = r) that ``PeftModel.from_pretrained`` load
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ B_SUFFIX = f".lora_B.{ADAPTER}.weight"
 SB_B_SUFFIX = f".lora_B.{ADAPTER}.B.weight"
 SB_R_SUFFIX = f".lora_B.{ADAPTER}.R.weight"
 BASE_SUFFIX = ".base_layer.weight"  # the frozen W0 inside a PEFT LoRA layer
+BLOCK_INDEX = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")  # PEFT's layers_to_transform rule: a name's block index
 
 
 class RB(torch.nn.Module):
@@ -121,14 +123,30 @@ def lora_config(
     alpha: float,
     dropout: float,
     modules_to_save: list[str] | None = None,
+    layers: list[int] | None = None,
 ) -> LoraConfig:
-    """A PEFT LoraConfig on the resolved target modules; `modules_to_save` (default: `present_heads`) train in full."""
+    """A PEFT LoraConfig on the resolved target modules; `modules_to_save` (default: `present_heads`) train in full;
+    `layers` (`model.lora_layers`): only these transformer blocks get adapters (PEFT's ``layers_to_transform``)."""
     trained = present_heads(base) if modules_to_save is None else list(modules_to_save)
+    if layers is not None:
+        blocks = getattr(base.config, "num_hidden_layers", None)
+        bad = [i for i in layers if not 0 <= int(i) < (blocks if blocks is not None else 10**9)]
+        if not layers or bad:
+            raise ValueError(
+                f"model.lora_layers={list(layers)} is invalid: list block indices in 0..{(blocks or 1) - 1} "
+                f"(this model has {blocks} blocks), or null for every block."
+            )
+    names = linear_module_names(base, targets, exclude=(*NOT_ADAPTED, *trained))
+    if layers is not None:
+        # PEFT applies `layers_to_transform` only to suffix matches, not to the exact module names resolved here,
+        # so the blocks are selected by PEFT's own rule: the first numbered segment of a name is its block.
+        keep = {int(i) for i in layers}
+        names = [n for n in names if (m := BLOCK_INDEX.match(n)) is not None and int(m["idx"]) in keep]
     return LoraConfig(
         r=rank,
         lora_alpha=alpha,  # type: ignore[arg-type]  # PEFT annotates int; a float is valid
         lora_dropout=dropout,
-        target_modules=linear_module_names(base, targets, exclude=(*NOT_ADAPTED, *trained)),
+        target_modules=names,
         modules_to_save=trained or None,
         bias="none",
     )
@@ -175,13 +193,14 @@ def build_adapter(
     modules_to_save: list[str] | None = None,
     rank: int | None = None,
     rank_key: str = "strategy.rank",
+    layers: list[int] | None = None,
 ) -> PeftModel:
     """Wrap `base` with the adapter of `kind`; deterministic in `seed` (forked RNG).
 
     `base` is consumed (PEFT injects layers into it). Move `base` to its device first (opacus #820); the
     adapter tensors are drawn on CPU and follow it. `modules_to_save` defaults to `present_heads(base)`.
     `rank` (default `strategy_cfg.rank`) is this party's own rank in a heterogeneous federation; one that does
-    not fit a target module is refused naming `rank_key` (`check_ranks_fit`).
+    not fit a target module is refused naming `rank_key` (`check_ranks_fit`). `layers`: `model.lora_layers`.
     """
     ak = get_kind(kind)
     rank = int(strategy_cfg.rank) if rank is None else int(rank)
@@ -194,6 +213,7 @@ def build_adapter(
         alpha=alpha,
         dropout=float(strategy_cfg.dropout),
         modules_to_save=modules_to_save,
+        layers=layers,
     )
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         # PEFT calls transformers' deprecated is_gradient_checkpointing; nothing for users to act on.

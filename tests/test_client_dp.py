@@ -166,7 +166,9 @@ def test_epsilon_over_rounds_is_opacus_rdp_of_the_subsampled_gaussian(tiny: list
         assert strategy.stats[rnd].extra[K.CLIENT_DP_EPSILON] == pytest.approx(eps, rel=1e-12)
         assert strategy.stats[rnd].sampled == 2
     assert 8.0 - 0.01 <= strategy.stats[3].extra[K.CLIENT_DP_EPSILON] <= 8.0  # σ planned for ε = 8 after 3 rounds
-    resumed = type(strategy).from_config(compose(overrides), overrides=strategy.round_config.overrides, fixed=strategy.fixed)
+    resumed = type(strategy).from_config(
+        compose(overrides), overrides=strategy.round_config.overrides, fixed=strategy.fixed
+    )
     resumed.load_state_dict(strategy.state_dict())  # a checkpoint keeps the release count: ε keeps composing
     assert resumed.releases == 3
 

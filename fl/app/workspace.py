@@ -111,6 +111,7 @@ def get_workspace(
         modules_to_save=trained,
         rank=rank,
         rank_key=rank_key,
+        layers=None if cfg.model.lora_layers is None else [int(i) for i in cfg.model.lora_layers],
     )
     if cfg.train.freeze_head:
         freeze_head(model)
