@@ -66,6 +66,9 @@ class DataConfig:
     # examples after the held-out split kept out of every client: a slice the run treats as public, e.g. the
     # server's data for Fed-SB's init (strategy.init=server strategy.init_data=public); never evaluated on
     public_size: int = 0
+    # per-client evaluation (with sim.fraction_evaluate > 0): each client holds out this seeded share of its own
+    # partition, never trains on it, and scores the model it would keep on it; 0 = off, else in (0, 0.5]
+    client_test_fraction: float = 0.0
     max_length: int = 64  # tokens; batches are padded dynamically up to this
     partitioner: str = "dirichlet"  # iid | dirichlet | pathological | natural
     alpha: float = 0.5  # Dirichlet concentration (smaller = more heterogeneous)
@@ -134,7 +137,9 @@ class SimConfig:
     rounds: int = 5
     fraction_train: float = 1.0
     min_train_clients: int = 2
-    fraction_evaluate: float = 0.0  # federated (client-side) evaluation; central eval always runs
+    # federated (client-side) evaluation on each client's held-out share (needs data.client_test_fraction > 0);
+    # central eval always runs
+    fraction_evaluate: float = 0.0
     client_cpus: float = 1.0  # Ray CPUs per virtual client (2 cores here -> 2 clients at once)
     client_gpus: float = 0.0  # Ray GPUs per virtual client (0.25 = four clients share a GPU)
     ray_address: str | None = None  # an existing Ray cluster (e.g. auto); default: start a local Ray
@@ -302,6 +307,26 @@ def validate(cfg: DictConfig) -> None:
         "data.labels",
         d.labels,
         "list at least 2 distinct class names, or null to take the sorted labels found in the data.",
+    )
+    _require(
+        d.client_test_fraction == 0 or 0 < d.client_test_fraction <= 0.5,
+        "data.client_test_fraction",
+        d.client_test_fraction,
+        "use 0 (no per-client evaluation) or a share in (0, 0.5] of each client's partition.",
+    )
+    _require(
+        d.client_test_fraction == 0 or sim.fraction_evaluate > 0,
+        "data.client_test_fraction",
+        d.client_test_fraction,
+        "it holds out a share of every client's data that no one scores while sim.fraction_evaluate=0; "
+        "set sim.fraction_evaluate (e.g. 1.0) or data.client_test_fraction=0.",
+    )
+    _require(
+        sim.fraction_evaluate == 0 or d.client_test_fraction > 0,
+        "sim.fraction_evaluate",
+        sim.fraction_evaluate,
+        "clients would evaluate with no held-out share of their own (data.client_test_fraction=0); "
+        "set data.client_test_fraction (e.g. 0.2) or sim.fraction_evaluate=0.",
     )
     _require(d.max_length > 1, "data.max_length", d.max_length, "use at least 2 tokens.")
     _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "use at least 1.")

@@ -20,6 +20,9 @@ PHASE_HELLO = "hello"  # the query that asks a node its partition id
 PHASE_EVALUATE = "evaluate"  # federated evaluation on a client's own data
 ADAPTER_KIND = "adapter-kind"
 LR = "lr"  # this round's client learning rate (train.lr_schedule); strategy.lr is the peak
+# name suffixes of the tensors each client keeps between rounds and the server never sends (FedSA-LoRA's B): the
+# client loads its own copy (PEFT's init before its first round) over whatever the message holds
+PERSONAL = "personal-suffixes"
 
 # MetricRecord keys (client -> server)
 NUM_EXAMPLES = "num-examples"  # the aggregation weight n_k (Flower's default key)
@@ -53,6 +56,7 @@ NODE_ATTACK_STRENGTH = "attack-strength"  # its strength (default: the attack's 
 STATE_FROZEN = "fedlora-frozen"
 STATE_PRIVACY = "fedlora-privacy"
 STATE_OPTIMIZER = "fedlora-optimizer"  # train.keep_optimizer_state: the client's optimiser state (ArrayRecord)
+STATE_PERSONAL = "fedlora-personal"  # the tensors named by PERSONAL, as this client last trained them (ArrayRecord)
 
 # Run outputs
 METRICS_FILE = "metrics.jsonl"
@@ -72,3 +76,13 @@ CLIENT_DP_EPSILON = "client_dp_epsilon"  # ε of the released global model after
 CLIENT_DP_RELEASES = "client_dp_releases"  # noisy aggregates released so far (the accountant's steps)
 CLIENT_DP_NOISE_STD = "client_dp_noise_std"  # std of the noise added to each coordinate of this round's mean
 CLIENT_DP_CLIPPED = "client_dp_clipped"  # fraction of this round's updates the server had to shrink to C
+
+# metrics.jsonl fields of federated, per-client evaluation (sim.fraction_evaluate > 0, data.client_test_fraction > 0):
+# each evaluating client scores the model it would keep on its own held-out share; spread over those clients
+CLIENT_ACCURACY_MEAN = "client_accuracy_mean"  # unweighted mean over the clients that evaluated
+CLIENT_ACCURACY_STD = "client_accuracy_std"  # population std over them (0 for one client)
+CLIENT_ACCURACY_MIN = "client_accuracy_min"
+CLIENT_ACCURACY_MAX = "client_accuracy_max"
+CLIENT_LOSS_MEAN = "client_loss_mean"  # unweighted mean of their losses
+CLIENTS_EVALUATED = "clients_evaluated"  # how many clients' scores the fields above summarise
+CLIENTS_EVAL_FAILED = "clients_eval_failed"  # evaluate messages with an error or no reply (declines included)

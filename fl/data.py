@@ -113,6 +113,14 @@ def load_pool(data_cfg: DictConfig) -> datasets.Dataset:
     raise ValueError(f"data.source={data_cfg.source!r} is unknown; use tweets, file or hf.")
 
 
+def _tokenised_fields(data_cfg: DictConfig) -> object:
+    """The data config as the tokenised pool depends on it (the per-client held-out share does not)."""
+    fields = OmegaConf.to_container(data_cfg, resolve=True)
+    if isinstance(fields, dict):
+        fields.pop("client_test_fraction", None)
+    return fields
+
+
 def _cache_key(data_cfg: DictConfig, tokenizer_name: str, seed: int, kind: str) -> str:
     source_file: dict[str, object] = {}
     if data_cfg.source == "file" and data_cfg.path:  # a file edited in place must not hit a stale cache
@@ -122,7 +130,7 @@ def _cache_key(data_cfg: DictConfig, tokenizer_name: str, seed: int, kind: str) 
             source_file = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     payload = json.dumps(
         {
-            "data": OmegaConf.to_container(data_cfg, resolve=True),
+            "data": _tokenised_fields(data_cfg),
             "tok": tokenizer_name,
             "seed": seed,
             "kind": kind,
@@ -273,15 +281,43 @@ def partition_indices(task: TaskData, data_cfg: DictConfig, *, num_partitions: i
 _PARTITIONS: dict[tuple[int, str, int, int], list[np.ndarray]] = {}
 
 
-def client_partition(task: TaskData, data_cfg: DictConfig, *, pid: int, num_partitions: int, seed: int) -> np.ndarray:
-    """One client's indices; the partitioning is computed once per process and task."""
+def _whole_partition(task: TaskData, data_cfg: DictConfig, *, pid: int, num_partitions: int, seed: int) -> np.ndarray:
     if not 0 <= pid < num_partitions:
         raise ValueError(f"partition-id={pid} is outside [0, {num_partitions}).")
-    data_json = json.dumps(OmegaConf.to_container(data_cfg, resolve=True), sort_keys=True)
+    data_json = json.dumps(_tokenised_fields(data_cfg), sort_keys=True)  # any held-out share: one partitioning
     key = (id(task), data_json, num_partitions, seed)
     if key not in _PARTITIONS:
         _PARTITIONS[key] = partition_indices(task, data_cfg, num_partitions=num_partitions, seed=seed)
     return _PARTITIONS[key][pid]
+
+
+def hold_out(indices: np.ndarray, fraction: float, *, seed: int, pid: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training indices, held-out indices) of one client: a seeded `fraction` of `indices` (at least one example,
+    never all of them), the same on every call for this (seed, pid); both keep the partition's order.
+    `fraction` 0 holds out nothing (`data.client_test_fraction`)."""
+    indices = np.asarray(indices)
+    if fraction <= 0 or len(indices) < 2:
+        return indices, indices[:0]
+    count = min(len(indices) - 1, max(1, round(fraction * len(indices))))
+    picked = np.zeros(len(indices), dtype=bool)
+    picked[np.random.default_rng([seed, pid, 26]).permutation(len(indices))[:count]] = True
+    return indices[~picked], indices[picked]
+
+
+def client_partition(task: TaskData, data_cfg: DictConfig, *, pid: int, num_partitions: int, seed: int) -> np.ndarray:
+    """One client's training indices: its partition less its held-out share (`data.client_test_fraction`,
+    `client_test_indices`); the partitioning is computed once per process and task."""
+    idx = _whole_partition(task, data_cfg, pid=pid, num_partitions=num_partitions, seed=seed)
+    return hold_out(idx, float(data_cfg.get("client_test_fraction", 0.0) or 0.0), seed=seed, pid=pid)[0]
+
+
+def client_test_indices(
+    task: TaskData, data_cfg: DictConfig, *, pid: int, num_partitions: int, seed: int
+) -> np.ndarray:
+    """One client's held-out share of its partition (`data.client_test_fraction`; empty when 0): never trained
+    on, scored by per-client evaluation."""
+    idx = _whole_partition(task, data_cfg, pid=pid, num_partitions=num_partitions, seed=seed)
+    return hold_out(idx, float(data_cfg.get("client_test_fraction", 0.0) or 0.0), seed=seed, pid=pid)[1]
 
 
 class IndexedDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):

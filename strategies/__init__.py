@@ -3,6 +3,7 @@
 from strategies.fed_sb import FedSB
 from strategies.fedex_lora import FedExLoRA
 from strategies.fedit import FedIT
+from strategies.fedsa_lora import FedSALoRA
 from strategies.ffa_lora import FFALoRA
 from strategies.flexlora import FlexLoRA
 from strategies.flora import FLoRA
@@ -18,11 +19,13 @@ register("fedex_lora", FedExLoRA)
 register("flora", FLoRA)
 register("flexlora", FlexLoRA)
 register("hetlora", HetLoRA)
+register("fedsa_lora", FedSALoRA)
 
 __all__ = [
     "FFALoRA",
     "FedExLoRA",
     "FedIT",
+    "FedSALoRA",
     "FedSB",
     "FlexLoRA",
     "HetLoRA",

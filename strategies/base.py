@@ -31,6 +31,8 @@ from strategies.stats import RoundStats
 
 log = logging.getLogger(__name__)
 
+EVAL_SALT = 2_601  # the seed salt of the clients that evaluate (`NodeSampler.subset`)
+
 ServerGradient = Callable[[], dict[str, torch.Tensor]]
 """The loss gradient w.r.t. every adapted W0 on the server's own init data (Fed-SB's init=server), by base-weight
 name; built by the app, which owns the model and the data."""
@@ -227,13 +229,23 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Federated evaluation on clients' own data when `fraction_evaluate` > 0 (per-node content, as training)."""
+        """Per-client evaluation when `fraction_evaluate` > 0: each sampled client scores the model it would keep
+        on its own held-out share (`data.client_test_fraction`); per-node content, as in training."""
         server_round += self.round_offset
         if self.fraction_evaluate == 0.0:
             return []
-        return self.messages(
-            self.sampler.sample(grid, self.fraction_evaluate, 1), arrays, server_round, K.PHASE_EVALUATE
-        )
+        # the same seeded clients every round (their scores compare across rounds), from a generator of their own
+        # (turning evaluation on leaves the training draws as they were)
+        nodes = self.sampler.subset(grid, self.fraction_evaluate, salt=EVAL_SALT)
+        self.stats.setdefault(server_round, RoundStats()).eval_sent = len(nodes)
+        return self.messages(nodes, arrays, server_round, K.PHASE_EVALUATE)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Per-client evaluation's spread over clients (`RoundStats.record_evaluation`; FedAvg's only averages)."""
+        server_round += self.round_offset
+        if self.fraction_evaluate == 0.0:
+            return None
+        return self.stats.setdefault(server_round, RoundStats()).record_evaluation(server_round, replies)
 
     def messages(
         self, nodes: Iterable[int], arrays: ArrayRecord, server_round: int, phase: str, *extra: Mapping[str, Any]

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import MetricRecord, RecordDict
+from flwr.app import Message, MetricRecord, RecordDict
 
 from fl import constants as K
 from fl.wire import array_bytes, from_record, num_floats
@@ -45,6 +47,7 @@ class RoundStats:
     extra: dict[str, float] = field(default_factory=dict)
     client_ranks: list[int] = field(default_factory=list)  # the aggregated clients' ranks (heterogeneous methods)
     defence: dict[str, Any] = field(default_factory=dict)  # defence_* fields: who was capped, clipped, dropped
+    eval_sent: int = 0  # evaluate messages sent this round (per-client evaluation; not a metrics.jsonl field)
 
     def count_down(self, content: RecordDict) -> None:
         """Count one message's bytes and floats sent to a client."""
@@ -80,6 +83,33 @@ class RoundStats:
         if steps:  # DP steps each client's accountant has recorded (all rounds), and their σ
             self.extra["dp_steps_max"] = max(steps)
             self.extra["noise_multiplier_max"] = max(m.get(K.NOISE_MULTIPLIER, 0.0) for m in metrics)
+
+    def record_evaluation(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:
+        """Per-client evaluation: the mean and spread over clients of the accuracy each scored on its own
+        held-out share (unweighted: every client's model counts once), into this round's metrics."""
+        scores: list[tuple[float, float]] = []
+        for msg in replies:
+            if msg.has_error():
+                log.warning("round %d: a client did not evaluate: %s", server_round, msg.error.reason)
+                continue
+            record = msg.content.metric_records.get(K.METRICS)
+            m = scalars(record) if record is not None else {}
+            acc, loss = m.get(K.EVAL_ACCURACY, float("nan")), m.get(K.EVAL_LOSS, float("nan"))
+            if math.isfinite(acc):
+                scores.append((acc, loss))
+        fields: dict[str, float] = {
+            K.CLIENTS_EVALUATED: len(scores),
+            K.CLIENTS_EVAL_FAILED: self.eval_sent - len(scores),
+        }
+        if scores:
+            accs = [a for a, _ in scores]
+            fields[K.CLIENT_ACCURACY_MEAN] = statistics.fmean(accs)
+            fields[K.CLIENT_ACCURACY_STD] = statistics.pstdev(accs)
+            fields[K.CLIENT_ACCURACY_MIN] = min(accs)
+            fields[K.CLIENT_ACCURACY_MAX] = max(accs)
+            fields[K.CLIENT_LOSS_MEAN] = statistics.fmean(loss for _, loss in scores)
+        self.extra.update(fields)
+        return MetricRecord(fields)  # type: ignore[arg-type]
 
     def row(self) -> dict[str, Any]:
         """This round as metrics.jsonl fields."""

@@ -2,7 +2,10 @@
 
 The config comes from the overrides in each message (the server's), composed with `fl.config.compose`,
 so every client sees the server's config whichever way the run was started. Tensors a method keeps
-frozen and sends only once (Fed-SB's A and B) are kept in the node's `Context.state`.
+frozen and sends only once (Fed-SB's A and B) are kept in the node's `Context.state`, and so are tensors a
+method makes personal (the ConfigRecord's `personal-suffixes`, FedSA-LoRA's B): a client starts them from PEFT's
+initialisation, keeps them as it trained them, and never takes them from the server. Per-client evaluation scores
+the model a client would keep on its held-out share (`data.client_test_fraction`).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import logging
 import os
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -26,7 +30,7 @@ from fl.adapters import load_tensors, trainable_state
 from fl.app.config import compose
 from fl.app.workspace import Workspace, get_workspace
 from fl.base_delta import apply_base_delta, delta_from_factors
-from fl.data import IndexedDataset, client_partition
+from fl.data import IndexedDataset, client_partition, client_test_indices, hold_out
 from fl.ranks import client_rank, rank_source
 from fl.runtime_env import CLIENT_THREADS_ENV
 from fl.wire import from_record, to_record
@@ -48,6 +52,7 @@ log = logging.getLogger(__name__)
 app = ClientApp()
 
 DECLINED_CODE = 451  # an error reply's code when a node declines a task by its own policy
+NO_TEST_SHARE_CODE = 422  # an evaluate message to a client that holds no held-out share
 
 
 def local_data_overrides(overrides: list[str], node_config: dict[str, Any]) -> list[str]:
@@ -60,22 +65,44 @@ def local_data_overrides(overrides: list[str], node_config: dict[str, Any]) -> l
     return [*overrides, "data.source=file", f"data.path={path}", "data.test_size=0", "data.max_examples=null"]
 
 
-def _partition(context: Context, ws: Workspace) -> tuple[int, IndexedDataset]:
+def _indices(context: Context, ws: Workspace) -> tuple[int, np.ndarray, np.ndarray]:
+    """(partition id, training indices, held-out indices) into `ws.task.train` (`data.client_test_fraction`)."""
     pid = int(str(context.node_config[K.NODE_PARTITION_ID]))
-    if context.node_config.get(K.NODE_DATA_PATH):
-        return pid, IndexedDataset(ws.task.train)  # the node's own file, whole
+    if context.node_config.get(K.NODE_DATA_PATH):  # the node's own file, whole (less its held-out share)
+        share = float(ws.cfg.data.client_test_fraction)
+        return pid, *hold_out(np.arange(len(ws.task.train)), share, seed=int(ws.cfg.seed), pid=pid)
     n = int(str(context.node_config.get(K.NODE_NUM_PARTITIONS, ws.cfg.sim.num_clients)))
     if n != ws.cfg.sim.num_clients:
         raise ValueError(
             f"This node was started with num-partitions={n} but sim.num_clients={ws.cfg.sim.num_clients}; "
             "start every SuperNode with --node-config 'partition-id=i num-partitions=N' matching the run."
         )
-    idx = client_partition(ws.task, ws.cfg.data, pid=pid, num_partitions=n, seed=int(ws.cfg.seed))
-    return pid, IndexedDataset(ws.task.train, idx)
+    where = {"pid": pid, "num_partitions": n, "seed": int(ws.cfg.seed)}
+    return pid, client_partition(ws.task, ws.cfg.data, **where), client_test_indices(ws.task, ws.cfg.data, **where)
 
 
-def _load_global(msg: Message, context: Context, ws: Workspace) -> None:
-    """Put the server's tensors (and any frozen ones, sent now or kept from before) into the model."""
+def _partition(context: Context, ws: Workspace) -> tuple[int, IndexedDataset]:
+    """(partition id, the examples this client trains on)."""
+    pid, train, _ = _indices(context, ws)
+    return pid, IndexedDataset(ws.task.train, train)
+
+
+def _personal(conf: ConfigRecord) -> tuple[str, ...]:
+    """Name suffixes of the tensors this client keeps as its own (`K.PERSONAL`, e.g. FedSA-LoRA's B); () if none."""
+    raw = conf.get(K.PERSONAL)
+    return tuple(str(x) for x in raw) if isinstance(raw, list) else ()
+
+
+def _own_tensors(context: Context, ws: Workspace, suffixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """This client's personal tensors: as it last trained them (`Context.state`), else PEFT's initialisation."""
+    if K.STATE_PERSONAL in context.state.array_records:
+        return from_record(context.state.array_records[K.STATE_PERSONAL])
+    return {n: t.clone() for n, t in ws.initial.items() if n.endswith(suffixes)}
+
+
+def _load_global(msg: Message, context: Context, ws: Workspace) -> dict[str, torch.Tensor]:
+    """Put the server's tensors (and any frozen ones, sent now or kept from before) into the model, with this
+    client's own personal tensors in place of any the message names; returns the trainable tensors loaded."""
     content = msg.content
     if K.FROZEN in content.array_records:  # sent once: keep for the rounds after
         context.state[K.STATE_FROZEN] = content.array_records[K.FROZEN]
@@ -88,7 +115,12 @@ def _load_global(msg: Message, context: Context, ws: Workspace) -> None:
             fold[name] = fold[name] + d if name in fold else d
     apply_base_delta(ws.model, fold)
     expected = {n for n, p in ws.model.named_parameters() if p.requires_grad}
-    load_tensors(ws.model, from_record(content.array_records[K.ARRAYS]), expect=expected)
+    state = from_record(content.array_records[K.ARRAYS])
+    suffixes = _personal(content.config_records[K.CONFIG])
+    if suffixes:  # never the server's: the client's own copy replaces anything the message holds under these names
+        state = {n: t for n, t in state.items() if not n.endswith(suffixes)} | _own_tensors(context, ws, suffixes)
+    load_tensors(ws.model, state, expect=expected)
+    return state
 
 
 def _own_rank(overrides: list[str], context: Context) -> int:
@@ -145,7 +177,7 @@ def train(msg: Message, context: Context) -> Message:
             spec=InitSpec.from_config(ws.cfg),
             privacy=settings,
         )
-    _load_global(msg, context, ws)
+    start = _load_global(msg, context, ws)
     cfg = ws.cfg
     attack = attack_for(cfg, dict(context.node_config), pid)  # a simulated hostile client (sim.attack)
     data = attack.data(data, ws.num_labels)
@@ -242,8 +274,11 @@ def train(msg: Message, context: Context) -> Message:
         content[K.STATE_PRIVACY] = save_accountant(context, accountant)
     else:
         metrics[K.TRAIN_LOSS] = result.loss
-    received = from_record(msg.content.array_records[K.ARRAYS])
-    content[K.ARRAYS] = to_record(attack.reply(trainable_state(ws.model), received, seed=seed))
+    trained = trainable_state(ws.model)
+    suffixes = _personal(conf)
+    if suffixes:  # kept for the next round this client joins; its reply still carries them (the server's mean)
+        context.state[K.STATE_PERSONAL] = to_record({n: t for n, t in trained.items() if n.endswith(suffixes)})
+    content[K.ARRAYS] = to_record(attack.reply(trained, start, seed=seed))
     content[K.METRICS] = MetricRecord(metrics)
     return Message(content, reply_to=msg)
 
@@ -257,14 +292,18 @@ def _kept_optimizer_state(cfg: DictConfig, context: Context) -> dict[str, torch.
 
 @app.evaluate()
 def evaluate_local(msg: Message, context: Context) -> Message:
-    """Federated evaluation: the global adapter on this client's own partition."""
+    """Per-client evaluation: the model this client would keep (the server's tensors, its own personal ones) on
+    its held-out share of its partition (`data.client_test_fraction`), which it never trains on."""
     ws, _ = _workspace(msg, context)
-    pid, data = _partition(context, ws)
+    pid, _, held_out = _indices(context, ws)
     if node_policy(ws.privacy, context.node_config, pid).requires_dp:  # un-noised metrics of the node's own data
         reason = "this node's privacy policy does not release un-noised evaluation metrics of its data"
         return Message(Error(code=DECLINED_CODE, reason=f"declined: {reason}"), reply_to=msg)
+    if len(held_out) == 0:
+        reason = "no held-out share to score (data.client_test_fraction=0); set data.client_test_fraction > 0"
+        return Message(Error(code=NO_TEST_SHARE_CODE, reason=reason), reply_to=msg)
     _load_global(msg, context, ws)
-    split = data.split.subset(data.indices)
+    split = ws.task.train.subset(held_out)
     loss, acc = evaluate(
         ws.model,
         split,
@@ -272,5 +311,7 @@ def evaluate_local(msg: Message, context: Context) -> Message:
         pad_id=ws.pad_id,
         precision=str(ws.cfg.train.precision),
     )
-    metrics = MetricRecord({K.NUM_EXAMPLES: len(data), K.EVAL_LOSS: loss, K.EVAL_ACCURACY: acc})
+    metrics = MetricRecord(
+        {K.PARTITION_ID: pid, K.NUM_EXAMPLES: len(held_out), K.EVAL_LOSS: loss, K.EVAL_ACCURACY: acc}
+    )
     return Message(RecordDict({K.METRICS: metrics}), reply_to=msg)

@@ -9,7 +9,7 @@ object across the virtual clients of a process is safe.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from clients import fedsb_init
 from fl import ranks
 from fl.accel import resolve_device
-from fl.adapters import build_adapter, check_ranks_fit, freeze_head
+from fl.adapters import build_adapter, check_ranks_fit, freeze_head, trainable_state
 from fl.app.config import compose
 from fl.data import TaskData
 from fl.models import load_tokenizer
@@ -43,6 +43,9 @@ class Workspace:
     kind: str
     task_def: Task  # what `model.task` means: model, data, batches, loss, metrics
     rank: int = 0  # the LoRA rank `model` was built at (a client's own in a heterogeneous federation)
+    # the trainable tensors as PEFT initialised them (copies): where a client's personal tensors (FedSA-LoRA's B)
+    # start before its first round, since `model` is shared by every virtual client of the process
+    initial: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def pad_id(self) -> int:
@@ -125,6 +128,7 @@ def get_workspace(
         kind=kind,
         task_def=task_def,
         rank=int(cfg.strategy.rank) if rank is None else int(rank),
+        initial=trainable_state(model),
     )
     _CACHE[key] = ws
     return ws
