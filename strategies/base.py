@@ -25,13 +25,11 @@ from strategies.carried import AccountantCopies
 from strategies.hooks import MethodHooks
 from strategies.messages import RoundConfig
 from strategies.robust import RobustAggregation
-from strategies.sampling import NodeSampler
+from strategies.sampling import EVAL_SALT, NodeSampler
 from strategies.screening import Reply, screen
 from strategies.stats import RoundStats
 
 log = logging.getLogger(__name__)
-
-EVAL_SALT = 2_601  # the seed salt of the clients that evaluate (`NodeSampler.subset`)
 
 ServerGradient = Callable[[], dict[str, torch.Tensor]]
 """The loss gradient w.r.t. every adapted W0 on the server's own init data (Fed-SB's init=server), by base-weight
@@ -171,8 +169,7 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
         self.round_arrays = arrays
         nodes = self.sampler.sample(grid, self.fraction_train, self.min_train_nodes)
         stats = self.stats.setdefault(server_round, RoundStats())
-        stats.started = time.perf_counter()
-        stats.sampled = len(nodes)
+        stats.begin(len(nodes))
         msgs = self.messages(nodes, arrays, server_round, K.PHASE_TRAIN, dict(config.items()))
         for msg in msgs:
             if self.round_offset:  # resumed: hand the client its accountant back
@@ -197,7 +194,7 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
             expected=self.expected_for,
             stats=self.stats.setdefault(server_round, RoundStats()),
             partition_of=self.sampler.partition_of,
-            on_reply=self.keep_accountant,
+            on_reply=partial(self.accountants.keep, self.sampler.partition_of),
         )
 
     def aggregate_screened(
@@ -216,15 +213,9 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
         states, weights = kept.states, kept.weights  # the replies, or what the defence made of them
         agg = self.aggregate_arrays(server_round, states, weights)
         stats.aggregate_seconds = time.perf_counter() - t0
-        stats.aggregated = len(kept.replies)
-        stats.residual = self.residual(states, weights, agg)
-        stats.record_clients([r.metrics for r in kept.replies], kept.client_weights, ranks=self.mixed_ranks)
-        stats.round_seconds = time.perf_counter() - stats.started
+        res, metrics = self.residual(states, weights, agg), [r.metrics for r in kept.replies]
+        stats.record_aggregate(metrics, kept.client_weights, res, ranks=self.mixed_ranks)
         return to_record(agg), MetricRecord({K.TRAIN_LOSS: stats.train_loss, K.AGGREGATED: len(kept.replies)})
-
-    def keep_accountant(self, node: int, msg: Message) -> None:
-        """Keep a copy of the privacy accountant state a client reports (restored to it after a resume)."""
-        self.accountants.keep(self.sampler.partition_of.get(node, node), msg)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -234,8 +225,7 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
         server_round += self.round_offset
         if self.fraction_evaluate == 0.0:
             return []
-        # the same seeded clients every round (their scores compare across rounds), from a generator of their own
-        # (turning evaluation on leaves the training draws as they were)
+        # the same seeded clients every round, from a generator of their own (the training draws stay as they were)
         nodes = self.sampler.subset(grid, self.fraction_evaluate, salt=EVAL_SALT)
         self.stats.setdefault(server_round, RoundStats()).eval_sent = len(nodes)
         return self.messages(nodes, arrays, server_round, K.PHASE_EVALUATE)

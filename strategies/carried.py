@@ -21,10 +21,11 @@ class AccountantCopies:
     def __init__(self) -> None:
         self.by_partition: dict[int, dict[str, Any]] = {}
 
-    def keep(self, partition: int, msg: Message) -> None:
-        """Keep the accountant state `msg` carries (a DP client's reply), if any."""
+    def keep(self, partition_of: Mapping[int, int], node: int, msg: Message) -> None:
+        """Keep the accountant state `msg` from `node` carries (a DP client's reply), if any, by its partition."""
         if K.STATE_PRIVACY in msg.content.config_records:
-            self.by_partition[partition] = dict(msg.content.config_records[K.STATE_PRIVACY].items())
+            record = msg.content.config_records[K.STATE_PRIVACY]
+            self.by_partition[partition_of.get(node, node)] = dict(record.items())
 
     def hand_back(self, content: RecordDict, partition: int | None) -> None:
         """Add the kept accountant of `partition` to a message's content (after a resume)."""

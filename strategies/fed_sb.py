@@ -304,7 +304,7 @@ class _InitExchange:
                 log.warning("Fed-SB init (%s): node %d failed: %s; going on without it", step, node, reply.error.reason)
                 continue
             st.bytes_up += array_bytes(reply.content)
-            strategy.keep_accountant(node, reply)
+            strategy.accountants.keep(strategy.sampler.partition_of, node, reply)
             problem, release = check_reply(reply, expected=expected, server_round=0)
             if problem is not None or release is None:
                 st.rejected += 1

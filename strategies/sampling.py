@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 DISCOVERY_TIMEOUT = 300.0  # seconds the first hello to a node may take (process start-up included)
 
 
+EVAL_SALT = 2_601  # the seed salt of the clients that evaluate (`NodeSampler.subset`)
+
+
 class NodeSampler:
     """Seeded node sampling over the nodes' partition ids.
 

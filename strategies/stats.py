@@ -49,6 +49,20 @@ class RoundStats:
     defence: dict[str, Any] = field(default_factory=dict)  # defence_* fields: who was capped, clipped, dropped
     eval_sent: int = 0  # evaluate messages sent this round (per-client evaluation; not a metrics.jsonl field)
 
+    def begin(self, sampled: int) -> None:
+        """The round's messages are being built for `sampled` clients: its clock starts."""
+        self.started = time.perf_counter()
+        self.sampled = sampled
+
+    def record_aggregate(
+        self, metrics: list[dict[str, float]], weights: list[float], residual: float, *, ranks: bool = False
+    ) -> None:
+        """The aggregated clients (`record_clients`), the aggregate's residual, and the round's wall seconds."""
+        self.aggregated = len(metrics)
+        self.residual = residual
+        self.record_clients(metrics, weights, ranks=ranks)
+        self.round_seconds = time.perf_counter() - self.started
+
     def count_down(self, content: RecordDict) -> None:
         """Count one message's bytes and floats sent to a client."""
         self.bytes_down += array_bytes(content)
