@@ -300,7 +300,11 @@ def evaluate_local(msg: Message, context: Context) -> Message:
         reason = "this node's privacy policy does not release un-noised evaluation metrics of its data"
         return Message(Error(code=DECLINED_CODE, reason=f"declined: {reason}"), reply_to=msg)
     if len(held_out) == 0:
-        reason = "no held-out share to score (data.client_test_fraction=0); set data.client_test_fraction > 0"
+        share, size = float(ws.cfg.data.client_test_fraction), len(_partition(context, ws)[1])
+        reason = (
+            f"no held-out share to score (data.client_test_fraction={share:g}, partition {pid} trains on {size} "
+            "examples; a share needs at least 2): set data.client_test_fraction > 0"
+        )
         return Message(Error(code=NO_TEST_SHARE_CODE, reason=reason), reply_to=msg)
     _load_global(msg, context, ws)
     split = ws.task.train.subset(held_out)
