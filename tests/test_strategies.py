@@ -1,5 +1,6 @@
-"""Every strategy in a real Flower simulation (tiny model, 2 clients, 2 rounds): bytes match the formula
-for the tensors it sends, residuals behave as each method's maths says, exports reload with plain PEFT."""
+"""Every strategy through the real ServerApp and ClientApp (tiny model, 2 clients, 2 rounds; in-process via
+`LoopGrid`, which reproduces the Simulation Runtime's numbers exactly, see test_reliability.py): bytes match the
+formula for the tensors it sends, residuals behave as each method's maths says, exports reload with plain PEFT."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from loop_grid import LoopGrid
 from peft import PeftModel
 
-from fl.app.simulation import run_simulation
+from fl.app.server_app import run_server
 from fl.app.workspace import get_workspace
 from fl.data import IndexedDataset
 from fl.outputs import read_metrics
@@ -59,7 +61,7 @@ def run(request: pytest.FixtureRequest, tiny: list[str], tmp_path_factory: pytes
     ]
     if strategy == "lora_fair":
         overrides.append("strategy.steps=50")
-    return strategy, run_simulation(overrides), overrides
+    return strategy, run_server(LoopGrid(CLIENTS), overrides), overrides
 
 
 def test_all_four_are_registered() -> None:

@@ -9,13 +9,15 @@ import struct
 from pathlib import Path
 
 import pytest
+from loop_grid import LoopGrid
 
-from fl.app.simulation import run_simulation
+from fl.app.server_app import run_server
 from fl.app.tracking import numeric_metrics
 from fl.outputs import read_metrics
 from simulations.sweep import run_sweep
 
-SIM = ["sim.num_clients=2", "sim.rounds=2", "data.partitioner=iid"]
+NODES = 2
+SIM = [f"sim.num_clients={NODES}", "sim.rounds=2", "data.partitioner=iid"]
 
 
 def _expected(run_dir: Path) -> dict[str, dict[int, float]]:
@@ -93,7 +95,8 @@ def _wandb(run_dir: Path) -> tuple[dict[str, dict[int, float]], list[str]]:
 
 @pytest.mark.parametrize("backend", ["mlflow", "tensorboard", "wandb"])
 def test_tracked_run_reads_back_equal_to_metrics_jsonl(backend: str, tiny: list[str], tmp_path: Path) -> None:
-    run_dir = run_simulation([*tiny, *SIM, f"tracking={backend}", f"run_dir={tmp_path / 'run'}"])
+    # in-process (the real ServerApp, where the tracker lives, and ClientApp): Ray adds nothing to tracking
+    run_dir = run_server(LoopGrid(NODES), [*tiny, *SIM, f"tracking={backend}", f"run_dir={tmp_path / 'run'}"])
     want = _expected(run_dir)
     assert set(want["accuracy"]) == {0, 1, 2}
     if backend == "mlflow":
@@ -106,6 +109,7 @@ def test_tracked_run_reads_back_equal_to_metrics_jsonl(backend: str, tiny: list[
     else:
         got, kinds = _wandb(run_dir)
         assert "run" in kinds and "artifact" in kinds
+        assert kinds[-1] == "exit"  # the file is complete when the run has ended (W&B's service flushed it)
     assert set(got) == set(want)
     for key, by_round in want.items():
         assert got[key] == pytest.approx(by_round, rel=1e-6), key

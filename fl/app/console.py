@@ -23,6 +23,9 @@ HIDDEN_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     (r"Tip: In future versions of Ray", FutureWarning),
     (r".*Pydantic v1 is deprecated", FutureWarning),
 )
+# Third-party loggers that speak at INFO about themselves, not the run (matplotlib: "generated new fontManager"
+# on a fresh machine's first plot): shown with `log_level=debug` only.
+CHATTY_LOGGERS = ("matplotlib",)
 
 
 def python_level(log_level: str) -> int:
@@ -44,6 +47,8 @@ def set_levels(log_level: str) -> None:
     flwr_level = logging.DEBUG if log_level == "debug" else logging.ERROR
     logging.getLogger("flwr").setLevel(flwr_level)
     logging.getLogger("ray").setLevel(logging.INFO if log_level == "debug" else logging.ERROR)
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG if log_level == "debug" else logging.WARNING)
 
 
 @contextlib.contextmanager
