@@ -146,6 +146,41 @@ def test_sigterm_mid_run_stops_every_process_of_a_warm_insecure_deployment(tiny:
     assert not _running(list(seen.values())), text[-3000:]
 
 
+@pytest.mark.slow
+def test_mixed_ranks_from_each_supernodes_node_config(tiny: list[str], tmp_path: Path) -> None:
+    """Two SuperNodes saying their own rank (`--node-config "... lora-rank=r"`), FlexLoRA across them: each
+    client trains at its node's rank, and the run ends where the in-process run with those ranks ends."""
+    from loop_grid import LoopGrid
+
+    from fl.app.server_app import run_server
+
+    job = [*tiny, "strategy=flexlora", "strategy.rank=4", "sim.num_clients=2", "sim.rounds=2"]
+    ranks = {0: {"lora-rank": "2"}, 1: {"lora-rank": "4"}}
+    dep = read_metrics(deploy([*job, f"run_dir={tmp_path / 'dep'}"], insecure=True, timeout=600, node_configs=ranks))
+    grid = LoopGrid(2)
+    for (_, ctx), rank in zip(sorted(grid.contexts.items()), (2, 4), strict=True):
+        ctx.node_config["lora-rank"] = rank
+    ref = read_metrics(run_server(grid, [*job, f"run_dir={tmp_path / 'ref'}"]))
+    assert [r["round"] for r in dep] == [0, 1, 2]
+    for rd, rr in zip(dep[1:], ref[1:], strict=True):
+        assert rd["client_ranks"] == [2, 4] and rd["aggregated"] == 2 and rd["rejected"] == 0
+        for key in ("accuracy", "floats_up", "floats_down", "bytes_up", "bytes_down"):
+            assert rd[key] == rr[key], (rd["round"], key)
+        assert rd["loss"] == pytest.approx(rr["loss"], rel=1e-6)
+    with pytest.raises(ValueError, match="names node"):
+        deploy([*job, f"run_dir={tmp_path / 'bad'}"], insecure=True, node_configs={5: {"lora-rank": "2"}})
+
+
+def test_node_config_flags_parse_and_a_malformed_one_names_the_form() -> None:
+    from fl.deploy.cli import parse_node_configs
+
+    got = parse_node_configs(["0:lora-rank=2", "1:lora-rank=8 privacy-target-epsilon=3", "0:attack=scale"])
+    assert got == {0: {"lora-rank": "2", "attack": "scale"}, 1: {"lora-rank": "8", "privacy-target-epsilon": "3"}}
+    for bad in ("lora-rank=2", "x:lora-rank=2", "0:", "0:lora-rank"):
+        with pytest.raises(ValueError, match="NODE:KEY=VALUE"):
+            parse_node_configs([bad])
+
+
 def test_certificates_chain_sans_and_node_keys(tmp_path: Path) -> None:
     server, nodes = create_federation_credentials(tmp_path, num_nodes=2, sans=["localhost", "127.0.0.1", "10.1.2.3"])
     ca = x509.load_pem_x509_certificate(server.ca_cert.read_bytes())

@@ -14,8 +14,22 @@ def _raise_on_signal(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
 
 
+def parse_node_configs(items: Sequence[str]) -> dict[int, dict[str, str]]:
+    """`--node-config I:KEY=VALUE[ KEY=VALUE...]` (repeatable) as {node: {key: value}}."""
+    out: dict[int, dict[str, str]] = {}
+    for item in items:
+        node, sep, rest = item.partition(":")
+        pairs = [p.partition("=") for p in rest.split()]
+        if not sep or not node.strip().isdigit() or not pairs or any(not k or not eq or not v for k, eq, v in pairs):
+            raise ValueError(
+                f"--node-config {item!r} is malformed; write NODE:KEY=VALUE, e.g. --node-config 0:lora-rank=4."
+            )
+        out.setdefault(int(node), {}).update({k: v for k, _, v in pairs})
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """`fl-deploy --clients N [--insecure] [--warm] [--bench] [overrides]`."""
+    """`fl-deploy --clients N [--insecure] [--warm] [--bench] [--node-config I:K=V] [overrides]`."""
     from fl.app.cli import setup_logging
 
     parser = argparse.ArgumentParser(
@@ -29,6 +43,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--warm", action="store_true", help="warm ClientApps (no fresh process per message)")
     parser.add_argument("--bench", action="store_true", help="time the job in simulation and in deployment")
     parser.add_argument(
+        "--node-config",
+        action="append",
+        default=[],
+        metavar="NODE:KEY=VALUE",
+        help="a SuperNode's own node config, e.g. 0:lora-rank=2 (repeatable; a node's lora-rank wins over "
+        "sim.client_ranks)",
+    )
+    parser.add_argument(
         "--clientapp-executor",
         metavar="HOST:PORT",
         help="only run a warm ClientApp executor for `flower-supernode --isolation process --port PORT`",
@@ -37,6 +59,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.clients is not None and args.clients < 1:
         parser.error(f"--clients must be >= 1, got {args.clients}")
+    try:
+        node_configs = parse_node_configs(args.node_config)
+    except ValueError as e:
+        parser.error(str(e))
     setup_logging()
     if args.clientapp_executor:
         from fl.deploy.warm_clientapp import run_clientapp_executor
@@ -52,7 +78,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             bench(args.overrides, clients=args.clients, insecure=args.insecure)
             return
         run_dir = deploy(
-            args.overrides, clients=args.clients, insecure=args.insecure, timeout=args.timeout, warm=args.warm
+            args.overrides,
+            clients=args.clients,
+            insecure=args.insecure,
+            timeout=args.timeout,
+            warm=args.warm,
+            node_configs=node_configs,
         )
     except (ValueError, DeployError) as e:
         print(f"fl-deploy: {e}", file=sys.stderr)

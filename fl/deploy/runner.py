@@ -27,7 +27,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,19 +138,25 @@ def start_supernode(
     private_key: Path | None = None,
     max_wait_time: float | None = None,
     warm: bool = False,
+    node_config: Mapping[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start one `flower-supernode` serving partition `partition_id` of `num_partitions`.
 
     `root_certificates=None` connects without TLS (`--insecure`). `port` is the node's own Runtime API
     port (its ClientApp processes talk to it). `max_wait_time` (s) makes it give up connecting. `warm`
     starts it with `--isolation process` and a `run_clientapp_executor` beside it (log: `*.executor.log`).
+    `node_config` adds the node's own keys to its `--node-config` (e.g. ``{"lora-rank": "4"}``).
     """
     argv = [bin_path("flower-supernode"), "--superlink", superlink, "--port", str(port)]
     if warm:
         argv += ["--isolation", "process"]
         executor = [sys.executable, "-m", "fl.deploy", "--clientapp-executor", f"{LOOPBACK}:{port}"]
         procs.start(executor, env=env, log_path=log_path.with_suffix(".executor.log"))
-    argv += ["--node-config", f"{K.NODE_PARTITION_ID}={partition_id} {K.NODE_NUM_PARTITIONS}={num_partitions}"]
+    own = " ".join(f"{k}={v}" for k, v in (node_config or {}).items())
+    argv += [
+        "--node-config",
+        f"{K.NODE_PARTITION_ID}={partition_id} {K.NODE_NUM_PARTITIONS}={num_partitions} {own}".strip(),
+    ]
     argv += ["--insecure"] if root_certificates is None else ["--root-certificates", str(root_certificates)]
     if private_key is not None:
         argv += ["--auth-supernode-private-key", str(private_key)]
@@ -236,8 +242,11 @@ class LocalFederation:
         tls: bool | None = None,
         max_wait_time: float | None = None,
         name: str | None = None,
+        node_config: Mapping[str, str] | None = None,
     ) -> tuple[subprocess.Popen[bytes], Path]:
-        """Register `keys` (if `register`) and start a SuperNode; `tls=None` follows the federation."""
+        """Register `keys` (if `register`) and start a SuperNode; `tls=None` follows the federation.
+
+        `node_config`: the node's own `--node-config` keys beside its partition (e.g. its ``lora-rank``)."""
         if keys is not None and register:
             node_id = register_node(keys.public, connection=CONNECTION, env=self.env)
             log.info("Registered %s as node %d", keys.public.name, node_id)
@@ -255,6 +264,7 @@ class LocalFederation:
             private_key=None if keys is None else keys.private,
             max_wait_time=max_wait_time,
             warm=self.warm,
+            node_config=node_config,
         )
         self.nodes.append((proc, log_path))
         return proc, log_path
@@ -345,6 +355,7 @@ def deploy(
     timeout: float | None = None,
     warm: bool = False,
     on_started: Callable[[LocalFederation], None] | None = None,
+    node_configs: Mapping[int, Mapping[str, str]] | None = None,
 ) -> Path:
     """Run one job on a loopback deployment (TLS + node auth unless `insecure`); returns the run folder.
 
@@ -352,15 +363,19 @@ def deploy(
     `.deploy/` (certificates, FLWR_HOME, one log per process). `timeout` (s) bounds the whole run.
     `warm` runs ClientApps through `run_clientapp_executor` instead of a fresh process per message.
     `on_started(federation)` is called once the SuperLink and the nodes are up, before the run is
-    submitted (e.g. to start more nodes).
+    submitted (e.g. to start more nodes). `node_configs[i]`: SuperNode i's own node-config keys (e.g.
+    ``{0: {"lora-rank": "2"}, 1: {"lora-rank": "8"}}`` for a federation of mixed ranks).
     """
     ov, run_dir = prepare_overrides(overrides, clients=clients)
     cfg = compose(ov)  # fail fast, before any process starts
     n = int(cfg.sim.num_clients)
     threads = max(1, int(cfg.train.threads or cfg.sim.client_cpus))  # as in simulation: comparable numbers
+    extra = dict(node_configs or {})
+    if unknown := sorted(set(extra) - set(range(n))):
+        raise ValueError(f"--node-config names node(s) {unknown}, but the federation has nodes 0..{n - 1}.")
     with LocalFederation(run_dir / DEPLOY_DIR, insecure=insecure, client_threads=threads, warm=warm) as fed:
         keys = fed.start(n)
-        nodes = [fed.add_node(i, n, keys=keys[i] if keys else None) for i in range(n)]
+        nodes = [fed.add_node(i, n, keys=keys[i] if keys else None, node_config=extra.get(i)) for i in range(n)]
         fed.wait_online(nodes)
         if on_started is not None:
             on_started(fed)
