@@ -130,3 +130,54 @@ def test_a_supernode_killed_mid_run_continues_its_epsilon_from_disk_and_stops_at
     assert at_kill.epsilon(1e-3) < trained[-1]["epsilon_max"] <= 3.0
     assert rows[-1]["declined"] == 1 and len(rows) == 3  # it stops at its target; the run still finishes
     assert "declined to train: its privacy budget is spent" in server_log and "after 4 steps" in server_log
+
+
+@pytest.mark.slow
+def test_a_deployed_nodes_lifetime_ledger_declines_a_federation_that_would_pass_it(
+    tiny: list[str], tmp_path: Path
+) -> None:
+    """Issue 27's ledger across processes: a first federation (in-process, each node naming its ledger file)
+    spends ε ≈ 3 of a lifetime 3.2 (two such runs compose to ≈ 3.39 here); a second, on the Deployment
+    Runtime, whose SuperNodes name the same files, is declined by every node with what is left, and the
+    ledgers still hold the first run only."""
+    from loop_grid import LoopGrid
+
+    from fl.app.server_app import run_server
+    from fl.deploy import deploy
+    from privacy.ledger import PrivacyLedger
+
+    job = [
+        *tiny,
+        "strategy=ffa_lora",
+        "strategy.rank=2",
+        "sim.num_clients=2",
+        "sim.rounds=2",
+        "sim.min_train_clients=1",
+        "data.partitioner=iid",
+        "privacy=dp",
+        "privacy.target_epsilon=3",
+        "privacy.delta=1e-3",
+    ]
+    nodes = {
+        i: {
+            "privacy-ledger": str(tmp_path / f"node{i}" / "ledger-tweets.json"),
+            "privacy-lifetime-epsilon": "3.2",
+            "privacy-secure-rng": "false",  # Opacus' secure_mode needs torchcsprng, not installed here
+        }
+        for i in (0, 1)
+    }
+    grid = LoopGrid(2)
+    for (_, ctx), i in zip(sorted(grid.contexts.items()), (0, 1), strict=True):
+        ctx.node_config.update(nodes[i])
+    first = read_metrics(run_server(grid, [*job, f"run_dir={tmp_path / 'first'}"]))
+    assert all(r["declined"] == 0 and r["aggregated"] == 2 for r in first[1:])
+    spent = [PrivacyLedger(Path(nodes[i]["privacy-ledger"])).spent(1e-3) for i in (0, 1)]
+    assert all(2.5 < s <= 3.0 for s in spent)
+    second_dir = deploy([*job, f"run_dir={tmp_path / 'second'}"], insecure=True, timeout=600, node_configs=nodes)
+    second = read_metrics(second_dir)
+    got = [(r["round"], r.get("declined"), r.get("aggregated"), r.get("skipped")) for r in second]
+    assert all(r["declined"] == 2 and r["aggregated"] == 0 for r in second[1:]), got
+    log = (second_dir / ".deploy" / "logs" / "serverapp.log").read_text(errors="replace")
+    assert "declined to train" in log and "privacy-lifetime-epsilon=3.2" in log and f"{3.2 - spent[0]:.3g} left" in log
+    for i in (0, 1):
+        assert len(PrivacyLedger(Path(nodes[i]["privacy-ledger"])).runs()) == 1

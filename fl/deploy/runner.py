@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shlex
 import subprocess
 import sys
@@ -125,6 +126,15 @@ def register_node(public_key: Path, *, connection: str, env: dict[str, str]) -> 
     return int(flwr_cli(["supernode", "register", str(public_key), connection], env=env)["node-id"])
 
 
+def node_config_value(value: object) -> str:
+    """`value` as `--node-config` needs it: Flower reads each value as TOML, so a string (a path, a name) is
+    quoted and a number or a boolean is not (``lora-rank=4``, ``privacy-ledger="/data/ledger.json"``)."""
+    text = str(value).strip()
+    if text.lower() in ("true", "false") or re.fullmatch(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?", text):
+        return text.lower() if text.lower() in ("true", "false") else text
+    return json.dumps(text.strip("'\""))  # a TOML basic string: JSON's escapes are TOML's
+
+
 def start_supernode(
     procs: Processes,
     *,
@@ -152,7 +162,7 @@ def start_supernode(
         argv += ["--isolation", "process"]
         executor = [sys.executable, "-m", "fl.deploy", "--clientapp-executor", f"{LOOPBACK}:{port}"]
         procs.start(executor, env=env, log_path=log_path.with_suffix(".executor.log"))
-    own = " ".join(f"{k}={v}" for k, v in (node_config or {}).items())
+    own = " ".join(f"{k}={node_config_value(v)}" for k, v in (node_config or {}).items())
     argv += [
         "--node-config",
         f"{K.NODE_PARTITION_ID}={partition_id} {K.NODE_NUM_PARTITIONS}={num_partitions} {own}".strip(),
