@@ -10,9 +10,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from loop_grid import LoopGrid
 from peft import PeftModel
 
-from fl.app.simulation import run_simulation
+from fl.app.server_app import run_server
 from fl.app.workspace import get_workspace
 from fl.base_delta import BASE_DELTA_FILE, apply_base_delta, apply_to_base
 from fl.checkpoint import Checkpoint
@@ -68,7 +69,7 @@ def run(tiny: list[str], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path
         "data.partitioner=iid",
         f"run_dir={tmp_path_factory.mktemp('fedex') / 'run'}",
     ]
-    return run_simulation(overrides), overrides
+    return run_server(LoopGrid(2), overrides), overrides  # in-process: the same numbers as on Ray (test_reliability)
 
 
 def test_fedex_is_exact_and_pays_the_dense_fold_downlink(run: tuple[Path, list[str]]) -> None:

@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from loop_grid import LoopGrid
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from clients.train import local_train
 from fl.adapters import build_adapter, trainable_state
 from fl.app.config import compose
+from fl.app.server_app import run_server
 from fl.app.simulation import run_simulation
 from fl.data import IndexedDataset, TokenizedSplit
 from fl.outputs import read_metrics
@@ -278,7 +280,8 @@ def test_each_clients_epsilon_is_recomputed_from_privacy_plan_json(tiny: list[st
     """Fed-SB's private init (its own σ from privacy.init_share) + DP-SGD at a logical batch of 16 made of physical
     batches of 8: the ε each client reports after the init and after a round equals an independent recomputation
     from what privacy_plan.json says (σ_init, σ, q, steps)."""
-    run_dir = run_simulation(
+    run_dir = run_server(  # in-process (the DP simulation above runs on Ray)
+        LoopGrid(2),
         [
             *tiny,
             "strategy=fed_sb",
@@ -291,7 +294,7 @@ def test_each_clients_epsilon_is_recomputed_from_privacy_plan_json(tiny: list[st
             "sim.num_clients=2",
             "data.partitioner=iid",
             f"run_dir={tmp_path / 'r'}",
-        ]
+        ],
     )
     rows = read_metrics(run_dir)
     import json
