@@ -22,6 +22,17 @@ from fl.deploy.process import free_port
 from fl.outputs import read_metrics
 from privacy.policy import AccountantStore
 
+# The DP job both deployments below run (a node's own policy or ledger decides whether it trains).
+DP_JOB = [
+    "strategy.rank=2",
+    "sim.rounds=2",
+    "sim.min_train_clients=1",
+    "data.partitioner=iid",
+    "privacy=dp",
+    "privacy.target_epsilon=3",
+    "privacy.delta=1e-3",
+]
+
 
 def _supernode(fed: LocalFederation, name: str, node_config: str) -> tuple[subprocess.Popen[bytes], Path]:
     """Start an insecure SuperNode with `node_config` (its log: logs/<name>.log)."""
@@ -36,18 +47,7 @@ def _supernode(fed: LocalFederation, name: str, node_config: str) -> tuple[subpr
 def test_deployed_nodes_enforce_their_own_policy_and_keep_their_accountant_on_disk(
     tiny: list[str], tmp_path: Path
 ) -> None:
-    job = [
-        *tiny,
-        "strategy=fedit",
-        "strategy.rank=2",
-        "sim.rounds=2",
-        "sim.min_train_clients=1",
-        "data.partitioner=iid",
-        "privacy=dp",
-        "privacy.target_epsilon=3",
-        "privacy.delta=1e-3",
-        f"run_dir={tmp_path / 'run'}",
-    ]
+    job = [*tiny, "strategy=fedit", *DP_JOB, f"run_dir={tmp_path / 'run'}"]
     overrides, run_dir = prepare_overrides(job, clients=2)
     state = tmp_path / "node0-state"
     policies = [
@@ -146,18 +146,7 @@ def test_a_deployed_nodes_lifetime_ledger_declines_a_federation_that_would_pass_
     from fl.deploy import deploy
     from privacy.ledger import PrivacyLedger
 
-    job = [
-        *tiny,
-        "strategy=ffa_lora",
-        "strategy.rank=2",
-        "sim.num_clients=2",
-        "sim.rounds=2",
-        "sim.min_train_clients=1",
-        "data.partitioner=iid",
-        "privacy=dp",
-        "privacy.target_epsilon=3",
-        "privacy.delta=1e-3",
-    ]
+    job = [*tiny, "strategy=ffa_lora", "sim.num_clients=2", *DP_JOB]
     nodes = {
         i: {
             "privacy-ledger": str(tmp_path / f"node{i}" / "ledger-tweets.json"),

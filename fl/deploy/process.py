@@ -5,6 +5,7 @@ Used by `fl.deploy.runner`; imports nothing else of the package.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -156,3 +157,12 @@ def shielded() -> Iterator[None]:
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
+
+
+def node_config_value(value: object) -> str:
+    """`value` as `--node-config` needs it: Flower reads each value as TOML, so a string (a path, a name) is
+    quoted and a number or a boolean is not (``lora-rank=4``, ``privacy-ledger="/data/ledger.json"``)."""
+    text = str(value).strip()
+    if text.lower() in ("true", "false") or re.fullmatch(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?", text):
+        return text.lower() if text.lower() in ("true", "false") else text
+    return json.dumps(text.strip("'\""))  # a TOML basic string: JSON's escapes are TOML's

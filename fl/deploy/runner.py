@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shlex
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from fl.deploy.process import (
     child_env,
     flower_exit_code,
     free_port,
+    node_config_value,
     shielded,
     wait_for_port,
 )
@@ -124,15 +124,6 @@ def flwr_cli(args: Sequence[str], *, env: dict[str, str], timeout: float = 120.0
 def register_node(public_key: Path, *, connection: str, env: dict[str, str]) -> int:
     """`flwr supernode register KEY.pub <connection>`: allow the node holding the private key. Returns its id."""
     return int(flwr_cli(["supernode", "register", str(public_key), connection], env=env)["node-id"])
-
-
-def node_config_value(value: object) -> str:
-    """`value` as `--node-config` needs it: Flower reads each value as TOML, so a string (a path, a name) is
-    quoted and a number or a boolean is not (``lora-rank=4``, ``privacy-ledger="/data/ledger.json"``)."""
-    text = str(value).strip()
-    if text.lower() in ("true", "false") or re.fullmatch(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?", text):
-        return text.lower() if text.lower() in ("true", "false") else text
-    return json.dumps(text.strip("'\""))  # a TOML basic string: JSON's escapes are TOML's
 
 
 def start_supernode(
