@@ -9,14 +9,13 @@ one Flower message and context.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fl import constants as K
-from fl.runtime_env import SIMULATION_ENV
+from fl.runtime_env import in_simulation
 from privacy.accountant import ClientAccountant
 from privacy.budget import DPPlan
 from privacy.ledger import LifetimeBudget, PrivacyLedger, ledger_decline
@@ -97,7 +96,7 @@ def secure_rng(node_config: Mapping[str, Any]) -> bool:
         raise ValueError(f"Node config {NODE_SECURE_RNG}={raw!r} must be true, false or auto.")
     if value != "auto":
         return value in ("true", "1")
-    if os.environ.get(SIMULATION_ENV) == "1":
+    if in_simulation():
         return False
     if csprng_available():
         return True

@@ -91,11 +91,15 @@ def test_unknown_task_lists_the_valid_ones() -> None:
         get_task("seq2seq")
 
 
-def test_ray_address_joins_an_existing_cluster() -> None:
-    from fl.app.simulation import ray_init_args
+def test_federation_config_leaves_a_ray_cluster_its_resources() -> None:
+    """`flwr run --federation-config`: a local Ray gets this machine's cores, a cluster keeps its own."""
+    from fl.app.simulation import federation_config
 
-    assert ray_init_args("auto") == {"address": "auto"}
-    assert "num_cpus" in ray_init_args(None)
+    local = federation_config(compose(["sim.num_clients=3", "sim.client_cpus=2"]))
+    assert local["num-supernodes"] == 3 and local["client-resources-num-cpus"] == 2 and "init-args-num-cpus" in local
+    assert "init-args-num-cpus" not in federation_config(compose(["sim.ray_address=auto"]))
+    with pytest.raises(ValueError, match=r"sim\.client_cpus=0\.5: .*whole CPUs"):
+        federation_config(compose(["sim.client_cpus=0.5"]))
 
 
 @pytest.mark.parametrize(

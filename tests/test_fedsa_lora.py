@@ -96,7 +96,6 @@ def test_simulation_keeps_b_per_client_and_scores_each_client(
 ) -> None:
     """A real Flower simulation (Ray): clients' B differ after round 2, no message carried a B, the server's
     model is Ā with the example-weighted mean B̄, and metrics.jsonl has the spread of per-client accuracy."""
-    from spy_client import app
 
     spy = tmp_path / "spy"
     spy.mkdir()
@@ -114,7 +113,7 @@ def test_simulation_keeps_b_per_client_and_scores_each_client(
         "sim.fraction_evaluate=1.0",
         f"run_dir={tmp_path / 'run'}",
     ]
-    run_dir = run_simulation(overrides, client_app=app)
+    run_dir = run_simulation(overrides, client_app="spy_client:app")
     rows = read_metrics(run_dir)
     for row in rows[1:]:
         assert row["aggregated"] == CLIENTS and row["clients_evaluated"] == CLIENTS and row["clients_eval_failed"] == 0

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from fl.app.processes import free_port
 from fl.deploy import LocalFederation, prepare_overrides
-from fl.deploy.process import free_port
 from fl.outputs import read_metrics
 from privacy.policy import AccountantStore
 

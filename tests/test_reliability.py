@@ -36,11 +36,10 @@ def faults(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
 
 
 def test_failing_and_bad_clients_do_not_stop_the_run(tiny: list[str], tmp_path: Path, faults) -> None:  # type: ignore[no-untyped-def]
-    from faulty_client import app
 
     # round 1: client 1 raises, client 2 sends NaN; round 2: client 0 sends a wrong shape, client 2 an extra key
     faults("1:1:raise,2:1:nan,0:2:shape,2:2:extra")
-    run_dir = run_simulation([*tiny, *SIM, "sim.rounds=3", f"run_dir={tmp_path / 'r'}"], client_app=app)
+    run_dir = run_simulation([*tiny, *SIM, "sim.rounds=3", f"run_dir={tmp_path / 'r'}"], client_app="faulty_client:app")
     rows = {r["round"]: r for r in read_metrics(run_dir)}
     assert rows[1]["failed"] == 1 and rows[1]["rejected"] == 1 and rows[1]["replied"] == 2
     assert rows[2]["rejected"] == 2 and rows[2]["failed"] == 0
@@ -108,12 +107,11 @@ def test_resume_from_a_folder_without_checkpoint_names_it(tmp_path: Path) -> Non
 def test_a_client_that_times_out_is_counted_and_the_round_goes_on(
     tiny: list[str], tmp_path: Path, faults, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
-    from faulty_client import app
 
     faults("2:1:sleep")
     monkeypatch.setenv("FEDLORA_FAULT_SLEEP", "25")
     run_dir = run_simulation(
-        [*tiny, *SIM, "sim.rounds=2", "sim.timeout=10", f"run_dir={tmp_path / 'r'}"], client_app=app
+        [*tiny, *SIM, "sim.rounds=2", "sim.timeout=10", f"run_dir={tmp_path / 'r'}"], client_app="faulty_client:app"
     )
     rows = {r["round"]: r for r in read_metrics(run_dir)}
     assert rows[1]["failed"] == 1 and rows[1]["aggregated"] == 2 and not rows[1]["skipped"]

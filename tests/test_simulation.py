@@ -11,7 +11,9 @@ import torch
 from peft import PeftModel
 
 from fl.app.simulation import run_simulation
+from fl.adapters import load_tensors
 from fl.app.workspace import get_workspace
+from fl.checkpoint import Checkpoint
 from fl.data import IndexedDataset
 from fl.outputs import read_metrics
 from fl.tasks import load_base_model
@@ -61,7 +63,8 @@ def test_adapter_reloads_with_plain_peft_to_the_framework_predictions(
     run: tuple[Path, list[str]],
 ) -> None:
     run_dir, overrides = run
-    ws = get_workspace(overrides)  # the server ran in this process: its model holds the final adapter
+    ws = get_workspace(overrides)  # the framework's model, given the run's final trained state
+    load_tensors(ws.model, Checkpoint.load(run_dir).arrays)
     reloaded = PeftModel.from_pretrained(
         load_base_model(ws.cfg.model, num_labels=ws.num_labels, seed=int(ws.cfg.seed)),
         str(run_dir / "adapter"),

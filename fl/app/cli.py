@@ -112,7 +112,12 @@ def _run(cfg: DictConfig) -> None:
     from fl.app.simulation import run_simulation
 
     set_levels(str(cfg.log_level))
-    run_dir = run_simulation(overrides)
+    try:
+        run_dir = run_simulation(overrides)
+    except KeyboardInterrupt:
+        where = next(o.partition("=")[2] for o in reversed(overrides) if o.startswith("run_dir="))
+        print(f"\nfl-sim: interrupted; every process it started is stopped. Continue with: fl-sim resume={where}")
+        sys.exit(130)
     print(f"\nDone. Outputs in {run_dir.resolve()}:")
     print("  config.yaml  metrics.jsonl  summary.json  adapter/  (load with PeftModel.from_pretrained)")
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Any
 
 import numpy as np
@@ -32,7 +31,7 @@ from fl.app.workspace import Workspace, get_workspace
 from fl.base_delta import apply_base_delta, delta_from_factors
 from fl.data import IndexedDataset, client_partition, client_test_indices, hold_out
 from fl.ranks import client_rank, rank_source
-from fl.runtime_env import CLIENT_THREADS_ENV
+from fl.runtime_env import client_threads
 from fl.wire import from_record, to_record
 from privacy import client_plan, make_private, steps_per_round
 from privacy.client_level import client_clipping_mod
@@ -134,7 +133,7 @@ def _workspace(msg: Message, context: Context) -> tuple[Workspace, int]:
     rank = _own_rank(overrides, context)
     same = rank == int(compose(overrides).strategy.rank)  # the server's rank: share its cached workspace
     ws = get_workspace(overrides, rank=None if same else rank, rank_key=rank_source(context.node_config))
-    threads = int(ws.cfg.train.threads) or int(os.environ.get(CLIENT_THREADS_ENV, "0"))
+    threads = int(ws.cfg.train.threads) or client_threads()
     if threads > 0 and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return ws, int(str(conf[K.SERVER_ROUND]))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterable, Mapping
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -48,6 +48,18 @@ def summary_line(row: Mapping[str, Any], rounds: int) -> str:
 
 def _mb(n: Any) -> str:
     return f"{int(n) / 1e6:.2f} MB"
+
+
+class Progress(Protocol):
+    """What the ServerApp tells its console: `RunProgress` here, `fl.app.relay.ProgressFile` for fl-sim."""
+
+    round: int
+
+    def round_started(self, server_round: int, sampled: int, phase: str = K.PHASE_TRAIN) -> None: ...
+    def reply(self, steps: int = 0) -> None: ...
+    def round_done(self, row: Mapping[str, Any]) -> None: ...
+    def print(self, line: str) -> None: ...
+    def close(self) -> None: ...
 
 
 class RunProgress:
@@ -168,7 +180,7 @@ class ProgressGrid(Grid):
 
     pull_interval = 0.2
 
-    def __init__(self, grid: Grid, progress: RunProgress) -> None:
+    def __init__(self, grid: Grid, progress: Progress) -> None:
         self.grid = grid
         self.progress = progress
 

@@ -22,7 +22,8 @@ from flwr.serverapp import Grid, ServerApp
 from clients.evaluate import evaluate
 from fl.adapters import export_peft, fixed_state, load_tensors, trainable_state
 from fl.app.config import compose, split_overrides
-from fl.app.progress import ProgressGrid, RunProgress
+from fl.app.progress import ProgressGrid
+from fl.app.relay import run_progress
 from fl.app.tracking import flat_params, make_tracker, numeric_metrics, plot_history
 from fl.app.workspace import Workspace, get_workspace, server_init_gradient
 from fl.base_delta import apply_base_delta, save_base_delta
@@ -74,10 +75,11 @@ def run_server(grid: Grid, overrides: list[str]) -> Path:
     tracker.log_params(flat_params(cfg))
     for row in history:  # a resumed run's earlier rounds
         tracker.log_round(int(row["round"]), numeric_metrics(row))
-    progress = RunProgress(
+    progress = run_progress(
         rounds=rounds,
         steps_per_client=None if ws.privacy.local_epochs is not None else ws.privacy.local_steps,
         start_round=strategy.round_offset,
+        log_level=str(cfg.log_level),
     )
     test_split, round_split = ws.task.test, round_eval_split(ws.task.test, cfg.sim.round_eval_size, int(cfg.seed))
     if ws.privacy.enabled:
@@ -152,36 +154,38 @@ def run_server(grid: Grid, overrides: list[str]) -> Path:
         progress.close()
         tracker.finish("FAILED")
         raise
-    progress.close()
-    load_tensors(ws.model, strategy.materialize(final))
-    apply_base_delta(ws.model, strategy.base_delta())
-    export_peft(ws.model, kind=ws.kind, base=ws.fresh_base(), out_dir=out.adapter_dir)  # type: ignore[arg-type]
-    if strategy.base_delta():  # FedEx-LoRA: the folded W0 change travels with the adapter
-        save_base_delta(strategy.base_delta(), out.adapter_dir)
-    last = history[-1]
-    out.write_summary(
-        {
-            "strategy": cfg.strategy.name,
-            "rounds": rounds,
-            "num_clients": int(cfg.sim.num_clients),
-            "final_accuracy": last["accuracy"],
-            "best_accuracy": max(r["accuracy"] for r in history),
-            "final_loss": last["loss"],
-            "cum_bytes_up": last["cum_bytes_up"],
-            "cum_bytes_down": last["cum_bytes_down"],
-            "wall_seconds": wall_before + time.perf_counter() - t_start,
-            "client_seconds": sum(r.get("client_seconds", 0.0) for r in history),
-            "failed_replies": sum(r.get("failed", 0) for r in history),
-            "rejected_replies": sum(r.get("rejected", 0) for r in history),
-            "label_names": ws.task.label_names,
-            "adapter_dir": str(out.adapter_dir),
-            "resumed_from_round": ckpt.round if ckpt is not None else None,
-        }
-    )
-    if cfg.tracking.backend != "none" and cfg.tracking.artifacts:
-        tracker.log_artifacts(out.adapter_dir, plot_history(history, out.dir))
-    tracker.finish()
-    log.info("Run finished: outputs in %s", out.dir.resolve())
+    try:
+        load_tensors(ws.model, strategy.materialize(final))
+        apply_base_delta(ws.model, strategy.base_delta())
+        export_peft(ws.model, kind=ws.kind, base=ws.fresh_base(), out_dir=out.adapter_dir)  # type: ignore[arg-type]
+        if strategy.base_delta():  # FedEx-LoRA: the folded W0 change travels with the adapter
+            save_base_delta(strategy.base_delta(), out.adapter_dir)
+        last = history[-1]
+        out.write_summary(
+            {
+                "strategy": cfg.strategy.name,
+                "rounds": rounds,
+                "num_clients": int(cfg.sim.num_clients),
+                "final_accuracy": last["accuracy"],
+                "best_accuracy": max(r["accuracy"] for r in history),
+                "final_loss": last["loss"],
+                "cum_bytes_up": last["cum_bytes_up"],
+                "cum_bytes_down": last["cum_bytes_down"],
+                "wall_seconds": wall_before + time.perf_counter() - t_start,
+                "client_seconds": sum(r.get("client_seconds", 0.0) for r in history),
+                "failed_replies": sum(r.get("failed", 0) for r in history),
+                "rejected_replies": sum(r.get("rejected", 0) for r in history),
+                "label_names": ws.task.label_names,
+                "adapter_dir": str(out.adapter_dir),
+                "resumed_from_round": ckpt.round if ckpt is not None else None,
+            }
+        )
+        if cfg.tracking.backend != "none" and cfg.tracking.artifacts:
+            tracker.log_artifacts(out.adapter_dir, plot_history(history, out.dir))
+        tracker.finish()
+        log.info("Run finished: outputs in %s", out.dir.resolve())
+    finally:
+        progress.close()  # fl-sim waits for this: the adapter, summary and tracking are written
     return out.dir
 
 

@@ -1,82 +1,203 @@
-"""Run one job on Flower's Simulation Runtime (Ray), in this process, and clean up after it."""
+"""Run one job on Flower's Simulation Runtime the way Flower 1.41 supports: a local SuperLink and `flwr run`.
+
+`run_simulation(overrides)` does what a user does by hand (README, "The plain Flower CLI"):
+
+1. compose the config and check it, partitions included, before any process starts;
+2. start `flower-superlink --simulation` on a free loopback port, with FLWR_HOME, the Flower app and
+   one log per process in the run folder's `.sim/`;
+3. `flwr run <app> fl-sim --run-config <the overrides> --federation-config "num-supernodes=N ..."`: the
+   SuperLink starts `flwr-simulation`, which runs the ServerApp and the ClientApps (Ray actors);
+4. replay the ServerApp's console (`fl.app.relay`) until it closes, and the run's log into `.sim/logs/`;
+5. stop every process it started, by PID and process group, also on an error or Ctrl-C: no SuperLink,
+   `flwr-simulation` or Ray process outlives the call.
+
+With `sim.ray_address` (e.g. ``auto`` or ``127.0.0.1:6379``) `flwr-simulation` joins that Ray cluster
+(RAY_ADDRESS) instead of starting one, and the cluster keeps running after the job. Without it a fresh local
+Ray is started (RAY_ADDRESS=local), also when a `ray start` cluster happens to run on this machine.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
+from omegaconf import DictConfig
+
+from fl import constants as K
 from fl.app.config import compose
-from fl.app.console import quiet_third_party, ray_init_logging
-from fl.runtime_env import CLIENT_THREADS_ENV, SIMULATION_ENV, set_quiet_env
-
-if TYPE_CHECKING:
-    from flwr.clientapp import ClientApp
+from fl.app.console import ray_init_logging
+from fl.app.flwr_cli import run_status, start_superlink, submit_run, write_connection
+from fl.app.processes import FlowerProcessError, Processes, bin_path, child_env, free_port, shielded
+from fl.app.relay import PROGRESS_ENV, ProgressReader
+from fl.runtime_env import SIMULATION_ENV, set_quiet_env
 
 log = logging.getLogger(__name__)
 
-
-def ray_init_args(address: str | None) -> dict[str, object]:
-    """`ray.init` arguments for Flower's Ray backend: join `address` (a cluster owns its resources), or a
-    local Ray sized to this machine's cores."""
-    if address:
-        return {"address": str(address)}
-    return {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}
+SIM_DIR = ".sim"  # inside the run folder: app/, flwr-home/, logs/, progress.jsonl
+CONNECTION = "fl-sim"
+DEFAULT_CLIENT_APP = "fl.app.client_app:app"
+SERVER_APP = "fl.app.server_app:app"
+POLL = 0.25  # seconds between looks at the progress file and the processes
 
 
-def run_simulation(overrides: list[str], *, client_app: ClientApp | None = None) -> Path:
+def app_project(path: Path, *, client_app: str = DEFAULT_CLIENT_APP) -> Path:
+    """A Flower app for `flwr run`: a folder with only a pyproject.toml naming the ServerApp and ClientApp.
+
+    Our packages are installed where `flwr-simulation` runs (this environment), so the app needs no code:
+    `flwr run` on the repository would pack every file of it into the FAB on each run, for nothing.
+    `client_app` (``module:attribute``) replaces the framework's ClientApp, e.g. a fault-injecting one.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "pyproject.toml").write_text(
+        "[build-system]\n"
+        'requires = ["setuptools>=77"]\n'
+        'build-backend = "setuptools.build_meta"\n\n'
+        "[project]\n"
+        'name = "fedlora-sim"\n'
+        'version = "0.1.0"\n'
+        "dependencies = []  # the fedlora packages of the environment that runs fl-sim\n\n"
+        "[tool.flwr.app]\n"
+        'publisher = "fedlora"\n\n'
+        "[tool.flwr.app.components]\n"
+        f'serverapp = "{SERVER_APP}"\n'
+        f'clientapp = "{client_app}"\n\n'
+        "[tool.flwr.app.config]\n"
+        'overrides = ""\n'
+    )
+    return path
+
+
+def federation_config(cfg: DictConfig) -> dict[str, Any]:
+    """`flwr run --federation-config`: the SuperNodes, each client's Ray resources, Ray's own logging.
+
+    Flower's simulation config takes whole CPUs per client (`client-resources-num-cpus` is an integer).
+    """
+    cpus = float(cfg.sim.client_cpus)
+    if cpus < 1 or cpus != int(cpus):
+        raise ValueError(
+            f"sim.client_cpus={cpus:g}: Flower's Simulation Runtime reserves whole CPUs per client "
+            "(client-resources-num-cpus is an integer); use 1, 2, ... (more clients than cores queue up)."
+        )
+    ray = ray_init_logging(str(cfg.log_level))
+    fc: dict[str, Any] = {
+        "num-supernodes": int(cfg.sim.num_clients),
+        "client-resources-num-cpus": int(cpus),
+        "client-resources-num-gpus": float(cfg.sim.client_gpus),
+        "init-args-logging-level": logging.getLevelName(int(ray["logging_level"])),
+        "init-args-log-to-driver": bool(ray["log_to_driver"]),
+        "verbose": str(cfg.log_level) == "debug",
+    }
+    if not cfg.sim.ray_address:  # a cluster owns its resources; a local Ray gets this machine's cores
+        fc["init-args-num-cpus"] = os.cpu_count() or 1
+    return fc
+
+
+def simulation_env(cfg: DictConfig, flwr_home: Path, progress_file: Path) -> dict[str, str]:
+    """The SuperLink's environment, inherited by `flwr-simulation` and (on a local Ray) by its actors."""
+    threads = max(1, int(cfg.train.threads or cfg.sim.client_cpus))  # torch threads per actor: its CPUs
+    env = child_env(flwr_home, client_threads=threads)
+    env[SIMULATION_ENV] = "1"  # simulated nodes keep the seeded noise (no Opacus secure_mode)
+    env["RAY_ADDRESS"] = str(cfg.sim.ray_address or "local")
+    # What this process can import, flwr-simulation and its actors can too (tests' ClientApps included).
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    env[PROGRESS_ENV] = str(progress_file)
+    return env
+
+
+def run_simulation(overrides: list[str], *, client_app: str | None = None) -> Path:
     """Compose the config from `overrides`, simulate `sim.num_clients` clients, return the run folder.
 
-    The ServerApp runs in this process; ClientApps run in Ray actors (`sim.client_cpus` CPUs and
-    `sim.client_gpus` GPUs each). With `sim.ray_address` (e.g. ``auto``) Flower's backend joins that
-    existing Ray cluster instead of starting a local one.
-    `client_app` replaces the framework's ClientApp (e.g. a fault-injecting one in tests).
-    Ray is shut down before returning, also on error, so no Flower or Ray process outlives the call.
+    `client_app` (``module:attribute``) replaces the framework's ClientApp (e.g. a fault-injecting one in
+    tests). Every process started is stopped before returning, also on error or KeyboardInterrupt.
     """
     set_quiet_env()
-    cfg = compose(overrides)  # fail fast, before Ray starts (a method client-level DP does not cover included)
+    cfg = compose(overrides)  # fail fast, before any process starts
     if cfg.run_dir is None:
         from fl.app.server_app import default_run_dir
 
         overrides = [*overrides, f"run_dir={default_run_dir()}"]
         cfg = compose(overrides)
+    run_dir = Path(str(cfg.run_dir)).expanduser().resolve()
+    overrides = [o for o in overrides if not o.startswith("run_dir=")] + [f"run_dir={run_dir}"]
+    fed = federation_config(cfg)
     # Every simulated client takes a partition of the pool: a partitioning that cannot be made (e.g. Dirichlet
     # α=0.1 over 20 clients with min_partition_size) must stop the run here with its message, not fail
     # every client in every round of a run that then "finishes" untrained.
-    from fl.app.workspace import get_workspace
+    # The workspace also checks that every rank fits the model; the ServerApp builds its own in its process.
+    from fl.app.workspace import free_workspaces, get_workspace
     from fl.data import client_partition
 
-    ws = get_workspace(list(overrides))  # the ServerApp below reuses it (same process, same overrides)
+    ws = get_workspace(list(overrides))
     client_partition(ws.task, cfg.data, pid=0, num_partitions=int(cfg.sim.num_clients), seed=int(cfg.seed))
-    import ray
-    from flwr.simulation import run_simulation as flwr_run_simulation
+    del ws
+    free_workspaces()
 
-    from fl.app.client_app import app as default_client_app
-    from fl.app.server_app import make_server_app
-
-    # Each actor's torch gets as many threads as the CPUs Ray reserves for it (read by the ClientApp;
-    # actors inherit this environment); without it every actor starts one thread per core.
-    os.environ[SIMULATION_ENV] = "1"  # simulated nodes keep the seeded noise (no Opacus secure_mode)
-    os.environ[CLIENT_THREADS_ENV] = str(max(1, int(cfg.train.threads or cfg.sim.client_cpus)))
-    backend_config = {
-        "client_resources": {"num_cpus": float(cfg.sim.client_cpus), "num_gpus": float(cfg.sim.client_gpus)},
-        # Ray's own console output as `log_level` wants it (fl.app.console: actors' logs only with debug)
-        "init_args": {**ray_init_args(cfg.sim.ray_address), **ray_init_logging(str(cfg.log_level))},
-    }
+    work = run_dir / SIM_DIR
+    logs, flwr_home, progress_file = work / "logs", work / "flwr-home", work / "progress.jsonl"
+    progress_file.parent.mkdir(parents=True, exist_ok=True)
+    progress_file.write_text("")
+    env = simulation_env(cfg, flwr_home, progress_file)
+    app = app_project(work / "app", client_app=client_app or DEFAULT_CLIENT_APP)
+    procs = Processes()
+    reader = ProgressReader(progress_file)
     try:
-        with quiet_third_party(str(cfg.log_level)):
-            flwr_run_simulation(
-                server_app=make_server_app(list(overrides)),
-                client_app=client_app or default_client_app,
-                num_supernodes=int(cfg.sim.num_clients),
-                backend_config=backend_config,
-                verbose_logging=str(cfg.log_level) == "debug",
-            )
+        address = start_superlink(
+            procs, port=free_port(), env=env, log_path=logs / "superlink.log", certs=None, simulation=True
+        )
+        write_connection(flwr_home, name=CONNECTION, address=address, root_certificates=None)
+        since = time.time_ns()
+        run_id = submit_run(app, overrides, connection=CONNECTION, env=env, federation_config=fed)
+        log.debug("Submitted simulation run %d to the SuperLink on %s; logs in %s", run_id, address, logs)
+        _follow(procs, reader, run_id, env=env, logs=logs, debug=str(cfg.log_level) == "debug")
     finally:
-        if ray.is_initialized():
-            ray.shutdown()
-    run_dir = Path(str(cfg.run_dir))
-    if not (run_dir / "summary.json").is_file():
-        raise RuntimeError(f"The simulation ended without writing {run_dir / 'summary.json'}; see the log above.")
+        reader.close()
+        with shielded():  # a second Ctrl-C cannot leave processes behind
+            procs.stop()
+    summary = run_dir / K.SUMMARY_FILE
+    if not (summary.is_file() and summary.stat().st_mtime_ns >= since):
+        tail = _tail(logs / "serverapp.log")
+        raise RuntimeError(f"The simulation ended without writing {summary}; the ServerApp's log ends:\n{tail}")
     return run_dir
+
+
+def _follow(
+    procs: Processes, reader: ProgressReader, run_id: int, *, env: dict[str, str], logs: Path, debug: bool
+) -> None:
+    """Replay the ServerApp's progress until it closes; stop early if the run or the SuperLink ended."""
+    superlink = procs.started[0]
+    stream_argv = [bin_path("flwr"), "log", str(run_id), CONNECTION, "--stream"]
+    stream = procs.start(stream_argv, env=env, log_path=logs / "serverapp.log")
+    shown = 0
+    while True:
+        reader.poll()
+        if debug:  # Flower's and Ray's own lines, as the run writes them
+            shown = _echo(logs / "serverapp.log", shown)
+        if reader.closed:
+            return
+        procs.refresh()  # the ServerApp's process and Ray's, to stop them by PID if need be
+        if superlink.poll() is not None:
+            raise FlowerProcessError(f"The SuperLink exited ({superlink.returncode}); see {logs / 'superlink.log'}.")
+        if stream.poll() is not None:  # the log stream ends with the run, or when the link hiccups
+            if run_status(run_id, connection=CONNECTION, env=env).startswith("finished"):
+                reader.poll()
+                return
+            stream = procs.start(stream_argv, env=env, log_path=logs / "serverapp.log")
+        time.sleep(POLL)
+
+
+def _echo(path: Path, offset: int) -> int:
+    if not path.is_file():
+        return offset
+    with path.open(errors="replace") as f:
+        f.seek(offset)
+        text = f.read()
+    sys.stderr.write(text)
+    return offset + len(text.encode("utf-8", errors="replace"))
+
+
+def _tail(path: Path, chars: int = 3000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.is_file() else f"(no {path})"

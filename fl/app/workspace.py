@@ -132,3 +132,8 @@ def get_workspace(
     )
     _CACHE[key] = ws
     return ws
+
+
+def free_workspaces() -> None:
+    """Drop every cached workspace (e.g. after a preflight check in a process that will not train)."""
+    _CACHE.clear()

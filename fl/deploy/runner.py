@@ -21,9 +21,7 @@ imports go one way: cli -> bench -> runner -> follow, process, certs; never back
 
 from __future__ import annotations
 
-import json
 import logging
-import shlex
 import subprocess
 import sys
 import time
@@ -32,24 +30,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomli_w
-
 from fl import constants as K
 from fl.app.config import compose
-from fl.deploy.certs import DEFAULT_SANS, NodeKeys, ServerCerts, create_federation_credentials
-from fl.deploy.follow import follow_run, written_since
-from fl.deploy.process import (
+from fl.app.flwr_cli import flwr_cli, run_status, start_superlink, submit_run, write_connection
+from fl.app.processes import (
     LOOPBACK,
-    DeployError,
     Processes,
     bin_path,
     child_env,
     flower_exit_code,
     free_port,
-    node_config_value,
     shielded,
-    wait_for_port,
 )
+from fl.deploy.certs import DEFAULT_SANS, NodeKeys, ServerCerts, create_federation_credentials
+from fl.deploy.follow import follow_run, written_since
+from fl.deploy.process import DeployError, node_config_value
 
 log = logging.getLogger("fl.deploy")  # also when run as `python -m fl.deploy`
 
@@ -57,68 +52,6 @@ PROJECT_DIR = Path(__file__).resolve().parents[2]  # the Flower app: pyproject.t
 DEPLOY_DIR = ".deploy"  # inside the run folder: flwr-home/, certs/, logs/
 CONNECTION = "fl-deploy"
 INSECURE_NOTE = "INSECURE deployment: no TLS, no SuperNode authentication - for local trials only"
-
-
-def start_superlink(
-    procs: Processes,
-    *,
-    port: int,
-    env: dict[str, str],
-    log_path: Path,
-    certs: ServerCerts | None,
-    host: str = LOOPBACK,
-    timeout: float = 60.0,
-) -> str:
-    """Start `flower-superlink` and wait until it listens; returns its address (host:port).
-
-    Flower 1.41 serves the Fleet, Control and Runtime APIs on one HTTPS port (`--host/--port`; the
-    `--fleet-api-address`/`--control-api-address` flags are deprecated). `certs=None` means `--insecure`;
-    otherwise TLS with the CA, certificate and key, and SuperNode authentication.
-    """
-    argv = [
-        bin_path("flower-superlink"),
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--disable-runtime-dependency-installation",
-    ]
-    if certs is None:
-        argv.append("--insecure")
-    else:
-        argv += ["--ssl-ca-certfile", str(certs.ca_cert), "--ssl-certfile", str(certs.cert)]
-        argv += ["--ssl-keyfile", str(certs.key), "--enable-supernode-auth"]
-    proc = procs.start(argv, env=env, log_path=log_path)
-    wait_for_port(LOOPBACK if host == "0.0.0.0" else host, port, proc, log_path, timeout)
-    return f"{host}:{port}"
-
-
-def write_connection(flwr_home: Path, *, name: str, address: str, root_certificates: Path | None) -> Path:
-    """Write `$FLWR_HOME/config.toml` with one SuperLink connection (the default) for the `flwr` CLI."""
-    conn: dict[str, Any] = {"address": address}
-    if root_certificates is None:
-        conn["insecure"] = True
-    else:
-        conn["root-certificates"] = str(root_certificates.resolve())
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    path = flwr_home / "config.toml"
-    path.write_text(tomli_w.dumps({"superlink": {"default": name, name: conn}}))
-    return path
-
-
-def flwr_cli(args: Sequence[str], *, env: dict[str, str], timeout: float = 120.0) -> dict[str, Any]:
-    """Run `flwr <args> --format json` and return its JSON answer; raise DeployError on failure."""
-    res = subprocess.run(
-        [bin_path("flwr"), *args, "--format", "json"], env=env, capture_output=True, text=True, timeout=timeout
-    )
-    out = res.stdout
-    try:
-        answer: dict[str, Any] = json.loads(out[out.index("{") :])
-    except ValueError:
-        answer = {}
-    if res.returncode != 0 or not answer.get("success"):
-        raise DeployError(f"`flwr {' '.join(args)}` failed ({res.returncode}): {out.strip()} {res.stderr.strip()}")
-    return answer
 
 
 def register_node(public_key: Path, *, connection: str, env: dict[str, str]) -> int:
@@ -164,24 +97,6 @@ def start_supernode(
     if max_wait_time is not None:
         argv += ["--max-wait-time", str(max_wait_time)]
     return procs.start(argv, env=env, log_path=log_path)
-
-
-def submit_run(project_dir: Path, overrides: Sequence[str], *, connection: str, env: dict[str, str]) -> int:
-    """`flwr run <project_dir> <connection> --run-config <file>` with `overrides`; returns the run id.
-
-    The run config goes through a TOML file, equal to `--run-config "overrides='a=1 b=2'"` but safe for
-    any quoting inside the overrides.
-    """
-    cfg_file = Path(env["FLWR_HOME"]) / "run-config.toml"
-    cfg_file.write_text(tomli_w.dumps({K.OVERRIDES: shlex.join(overrides)}))
-    answer = flwr_cli(["run", str(project_dir), connection, "--run-config", str(cfg_file)], env=env, timeout=600)
-    return int(answer["run-id"])
-
-
-def run_status(run_id: int, *, connection: str, env: dict[str, str]) -> str:
-    """The SuperLink's status of a run, e.g. `running`, `finished:completed`, `finished:failed`."""
-    runs = flwr_cli(["ls", connection, "--run-id", str(run_id)], env=env)["runs"]
-    return str(runs[0]["status"]) if runs else "unknown"
 
 
 @dataclass
