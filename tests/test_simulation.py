@@ -10,8 +10,8 @@ import pytest
 import torch
 from peft import PeftModel
 
-from fl.app.simulation import run_simulation
 from fl.adapters import load_tensors
+from fl.app.simulation import run_simulation
 from fl.app.workspace import get_workspace
 from fl.checkpoint import Checkpoint
 from fl.data import IndexedDataset

@@ -109,11 +109,14 @@ def _run(cfg: DictConfig) -> None:
         overrides = [o for o in hc.overrides.task if not o.startswith("run_dir=")]
         overrides.append(f"run_dir={cfg.run_dir or hc.runtime.output_dir}")
     from fl.app.console import set_levels
-    from fl.app.simulation import run_simulation
+    from fl.app.simulation import SimulationError, run_simulation
 
     set_levels(str(cfg.log_level))
     try:
         run_dir = run_simulation(overrides)
+    except SimulationError as e:
+        print(f"fl-sim: error: {e}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         where = next(o.partition("=")[2] for o in reversed(overrides) if o.startswith("run_dir="))
         print(f"\nfl-sim: interrupted; every process it started is stopped. Continue with: fl-sim resume={where}")

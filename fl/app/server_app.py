@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from omegaconf import DictConfig
 
 from clients.evaluate import evaluate
 from fl.adapters import export_peft, fixed_state, load_tensors, trainable_state
@@ -45,11 +46,16 @@ def default_run_dir() -> Path:
     return Path("outputs") / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S")
 
 
+def check_server_config(cfg: DictConfig) -> None:
+    """What the server needs of the config beyond its schema (fl-sim checks it before any process starts)."""
+    if cfg.data.test_size < 1:
+        raise ValueError("data.test_size=0: the server evaluates on a held-out split; set data.test_size >= 1.")
+
+
 def run_server(grid: Grid, overrides: list[str]) -> Path:
     """Run one federated training job (or resume one) and write its run folder. Returns the folder."""
     t_start = time.perf_counter()
-    if compose(list(overrides)).data.test_size < 1:
-        raise ValueError("data.test_size=0: the server evaluates on a held-out split; set data.test_size >= 1.")
+    check_server_config(compose(list(overrides)))
     ws = get_workspace(overrides)
     cfg = ws.cfg
     base_overrides = [o for o in overrides if not o.startswith("resume=")]

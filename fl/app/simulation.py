@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -33,9 +34,22 @@ from fl.app.console import ray_init_logging
 from fl.app.flwr_cli import run_status, start_superlink, submit_run, write_connection
 from fl.app.processes import FlowerProcessError, Processes, bin_path, child_env, free_port, shielded
 from fl.app.relay import PROGRESS_ENV, ProgressReader
+from fl.app.server_app import check_server_config, default_run_dir
 from fl.runtime_env import SIMULATION_ENV, set_quiet_env
 
 log = logging.getLogger(__name__)
+EXCEPTION_LINE = re.compile(r"^(\w+(?:\.\w+)*(?:Error|Exception)): (.+)$", re.MULTILINE)
+
+
+class SimulationError(RuntimeError):
+    """The run ended without its summary: the ServerApp failed (the message has its exception and its log)."""
+
+
+def server_error(log_text: str) -> str | None:
+    """The ServerApp's exception (``ValueError: ...``) in a run's log: the first one, Flower re-raises it."""
+    found = EXCEPTION_LINE.search(log_text)
+    return f"{found.group(1)}: {found.group(2)}" if found else None
+
 
 SIM_DIR = ".sim"  # inside the run folder: app/, flwr-home/, logs/, progress.jsonl
 CONNECTION = "fl-sim"
@@ -117,13 +131,12 @@ def run_simulation(overrides: list[str], *, client_app: str | None = None) -> Pa
     set_quiet_env()
     cfg = compose(overrides)  # fail fast, before any process starts
     if cfg.run_dir is None:
-        from fl.app.server_app import default_run_dir
-
         overrides = [*overrides, f"run_dir={default_run_dir()}"]
         cfg = compose(overrides)
     run_dir = Path(str(cfg.run_dir)).expanduser().resolve()
     overrides = [o for o in overrides if not o.startswith("run_dir=")] + [f"run_dir={run_dir}"]
     fed = federation_config(cfg)
+    check_server_config(cfg)
     # Every simulated client takes a partition of the pool: a partitioning that cannot be made (e.g. Dirichlet
     # α=0.1 over 20 clients with min_partition_size) must stop the run here with its message, not fail
     # every client in every round of a run that then "finishes" untrained.
@@ -159,8 +172,12 @@ def run_simulation(overrides: list[str], *, client_app: str | None = None) -> Pa
             procs.stop()
     summary = run_dir / K.SUMMARY_FILE
     if not (summary.is_file() and summary.stat().st_mtime_ns >= since):
-        tail = _tail(logs / "serverapp.log")
-        raise RuntimeError(f"The simulation ended without writing {summary}; the ServerApp's log ends:\n{tail}")
+        log_path = logs / "serverapp.log"
+        text = log_path.read_text(errors="replace") if log_path.is_file() else ""
+        why = server_error(text) or "no exception in its log; it ends:\n" + text[-3000:]
+        raise SimulationError(
+            f"the run ended without writing {summary}: the ServerApp failed with {why} (log: {log_path})"
+        )
     return run_dir
 
 
@@ -197,7 +214,3 @@ def _echo(path: Path, offset: int) -> int:
         text = f.read()
     sys.stderr.write(text)
     return offset + len(text.encode("utf-8", errors="replace"))
-
-
-def _tail(path: Path, chars: int = 3000) -> str:
-    return path.read_text(errors="replace")[-chars:] if path.is_file() else f"(no {path})"
