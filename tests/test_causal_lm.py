@@ -11,10 +11,12 @@ import torch
 from loop_grid import LoopGrid
 from peft import PeftModel
 
+from fl.adapters import load_tensors
 from fl.app.config import compose
 from fl.app.server_app import run_server
 from fl.app.simulation import run_simulation
 from fl.app.workspace import get_workspace
+from fl.checkpoint import Checkpoint
 from fl.data import IndexedDataset
 from fl.models import load_tokenizer
 from fl.outputs import read_metrics
@@ -163,7 +165,8 @@ def test_every_strategy_trains_the_tiny_llama(run) -> None:  # type: ignore[no-u
 
 def test_export_reloads_with_plain_peft_to_the_framework_logits(run) -> None:  # type: ignore[no-untyped-def]
     _, run_dir, overrides = run
-    ws = get_workspace(overrides)  # the server ran in this process: its model holds the final adapter
+    ws = get_workspace(overrides)  # the framework's model, given the run's final trained state
+    load_tensors(ws.model, Checkpoint.load(run_dir).arrays)
     base = load_base_model(ws.cfg.model, num_labels=0, seed=int(ws.cfg.seed), cache_dir=ws.cfg.cache_dir)
     reloaded = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
     ds = IndexedDataset(ws.task.test)

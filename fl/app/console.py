@@ -1,28 +1,20 @@
 """What a run prints: our progress and warnings; Flower's and Ray's own output only with `log_level=debug`.
 
-By default (`log_level=info`) Flower's logger shows errors only (no banner, no strategy tree, no
-"`run_simulation` is deprecated"), Ray starts with its own logging at ERROR and without forwarding the
-actors' output to the driver (each actor would repeat our once-per-process warnings, e.g. "training in fp32",
-once per actor), and Ray's accelerator FutureWarning is not shown. The server process still warns once per
-run: it evaluates with the same precision and model as the clients. `log_level=debug` shows all of it;
-`log_level=warning` hides our per-round lines too.
+The ServerApp runs in Flower's `flwr-simulation` process; what it prints goes to the run's log
+(`.sim/logs/serverapp.log`), and fl-sim shows only what `fl.app.relay` carries: our progress and our loggers'
+records. There, by default (`log_level=info`), Flower's logger shows errors only (no banner, no strategy tree)
+and Ray starts with its own logging at ERROR and without forwarding the actors' output to the driver (each
+actor would repeat our once-per-process warnings, e.g. "training in fp32", once per actor). The server
+process still warns once per run: it evaluates with the same precision and model as the clients.
+`log_level=debug` echoes the run's whole log too; `log_level=warning` hides our per-round lines.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import warnings
-from collections.abc import Iterator
 from typing import Any
 
 OUR_LOGGERS = ("fl", "strategies", "clients", "privacy", "simulations")
-# Third-party warnings the default console hides, as (message regex, category): each is about Flower's or
-# Ray's future, not about this run.
-HIDDEN_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
-    (r"Tip: In future versions of Ray", FutureWarning),
-    (r".*Pydantic v1 is deprecated", FutureWarning),
-)
 # Third-party loggers that speak at INFO about themselves, not the run (matplotlib: "generated new fontManager"
 # on a fresh machine's first plot): shown with `log_level=debug` only.
 CHATTY_LOGGERS = ("matplotlib",)
@@ -49,21 +41,3 @@ def set_levels(log_level: str) -> None:
     logging.getLogger("ray").setLevel(logging.INFO if log_level == "debug" else logging.ERROR)
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if log_level == "debug" else logging.WARNING)
-
-
-@contextlib.contextmanager
-def quiet_third_party(log_level: str) -> Iterator[None]:
-    """Within the block: the levels of `set_levels` and, unless `debug`, `HIDDEN_WARNINGS` not shown.
-
-    Flower's logger is restored afterwards (tests and notebooks run several simulations in one process)."""
-    flwr_logger = logging.getLogger("flwr")
-    before = flwr_logger.level
-    set_levels(log_level)
-    try:
-        with warnings.catch_warnings():
-            if log_level != "debug":
-                for message, category in HIDDEN_WARNINGS:
-                    warnings.filterwarnings("ignore", message=message, category=category)
-            yield
-    finally:
-        flwr_logger.setLevel(before)

@@ -3,13 +3,13 @@
 Modules, imported one way (cli -> bench -> runner -> process, certs; warm_clientapp stands alone):
 
 - `fl.deploy.certs`          CA, SuperLink certificate, SuperNode keys (`python -m fl.deploy.certs`).
-- `fl.deploy.process`        the processes' environment, ports, exit codes, stopping them by PID.
+- `fl.deploy.process`        the deployment's error type and `--node-config` values (the processes: fl.app.processes).
 - `fl.deploy.runner`         `deploy`, `LocalFederation` and the steps an operator takes (docs/deploy.md).
 - `fl.deploy.warm_clientapp` a ClientApp executor that keeps libraries loaded between messages.
 - `fl.deploy.bench`          the same job in simulation and in deployment, seconds per round.
 - `fl.deploy.cli`            `fl-deploy` / `python -m fl.deploy`.
 
-Nothing outside this package knows about SuperLinks or certificates.
+Nothing outside this package knows about SuperNodes or certificates (fl-sim's own SuperLink is fl.app.simulation).
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """`fl-deploy`: run one job on Flower's Deployment Runtime — a SuperLink and N SuperNodes — on 127.0.0.1.
 
 `fl-deploy --clients 2 strategy=fed_sb run_dir=outputs/dep` does, in order, what an operator does on real
-machines (docs/deploy.md), each step a function of this module:
+machines (docs/deploy.md), each step a function:
 
 1. `fl.deploy.certs.create_federation_credentials`: a CA, the SuperLink's certificate, one ECDSA key per node;
-2. `start_superlink`: TLS on its one HTTPS port (Fleet, Control and Runtime APIs), SuperNode auth on,
-   no `uv sync` of the app's dependencies;
+2. `fl.app.flwr_cli.start_superlink`: TLS on its one HTTPS port (Fleet, Control and Runtime APIs), SuperNode
+   auth on, no `uv sync` of the app's dependencies;
 3. `write_connection` + `register_node`: the `flwr` CLI's connection in `$FLWR_HOME/config.toml` (a folder
    inside the run folder, never ~/.flwr) and `flwr supernode register KEY.pub <connection>` per node;
 4. `start_supernode` N times (`--node-config "partition-id=i num-partitions=N"`);
@@ -16,7 +16,7 @@ Every process is started in its own session and stopped by PID (and its process 
 fails or is interrupted (Ctrl-C, SIGTERM). `--insecure` skips TLS and node authentication (local trials).
 `--warm` keeps ClientApp libraries loaded between messages (`fl.deploy.warm_clientapp`); `--bench`
 (`fl.deploy.bench`) times the same job in simulation and in deployment. The command line is `fl.deploy.cli`;
-imports go one way: cli -> bench -> runner -> follow, process, certs; never back.
+imports go one way: cli -> bench -> runner -> follow, process, certs (and fl.app's process helpers); never back.
 """
 
 from __future__ import annotations
