@@ -54,6 +54,11 @@ class RunOutputs:
         write_atomic(self.dir / K.SUMMARY_FILE, json.dumps(_clean(summary), indent=2) + "\n")
 
 
+def written_since(path: Path, since_ns: int) -> bool:
+    """`path` exists and was written at or after `since_ns` (time.time_ns()): this run's file, not a previous one's."""
+    return path.is_file() and path.stat().st_mtime_ns >= since_ns
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The rows of a run's metrics.jsonl."""
     path = Path(run_dir) / K.METRICS_FILE

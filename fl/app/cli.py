@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable
 from typing import NoReturn, TypeVar
@@ -94,6 +95,14 @@ def resume_overrides(run_dir: str, cli: list[str]) -> list[str]:
     return [*ckpt.overrides, *extra, f"resume={run_dir}"]
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, a scheduler's stop (SLURM, Kubernetes, systemd), unwinds like Ctrl-C: same cleanup, exit 143."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise _Terminated
+
+
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
 def _sim(cfg: DictConfig) -> None:
     # Errors are reported here, inside the job: Hydra would print its own line about the failed job first.
@@ -112,15 +121,19 @@ def _run(cfg: DictConfig) -> None:
     from fl.app.simulation import SimulationError, run_simulation
 
     set_levels(str(cfg.log_level))
+    # SIGINT is not touched: a shell's background job (`fl-sim ... &` in a script) inherits it ignored, and
+    # Python then leaves it ignored, as POSIX intends for background jobs. Stop those with SIGTERM.
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         run_dir = run_simulation(overrides)
     except SimulationError as e:
         print(f"fl-sim: error: {e}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         where = next(o.partition("=")[2] for o in reversed(overrides) if o.startswith("run_dir="))
-        print(f"\nfl-sim: interrupted; every process it started is stopped. Continue with: fl-sim resume={where}")
-        sys.exit(130)
+        how = "terminated" if isinstance(e, _Terminated) else "interrupted"
+        print(f"\nfl-sim: {how}; every process it started is stopped. Continue with: fl-sim resume={where}")
+        sys.exit(143 if isinstance(e, _Terminated) else 130)
     print(f"\nDone. Outputs in {run_dir.resolve()}:")
     print("  config.yaml  metrics.jsonl  summary.json  adapter/  (load with PeftModel.from_pretrained)")
 

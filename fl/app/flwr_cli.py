@@ -135,3 +135,31 @@ def run_status(run_id: int, *, connection: str, env: dict[str, str]) -> str:
     """The SuperLink's status of a run, e.g. `running`, `finished:completed`, `finished:failed`."""
     runs = flwr_cli(["ls", connection, "--run-id", str(run_id)], env=env)["runs"]
     return str(runs[0]["status"]) if runs else "unknown"
+
+
+class RunLog:
+    """A submitted run, watched: `flwr log RUN --stream` appended to `log_path`, restarted when the link hiccups.
+
+    `finished()` is the one poll both `fl-sim` and `fl-deploy` make while they follow a run: it raises when the
+    SuperLink (the first process `procs` started) has exited, and says whether the SuperLink reports the run
+    finished (the log stream ends then, or on a dropped connection, when it is started again).
+    """
+
+    def __init__(self, procs: Processes, run_id: int, *, connection: str, env: dict[str, str], log_path: Path) -> None:
+        self._procs, self._env, self.log_path = procs, env, log_path
+        self._run_id, self._connection = run_id, connection
+        self._argv = [bin_path("flwr"), "log", str(run_id), connection, "--stream"]
+        self._stream = procs.start(self._argv, env=env, log_path=log_path)
+
+    def finished(self) -> bool:
+        self._procs.refresh()  # the ServerApp's process and Ray's, to stop them by PID if need be
+        superlink = self._procs.started[0]
+        if superlink.poll() is not None:
+            where = self.log_path.parent / "superlink.log"
+            raise FlowerProcessError(f"The SuperLink exited ({superlink.returncode}); see {where}.")
+        if self._stream.poll() is None:
+            return False
+        if run_status(self._run_id, connection=self._connection, env=self._env).startswith("finished"):
+            return True
+        self._stream = self._procs.start(self._argv, env=self._env, log_path=self.log_path)
+        return False

@@ -31,10 +31,11 @@ from omegaconf import DictConfig
 from fl import constants as K
 from fl.app.config import compose
 from fl.app.console import ray_init_logging
-from fl.app.flwr_cli import run_status, start_superlink, submit_run, write_connection
-from fl.app.processes import FlowerProcessError, Processes, bin_path, child_env, free_port, shielded
+from fl.app.flwr_cli import RunLog, start_superlink, submit_run, write_connection
+from fl.app.processes import Processes, child_env, free_port, shielded
 from fl.app.relay import PROGRESS_ENV, ProgressReader
 from fl.app.server_app import check_server_config, default_run_dir
+from fl.outputs import written_since
 from fl.runtime_env import SIMULATION_ENV, set_quiet_env
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ def run_simulation(overrides: list[str], *, client_app: str | None = None) -> Pa
         with shielded():  # a second Ctrl-C cannot leave processes behind
             procs.stop()
     summary = run_dir / K.SUMMARY_FILE
-    if not (summary.is_file() and summary.stat().st_mtime_ns >= since):
+    if not written_since(summary, since):
         log_path = logs / "serverapp.log"
         text = log_path.read_text(errors="replace") if log_path.is_file() else ""
         why = server_error(text) or "no exception in its log; it ends:\n" + text[-3000:]
@@ -185,24 +186,17 @@ def _follow(
     procs: Processes, reader: ProgressReader, run_id: int, *, env: dict[str, str], logs: Path, debug: bool
 ) -> None:
     """Replay the ServerApp's progress until it closes; stop early if the run or the SuperLink ended."""
-    superlink = procs.started[0]
-    stream_argv = [bin_path("flwr"), "log", str(run_id), CONNECTION, "--stream"]
-    stream = procs.start(stream_argv, env=env, log_path=logs / "serverapp.log")
+    watch = RunLog(procs, run_id, connection=CONNECTION, env=env, log_path=logs / "serverapp.log")
     shown = 0
     while True:
         reader.poll()
         if debug:  # Flower's and Ray's own lines, as the run writes them
-            shown = _echo(logs / "serverapp.log", shown)
+            shown = _echo(watch.log_path, shown)
         if reader.closed:
             return
-        procs.refresh()  # the ServerApp's process and Ray's, to stop them by PID if need be
-        if superlink.poll() is not None:
-            raise FlowerProcessError(f"The SuperLink exited ({superlink.returncode}); see {logs / 'superlink.log'}.")
-        if stream.poll() is not None:  # the log stream ends with the run, or when the link hiccups
-            if run_status(run_id, connection=CONNECTION, env=env).startswith("finished"):
-                reader.poll()
-                return
-            stream = procs.start(stream_argv, env=env, log_path=logs / "serverapp.log")
+        if watch.finished():
+            reader.poll()
+            return
         time.sleep(POLL)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from fl import constants as K
 from fl.deploy.process import DeployError
+from fl.outputs import written_since
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +27,6 @@ def _log_row(row: dict[str, Any], rounds: int) -> None:
         row.get("bytes_down", 0),
         row["wall_seconds"],
     )
-
-
-def written_since(path: Path, since_ns: int) -> bool:
-    return path.is_file() and path.stat().st_mtime_ns >= since_ns
 
 
 def follow_run(

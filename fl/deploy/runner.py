@@ -32,7 +32,7 @@ from typing import Any
 
 from fl import constants as K
 from fl.app.config import compose
-from fl.app.flwr_cli import flwr_cli, run_status, start_superlink, submit_run, write_connection
+from fl.app.flwr_cli import RunLog, flwr_cli, start_superlink, submit_run, write_connection
 from fl.app.processes import (
     LOOPBACK,
     Processes,
@@ -43,8 +43,9 @@ from fl.app.processes import (
     shielded,
 )
 from fl.deploy.certs import DEFAULT_SANS, NodeKeys, ServerCerts, create_federation_credentials
-from fl.deploy.follow import follow_run, written_since
+from fl.deploy.follow import follow_run
 from fl.deploy.process import DeployError, node_config_value
+from fl.outputs import written_since
 
 log = logging.getLogger("fl.deploy")  # also when run as `python -m fl.deploy`
 
@@ -206,25 +207,15 @@ class LocalFederation:
         self, run_dir: Path, run_id: int, *, since_ns: int, rounds: int, timeout: float | None = None
     ) -> dict[str, Any]:
         """Stream the ServerApp's log to logs/serverapp.log and follow metrics.jsonl until summary.json."""
-        stream_argv = [bin_path("flwr"), "log", str(run_id), CONNECTION, "--stream"]
-        stream = self.procs.start(stream_argv, env=self.env, log_path=self.logs / "serverapp.log")
-        superlink = self.procs.started[0]
+        watch = RunLog(self.procs, run_id, connection=CONNECTION, env=self.env, log_path=self.logs / "serverapp.log")
 
         def check() -> None:
-            nonlocal stream
-            self.procs.refresh()
-            if superlink.poll() is not None:
-                raise DeployError(f"The SuperLink exited ({superlink.returncode}); see {self.logs / 'superlink.log'}.")
-            if stream.poll() is None:
+            if not watch.finished():
                 return
-            status = run_status(run_id, connection=CONNECTION, env=self.env)
-            if status.startswith("finished"):
-                time.sleep(2.0)  # summary.json is written before the ServerApp returns; one last look
-                if not written_since(run_dir / K.SUMMARY_FILE, since_ns):
-                    tail = (self.logs / "serverapp.log").read_text(errors="replace")[-3000:]
-                    raise DeployError(f"Run {run_id} ended ({status}) without writing summary.json:\n{tail}")
-            else:
-                stream = self.procs.start(stream_argv, env=self.env, log_path=self.logs / "serverapp.log")
+            time.sleep(2.0)  # summary.json is written before the ServerApp returns; one last look
+            if not written_since(run_dir / K.SUMMARY_FILE, since_ns):
+                tail = watch.log_path.read_text(errors="replace")[-3000:]
+                raise DeployError(f"Run {run_id} ended without writing summary.json:\n{tail}")
 
         return follow_run(run_dir, since_ns=since_ns, rounds=rounds, check=check, timeout=timeout)
 
