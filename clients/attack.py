@@ -29,6 +29,7 @@ import torch
 from fl import constants as K
 from fl.config_privacy import require
 from fl.data import IndexedDataset
+from fl.tasks import get_task
 
 ATTACKS = ("none", "scale", "sign_flip", "gaussian", "label_flip", "num_examples")
 DEFAULT_STRENGTH = {"scale": 100.0, "sign_flip": 1.0, "gaussian": 10.0, "label_flip": 1.0, "num_examples": 100.0}
@@ -130,8 +131,8 @@ def validate_attack(cfg: Any) -> None:
         "use a positive strength, or null for the attack's default.",
     )
     require(
-        sim.attack != "label_flip" or cfg.model.task == "seq_cls",
+        sim.attack != "label_flip" or get_task(str(cfg.model.task)).class_labels,
         "sim.attack",
         sim.attack,
-        "label_flip flips class labels: it needs model.task=seq_cls.",
+        f"label_flip flips class labels, and model.task={cfg.model.task} has none: use a classification task.",
     )

@@ -37,6 +37,7 @@ from simulations.study import (
     partition_label,
     study_report,
 )
+from strategies import get_strategy
 
 
 def heterogeneity(cfg: Any) -> str:
@@ -62,13 +63,7 @@ def load_runs(root: Path) -> list[dict[str, Any]]:
         residuals = [
             float(r["residual"]) for r in rows if r.get("residual") is not None and r["residual"] == r["residual"]
         ]
-        label = cfg.strategy.name
-        if cfg.strategy.name == "fed_sb":  # rank and init mode: the init decides Fed-SB's round-0 uplink
-            label += f" r={cfg.strategy.rank} init={cfg.strategy.get('init', 'federated')}"
-            if float(cfg.strategy.get("init_fraction", 1.0)) < 1.0:
-                label += f" x{cfg.strategy.init_fraction}"
-            if cfg.strategy.get("init") == "sketch" and int(cfg.strategy.get("sketch_power_iters", 0)):
-                label += f" q={cfg.strategy.sketch_power_iters}"
+        label = get_strategy(str(cfg.strategy.name)).describe(cfg.strategy)  # e.g. "Fed-SB r=32 (sketch init)"
         flat = flat_config(cfg)
         majority = majority_share(cfg)
         runs.append(

@@ -28,25 +28,16 @@ import numpy as np
 import pandas as pd
 
 from simulations.seeds import group_seeds
+from strategies import get_strategy
 
 DID_NOT_LEARN_MARGIN = 0.02  # final accuracy below majority share + 2 points
-METHOD_NAMES = {
-    "fedit": "FedIT",
-    "ffa_lora": "FFA-LoRA",
-    "fed_sb": "Fed-SB",
-    "lora_fair": "LoRA-FAIR",
-    "fedex_lora": "FedEx-LoRA",
-}
 LAYOUT_KEYS = ("sim.num_clients", "sim.fraction_train", "data.partitioner", "data.alpha", "data.labels_per_client")
 
 
 def method_label(flat: dict[str, Any]) -> str:
     """ "FedIT", "FFA-LoRA", "Fed-SB r=32 (sketch init)" … from a run's flat config."""
-    name = str(flat.get("strategy.name"))
-    label = METHOD_NAMES.get(name, name)
-    if name == "fed_sb":
-        label += f" r={flat.get('strategy.rank')} ({flat.get('strategy.init', 'federated')} init)"
-    return label
+    fields = {k.removeprefix("strategy."): v for k, v in flat.items() if k.startswith("strategy.")}
+    return get_strategy(str(fields.get("name"))).describe(fields)
 
 
 def partition_label(flat: dict[str, Any]) -> str:

@@ -7,6 +7,7 @@ Each method declares its schema (`/schema/strategy/<name>`) and what it supports
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar, Self
 
 from fl import ranks
@@ -20,6 +21,8 @@ HETERO_METHODS = ("flora", "flexlora", "hetlora")
 class ConfigBridge:
     """Class-level declarations of a method and the classmethods that read its fields from a run config."""
 
+    title: ClassVar[str] = ""
+    """The method's name in reports, tables and plots (e.g. ``FFA-LoRA``); the class name when empty."""
     adapter_kind: ClassVar[str] = "lora"
     """The adapter every party builds for this method (`fl.adapters.build_adapter`)."""
     schema: ClassVar[type[StrategyConfig]] = StrategyConfig
@@ -31,6 +34,12 @@ class ConfigBridge:
 
     update_space: ClassVar[str] = "factors"
     """Where a client's update lives for a defence (`strategies.robust_math`): factors | product (B_k·A_k)."""
+
+    @classmethod
+    def describe(cls, fields: Mapping[str, Any]) -> str:
+        """The method as a report's row names it, from its `strategy.*` fields (a method adds what tells its
+        runs apart, e.g. Fed-SB its rank and init)."""
+        return cls.title or cls.__name__
 
     @classmethod
     def params_from_config(cls, cfg: Any) -> dict[str, Any]:

@@ -28,6 +28,7 @@ client once, the first time it is sampled, counted in that round's bytes.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -84,9 +85,21 @@ class FedSB(LoraStrategy):
         `LoraStrategy`'s arguments.
     """
 
+    title: ClassVar[str] = "Fed-SB"
     adapter_kind: ClassVar[str] = "fedsb"
     update_space: ClassVar[str] = "factors"  # the trained factor is the whole update (strategies.defences)
     schema: ClassVar[type[StrategyConfig]] = FedSBConfig
+
+    @classmethod
+    def describe(cls, fields: Mapping[str, Any]) -> str:
+        """``Fed-SB r=32 (sketch init)``: the rank and the init decide Fed-SB's accuracy and round-0 uplink."""
+        init = fields.get("init") or "federated"
+        label = f"{cls.title} r={fields.get('rank')} ({init} init)"
+        if float(fields.get("init_fraction") or 1.0) < 1.0:
+            label += f" x{fields['init_fraction']}"
+        if init == "sketch" and int(fields.get("sketch_power_iters") or 0):
+            label += f" q={fields['sketch_power_iters']}"
+        return label
 
     def __init__(
         self,

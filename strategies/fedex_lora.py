@@ -44,6 +44,8 @@ from strategies.stats import RoundStats
 class FedExLoRA(LoraStrategy):
     """FedEx-LoRA (https://arxiv.org/abs/2410.09432): FedIT plus the residual folded into W0 each round."""
 
+    title: ClassVar[str] = "FedEx-LoRA"
+
     adapter_kind: ClassVar[str] = "lora"
     update_space: ClassVar[str] = "product"  # a defence acts on B_k·A_k − B̄·Ā (strategies.defences)
     client_dp_problem: ClassVar[str | None] = (

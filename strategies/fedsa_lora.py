@@ -45,6 +45,8 @@ def shared_part(state: Mapping[str, torch.Tensor], personal: tuple[str, ...]) ->
 class FedSALoRA(LoraStrategy):
     """FedSA-LoRA (https://arxiv.org/abs/2410.01463): FedAvg over A and the head; B stays on each client."""
 
+    title: ClassVar[str] = "FedSA-LoRA"
+
     adapter_kind: ClassVar[str] = "lora"
     update_space: ClassVar[str] = "factors"  # a defence acts on A_k, B_k, head: Ā and the head reach others linearly
     personal_suffixes: ClassVar[tuple[str, ...]] = (B_SUFFIX,)

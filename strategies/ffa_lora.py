@@ -19,5 +19,7 @@ from strategies.base import LoraStrategy
 class FFALoRA(LoraStrategy):
     """FFA-LoRA (https://arxiv.org/abs/2403.12313): frozen shared A, FedAvg over B and the head."""
 
+    title: ClassVar[str] = "FFA-LoRA"
+
     adapter_kind: ClassVar[str] = "ffa"
     update_space: ClassVar[str] = "factors"  # the trained factor is the whole update (strategies.defences)

@@ -13,7 +13,7 @@ factors both ways; the server pays one SVD per module and client rank each round
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from flwr.app import ArrayRecord, RecordDict
@@ -27,6 +27,8 @@ from strategies.hetero_math import truncated_factors, weighted_product
 
 class FlexLoRA(HeteroLoRA):
     """FlexLoRA (https://arxiv.org/abs/2402.11505): average s_k·B_k·A_k, truncated SVD to each client's rank."""
+
+    title: ClassVar[str] = "FlexLoRA"
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from flwr.app import ArrayRecord, RecordDict
@@ -44,6 +44,8 @@ def fresh_a(rank: int, d_in: int, *, seed: int) -> torch.Tensor:
 
 class FLoRA(HeteroLoRA):
     """FLoRA (https://arxiv.org/abs/2409.05976): stack the clients' factors, fold B·A into W0, restart LoRA."""
+
+    title: ClassVar[str] = "FLoRA"
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -42,6 +42,8 @@ class HetLoRAConfig(StrategyConfig):
 class HetLoRA(HeteroLoRA):
     """HetLoRA (https://arxiv.org/abs/2401.06432): zero-pad, sparsity-weighted average, truncate, self-prune."""
 
+    title: ClassVar[str] = "HetLoRA"
+
     schema: ClassVar[type[StrategyConfig]] = HetLoRAConfig
 
     def __init__(self, *, prune_gamma: float = 1.0, **kwargs: Any) -> None:

@@ -63,6 +63,8 @@ class LoraFAIR(LoraStrategy):
         `LoraStrategy`'s arguments.
     """
 
+    title: ClassVar[str] = "LoRA-FAIR"
+
     adapter_kind: ClassVar[str] = "lora"
     update_space: ClassVar[str] = "product"  # a defence acts on B_k·A_k − B̄·Ā (strategies.defences)
     schema: ClassVar[type[StrategyConfig]] = LoraFairConfig

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord
 
+from privacy import ClientLevelSettings
 from strategies.defences import EQUAL, MEDIAN, Defence, Kept, Krum, Median, MultiKrum, NormBound, TrimmedMean, keep_all
 from strategies.screening import Reply
 from strategies.stats import RoundStats
@@ -76,7 +77,7 @@ class RobustAggregation:
         """From a composed config; under client-level DP a norm bound is the DP clip `privacy.client.clip_norm`."""
         s = cfg.strategy
         bound = s.defence_bound
-        client = cfg.privacy.client
+        client = ClientLevelSettings.from_config(cfg)
         if client.enabled and s.defence == "norm_bound":
             _require(
                 bound is None or float(str(bound)) == float(client.clip_norm),

@@ -16,6 +16,7 @@ from clients.attack import validate_attack
 from clients.optim import OPTIMIZERS
 from fl import config as ground
 from fl.config_privacy import require
+from privacy import ClientLevelSettings
 from privacy.config import validate_privacy
 
 CONFIG_DIR = ground.CONFIG_DIR
@@ -68,7 +69,7 @@ def validate_layers(cfg: DictConfig) -> None:
         cls.from_config(cfg, overrides=[], fixed={})  # the constructor checks the method's fields
     finally:
         flwr_log.setLevel(level)
-    if cfg.privacy.client.enabled:
+    if ClientLevelSettings.from_config(cfg).enabled:
         problem = cls.client_level_dp_problem(cfg)
         if problem is not None:
             raise ValueError(problem)

@@ -26,6 +26,7 @@ class Task(ABC):
     """One kind of model output (`model.task`): its model, data, batches, loss and metrics."""
 
     name: ClassVar[str]
+    class_labels: ClassVar[bool] = False  # examples carry one class label each (a label-flip attack needs them)
 
     @abstractmethod
     def build_model(

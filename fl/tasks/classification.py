@@ -109,6 +109,7 @@ class Classification(Task):
     """Text -> one of `data.labels`; the head's logits against the label id."""
 
     name = NAME
+    class_labels = True
 
     def build_model(
         self, model_cfg: DictConfig, *, num_labels: int, seed: int, cache_dir: str | None = None
