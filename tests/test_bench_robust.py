@@ -7,15 +7,18 @@ from simulations.bench_robust import ATTACKS, DEFENCES, best_defence, cell, grid
 
 
 def test_the_grid_is_the_issues() -> None:
-    assert len(grid(None, smoke=False)) == 25  # 5 attacks x 5 defences on FFA-LoRA
+    assert len(grid(None, smoke=False)) == 30  # 5 attacks x 6 defences (the issue's 5 + multikrum) on FFA-LoRA
     full = grid("median", smoke=False)
-    assert len(full) == 25 + 8 + 4 and len(set(full)) == len(full)  # + FedIT/Fed-SB 2x2 each + a second seed
+    assert len(full) == 30 + 8 + 4 and len(set(full)) == len(full)  # + FedIT/Fed-SB 2x2 each + a second seed
     assert {s for s, *_ in full} == {"ffa_lora", "fedit", "fed_sb"}
+    some = grid(None, smoke=False, defences=["none", "multikrum"])  # --defences multikrum
+    assert len(some) == 10 and {d for *_, d, _ in some} == {"none", "multikrum"}
 
 
 def test_the_smoke_cells_compose() -> None:
-    for attack, defence in zip(ATTACKS, DEFENCES, strict=True):
-        compose(cell("ffa_lora", attack, defence, 0, smoke=True))
+    attacks = list(ATTACKS)
+    for i, defence in enumerate(DEFENCES):
+        compose(cell("ffa_lora", attacks[i % len(attacks)], defence, 0, smoke=True))
     compose(cell("fed_sb", "scale x100 (1/10)", "median", 0, smoke=True))
 
 
@@ -29,3 +32,12 @@ def test_best_defence_and_the_goals_from_accuracies() -> None:
     assert (
         "median: every attack within 3 points of clean 70.00" in text and "norm_bound on a clean run costs 0.00" in text
     )
+
+
+def test_a_report_over_some_defences_names_only_those() -> None:
+    acc = {("ffa_lora", a, d, 0): 0.70 for a in ATTACKS for d in ("none", "multikrum")}
+    acc[("ffa_lora", "sign flip (3/10)", "multikrum", 0)] = 0.66
+    assert best_defence(acc) == "multikrum"
+    text = report(acc, "multikrum")
+    assert "| attack | none | multikrum |" in text and "krum on a clean run" not in text.replace("multikrum", "")
+    assert "multikrum: every attack within 3 points of clean 70.00: worst sign flip (3/10) +4.00 → not met" in text
