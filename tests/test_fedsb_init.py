@@ -394,4 +394,4 @@ def test_sketch_init_in_a_real_simulation_costs_less_than_dense_and_trains(tiny:
     assert all(r["residual"] < 1e-5 for r in rows[1:])  # Fed-SB's aggregation stays exact
     from simulations.report import load_runs
 
-    assert load_runs(run_dir)[0]["strategy"] == f"fed_sb r={R} init=sketch"  # fl-report tells the inits apart
+    assert load_runs(run_dir)[0]["strategy"] == f"Fed-SB r={R} (sketch init)"  # fl-report tells the inits apart

@@ -33,12 +33,12 @@ def test_sweep_writes_one_run_per_cell_and_a_report(sweep: tuple[Path, list[str]
     sweep_dir, _ = sweep
     df, plots = report(sweep_dir)
     assert len(df) == 4
-    assert set(df["strategy"]) == {"fedit", "ffa_lora"} and set(df["num_clients"]) == {2, 3}
+    assert set(df["strategy"]) == {"FedIT", "FFA-LoRA"} and set(df["num_clients"]) == {2, 3}
     csv = pd.read_csv(sweep_dir / "report.csv")
     assert len(csv) == 4 and {"final_accuracy", "cum_bytes_up", "wall_seconds"} <= set(csv.columns)
     assert (csv["server_seconds"] > 0).all()  # the strategies' aggregate() time, summed over rounds
     residual = csv.groupby("strategy")["residual_max"].max()  # FedIT's mean of products ≠ product of means
-    assert residual["fedit"] > 1e-4 and residual["ffa_lora"] < 1e-5  # FFA-LoRA's shared A keeps it exact
+    assert residual["FedIT"] > 1e-4 and residual["FFA-LoRA"] < 1e-5  # FFA-LoRA's shared A keeps it exact
     text = (sweep_dir / "report.md").read_text()  # 2 and 3 clients: a study, its pivots first
     assert text.startswith("## Final held-out accuracy") and "### 2 clients" in text and "### 3 clients" in text
     assert text.split("## Every run\n\n")[1].count("\n") == 4 + 2  # the per-run table: a row per run
@@ -95,7 +95,7 @@ def test_seeds_are_a_sweep_axis_and_the_report_gives_mean_and_std(
     assert seeds["final_std"][0] == pytest.approx(abs(finals[1] - finals[0]) / 2**0.5)  # sample std, n = 2
     assert seeds["server_s_mean"][0] > 0 and seeds["residual_max"][0] > 0
     pivot = pd.read_csv(tmp_path / "pivot.csv")
-    assert list(pivot["method"]) == ["fedit"]
+    assert list(pivot["method"]) == ["FedIT"]  # the strategy's report title
     cell = str(pivot.iloc[0, 1])
     assert "(n=2)" in cell and (("±" in cell) or finals[0] == finals[1])
     assert "mean ± sample std" in (tmp_path / "seeds.md").read_text()
