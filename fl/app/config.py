@@ -60,11 +60,10 @@ def validate_layers(cfg: DictConfig) -> None:
     validate_privacy(cfg)
     validate_attack(cfg)
     cls = strategies.get_strategy(str(cfg.strategy.name))
+    # A throwaway build: FedAvg's notes (e.g. on fraction_evaluate) come with the run's own build.
     flwr_log = logging.getLogger("flwr")
     level = flwr_log.level
-    flwr_log.setLevel(
-        logging.ERROR
-    )  # a throwaway build: FedAvg's notes (e.g. on fraction_evaluate) come with the run's
+    flwr_log.setLevel(logging.ERROR)
     try:
         cls.from_config(cfg, overrides=[], fixed={})  # the constructor checks the method's fields
     finally:
