@@ -63,11 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", default="multirun/fedsa", help="the sweep folder (resumable)")
     args, extra = parser.parse_known_args(argv)
-    try:
-        sweep.main(["sweep=fedsa", *extra, "--dir", args.dir])
-    except SystemExit as done:  # fl-sweep exits 1 when a cell failed: report the others anyway
-        if done.code not in (0, 1, None):
-            raise
+    sweep.run_named("fedsa", extra, args.dir)
     root = Path(args.dir)
     by_method = finals(root)
     text = "Final round, in %; each cell mean ± std over seeds.\n\n" + table(by_method)

@@ -23,11 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", default="multirun/hetero", help="the sweep folder (resumable)")
     args, extra = parser.parse_known_args(argv)
-    try:
-        sweep.main(["sweep=hetero", *extra, "--dir", args.dir])
-    except SystemExit as done:  # fl-sweep exits 1 when a cell failed: report the others anyway
-        if done.code not in (0, 1, None):
-            raise
+    sweep.run_named("hetero", extra, args.dir)
     report.main([args.dir])
 
 

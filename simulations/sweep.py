@@ -189,6 +189,16 @@ def _write(path: Path, record: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def run_named(name: str, extra: list[str], sweep_dir: str | Path) -> None:
+    """`fl-sweep sweep=NAME [extra overrides] --dir DIR` for a benchmark script, which reports afterwards
+    whatever finished: a failed cell (exit 1) does not stop it, a user error (exit 2) does."""
+    try:
+        main([f"sweep={name}", *extra, "--dir", str(sweep_dir)])
+    except SystemExit as done:
+        if done.code not in (0, 1, None):
+            raise
+
+
 def main(argv: list[str] | None = None) -> None:
     """`fl-sweep [sweep=NAME] [overrides...] [--dir DIR] [--timeout S]`."""
     ap = argparse.ArgumentParser(prog="fl-sweep", description="Run a grid of fl-sim runs (resumable).")
