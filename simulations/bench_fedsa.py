@@ -47,13 +47,14 @@ def finals(root: Path) -> dict[str, list[dict[str, Any]]]:
 
 
 def table(by_method: dict[str, list[dict[str, Any]]]) -> str:
-    """Markdown: one row per method, mean ± std over seeds (n) of each column."""
+    """Markdown: one row per method, mean ± sample std over seeds (n) of each column."""
     lines = ["| method | n | " + " | ".join(c for c, _ in COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
     for method, rows in by_method.items():
         cells = []
         for _, key in COLUMNS:
             xs = np.array([r[key] for r in rows if r.get(key) is not None], dtype=float)
-            cells.append("n/a" if xs.size == 0 else f"{100 * xs.mean():.2f} ± {100 * xs.std():.2f}")
+            std = xs.std(ddof=1) if xs.size > 1 else 0.0  # sample std over seeds, as fl-report's seeds table
+            cells.append("n/a" if xs.size == 0 else f"{100 * xs.mean():.2f} ± {100 * std:.2f}")
         lines.append(f"| {method} | {len(rows)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     sweep.run_named("fedsa", extra, args.dir)
     root = Path(args.dir)
     by_method = finals(root)
-    text = "Final round, in %; each cell mean ± std over seeds.\n\n" + table(by_method)
+    text = "Final round, in %; each cell mean ± sample std over seeds.\n\n" + table(by_method)
     (root / "fedsa.md").write_text(text)
     (root / "fedsa.json").write_text(json.dumps(by_method, indent=2, default=float))
     print(text)

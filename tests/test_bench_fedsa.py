@@ -19,7 +19,7 @@ def test_the_fedsa_sweep_is_fedit_and_fedsa_on_the_same_client_test_shares() -> 
         assert c.strategy.lr == 3e-3 and c.strategy.rank == 8 and c.sim.num_clients == 10
 
 
-def test_the_table_is_mean_and_std_over_seeds() -> None:
+def test_the_table_is_mean_and_sample_std_over_seeds() -> None:
     def row(acc: float, client: float) -> dict[str, float]:
         return {
             "accuracy": acc,
@@ -30,5 +30,5 @@ def test_the_table_is_mean_and_std_over_seeds() -> None:
         }
 
     text = table({"FedSA-LoRA": [row(0.5, 0.7), row(0.6, 0.8)], "FedIT": [row(0.6, 0.6)]})
-    assert "| FedSA-LoRA | 2 | 75.00 ± 5.00 | 10.00 ± 0.00 | 55.00 ± 5.00 | 95.00 ± 5.00 | 55.00 ± 5.00 |" in text
+    assert "| FedSA-LoRA | 2 | 75.00 ± 7.07 | 10.00 ± 0.00 | 55.00 ± 7.07 | 95.00 ± 7.07 | 55.00 ± 7.07 |" in text
     assert "| FedIT | 1 | 60.00 ± 0.00 |" in text
