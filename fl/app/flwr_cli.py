@@ -148,6 +148,7 @@ class RunLog:
     def __init__(self, procs: Processes, run_id: int, *, connection: str, env: dict[str, str], log_path: Path) -> None:
         self._procs, self._env, self.log_path = procs, env, log_path
         self._run_id, self._connection = run_id, connection
+        self.status = "running"  # the SuperLink's last word on the run, e.g. `finished:failed`
         self._argv = [bin_path("flwr"), "log", str(run_id), connection, "--stream"]
         self._stream = procs.start(self._argv, env=env, log_path=log_path)
 
@@ -159,7 +160,8 @@ class RunLog:
             raise FlowerProcessError(f"The SuperLink exited ({superlink.returncode}); see {where}.")
         if self._stream.poll() is None:
             return False
-        if run_status(self._run_id, connection=self._connection, env=self._env).startswith("finished"):
+        self.status = run_status(self._run_id, connection=self._connection, env=self._env)
+        if self.status.startswith("finished"):
             return True
         self._stream = self._procs.start(self._argv, env=self._env, log_path=self.log_path)
         return False

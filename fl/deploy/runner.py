@@ -215,7 +215,7 @@ class LocalFederation:
             time.sleep(2.0)  # summary.json is written before the ServerApp returns; one last look
             if not written_since(run_dir / K.SUMMARY_FILE, since_ns):
                 tail = watch.log_path.read_text(errors="replace")[-3000:]
-                raise DeployError(f"Run {run_id} ended without writing summary.json:\n{tail}")
+                raise DeployError(f"Run {run_id} ended ({watch.status}) without writing summary.json:\n{tail}")
 
         return follow_run(run_dir, since_ns=since_ns, rounds=rounds, check=check, timeout=timeout)
 
