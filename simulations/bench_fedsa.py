@@ -5,7 +5,7 @@ model each client ends with, not the server's. `configs/sweep/fedsa.yaml` runs F
 federation (MiniLM, tweets, 10 clients, Dirichlet α=0.5, 10 rounds × 10 local steps, 3 seeds); every client holds
 out a seeded 10% of its partition and scores, every round, the model it would keep. This script runs (or
 resumes) that sweep and writes ``fedsa.md``: per method, the final round's client accuracy (mean over clients,
-its spread over clients, worst and best client) and the central accuracy, each as mean ± std over seeds.
+its spread over clients, worst and best client) and the central accuracy, each as mean ± sample std over seeds.
 
     python -m simulations.bench_fedsa --dir multirun/fedsa            # the benchmark (MiniLM)
     python -m simulations.bench_fedsa --dir /tmp/f model=tiny data.max_examples=400 sim.rounds=2 \
