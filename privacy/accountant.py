@@ -14,11 +14,10 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 from flwr.app import ConfigRecord
 from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
 
-from privacy.orders import rdp_epsilon
+from privacy.orders import prv_accountant_epsilon, rdp_epsilon
 
 ACCOUNTANTS: dict[str, type[IAccountant]] = {"rdp": RDPAccountant, "prv": PRVAccountant}
 """Accountant kinds by the name `privacy.accountant` takes."""
@@ -107,8 +106,7 @@ class ClientAccountant:
             return math.inf
         if self.kind == "rdp":
             return rdp_epsilon(history, delta)[0]
-        with np.errstate(divide="ignore"):  # PRV at q = 1 takes log(1 - q) = log 0 on purpose; the result is exact
-            return float(self.opacus.get_epsilon(delta=delta))
+        return prv_accountant_epsilon(self.opacus, delta)
 
     def optimal_order(self, delta: float) -> float | None:
         """The RDP order at which this history's ε (at δ) is reached; None before any step."""

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
-from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants import IAccountant, PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
 DEFAULT_ORDERS: tuple[float, ...] = tuple(float(a) for a in RDPAccountant.DEFAULT_ALPHAS)
@@ -100,5 +100,13 @@ def prv_epsilon(history: History, delta: float) -> float:
     privacy loss distributions, usually tighter than RDP's conversion; shown beside RDP in the DP map."""
     acc = PRVAccountant()
     acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
-    with np.errstate(divide="ignore"):  # PRV at q = 1 takes log(1 - q) = log 0 on purpose
+    return prv_accountant_epsilon(acc, delta)
+
+
+def prv_accountant_epsilon(acc: IAccountant, delta: float) -> float:
+    """`acc.get_epsilon(delta)`, quietly. PRV at q = 1 takes log(1 - q) = log 0 on purpose (the result is exact),
+    and Opacus sizes PRV's domain from an RDP bound at its default orders (prv/domain.py), whose optimum can sit at
+    their edge: that bound only sizes the domain, it is not the ε returned, so its edge-order warning is noise
+    (seen once per actor with privacy.accountant=prv, and in the DP map's PRV column)."""
+    with np.errstate(divide="ignore"), quiet_orders():
         return float(acc.get_epsilon(delta=delta))

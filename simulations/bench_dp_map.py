@@ -7,11 +7,30 @@ best ε = 3 cell of each method. Every finished cell is one JSON line in ``--out
 cells already there, so the map survives being stopped (resumable). ``--report`` prints the table (accuracy, its
 twin, the gap, σ, DP steps, wall time; PRV's ε and σ beside RDP's) and writes the plot.
 
+Order: the cells run by DP steps first (all methods and client counts at ≈9 steps, then ≈50, then ≈150), so a map
+stopped part-way has whole columns. ``--estimate`` prints each cell's examples and the expected hours.
+
+Cost, and the logical batch: a cell trains on clients × DP steps × batch examples (its twin on as many). At the
+presets' logical batch of 256 the grid is ~4.2M examples per arm, about 27 h of these 2 cores at the measured
+32–70 examples/s; at 64 (the default here) it is about a quarter of that, which is what fits the ~6 h asked for.
+The presets' σ, lr and clip were tuned at 256 and 9 steps; at 64 each step is noisier (σC/B), so the ≈9-step
+cells here are not the published 9-step figures (BENCHMARKS.md, "The DP grid"), which ran at 256.
+
+``--paper``: the Fed-SB paper's private regime in shape (Singhal et al. 2025, private BERT-base/SNLI, read from
+the authors' fed_sb/DP code): 3 IID clients, several local epochs and one aggregation, logical batch 32, C = 0.1,
+ghost clipping, AdamW lr 5e-4, adapters on query/value, the classifier head trained and privatised with the
+adapter; Fed-SB r = 64 with its init (a) from a public slice of 550 tweets no client holds, not charged to ε,
+as the authors do, and (b) federated and charged (our default). What still differs from the paper: MiniLM-L6
+and 3 × ~12k tweets instead of BERT-base and 3 × ~183k SNLI pairs; ``--paper-epochs`` (default 2) instead of
+6; δ below 1/n_k instead of 1/(number of batches), ~100× tighter.
+
 Usage::
 
     python -m simulations.bench_dp_map --out runs/dp_map.jsonl            # the MiniLM map (hours on 2 cores)
     python -m simulations.bench_dp_map --tiny --out /tmp/map.jsonl        # smoke test on the tiny model
     python -m simulations.bench_dp_map --out runs/dp_map.jsonl --report   # table + plot of what has finished
+    python -m simulations.bench_dp_map --out runs/dp_map.jsonl --estimate # examples and hours per cell
+    python -m simulations.bench_dp_map --out runs/dp_paper.jsonl --paper  # the paper's regime, in shape
 """
 
 from __future__ import annotations
@@ -34,8 +53,30 @@ LOCAL_STEPS = (3, 17, 50)  # × ROUNDS = 9, 51, 150 DP steps per client
 ROUNDS = 3
 HEADLINE_EPSILON = 3.0
 OTHER_EPSILONS = (1.0, 8.0)
-LOGICAL_BATCH = 256  # the presets' logical batch
+LOGICAL_BATCH = 64  # fits the grid in ~6-7 h of 2 cores; the presets' 256 would take ~27 h (module docstring)
 PHYSICAL_BATCH = 64
+# Examples per second on 2 cores (bf16 EPYC, MiniLM), from the 9-step DP runs and their non-DP runs (BENCHMARKS.md,
+# "The DP grid"); --estimate uses the map's own finished cells instead where it has them.
+THROUGHPUT = {("ffa_lora", True): 43.0, ("fedit", True): 32.0, ("fed_sb", True): 49.0}
+THROUGHPUT_NON_DP = {"ffa_lora": 70.0, "fedit": 60.0, "fed_sb": 30.0}
+EXAMPLES = {3: 12_000, 10: 3_600}  # ≈ tweets per client
+
+PAPER_EPOCHS = 2.0
+PAPER_BATCH = 32
+PAPER_COMMON = (
+    "data.partitioner=iid",
+    "model.target_modules=[query,value]",
+    "strategy.lr=5e-4",
+    "privacy.grad_sample_mode=ghost",
+    "privacy.max_grad_norm=0.1",
+)
+# (method, variant, extra overrides): Fed-SB's init from a public slice (uncharged) and federated (charged).
+PAPER_RUNS = (
+    ("ffa_lora", "paper", ()),
+    ("fedit", "paper", ()),
+    ("fed_sb", "paper-init-public", ("strategy.init=server", "strategy.init_data=public", "data.public_size=550")),
+    ("fed_sb", "paper-init-federated", ("strategy.init=federated",)),
+)
 
 TINY = [
     "model=tiny",
@@ -49,26 +90,42 @@ TINY = [
 
 @dataclass(frozen=True)
 class Cell:
-    """One run of the map: a method, a client count, local steps per round, and ε (None: the non-DP twin)."""
+    """One run of the map: a method, a client count, local steps (or epochs) per round, and ε (None: the non-DP
+    twin). A `variant` (the paper regime's) adds its own `extra` overrides and its own logical `batch`."""
 
     method: str
     clients: int
-    local_steps: int
+    local_steps: int | None
     epsilon: float | None
     rounds: int = ROUNDS
     seed: int = 0
+    local_epochs: float | None = None
+    variant: str = ""
+    extra: tuple[str, ...] = ()
+    batch: int | None = None  # None: the map's --batch
 
     @property
     def key(self) -> str:
         eps = "off" if self.epsilon is None else f"eps{self.epsilon:g}"
-        return f"{self.method}-c{self.clients}-s{self.local_steps}x{self.rounds}-{eps}-seed{self.seed}"
+        work = f"s{self.local_steps}" if self.local_epochs is None else f"e{self.local_epochs:g}"
+        name = f"{self.variant}-{self.method}" if self.variant else self.method
+        return f"{name}-c{self.clients}-{work}x{self.rounds}-{eps}-seed{self.seed}"
 
     @property
-    def dp_steps(self) -> int:
-        return self.local_steps * self.rounds
+    def dp_steps(self) -> int | None:
+        """Planned DP steps per client; None for epochs (the run reports the steps it took)."""
+        return None if self.local_steps is None else self.local_steps * self.rounds
+
+    def examples(self, batch: int) -> float:
+        """Examples trained on, all clients together (≈: the partitions are near equal)."""
+        b = self.batch or batch
+        if self.local_epochs is None:
+            return float(self.clients * (self.dp_steps or 0) * b)
+        return self.clients * self.local_epochs * self.rounds * EXAMPLES.get(self.clients, 36_000 / self.clients)
 
     def overrides(self, *, batch: int, physical: int) -> list[str]:
         """The Hydra overrides of this cell: the method's DP preset, with DP off for the twin."""
+        b = self.batch or batch
         common = [
             f"strategy={self.method}",
             f"privacy=dp_{self.method}",
@@ -76,20 +133,18 @@ class Cell:
             f"sim.rounds={self.rounds}",
             "sim.fraction_train=1.0",
             f"seed={self.seed}",
+            *self.extra,
         ]
+        work = "epochs" if self.local_epochs is not None else "steps"
+        amount = self.local_epochs if self.local_epochs is not None else self.local_steps
         if self.epsilon is None:  # same logical batch and steps, no clipping or noise
-            return [
-                *common,
-                "privacy.enabled=false",
-                f"train.batch_size={batch}",
-                f"train.local_steps={self.local_steps}",
-            ]
+            return [*common, "privacy.enabled=false", f"train.batch_size={b}", f"train.local_{work}={amount}"]
         return [
             *common,
             f"privacy.target_epsilon={self.epsilon:g}",
-            f"privacy.batch_size={batch}",
-            f"privacy.physical_batch={physical}",
-            f"privacy.local_steps={self.local_steps}",
+            f"privacy.batch_size={b}",
+            f"privacy.physical_batch={min(physical, b)}",
+            f"privacy.local_{work}={amount}",
             f"privacy.planned_rounds={self.rounds}",
         ]
 
@@ -102,21 +157,57 @@ def grid(
     rounds: int = ROUNDS,
     seeds: Iterable[int] = (0,),
 ) -> list[Cell]:
-    """The ε = 3 cells and their non-DP twins."""
+    """The ε = 3 cells and their non-DP twins, by DP steps first (a map stopped part-way has whole columns)."""
     return [
         Cell(m, c, s, e, rounds, seed)
-        for m in methods
-        for c in clients
         for s in local_steps
         for seed in seeds
+        for c in clients
+        for m in methods
         for e in (HEADLINE_EPSILON, None)
     ]
+
+
+def paper_cells(epochs: float = PAPER_EPOCHS, *, seed: int = 0, twins: bool = True) -> list[Cell]:
+    """The paper's regime in shape (module docstring): every method at ε = 3, then the non-DP twins."""
+    return [
+        Cell(m, 3, None, e, 1, seed, epochs, variant, (*PAPER_COMMON, *extra), PAPER_BATCH)
+        for e in ((HEADLINE_EPSILON, None) if twins else (HEADLINE_EPSILON,))
+        for m, variant, extra in PAPER_RUNS
+    ]
+
+
+def estimate(cells: Iterable[Cell], done: list[dict[str, Any]], *, batch: int) -> str:
+    """Each cell's examples and expected hours: at the map's own finished rate for its method and arm where it has
+    one, else at THROUGHPUT's measured rates; finished cells count their wall time."""
+    rate: dict[tuple[str, bool], float] = {}
+    for row in done:
+        if row.get("examples") and row.get("wall_s"):
+            rate[(row["method"], row["epsilon"] is not None)] = row["examples"] / row["wall_s"]
+    walls = {row["key"]: row["wall_s"] for row in done}
+    lines, total = ["| cell | examples | hours |", "|---|---|---|"], 0.0
+    for cell in cells:
+        dp = cell.epsilon is not None
+        default = THROUGHPUT.get((cell.method, dp), 40.0) if dp else THROUGHPUT_NON_DP.get(cell.method, 60.0)
+        hours = (
+            walls[cell.key] / 3600
+            if cell.key in walls
+            else cell.examples(batch) / rate.get((cell.method, dp), default) / 3600
+        )
+        total += hours
+        lines.append(
+            f"| {cell.key}{' (done)' if cell.key in walls else ''} | {cell.examples(batch):,.0f} | {hours:.2f} |"
+        )
+    lines.append(f"| total | | {total:.1f} |")
+    return "\n".join(lines)
 
 
 def best_cells(done: Iterable[dict[str, Any]]) -> list[Cell]:
     """ε ∈ {1, 8} at each method's best ε = 3 cell (by final accuracy) among finished rows."""
     best: dict[str, dict[str, Any]] = {}
     for row in done:
+        if row.get("variant"):  # the paper regime is not a cell of the grid
+            continue
         if row["epsilon"] == HEADLINE_EPSILON and row["accuracy"] > best.get(row["method"], {}).get("accuracy", -1):
             best[row["method"]] = row
     return [
@@ -182,7 +273,7 @@ def run_map(cells: Iterable[Cell], out: Path, *, runner: Runner, batch: int, phy
         if cell.key in keys:
             continue
         result = runner(cell, cell.overrides(batch=batch, physical=physical))
-        row = {"key": cell.key, **asdict(cell), "dp_steps": cell.dp_steps, **result}
+        row = {"key": cell.key, **asdict(cell), "dp_steps": cell.dp_steps, "examples": cell.examples(batch), **result}
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
         done.append(row)
@@ -193,20 +284,29 @@ def run_map(cells: Iterable[Cell], out: Path, *, runner: Runner, batch: int, phy
 
 def table(rows: list[dict[str, Any]]) -> str:
     """Markdown: each DP cell with its twin's accuracy, the gap, σ (RDP and PRV), DP steps and wall time."""
-    twins = {(r["method"], r["clients"], r["local_steps"], r["seed"]): r for r in rows if r["epsilon"] is None}
+
+    def twin_key(r: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(r.get(k) for k in ("variant", "method", "clients", "local_steps", "local_epochs", "seed"))
+
+    def steps(r: dict[str, Any]) -> int:
+        return int(r.get("dp_steps_taken") or r.get("dp_steps") or 0)
+
+    twins = {twin_key(r): r for r in rows if r["epsilon"] is None}
     lines = [
         "| method | clients | DP steps | ε | accuracy | non-DP twin | gap | σ (RDP) | σ (PRV) | wall s (DP / twin) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(
-        (r for r in rows if r["epsilon"] is not None), key=lambda r: (r["method"], r["clients"], r["dp_steps"])
+        (r for r in rows if r["epsilon"] is not None),
+        key=lambda r: (r.get("variant") or "", r["method"], r["clients"], steps(r)),
     ):
-        twin = twins.get((r["method"], r["clients"], r["local_steps"], r["seed"]))
+        twin = twins.get(twin_key(r))
         acc_t = f"{100 * twin['accuracy']:.1f}" if twin else "—"
         gap = f"{100 * (twin['accuracy'] - r['accuracy']):.1f}" if twin else "—"
         wall_t = f"{twin['wall_s']:.0f}" if twin else "—"
+        name = f"{r['method']} ({r['variant']})" if r.get("variant") else r["method"]
         lines.append(
-            f"| {r['method']} | {r['clients']} | {r.get('dp_steps_taken') or r['dp_steps']} | {r['epsilon']:g} | "
+            f"| {name} | {r['clients']} | {steps(r)} | {r['epsilon']:g} | "
             f"{100 * r['accuracy']:.1f} | {acc_t} | {gap} | {r.get('sigma', float('nan')):.3f} | "
             f"{r.get('prv_sigma', float('nan')):.3f} | {r['wall_s']:.0f} / {wall_t} |"
         )
@@ -224,7 +324,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for eps, style in ((HEADLINE_EPSILON, "-o"), (None, "--x")):
         groups: dict[tuple[str, int], list[tuple[int, float]]] = {}
         for r in rows:
-            if r["epsilon"] == eps and r["seed"] == 0:
+            if r["epsilon"] == eps and r["seed"] == 0 and not r.get("variant"):
                 groups.setdefault((r["method"], r["clients"]), []).append((r["dp_steps"], 100 * r["accuracy"]))
         for (method, clients), pts in sorted(groups.items()):
             xs, ys = zip(*sorted(pts), strict=True)
@@ -252,21 +352,32 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="smoke test on the tiny model (TINY overrides)")
     ap.add_argument("--skip-other-eps", action="store_true", help="only the ε = 3 cells and their twins")
     ap.add_argument("--report", action="store_true", help="print the table and write <out>.png; run nothing")
+    ap.add_argument("--estimate", action="store_true", help="print each cell's examples and hours; run nothing")
+    ap.add_argument("--paper", action="store_true", help="the Fed-SB paper's private regime in shape, not the grid")
+    ap.add_argument("--paper-epochs", type=float, default=PAPER_EPOCHS, help="--paper: local epochs (one round)")
+    ap.add_argument("--no-twins", action="store_true", help="--paper: the ε = 3 runs only")
     args = ap.parse_args()
     if args.report:
         rows = read_done(args.out)
         print(table(rows))
-        plot(rows, args.out.with_suffix(".png"))
+        if any(not r.get("variant") for r in rows):
+            plot(rows, args.out.with_suffix(".png"))
         return
     extra = TINY if args.tiny else []
+    if args.paper:
+        cells = paper_cells(args.paper_epochs, seed=args.seeds[0], twins=not args.no_twins)
+    else:
+        cells = grid(args.methods, args.clients, args.local_steps, rounds=args.rounds, seeds=args.seeds)
+    if args.estimate:
+        print(estimate(cells, read_done(args.out), batch=args.batch))
+        return
 
     def runner(cell: Cell, overrides: list[str]) -> dict[str, Any]:
         return simulate(cell, [*extra, *overrides])
 
-    cells = grid(args.methods, args.clients, args.local_steps, rounds=args.rounds, seeds=args.seeds)
     kw = {"runner": runner, "batch": args.batch, "physical": args.physical_batch}
     done = run_map(cells, args.out, **kw)
-    if not args.skip_other_eps:
+    if not args.skip_other_eps and not args.paper:
         run_map(best_cells(done), args.out, **kw)
     print(table(read_done(args.out)))
 

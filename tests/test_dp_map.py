@@ -7,13 +7,25 @@ from typing import Any
 
 from fl.app.config import compose
 from privacy import PrivacySettings
-from simulations.bench_dp_map import TINY, Cell, best_cells, grid, read_done, run_map, table
+from simulations.bench_dp_map import (
+    TINY,
+    Cell,
+    best_cells,
+    estimate,
+    grid,
+    paper_cells,
+    read_done,
+    run_map,
+    table,
+)
 
 
 def test_the_grid_is_methods_by_clients_by_steps_at_eps_3_with_non_dp_twins() -> None:
     cells = grid()
     assert len(cells) == 3 * 2 * 3 * 2 and len({c.key for c in cells}) == len(cells)
-    assert sorted({c.dp_steps for c in cells}) == [9, 51, 150] and {c.epsilon for c in cells} == {3.0, None}
+    assert sorted({c.dp_steps or 0 for c in cells}) == [9, 51, 150] and {c.epsilon for c in cells} == {3.0, None}
+    steps = [c.dp_steps for c in cells]
+    assert steps == sorted(steps, key=lambda n: n or 0)  # by DP steps first: a stopped map has whole columns
     dp, twin = Cell("ffa_lora", 3, 17, 3.0), Cell("ffa_lora", 3, 17, None)
     p = PrivacySettings.from_config(compose([*TINY, *dp.overrides(batch=64, physical=32)]), init_releases=0)
     assert (p.enabled, p.local_steps, p.logical_batch, p.physical_batch, p.planned_rounds) == (True, 17, 64, 32, 3)
@@ -36,3 +48,30 @@ def test_the_map_resumes_skipping_finished_cells(tmp_path: Path) -> None:
     best = best_cells(read_done(out))
     assert [(c.local_steps, c.epsilon) for c in best] == [(17, 1.0), (17, 8.0)]
     assert "| ffa_lora | 3 | 51 | 3 | 67.0 | 77.0 | 10.0 |" in table(read_done(out))
+
+
+def test_the_paper_regime_composes_with_epochs_its_batch_and_fed_sb_s_two_inits() -> None:
+    cells = paper_cells(2.0)
+    assert [c.epsilon for c in cells] == [3.0] * 4 + [None] * 4 and len({c.key for c in cells}) == 8
+    for cell in cells:
+        cfg = compose(cell.overrides(batch=64, physical=64))
+        assert (cfg.sim.num_clients, cfg.sim.rounds, cfg.data.partitioner) == (3, 1, "iid")
+        assert list(cfg.model.target_modules) == ["query", "value"] and cfg.strategy.lr == 5e-4
+        p = PrivacySettings.from_config(cfg, init_releases=0)
+        if cell.epsilon is None:
+            assert not p.enabled and (cfg.train.local_epochs, cfg.train.batch_size) == (2.0, 32)
+        else:
+            assert p.enabled and (p.local_epochs, p.logical_batch, p.physical_batch) == (2.0, 32, 32)
+        if cell.variant == "paper-init-public":
+            assert (cfg.strategy.init, cfg.strategy.init_data, cfg.data.public_size) == ("server", "public", 550)
+        if cell.variant == "paper-init-federated":
+            assert cfg.strategy.init == "federated"
+    assert "paper-init-public-fed_sb-c3-e2x1-eps3-seed0" in estimate(cells, [], batch=64)
+
+
+def test_the_estimate_uses_the_map_s_own_rate_once_it_has_one() -> None:
+    cells = grid(["ffa_lora"], [10], [3])
+    first = estimate(cells, [], batch=64)  # 10 clients x 9 steps x 64 = 5,760 examples each
+    assert "| ffa_lora-c10-s3x3-eps3-seed0 | 5,760 |" in first
+    done = [{"key": "other", "method": "ffa_lora", "epsilon": 3.0, "examples": 3600.0, "wall_s": 3600.0}]
+    assert "| ffa_lora-c10-s3x3-eps3-seed0 | 5,760 | 1.60 |" in estimate(cells, done, batch=64)  # at 1 example/s

@@ -77,6 +77,22 @@ def test_the_sigma_search_prints_no_order_warning_and_leaves_the_warning_filters
     assert _order_warnings(caught)
 
 
+def test_prv_accounting_prints_no_order_warning() -> None:
+    """PRV sizes its domain from an RDP bound at Opacus' default orders; with Fed-SB's init release (σ 9.5, q = 1)
+    its optimum sat at the edge and warned from every PRV plan, accountant and the DP map's PRV column."""
+    paper = {"target_epsilon": 3.0, "delta": 1 / 3000, "num_examples": 300, "batch_size": 32, "steps_per_round": 5}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = plan_dp(**paper, planned_rounds=1, max_grad_norm=0.1, accountant="prv", init_steps=1, init_share=0.1)
+        prv = prv_epsilon(plan.history(), plan.delta)
+        acc = ClientAccountant("prv")
+        for sigma, q, n in plan.history():
+            acc.step(noise_multiplier=sigma, sample_rate=q, steps=n)
+        spent = acc.epsilon(plan.delta)
+    assert not _order_warnings(caught)
+    assert spent == pytest.approx(prv) and 0 < prv <= 3.0 + 1e-2  # PRV's plan spends its target, within its error
+
+
 # ------------------------------------------------------------------ DP steps, through the ClientApp
 
 
