@@ -29,6 +29,7 @@ from fl.wire import from_record, to_record
 from privacy import PrivacySettings, client_plan, gaussian_release, init_noise_multiplier, noisy_gradient_sum
 from privacy.gaussian import FULL_BATCH
 from privacy.node import load_accountant, save_accountant
+from privacy.noise import noise_source
 
 log = logging.getLogger(__name__)
 
@@ -218,12 +219,15 @@ def init_gradient_reply(
                 "init releases this client's DP plan reserves; nothing was sent."
             )
         grads = clipped_gradient_sum(model, subset, pad_id=pad_id, max_grad_norm=plan.max_grad_norm)
+        # the node's noise: never seeded by the server's run seed on a deployment node (privacy.noise)
+        noise = noise_source(context.node_config, seed=spec.seed * 7919 + pid + 104_729 * exchange)
         release = gaussian_release(
             release_of(grads),
             noise_multiplier=init_noise_multiplier(plan),
             clip=plan.max_grad_norm,
-            generator=torch.Generator().manual_seed(spec.seed * 7919 + pid + 104_729 * exchange),
+            generator=noise.generator(),
             accountant=accountant,
+            secure_mode=noise.secure,
         )
         metrics[K.EPSILON] = accountant.epsilon(plan.delta)
         content[K.STATE_PRIVACY] = save_accountant(context, accountant)

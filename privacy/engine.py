@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from privacy.accountant import ClientAccountant
 from privacy.clipping import CLIPPINGS, PerLayerOptimizer, per_layer_bounds
+from privacy.noise import SECURE_RNG_MISSING
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ def make_private(
     clipping: str = "flat",
     head_clip_share: float | None = None,
     secure_mode: bool = False,
+    sampling_seed: int | None = None,
 ) -> PrivateRound:
     """DP-SGD versions of (model, optimizer, loader) for one round; steps are charged to `accountant`.
 
@@ -127,6 +129,10 @@ def make_private(
     secure_mode : bool
         Opacus' secure RNG: noise from a CSPRNG (torchcsprng), drawn so that it resists floating-point attacks
         (Jin et al. 2022); `noise_seed` is then ignored. Raises with the fix when torchcsprng is missing.
+    sampling_seed : int, optional
+        Poisson sampling from its own generator with this seed (a deployment node's private seed,
+        `privacy.noise.noise_source`); None: Opacus' default, the CSPRNG under secure_mode and otherwise the
+        loader's generator or torch's global RNG (seeded by the training loop in simulations).
 
     Returns
     -------
@@ -180,6 +186,9 @@ def make_private(
     )
     if clipping == "per_layer":
         made[1].__class__ = PerLayerOptimizer  # same state, the dtype-safe clip_and_accumulate
+    if sampling_seed is not None and poisson_sampling and not secure_mode:
+        # the DPDataLoader (last of `made`) draws its batches from its UniformWithReplacementSampler's generator
+        made[-1].batch_sampler.generator = torch.Generator().manual_seed(sampling_seed)
     if grad_sample_mode == "ghost":
         module, dp_optimizer, criterion, dp_loader = made
         return PrivateRound(module, dp_optimizer, dp_loader, criterion)
@@ -189,14 +198,6 @@ def make_private(
         return loss_fn(outputs, batch).mean()
 
     return PrivateRound(module, dp_optimizer, dp_loader, objective)
-
-
-SECURE_RNG_MISSING = (
-    "privacy-secure-rng=true: Opacus' secure_mode needs the torchcsprng "
-    "package, which is not installed (PyPI has no build of it for torch 2.x). Install a torchcsprng built for "
-    "this torch, or start the SuperNode with --node-config '... privacy-secure-rng=false' to draw the noise from "
-    "torch's default generator (not cryptographically secure)."
-)
 
 
 def _engine(kind: str, *, secure_mode: bool) -> PrivacyEngine:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from opacus.optimizers.optimizer import _generate_noise  # Opacus' own secure draw, reused rather than copied
 
 from privacy.accountant import ClientAccountant
 
@@ -25,6 +26,7 @@ def gaussian_release(
     clip: float,
     generator: torch.Generator,
     accountant: ClientAccountant,
+    secure_mode: bool = False,
 ) -> dict[str, torch.Tensor]:
     """`arrays` plus N(0, (σ·C)²) per entry, charged to `accountant` as one step at sample rate 1.
 
@@ -40,6 +42,10 @@ def gaussian_release(
         Source of the noise, drawn tensor by tensor in the mapping's order (seed it for reproducible runs).
     accountant : ClientAccountant
         The client's persistent accountant.
+    secure_mode : bool
+        Draw as Opacus' secure_mode does (`opacus.optimizers.optimizer._generate_noise`: the sum of four draws,
+        halved, which resists the floating-point attack of Jin et al. 2022); `generator` is then the node's
+        CSPRNG (`privacy.noise.csprng_generator`).
 
     Returns
     -------
@@ -54,6 +60,9 @@ def gaussian_release(
     if noise_multiplier > 0:
         std = noise_multiplier * clip
         for name, t in arrays.items():
+            if secure_mode:
+                out[name] = t + _generate_noise(std, t.float(), generator=generator, secure_mode=True).to(t.dtype)
+                continue
             noise = torch.randn(t.shape, generator=generator, device=generator.device)
             out[name] = torch.add(t, noise.to(t.device), alpha=std)
     accountant.step(noise_multiplier=noise_multiplier, sample_rate=FULL_BATCH, steps=1)

@@ -1,6 +1,6 @@
 """The node's side of privacy: its policy against the task's settings, a declined reply, and its accountant
 kept across rounds in `Context.state` and (with ``privacy-state-dir``) on the node's own disk, its lifetime
-budget across runs (`privacy.ledger`), and its noise source (Opacus' secure RNG on deployment nodes).
+budget across runs (`privacy.ledger`); its noise source is `privacy.noise`.
 
 The mechanisms are `privacy.policy` (`NodePolicy`, `AccountantStore`, `most_spent`); this module applies them to
 one Flower message and context.
@@ -15,7 +15,6 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fl import constants as K
-from fl.runtime_env import in_simulation
 from privacy.accountant import ClientAccountant
 from privacy.budget import DPPlan
 from privacy.ledger import LifetimeBudget, PrivacyLedger, ledger_decline
@@ -65,51 +64,6 @@ def declined_reply(msg: Message, *, partition_id: int, server_round: int, reason
     metrics = MetricRecord({K.PARTITION_ID: partition_id, K.SERVER_ROUND: server_round, K.DECLINED: 1})
     content = RecordDict({K.METRICS: metrics, DECLINE_RECORD: ConfigRecord({DECLINE_REASON: reason})})
     return Message(content, reply_to=msg)
-
-
-NODE_SECURE_RNG = "privacy-secure-rng"  # node config: true | false | auto (default: auto on deployment nodes)
-_warned_insecure = False
-
-
-def csprng_available() -> bool:
-    """Whether Opacus' `secure_mode` can run here: it needs the torchcsprng package (PyPI has no build of it for
-    torch 2.x, so most installs lack it)."""
-    try:
-        import torchcsprng  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def secure_rng(node_config: Mapping[str, Any]) -> bool:
-    """Whether this node draws DP noise with Opacus' `secure_mode` (a CSPRNG, and noise that resists the
-    floating-point attack of Jin et al. 2022).
-
-    ``privacy-secure-rng=true`` demands it (a node without torchcsprng then fails its first DP round with the
-    fix); ``false`` turns it off; unset or ``auto`` uses it on deployment nodes where torchcsprng is installed and
-    otherwise warns once that the noise comes from torch's default generator. Simulations keep their seeded
-    generator (reproducible runs)."""
-    global _warned_insecure
-    raw = node_config.get(NODE_SECURE_RNG)
-    value = "auto" if raw is None or str(raw).strip() == "" else str(raw).strip().lower()
-    if value not in ("true", "false", "1", "0", "auto"):
-        raise ValueError(f"Node config {NODE_SECURE_RNG}={raw!r} must be true, false or auto.")
-    if value != "auto":
-        return value in ("true", "1")
-    if in_simulation():
-        return False
-    if csprng_available():
-        return True
-    if not _warned_insecure:
-        _warned_insecure = True
-        log.warning(
-            "DP noise on this node comes from torch's default generator, not a CSPRNG: Opacus' secure_mode needs "
-            "torchcsprng (not installed). Install it and set --node-config '%s=true' to demand it, or '%s=false' "
-            "to silence this.",
-            NODE_SECURE_RNG,
-            NODE_SECURE_RNG,
-        )
-    return False
 
 
 def _ledger(context: Context) -> tuple[LifetimeBudget, str] | None:

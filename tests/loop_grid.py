@@ -5,7 +5,9 @@ Rounds of a real strategy run without Ray or processes; tests read each node's `
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from flwr.app import Context, Message, RecordDict
@@ -14,6 +16,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fl import constants as K
 from fl.app.client_app import app as client_app
+from fl.runtime_env import SIMULATION_ENV
 
 
 class LoopGrid(Grid):
@@ -25,7 +28,8 @@ class LoopGrid(Grid):
             100 + pid: Context(
                 run_id=7,
                 node_id=100 + pid,
-                # simulated nodes: the seeded noise, as in a simulation (no Opacus secure_mode)
+                # no Opacus secure_mode (torchcsprng is not installed); the noise is seeded as in a simulation
+                # because send_and_receive marks these nodes simulated (privacy.noise)
                 node_config={K.NODE_PARTITION_ID: pid, K.NODE_NUM_PARTITIONS: num_nodes, "privacy-secure-rng": "false"},
                 state=RecordDict(),
                 run_config={},
@@ -59,7 +63,23 @@ class LoopGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = []
-        for msg in messages:
-            self.sent.append(msg)
-            replies.append(self.app(msg, self.contexts[msg.metadata.dst_node_id]))
+        with simulated_nodes():
+            for msg in messages:
+                self.sent.append(msg)
+                replies.append(self.app(msg, self.contexts[msg.metadata.dst_node_id]))
         return replies
+
+
+@contextmanager
+def simulated_nodes() -> Iterator[None]:
+    """While the ClientApp runs here, this process is a simulated node (as fl-sim's actors are): DP randomness is
+    seeded from the run seed, so in-process runs reproduce and equal the Simulation Runtime's."""
+    before = os.environ.get(SIMULATION_ENV)
+    os.environ[SIMULATION_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(SIMULATION_ENV, None)
+        else:
+            os.environ[SIMULATION_ENV] = before

@@ -376,6 +376,62 @@ def test_a_dp_client_refuses_an_init_release_beyond_its_plan(tiny: list[str]) ->
         init_reply(msg, ctx, ws, partition(ws, 0, CLIENTS), pid=0)
 
 
+def _dense_dp_releases(tiny: list[str], node_config: dict[str, str], count: int = 2) -> list[dict[str, torch.Tensor]]:
+    """Fed-SB's dense DP init release of partition 0, `count` times, each to a fresh node with `node_config`."""
+    overrides = overrides_for(tiny, "strategy.init=federated", "privacy=dp")
+    ws = get_workspace(overrides)
+    msg = Message(
+        RecordDict({K.CONFIG: fedsb(ws, overrides).config_record(0, K.PHASE_INIT_GRAD)}), 100, MessageType.TRAIN
+    )
+    data = partition(ws, 0, CLIENTS)
+    return [
+        from_record(
+            init_reply(
+                msg, Context(run_id=1, node_id=100, node_config=node_config, state=RecordDict(), run_config={}),
+                ws, data, pid=0,
+            ).content.array_records[K.ARRAYS]
+        )
+        for _ in range(count)
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("simulated", [False, True])
+def test_a_deployed_nodes_dp_init_release_is_not_a_function_of_what_the_server_knows(
+    tiny: list[str], monkeypatch: pytest.MonkeyPatch, simulated: bool
+) -> None:
+    """The init's noise was seeded from the run seed and the partition id, both the server's: it could regenerate
+    the noise and subtract it. A deployment node now seeds it itself (privacy.noise); a simulation still reproduces."""
+    if simulated:
+        monkeypatch.setenv("FEDLORA_SIMULATION", "1")
+    else:
+        monkeypatch.delenv("FEDLORA_SIMULATION", raising=False)
+    first, again = _dense_dp_releases(tiny, {"privacy-secure-rng": "false"})
+    assert all(torch.equal(first[k], again[k]) for k in first) is simulated
+
+
+def test_a_secure_node_draws_its_init_noise_from_the_csprng_as_opacus_secure_mode_does(
+    tiny: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torchcsprng has no build for this torch, so a stand-in module checks the wiring: the release asks the node's
+    CSPRNG for its generator (Opacus' `create_random_device_generator`) and draws with Opacus' secure noise."""
+    import sys
+    import types
+
+    made: list[str] = []
+
+    def create_random_device_generator(path: str) -> torch.Generator:
+        made.append(path)
+        return torch.Generator().manual_seed(len(made))
+
+    monkeypatch.setitem(
+        sys.modules, "torchcsprng", types.SimpleNamespace(create_random_device_generator=create_random_device_generator)
+    )
+    monkeypatch.delenv("FEDLORA_SIMULATION", raising=False)
+    first, again = _dense_dp_releases(tiny, {"privacy-secure-rng": "true"})
+    assert made == ["/dev/urandom", "/dev/urandom"]
+    assert not all(torch.equal(first[k], again[k]) for k in first)  # the stand-in gave each node its own stream
+
+
 def test_sketch_init_in_a_real_simulation_costs_less_than_dense_and_trains(tiny: list[str], tmp_path: Path) -> None:
     """The one Flower simulation of this file: init=sketch, 2 clients, 2 rounds."""
     from fl.app.simulation import run_simulation

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
@@ -162,16 +163,42 @@ def test_secure_rng_demanded_without_torchcsprng_says_what_to_do(
 
 
 def test_secure_rng_auto_uses_the_csprng_only_where_it_exists(monkeypatch: pytest.MonkeyPatch) -> None:
-    from privacy import node
+    from privacy import noise
 
     monkeypatch.delenv("FEDLORA_SIMULATION", raising=False)
-    monkeypatch.setattr(node, "csprng_available", lambda: True)
-    assert node.secure_rng({}) is True and node.secure_rng({"privacy-secure-rng": "auto"}) is True
-    monkeypatch.setattr(node, "csprng_available", lambda: False)
-    assert node.secure_rng({}) is False  # falls back, with one warning, instead of failing every DP round
-    assert node.secure_rng({"privacy-secure-rng": "true"}) is True  # demanded: make_private then names the fix
+    monkeypatch.setattr(noise, "csprng_available", lambda: True)
+    assert noise.secure_rng({}) is True and noise.secure_rng({"privacy-secure-rng": "auto"}) is True
+    monkeypatch.setattr(noise, "csprng_available", lambda: False)
+    assert noise.secure_rng({}) is False  # falls back, with one warning, instead of failing every DP round
+    assert noise.secure_rng({"privacy-secure-rng": "true"}) is True  # demanded: make_private then names the fix
     monkeypatch.setenv("FEDLORA_SIMULATION", "1")
-    monkeypatch.setattr(node, "csprng_available", lambda: True)
-    assert node.secure_rng({}) is False  # simulations keep the seeded generator
+    monkeypatch.setattr(noise, "csprng_available", lambda: True)
+    assert noise.secure_rng({}) is False  # simulations keep the seeded generator
     with pytest.raises(ValueError, match="privacy-secure-rng"):
-        node.secure_rng({"privacy-secure-rng": "maybe"})
+        noise.secure_rng({"privacy-secure-rng": "maybe"})
+
+
+@pytest.mark.parametrize("simulated", [False, True])
+def test_a_deployed_nodes_dp_update_is_not_a_function_of_what_the_server_knows(
+    tiny: list[str], monkeypatch: pytest.MonkeyPatch, simulated: bool
+) -> None:
+    """The run seed is the server's: noise seeded from it could be regenerated and subtracted by the server. The
+    same message to a fresh node gives a different DP update on a deployment node (privacy-secure-rng=false, no
+    torchcsprng: torch's generator, seeded from the OS) and the same one in a simulation (reproducible runs)."""
+    from fl.wire import from_record
+
+    if simulated:
+        monkeypatch.setenv("FEDLORA_SIMULATION", "1")
+    else:
+        monkeypatch.delenv("FEDLORA_SIMULATION", raising=False)
+    job = [*tiny, "strategy=ffa_lora", "strategy.rank=2", "sim.num_clients=2", "data.partitioner=iid"]
+    dp = [*job, "privacy=dp", "privacy.target_epsilon=8", "privacy.batch_size=32", "privacy.local_steps=2"]
+
+    def twice(overrides: list[str]) -> list[dict[str, Any]]:  # one message (the same start) to two fresh nodes
+        msg = _message(overrides, 1)
+        return [from_record(train(msg, _context(9)).content.array_records[K.ARRAYS]) for _ in range(2)]
+
+    first, again = twice(dp)
+    assert all(torch.equal(first[k], again[k]) for k in first) is simulated
+    plain, plain_again = twice([*job, "train.local_steps=2"])
+    assert all(torch.equal(plain[k], plain_again[k]) for k in plain)  # without DP the node is deterministic

@@ -583,3 +583,40 @@ def test_noisy_gradient_sum_rejects_noise_without_clipping() -> None:
             noise_multiplier=1.0,
             loss_fn=SEQ_CLS.loss_of,
         )
+
+
+def _sampled_batches(sampling_seed: int | None, *, global_seed: int) -> list[list[int]]:
+    """The labels of each Poisson batch one private loader draws (labels 0..31 identify the examples)."""
+    model = _tiny_lora_bert()
+    examples = _examples(32)
+    for i, ex in enumerate(examples):
+        ex["labels"] = torch.tensor(i)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    model.train()
+    gsm, _, dp_loader, _ = make_private(
+        model=model,
+        optimizer=opt,
+        data_loader=DataLoader(examples, batch_size=8, collate_fn=_collate),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        accountant=ClientAccountant(),
+        noise_seed=0,
+        sampling_seed=sampling_seed,
+        loss_fn=SEQ_CLS.per_example_loss,
+    )
+    assert isinstance(dp_loader, DPDataLoader)
+    torch.manual_seed(global_seed)  # what the training loop does with the run's (the server's) seed
+    batches = [batch["labels"].tolist() for batch in dp_loader]
+    release(gsm)
+    return batches
+
+
+def test_a_sampling_seed_gives_poisson_sampling_its_own_generator_away_from_the_run_seeded_rng() -> None:
+    """On a deployment node the training RNG is seeded from the server's run seed; a node that samples from it
+    lets the server replay which examples each step used (privacy.noise). With `sampling_seed` the batches follow
+    that seed only; without one (simulations) they follow the seeded training RNG, as before."""
+    assert _sampled_batches(None, global_seed=1) == _sampled_batches(None, global_seed=1)
+    assert _sampled_batches(None, global_seed=1) != _sampled_batches(None, global_seed=2)
+    own = _sampled_batches(7, global_seed=1)
+    assert own == _sampled_batches(7, global_seed=2)  # the run seed no longer decides the batches
+    assert own != _sampled_batches(8, global_seed=1)

@@ -42,8 +42,8 @@ from privacy.node import (
     node_policy,
     policy_decline,
     save_accountant,
-    secure_rng,
 )
+from privacy.noise import noise_source
 from privacy.policy import DECLINE_REASON, DECLINE_RECORD
 
 log = logging.getLogger(__name__)
@@ -199,7 +199,7 @@ def train(msg: Message, context: Context) -> Message:
         if lifetime is not None:
             log.warning("partition %d declines round %d: %s", pid, server_round, lifetime)
             return declined_reply(msg, partition_id=pid, server_round=server_round, reason=lifetime)
-        secure = secure_rng(context.node_config)
+        noise = noise_source(context.node_config, seed=seed)  # never the server's seed on a deployment node
         if accountant.would_exceed(
             target_epsilon=plan.target_epsilon,
             delta=plan.delta,
@@ -231,8 +231,9 @@ def train(msg: Message, context: Context) -> Message:
                 grad_sample_mode=settings.grad_sample_mode,
                 clipping=settings.clipping,
                 head_clip_share=settings.head_clip_share,
-                noise_seed=None if secure else seed,
-                secure_mode=secure,
+                noise_seed=noise.noise_seed,
+                secure_mode=noise.secure,
+                sampling_seed=noise.sampling_seed,
                 loss_fn=ws.task_def.per_example_loss,
             )
 
