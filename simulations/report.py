@@ -186,7 +186,7 @@ def report(root: Path) -> tuple[pd.DataFrame, list[Path]]:
     df = df.sort_values(["strategy", "num_clients", "heterogeneity"]).reset_index(drop=True)
     df.to_csv(root / "report.csv", index=False)
     # the per-run table: readable labels, not folder names (report.csv keeps the folder in `run`)
-    shown = df.drop(columns=["alpha", "run", "strategy", "heterogeneity"]).copy()
+    shown = df.drop(columns=["alpha", "run", "strategy", "heterogeneity"]).dropna(axis="columns", how="all")
     shown["did_not_learn"] = shown["did_not_learn"].map({True: "did not learn", False: ""})
     shown["cum_bytes_up"] = (shown["cum_bytes_up"] / 1e6).round(2)
     shown["cum_bytes_down"] = (shown["cum_bytes_down"] / 1e6).round(2)
