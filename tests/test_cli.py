@@ -58,3 +58,26 @@ def test_fl_sweep_and_fl_report_user_errors_are_one_line(
             main(argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_.value.code == 2 and len(err) == 1 and says in err[0], err
+
+
+@pytest.mark.parametrize(
+    ("args", "want"),
+    [
+        ([], {"max_length": 40, "lora_layers": [3, 4, 5], "model": "minilm"}),  # the default job: quickstart
+        (["strategy=fedit"], {"max_length": 40, "lora_layers": [3, 4, 5], "model": "minilm"}),
+        (["+experiment=smollm2"], {"max_length": 128, "lora_layers": None, "model": "smollm2"}),  # names its own
+    ],
+)
+def test_dev_sh_run_is_the_quickstart_job_unless_the_command_names_an_experiment(
+    args: list[str], want: dict[str, object]
+) -> None:
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(
+        ["bash", str(root / "dev.sh"), "run", *args, "--cfg", "job"], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    cfg = yaml.safe_load(out.stdout)
+    got = {"max_length": cfg["data"]["max_length"], "lora_layers": cfg["model"]["lora_layers"]}
+    assert {**got, "model": cfg["model"]["name"]} == want
