@@ -65,13 +65,14 @@ job_extras() {
 
 FULL=dev,tracking
 
-# The default job is the quickstart preset (configs/experiment/quickstart.yaml) unless the command names an
-# experiment or resumes a run (whose checkpoint has its own overrides).
+# The default job is the quickstart preset (configs/experiment/quickstart.yaml: MiniLM's top 3 blocks, tweets cut
+# at 40 tokens) unless the command names an experiment, another model or dataset (the preset is tuned for MiniLM
+# on the tweets: it would cut someone's own data at 40 tokens), or resumes a run (its checkpoint has its overrides).
 needs_quickstart() {
   local a
   for a in "$@"; do
     case "$a" in
-      +experiment=* | experiment=* | ++experiment=* | resume=*) return 1 ;;
+      +experiment=* | experiment=* | ++experiment=* | resume=* | model=* | data=*) return 1 ;;
     esac
   done
 }
@@ -96,5 +97,9 @@ case "$cmd" in
     "$VENV/bin/lint-imports"  # the layers of shared/DESIGN.md ([tool.importlinter] in pyproject.toml)
     exec "$VENV/bin/pytest" -q "$@"
     ;;
-  *) setup "$(job_extras "$@")"; exec "$VENV/bin/$cmd" "$@" ;;
+  *)
+    setup "$(job_extras "$@")"
+    [ -x "$VENV/bin/$cmd" ] || setup "$FULL"  # a dev tool (pytest, ruff, mypy, ...) is not in the core install
+    exec "$VENV/bin/$cmd" "$@"
+    ;;
 esac

@@ -66,9 +66,11 @@ def test_fl_sweep_and_fl_report_user_errors_are_one_line(
         ([], {"max_length": 40, "lora_layers": [3, 4, 5], "model": "minilm"}),  # the default job: quickstart
         (["strategy=fedit"], {"max_length": 40, "lora_layers": [3, 4, 5], "model": "minilm"}),
         (["+experiment=smollm2"], {"max_length": 128, "lora_layers": None, "model": "smollm2"}),  # names its own
+        (["model=tiny", "sim.rounds=2"], {"max_length": 64, "lora_layers": None, "model": "tiny"}),  # another model
+        (["data=hf", "data.path=x"], {"max_length": 64, "lora_layers": None, "model": "minilm"}),  # someone's data
     ],
 )
-def test_dev_sh_run_is_the_quickstart_job_unless_the_command_names_an_experiment(
+def test_dev_sh_run_is_the_quickstart_job_unless_the_command_names_an_experiment_model_or_data(
     args: list[str], want: dict[str, object]
 ) -> None:
     import yaml
