@@ -12,6 +12,10 @@ accuracy. Labels are readable ("FFA-LoRA", "Dirichlet α=0.1"), never run folder
 - **pairs**: for every two methods in a column (same clients, same partitioning), the difference of their
   means and whether it exceeds the seeds' spread, taken as the sum of the two sample stds (the mean ± std
   intervals do not overlap). With n < 2 in either group there is no spread and no verdict.
+- **best round**: a second pivot of each run's best evaluated round (summary.json's ``best_accuracy``: the
+  rounds' evaluations on the seeded subset, ``sim.round_eval_size``, and the last round's on the whole split).
+  It is optimistic (a maximum over noisy evaluations, picked on the test data), so it is never the headline;
+  beside the final it shows runs that learned and then drifted away (client drift under label skew).
 - plots with ± std error bars: final accuracy vs partitioning (a panel per client count) and vs the number
   of clients (a panel per partitioning).
 """
@@ -101,6 +105,7 @@ def study_groups(runs: list[dict[str, Any]]) -> pd.DataFrame:
         extra = {k: v for k, v in g["axis"].items() if k not in LAYOUT_KEYS and not k.startswith("data.min_")}
         method = method_label(first) + (" (" + ", ".join(f"{k}={v}" for k, v in extra.items()) + ")" if extra else "")
         finals = [float(m["final_accuracy"]) for m in g["runs"]]
+        bests = [float(m.get("best_accuracy", float("nan"))) for m in g["runs"]]
         majorities = [m.get("majority") for m in g["runs"]]
         flops = [m.get("did_not_learn") for m in g["runs"]]
         rows.append(
@@ -112,6 +117,8 @@ def study_groups(runs: list[dict[str, Any]]) -> pd.DataFrame:
                 "seeds": " ".join(str(m["seed"]) for m in sorted(g["runs"], key=lambda m: m["seed"])),
                 "final_mean": float(np.mean(finals)),
                 "final_std": float(np.std(finals, ddof=1)) if len(finals) > 1 else float("nan"),
+                "best_mean": float(np.mean(bests)),
+                "best_std": float(np.std(bests, ddof=1)) if len(bests) > 1 else float("nan"),
                 "majority_mean": float(np.mean([v for v in majorities if v is not None]))
                 if any(v is not None for v in majorities)
                 else float("nan"),
@@ -125,20 +132,24 @@ def study_groups(runs: list[dict[str, Any]]) -> pd.DataFrame:
     return df.sort_values(["clients", "_order", "method"]).drop(columns="_order").reset_index(drop=True)
 
 
-def _cell(row: pd.Series) -> str:
-    std = row.final_std
-    text = f"{row.final_mean:.3f}" + ("" if std != std else f" ± {std:.3f}") + f" (n={row.n})"
-    if row.did_not_learn:
+def _cell(row: pd.Series, value: str = "final") -> str:
+    mean, std = row[f"{value}_mean"], row[f"{value}_std"]
+    text = f"{mean:.3f}" + ("" if std != std else f" ± {std:.3f}") + f" (n={row.n})"
+    if value == "final" and row.did_not_learn:
         text += f" — did not learn ({row.did_not_learn}/{row.n})"
     return text
 
 
-def pivots(df: pd.DataFrame) -> dict[int, pd.DataFrame]:
-    """Per client count: methods as rows, partitionings as columns (mild → strong), "mean ± std (n)" cells."""
+def pivots(df: pd.DataFrame, value: str = "final") -> dict[int, pd.DataFrame]:
+    """Per client count: methods as rows, partitionings as columns (mild → strong), "mean ± std (n)" cells.
+
+    ``value`` is "final" (the headline: the last round on the whole held-out split) or "best" (the best round).
+    """
     columns = sorted(df["partitioning"].unique(), key=_partition_order)
     out = {}
     for clients, g in df.groupby("clients"):
-        table = g.assign(cell=g.apply(_cell, axis=1)).pivot(index="method", columns="partitioning", values="cell")
+        cells = g.apply(lambda row: _cell(row, value), axis=1)
+        table = g.assign(cell=cells).pivot(index="method", columns="partitioning", values="cell")
         table = table.reindex(columns=[c for c in columns if c in table.columns]).fillna("—")
         table.columns.name = None
         out[int(clients)] = table.reset_index()
@@ -194,6 +205,16 @@ def study_markdown(df: pd.DataFrame, *, markdown: Any) -> str:
             "larger than the sum of their sample stds (their mean ± std intervals do not overlap).\n\n"
             + markdown(pair_table)
         )
+    if df["best_mean"].notna().any():
+        parts.append(
+            "\n## Best round's accuracy (optimistic: for reading drift, not for ranking)\n\n"
+            "Mean ± sample std over seeds of each run's best evaluated round: the per-round evaluations on the "
+            "seeded held-out subset and the last round's on the whole split. A maximum over noisy evaluations, "
+            "chosen on the test data, so it flatters every run; where it stands far above the final accuracy "
+            "the run learned and then drifted away.\n"
+        )
+        for clients, table in pivots(df, "best").items():
+            parts.append(f"\n### {clients} clients, best round\n\n" + markdown(table))
     return "".join(parts)
 
 
@@ -205,6 +226,8 @@ def study_report(runs: list[dict[str, Any]], root: Path, *, markdown: Any) -> tu
     df.to_csv(root / "study.csv", index=False)
     for clients, table in pivots(df).items():
         table.to_csv(root / f"pivot_{clients}_clients.csv", index=False)
+    for clients, table in pivots(df, "best").items():
+        table.to_csv(root / f"pivot_best_{clients}_clients.csv", index=False)
     pairs(df).to_csv(root / "pairs.csv", index=False)
     plots = []
     if df["partitioning"].nunique() > 1:
