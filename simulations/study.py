@@ -17,7 +17,8 @@ accuracy. Labels are readable ("FFA-LoRA", "Dirichlet α=0.1"), never run folder
   It is optimistic (a maximum over noisy evaluations, picked on the test data), so it is never the headline;
   beside the final it shows runs that learned and then drifted away (client drift under label skew).
 - plots with ± std error bars: final accuracy vs partitioning (a panel per client count) and vs the number
-  of clients (a panel per partitioning).
+  of clients (a panel per partitioning); accuracy per round, a panel per (clients, partitioning), a line and
+  ± std band per method (``accuracy_vs_round_study.png``).
 """
 
 from __future__ import annotations
@@ -125,6 +126,7 @@ def study_groups(runs: list[dict[str, Any]]) -> pd.DataFrame:
                 "majority_min": min((v for v in majorities if v is not None), default=float("nan")),
                 "majority_max": max((v for v in majorities if v is not None), default=float("nan")),
                 "did_not_learn": sum(bool(f) for f in flops),
+                "curves": [[float(r["accuracy"]) for r in m.get("_rows", [])] for m in g["runs"]],
             }
         )
     df = pd.DataFrame(rows)
@@ -220,10 +222,10 @@ def study_markdown(df: pd.DataFrame, *, markdown: Any) -> str:
 
 def study_report(runs: list[dict[str, Any]], root: Path, *, markdown: Any) -> tuple[str, list[Path]]:
     """Write study.csv, pivot_<n>_clients.csv, pairs.csv and the error-bar plots; returns (markdown, plots)."""
-    from simulations.study_plots import plot_vs_clients, plot_vs_partitioning
+    from simulations.study_plots import plot_rounds_grid, plot_vs_clients, plot_vs_partitioning
 
     df = study_groups(runs)
-    df.to_csv(root / "study.csv", index=False)
+    df.drop(columns="curves").to_csv(root / "study.csv", index=False)
     for clients, table in pivots(df).items():
         table.to_csv(root / f"pivot_{clients}_clients.csv", index=False)
     for clients, table in pivots(df, "best").items():
@@ -234,4 +236,6 @@ def study_report(runs: list[dict[str, Any]], root: Path, *, markdown: Any) -> tu
         plots.append(plot_vs_partitioning(df, root, order=_partition_order))
     if df["clients"].nunique() > 1:
         plots.append(plot_vs_clients(df, root, order=_partition_order))
+    if any(len(c) > 1 for curves in df["curves"] for c in curves):
+        plots.append(plot_rounds_grid(df, root, order=_partition_order))
     return study_markdown(df, markdown=markdown), plots

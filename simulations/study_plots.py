@@ -82,3 +82,45 @@ def plot_vs_clients(df: pd.DataFrame, out: Path, *, order: Callable[[str], Any])
     fig.savefig(out / "accuracy_vs_clients.png", dpi=120)
     plt.close(fig)
     return out / "accuracy_vs_clients.png"
+
+
+def plot_rounds_grid(df: pd.DataFrame, out: Path, *, order: Callable[[str], Any]) -> Path:
+    """Held-out accuracy per round: rows = client counts, columns = partitionings, a mean line and ± std band per
+    method, the majority class dashed. Where a run learned and then drifted, this is where it shows."""
+    parts = sorted(df["partitioning"].unique(), key=order)
+    counts = sorted(df["clients"].unique())
+    methods = sorted(df["method"].unique())
+    fig, axes = plt.subplots(
+        len(counts), len(parts), figsize=(3.6 * len(parts) + 1, 2.9 * len(counts) + 0.6), sharey=True, squeeze=False
+    )
+    for i, clients in enumerate(counts):
+        for k, part in enumerate(parts):
+            ax = axes[i][k]
+            g = df[(df["clients"] == clients) & (df["partitioning"] == part)]
+            _floor(ax, g)
+            for j, method in enumerate(methods):
+                rows = g[g["method"] == method]
+                if not len(rows):
+                    continue
+                curves = rows.iloc[0]["curves"]
+                length = min(len(c) for c in curves)
+                arr = np.asarray([c[:length] for c in curves], dtype=float)
+                mean = arr.mean(axis=0)
+                std = arr.std(axis=0, ddof=1) if len(arr) > 1 else np.zeros(length)
+                xs = np.arange(length)
+                ax.plot(xs, mean, marker="o", ms=2.5, color=f"C{j % 10}", label=f"{method} (n={len(arr)})")
+                ax.fill_between(xs, mean - std, mean + std, color=f"C{j % 10}", alpha=0.15)
+            ax.set_title(f"{clients} clients · {part}", fontsize=9)
+            ax.grid(alpha=0.3)
+            if i == len(counts) - 1:
+                ax.set_xlabel("round")
+            if k == 0:
+                ax.set_ylabel("held-out accuracy")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8)
+    fig.suptitle("Accuracy per round (mean ± std over seeds)")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    path = out / "accuracy_vs_round_study.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -130,7 +130,7 @@ def test_labels_are_readable_and_no_folder_name_reaches_the_tables(study: tuple[
         assert folder.name not in text
     assert "cellfolder" not in text and "cells/" not in text and "ffa_lora" not in main and "fedit" not in main
     assert "target_epsilon" not in text and "epsilon_spent" not in text  # no DP in these runs: no empty DP columns
-    assert {"accuracy_vs_heterogeneity.png"} <= {p.name for p in plots}
+    assert {"accuracy_vs_heterogeneity.png", "accuracy_vs_round_study.png"} <= {p.name for p in plots}
     assert all(p.stat().st_size > 5000 for p in plots)
 
 
