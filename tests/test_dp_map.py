@@ -8,6 +8,8 @@ from typing import Any
 from fl.app.config import compose
 from privacy import PrivacySettings
 from simulations.bench_dp_map import (
+    NON_DP_RATES,
+    OWN_RATE,
     TINY,
     Cell,
     best_cells,
@@ -17,6 +19,7 @@ from simulations.bench_dp_map import (
     read_done,
     run_map,
     table,
+    with_own_rate_twins,
 )
 
 
@@ -47,7 +50,35 @@ def test_the_map_resumes_skipping_finished_cells(tmp_path: Path) -> None:
     assert ran == [c.key for c in cells] and len(read_done(out)) == 4
     best = best_cells(read_done(out))
     assert [(c.local_steps, c.epsilon) for c in best] == [(17, 1.0), (17, 8.0)]
-    assert "| ffa_lora | 3 | 51 | 3 | 67.0 | 77.0 | 10.0 |" in table(read_done(out))
+    assert "| ffa_lora | 3 | 51 | 3 | 67.0 | 77.0 | — | 10.0 |" in table(read_done(out))
+
+
+def test_own_rate_twins_run_at_the_method_s_non_dp_rate_and_the_gap_is_to_the_better_twin(tmp_path: Path) -> None:
+    cells = with_own_rate_twins(grid(["ffa_lora", "fed_sb"], [3], [3]))
+    assert [(c.method, c.epsilon, c.variant) for c in cells] == [
+        ("ffa_lora", 3.0, ""),
+        ("ffa_lora", None, ""),
+        ("ffa_lora", None, OWN_RATE),
+        ("fed_sb", 3.0, ""),
+        ("fed_sb", None, ""),
+        ("fed_sb", None, OWN_RATE),
+    ]
+    own = cells[2]
+    cfg = compose([*TINY, *own.overrides(batch=64, physical=32)])
+    assert (
+        cfg.strategy.lr
+        == NON_DP_RATES["ffa_lora"]
+        != compose([*TINY, *cells[1].overrides(batch=64, physical=32)]).strategy.lr
+    )
+    assert not PrivacySettings.from_config(cfg, init_releases=0).enabled
+
+    def runner(cell: Cell, overrides: list[str]) -> dict[str, Any]:  # the same-rate twin diverges, as measured
+        acc = {3.0: 0.53, None: 0.40}[cell.epsilon] if cell.variant != OWN_RATE else 0.70
+        return {"accuracy": acc, "wall_s": 1.0}
+
+    out = tmp_path / "map.jsonl"
+    run_map(cells, out, runner=runner, batch=64, physical=32)
+    assert "| ffa_lora | 3 | 9 | 3 | 53.0 | 40.0 | 70.0 | 17.0 |" in table(read_done(out))
 
 
 def test_the_paper_regime_composes_with_epochs_its_batch_and_fed_sb_s_two_inits() -> None:
