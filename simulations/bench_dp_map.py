@@ -178,7 +178,12 @@ def with_own_rate_twins(cells: Iterable[Cell]) -> list[Cell]:
     out = []
     for cell in cells:
         out.append(cell)
-        if cell.epsilon is None and not cell.variant and cell.method in NON_DP_RATES:
+        if cell.epsilon is None and not cell.variant:
+            if cell.method not in NON_DP_RATES:
+                raise ValueError(
+                    f"--own-rate-twins: no non-DP rate for method {cell.method!r}; add it to NON_DP_RATES "
+                    f"(known: {', '.join(sorted(NON_DP_RATES))}) or run without --own-rate-twins"
+                )
             lr = f"strategy.lr={NON_DP_RATES[cell.method]:g}"
             out.append(replace(cell, variant=OWN_RATE, extra=(*cell.extra, lr)))
     return out

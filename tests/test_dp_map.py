@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from fl.app.config import compose
 from privacy import PrivacySettings
 from simulations.bench_dp_map import (
@@ -79,6 +81,8 @@ def test_own_rate_twins_run_at_the_method_s_non_dp_rate_and_the_gap_is_to_the_be
     out = tmp_path / "map.jsonl"
     run_map(cells, out, runner=runner, batch=64, physical=32)
     assert "| ffa_lora | 3 | 9 | 3 | 53.0 | 40.0 | 70.0 | 17.0 |" in table(read_done(out))
+    with pytest.raises(ValueError, match="no non-DP rate for method 'flexlora'"):
+        with_own_rate_twins(grid(["flexlora"], [3], [3]))
 
 
 def test_the_paper_regime_composes_with_epochs_its_batch_and_fed_sb_s_two_inits() -> None:
