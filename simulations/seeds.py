@@ -131,17 +131,20 @@ def pivot(df: pd.DataFrame, groups: list[dict[str, Any]]) -> pd.DataFrame:
     return table.sort_index().reset_index()
 
 
+def mean_std_band(curves: list[list[float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rounds, mean and sample std over runs' per-round curves (cut to the shortest; std 0 for one run)."""
+    length = min(len(c) for c in curves)
+    arr = np.asarray([c[:length] for c in curves], dtype=float)
+    std = arr.std(axis=0, ddof=1) if len(arr) > 1 else np.zeros(length)
+    return np.arange(length), arr.mean(axis=0), std
+
+
 def plot_round_bands(groups: list[dict[str, Any]], out: Path) -> Path:
     """Held-out accuracy per round: mean line and ± std band per group."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, g in enumerate(groups):
-        curves = [[row["accuracy"] for row in m["_rows"]] for m in g["runs"]]
-        length = min(len(c) for c in curves)
-        arr = np.asarray([c[:length] for c in curves], dtype=float)
-        mean = arr.mean(axis=0)
-        std = arr.std(axis=0, ddof=1) if len(arr) > 1 else np.zeros(length)
-        xs = np.arange(length)
-        label = g["strategy"] + (f" [{g['label']}]" if g["axis"] else "") + f" (n={len(arr)})"
+        xs, mean, std = mean_std_band([[row["accuracy"] for row in m["_rows"]] for m in g["runs"]])
+        label = g["strategy"] + (f" [{g['label']}]" if g["axis"] else "") + f" (n={len(g['runs'])})"
         ax.plot(xs, mean, marker="o", ms=3, color=f"C{i % 10}", label=label)
         ax.fill_between(xs, mean - std, mean + std, color=f"C{i % 10}", alpha=0.2)
     ax.legend(fontsize=7)

@@ -10,6 +10,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from simulations.seeds import mean_std_band
+
 
 def _panels(n: int) -> tuple[plt.Figure, list[Any]]:
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n + 1, 4.3), sharey=True, squeeze=False)
@@ -103,12 +105,8 @@ def plot_rounds_grid(df: pd.DataFrame, out: Path, *, order: Callable[[str], Any]
                 if not len(rows):
                     continue
                 curves = rows.iloc[0]["curves"]
-                length = min(len(c) for c in curves)
-                arr = np.asarray([c[:length] for c in curves], dtype=float)
-                mean = arr.mean(axis=0)
-                std = arr.std(axis=0, ddof=1) if len(arr) > 1 else np.zeros(length)
-                xs = np.arange(length)
-                ax.plot(xs, mean, marker="o", ms=2.5, color=f"C{j % 10}", label=f"{method} (n={len(arr)})")
+                xs, mean, std = mean_std_band(curves)
+                ax.plot(xs, mean, marker="o", ms=2.5, color=f"C{j % 10}", label=f"{method} (n={len(curves)})")
                 ax.fill_between(xs, mean - std, mean + std, color=f"C{j % 10}", alpha=0.15)
             ax.set_title(f"{clients} clients · {part}", fontsize=9)
             ax.grid(alpha=0.3)
