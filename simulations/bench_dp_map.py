@@ -46,12 +46,12 @@ from typing import Any
 
 from fl.outputs import read_metrics
 from fl.runtime_env import set_quiet_env
+from simulations.dp_map_report import HEADLINE_EPSILON, OWN_RATE, plot, table
 
 METHODS = ("ffa_lora", "fedit", "fed_sb")
 CLIENTS = (3, 10)
 LOCAL_STEPS = (3, 17, 50)  # × ROUNDS = 9, 51, 150 DP steps per client
 ROUNDS = 3
-HEADLINE_EPSILON = 3.0
 OTHER_EPSILONS = (1.0, 8.0)
 LOGICAL_BATCH = 64  # fits the grid in ~6-7 h of 2 cores; the presets' 256 would take ~27 h (module docstring)
 PHYSICAL_BATCH = 64
@@ -62,7 +62,6 @@ THROUGHPUT = {("ffa_lora", True): 43.0, ("fedit", True): 32.0, ("fed_sb", True):
 # stable only under clipping (FFA-LoRA's 5e-2 diverged without it in the map's first cells), so --own-rate-twins
 # adds a second twin at these rates and the table's gap is taken to the better twin.
 NON_DP_RATES = {"ffa_lora": 1e-2, "fedit": 3e-3, "fed_sb": 1e-2}
-OWN_RATE = "own-rate"
 THROUGHPUT_NON_DP = {"ffa_lora": 70.0, "fedit": 60.0, "fed_sb": 30.0}
 EXAMPLES = {3: 12_000, 10: 3_600}  # ≈ tweets per client
 
@@ -301,67 +300,6 @@ def run_map(cells: Iterable[Cell], out: Path, *, runner: Runner, batch: int, phy
         keys.add(cell.key)
         print(json.dumps(row), flush=True)
     return done
-
-
-def table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: each DP cell with its twin's accuracy, the gap, σ (RDP and PRV), DP steps and wall time."""
-
-    def twin_key(r: dict[str, Any]) -> tuple[Any, ...]:
-        return tuple(r.get(k) for k in ("variant", "method", "clients", "local_steps", "local_epochs", "seed"))
-
-    def steps(r: dict[str, Any]) -> int:
-        return int(r.get("dp_steps_taken") or r.get("dp_steps") or 0)
-
-    twins = {twin_key(r): r for r in rows if r["epsilon"] is None}
-    own = {twin_key(r)[1:]: r for r in rows if r["epsilon"] is None and r.get("variant") == OWN_RATE}
-    lines = [
-        "| method | clients | DP steps | ε | accuracy | non-DP twin | twin at own rate | gap | σ (RDP) | σ (PRV) "
-        "| wall s (DP / twin) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in sorted(
-        (r for r in rows if r["epsilon"] is not None),
-        key=lambda r: (r.get("variant") or "", r["method"], r["clients"], steps(r)),
-    ):
-        twin = twins.get(twin_key(r))
-        own_twin = own.get(twin_key(r)[1:]) if not r.get("variant") else None
-        found = [t["accuracy"] for t in (twin, own_twin) if t]
-        acc_t = f"{100 * twin['accuracy']:.1f}" if twin else "—"
-        acc_o = f"{100 * own_twin['accuracy']:.1f}" if own_twin else "—"
-        gap = f"{100 * (max(found) - r['accuracy']):.1f}" if found else "—"  # to the better twin
-        wall_t = f"{twin['wall_s']:.0f}" if twin else "—"
-        name = f"{r['method']} ({r['variant']})" if r.get("variant") else r["method"]
-        lines.append(
-            f"| {name} | {r['clients']} | {steps(r)} | {r['epsilon']:g} | "
-            f"{100 * r['accuracy']:.1f} | {acc_t} | {acc_o} | {gap} | {r.get('sigma', float('nan')):.3f} | "
-            f"{r.get('prv_sigma', float('nan')):.3f} | {r['wall_s']:.0f} / {wall_t} |"
-        )
-    return "\n".join(lines)
-
-
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Accuracy at ε = 3 vs DP steps per client, one line per method and client count (dashed: non-DP)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for eps, style in ((HEADLINE_EPSILON, "-o"), (None, "--x")):
-        groups: dict[tuple[str, int], list[tuple[int, float]]] = {}
-        for r in rows:
-            if r["epsilon"] == eps and r["seed"] == 0 and not r.get("variant"):
-                groups.setdefault((r["method"], r["clients"]), []).append((r["dp_steps"], 100 * r["accuracy"]))
-        for (method, clients), pts in sorted(groups.items()):
-            xs, ys = zip(*sorted(pts), strict=True)
-            ax.plot(xs, ys, style, label=f"{method}, {clients} clients" + (" (no DP)" if eps is None else ""))
-    ax.set_xscale("log")
-    ax.set_xlabel("DP steps per client")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("Accuracy at ε = 3 vs DP steps per client")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 def main() -> None:

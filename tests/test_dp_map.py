@@ -1,4 +1,4 @@
-"""The DP map's grid and its resumability (simulations/bench_dp_map.py); the cells themselves are runs of fl-sim."""
+"""The DP map's grid, resumability and table (simulations/bench_dp_map.py, dp_map_report.py); cells are fl-sim runs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from fl.app.config import compose
 from privacy import PrivacySettings
 from simulations.bench_dp_map import (
     NON_DP_RATES,
-    OWN_RATE,
     TINY,
     Cell,
     best_cells,
@@ -20,9 +19,9 @@ from simulations.bench_dp_map import (
     paper_cells,
     read_done,
     run_map,
-    table,
     with_own_rate_twins,
 )
+from simulations.dp_map_report import OWN_RATE, table
 
 
 def test_the_grid_is_methods_by_clients_by_steps_at_eps_3_with_non_dp_twins() -> None:

@@ -1,0 +1,74 @@
+"""The privacy–utility map's report (simulations/bench_dp_map.py runs the cells): its table and its plot.
+
+One JSON line per finished cell is the input; a DP cell is matched with its non-DP twin(s) by variant, method,
+clients, local steps or epochs and seed. Kept apart from the runner so the report can be read and tested alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+HEADLINE_EPSILON = 3.0
+OWN_RATE = "own-rate"  # the variant of a non-DP twin at the method's own (non-DP) learning rate
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: each DP cell with its twin's accuracy, the gap, σ (RDP and PRV), DP steps and wall time."""
+
+    def twin_key(r: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(r.get(k) for k in ("variant", "method", "clients", "local_steps", "local_epochs", "seed"))
+
+    def steps(r: dict[str, Any]) -> int:
+        return int(r.get("dp_steps_taken") or r.get("dp_steps") or 0)
+
+    twins = {twin_key(r): r for r in rows if r["epsilon"] is None}
+    own = {twin_key(r)[1:]: r for r in rows if r["epsilon"] is None and r.get("variant") == OWN_RATE}
+    lines = [
+        "| method | clients | DP steps | ε | accuracy | non-DP twin | twin at own rate | gap | σ (RDP) | σ (PRV) "
+        "| wall s (DP / twin) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(
+        (r for r in rows if r["epsilon"] is not None),
+        key=lambda r: (r.get("variant") or "", r["method"], r["clients"], steps(r)),
+    ):
+        twin = twins.get(twin_key(r))
+        own_twin = own.get(twin_key(r)[1:]) if not r.get("variant") else None
+        found = [t["accuracy"] for t in (twin, own_twin) if t]
+        acc_t = f"{100 * twin['accuracy']:.1f}" if twin else "—"
+        acc_o = f"{100 * own_twin['accuracy']:.1f}" if own_twin else "—"
+        gap = f"{100 * (max(found) - r['accuracy']):.1f}" if found else "—"  # to the better twin
+        wall_t = f"{twin['wall_s']:.0f}" if twin else "—"
+        name = f"{r['method']} ({r['variant']})" if r.get("variant") else r["method"]
+        lines.append(
+            f"| {name} | {r['clients']} | {steps(r)} | {r['epsilon']:g} | "
+            f"{100 * r['accuracy']:.1f} | {acc_t} | {acc_o} | {gap} | {r.get('sigma', float('nan')):.3f} | "
+            f"{r.get('prv_sigma', float('nan')):.3f} | {r['wall_s']:.0f} / {wall_t} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Accuracy at ε = 3 vs DP steps per client, one line per method and client count (dashed: non-DP)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for eps, style in ((HEADLINE_EPSILON, "-o"), (None, "--x")):
+        groups: dict[tuple[str, int], list[tuple[int, float]]] = {}
+        for r in rows:
+            if r["epsilon"] == eps and r["seed"] == 0 and not r.get("variant"):
+                groups.setdefault((r["method"], r["clients"]), []).append((r["dp_steps"], 100 * r["accuracy"]))
+        for (method, clients), pts in sorted(groups.items()):
+            xs, ys = zip(*sorted(pts), strict=True)
+            ax.plot(xs, ys, style, label=f"{method}, {clients} clients" + (" (no DP)" if eps is None else ""))
+    ax.set_xscale("log")
+    ax.set_xlabel("DP steps per client")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Accuracy at ε = 3 vs DP steps per client")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
