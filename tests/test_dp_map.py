@@ -109,3 +109,5 @@ def test_the_estimate_uses_the_map_s_own_rate_once_it_has_one() -> None:
     assert "| ffa_lora-c10-s3x3-eps3-seed0 | 5,760 |" in first
     done = [{"key": "other", "method": "ffa_lora", "epsilon": 3.0, "examples": 3600.0, "wall_s": 3600.0}]
     assert "| ffa_lora-c10-s3x3-eps3-seed0 | 5,760 | 1.60 |" in estimate(cells, done, batch=64)  # at 1 example/s
+    small = {"key": "small", "method": "ffa_lora", "epsilon": 3.0, "examples": 360.0, "wall_s": 36.0}
+    assert "| 5,760 | 1.60 |" in estimate(cells, [*done, small], batch=64)  # the largest cell's rate, not the last
