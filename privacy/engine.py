@@ -28,6 +28,7 @@ from privacy.noise import SECURE_RNG_MISSING
 log = logging.getLogger(__name__)
 
 GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch")
+FULL_HOOK_WARNING = "Full backward hook is firing when gradients are computed with respect to module outputs"
 """Opacus modes that work with keyword inputs (``model(**batch)``). ``hooks`` materialises per-example
 gradients; ``ghost`` (fast gradient clipping with ghost norms, Li et al. 2022 / Bu et al. 2023) computes only
 their norms and then a second, reweighted backward pass, through the criterion `make_private` returns.
@@ -164,6 +165,11 @@ def make_private(
     bound: float | list[float] = max_grad_norm
     if clipping == "per_layer":  # Opacus wants one bound per optimizer parameter; their L2 norm is C
         bound = per_layer_bounds(model, optimizer, max_grad_norm, head_share=head_clip_share)
+    # Opacus' hooks on a frozen base: the first hooked module's inputs need no gradient, so torch warns on every
+    # step that its full backward hook sees the outputs' gradients only. Those are all Opacus uses (per-example
+    # gradients come from the saved activations and the outputs' gradients), so the warning is noise. Process-wide:
+    # the backward passes run after this call returns.
+    warnings.filterwarnings("ignore", message=FULL_HOOK_WARNING, category=UserWarning)
     made = engine.make_private(
         module=model,
         optimizer=optimizer,

@@ -3,8 +3,11 @@ and Opacus' ghost clipping gives the hooks mode's clipped gradient sum on every 
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
+from opacus import GradSampleModule
 from torch.utils.data import DataLoader
 
 from clients.train import local_train, make_loader, split_batch
@@ -146,6 +149,21 @@ def test_ghost_clipping_gives_the_hooks_clipped_gradient_sum(kind: str, clip: fl
     if clip < 1:  # each example clipped to norm `clip`: their sum / 12 has norm ≤ clip
         total = sum(float(g.pow(2).sum()) for g in hooks.values()) ** 0.5
         assert total <= clip * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_a_dp_step_on_a_frozen_base_does_not_warn_about_full_backward_hooks(mode: str) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # make_private's filter goes in front of this one, as in a real run
+        _clipped_sum("lora", mode, physical=5, clip=1.0)
+    assert not [w for w in caught if "Full backward hook" in str(w.message)]
+    with warnings.catch_warnings(record=True) as caught:  # the same backward without make_private does warn
+        warnings.simplefilter("always")
+        model, data = _tiny("lora", n=4)
+        _no_dropout(model)  # train mode: Opacus records activations only then
+        batch = next(iter(DataLoader(data, batch_size=4, collate_fn=lambda b: collate(b, 0))))
+        GradSampleModule(model)(**model_inputs(batch)).logits.sum().backward()
+    assert [w for w in caught if "Full backward hook" in str(w.message)]
 
 
 def test_non_dp_accumulation_over_physical_batches_is_one_big_batch() -> None:
