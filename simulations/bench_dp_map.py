@@ -31,6 +31,7 @@ Usage::
     python -m simulations.bench_dp_map --out runs/dp_map.jsonl --report   # table + plot of what has finished
     python -m simulations.bench_dp_map --out runs/dp_map.jsonl --estimate # examples and hours per cell
     python -m simulations.bench_dp_map --out runs/dp_paper.jsonl --paper  # the paper's regime, in shape
+    python -m simulations.bench_dp_map --out F --methods ffa_lora --lr 1e-2  # a rate other than the preset's
 """
 
 from __future__ import annotations
@@ -188,6 +189,12 @@ def with_own_rate_twins(cells: Iterable[Cell]) -> list[Cell]:
     return out
 
 
+def at_rate(cells: Iterable[Cell], lr: float) -> list[Cell]:
+    """The cells at client rate `lr` instead of their preset's, as variant ``lr<lr>`` (a DP cell's twin is the
+    same variant's: FFA-LoRA's preset rate, tuned for 9 steps, fails at 150, where its non-DP rate may not)."""
+    return [replace(c, variant=f"lr{lr:g}", extra=(*c.extra, f"strategy.lr={lr:g}")) for c in cells]
+
+
 def paper_cells(epochs: float = PAPER_EPOCHS, *, seed: int = 0, twins: bool = True) -> list[Cell]:
     """The paper's regime in shape (module docstring): every method at ε = 3, then the non-DP twins."""
     return [
@@ -323,6 +330,9 @@ def main() -> None:
     ap.add_argument("--paper-epochs", type=float, default=PAPER_EPOCHS, help="--paper: local epochs (one round)")
     ap.add_argument("--no-twins", action="store_true", help="--paper: the ε = 3 runs only")
     ap.add_argument(
+        "--lr", type=float, help="every cell (DP and twin) at this client rate instead of the preset's (variant lr<X>)"
+    )
+    ap.add_argument(
         "--own-rate-twins", action="store_true", help="a second non-DP twin per cell at the method's own rate"
     )
     args = ap.parse_args()
@@ -337,6 +347,8 @@ def main() -> None:
         cells = paper_cells(args.paper_epochs, seed=args.seeds[0], twins=not args.no_twins)
     else:
         cells = grid(args.methods, args.clients, args.local_steps, rounds=args.rounds, seeds=args.seeds)
+        if args.lr is not None:
+            cells = at_rate(cells, args.lr)
         if args.own_rate_twins:
             cells = with_own_rate_twins(cells)
     if args.estimate:

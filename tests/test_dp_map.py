@@ -13,6 +13,7 @@ from simulations.bench_dp_map import (
     NON_DP_RATES,
     TINY,
     Cell,
+    at_rate,
     best_cells,
     estimate,
     grid,
@@ -82,6 +83,25 @@ def test_own_rate_twins_run_at_the_method_s_non_dp_rate_and_the_gap_is_to_the_be
     assert "| ffa_lora | 3 | 9 | 3 | 53.0 | 40.0 | 70.0 | 17.0 |" in table(read_done(out))
     with pytest.raises(ValueError, match="no non-DP rate for method 'flexlora'"):
         with_own_rate_twins(grid(["flexlora"], [3], [3]))
+
+
+def test_cells_at_another_rate_are_a_variant_whose_twin_is_its_own(tmp_path: Path) -> None:
+    preset = grid(["ffa_lora"], [3], [50])
+    cells = at_rate(preset, 1e-2)
+    assert [c.key for c in cells] == ["lr0.01-ffa_lora-c3-s50x3-eps3-seed0", "lr0.01-ffa_lora-c3-s50x3-off-seed0"]
+    for cell in cells:
+        assert compose([*TINY, *cell.overrides(batch=64, physical=32)]).strategy.lr == pytest.approx(1e-2)
+
+    def runner(cell: Cell, overrides: list[str]) -> dict[str, Any]:
+        acc = {(3.0, ""): 0.42, (None, ""): 0.43, (3.0, "lr0.01"): 0.65, (None, "lr0.01"): 0.74}
+        return {"accuracy": acc[(cell.epsilon, cell.variant)], "wall_s": 1.0}
+
+    out = tmp_path / "map.jsonl"
+    run_map([*preset, *cells], out, runner=runner, batch=64, physical=32)
+    report = table(read_done(out))
+    assert "| ffa_lora | 3 | 150 | 3 | 42.0 | 43.0 | — | 1.0 |" in report
+    assert "| ffa_lora (lr0.01) | 3 | 150 | 3 | 65.0 | 74.0 | — | 9.0 |" in report
+    assert [c.variant for c in best_cells(read_done(out))] == ["", ""]  # ε ∈ {1, 8} stay on the preset's cells
 
 
 def test_the_paper_regime_composes_with_epochs_its_batch_and_fed_sb_s_two_inits() -> None:
