@@ -1,7 +1,8 @@
 """The privacy–utility map (issue 27): accuracy at ε = 3 and without DP over clients × DP steps per client.
 
-Grid: methods (FFA-LoRA, FedIT, Fed-SB, each with its ``privacy=dp_<method>`` preset) × clients {3, 10} (≈12k and
-≈3.6k tweets each) × DP steps per client {≈9, ≈50, ≈150} (``privacy.local_steps`` × rounds, the budget planned
+Grid: methods (FFA-LoRA, FedIT, Fed-SB, each with its ``privacy=dp_<method>`` preset at the rate pinned in
+`MAP_RATES`) × clients {3, 10} (≈12k and ≈3.6k tweets each on average: the default Dirichlet α = 0.5 partitioning,
+so 4.8k–19k at 3 clients) × DP steps per client {≈9, ≈50, ≈150} (``privacy.local_steps`` × rounds, the budget planned
 for every round) at ε = 3, each with its non-DP twin at the same logical batch and steps; then ε ∈ {1, 8} at the
 best ε = 3 cell of each method. Every finished cell is one JSON line in ``--out``; a second invocation skips the
 cells already there, so the map survives being stopped (resumable). ``--report`` prints the table (accuracy, its
@@ -63,6 +64,9 @@ THROUGHPUT = {("ffa_lora", True): 43.0, ("fedit", True): 32.0, ("fed_sb", True):
 # stable only under clipping (FFA-LoRA's 5e-2 diverged without it in the map's first cells), so --own-rate-twins
 # adds a second twin at these rates and the table's gap is taken to the better twin.
 NON_DP_RATES = {"ffa_lora": 1e-2, "fedit": 3e-3, "fed_sb": 1e-2}
+# The rates of the map's cells, pinned: the presets' rates when the map began (2026-12-05). The presets are chosen
+# from the map and may change; a cell must mean the same run whenever it is (re)run. `--lr` and variants override.
+MAP_RATES = {"ffa_lora": 5e-2, "fedit": 3e-3, "fed_sb": 1e-2}
 THROUGHPUT_NON_DP = {"ffa_lora": 70.0, "fedit": 60.0, "fed_sb": 30.0}
 EXAMPLES = {3: 12_000, 10: 3_600}  # ≈ tweets per client
 
@@ -138,7 +142,8 @@ class Cell:
             f"sim.rounds={self.rounds}",
             "sim.fraction_train=1.0",
             f"seed={self.seed}",
-            *self.extra,
+            *([f"strategy.lr={MAP_RATES[self.method]:g}"] if self.method in MAP_RATES else []),
+            *self.extra,  # after the pinned rate: the last value of a key wins
         ]
         work = "epochs" if self.local_epochs is not None else "steps"
         amount = self.local_epochs if self.local_epochs is not None else self.local_steps

@@ -10,6 +10,7 @@ import pytest
 from fl.app.config import compose
 from privacy import PrivacySettings
 from simulations.bench_dp_map import (
+    MAP_RATES,
     NON_DP_RATES,
     TINY,
     Cell,
@@ -87,6 +88,7 @@ def test_own_rate_twins_run_at_the_method_s_non_dp_rate_and_the_gap_is_to_the_be
 
 def test_cells_at_another_rate_are_a_variant_whose_twin_is_its_own(tmp_path: Path) -> None:
     preset = grid(["ffa_lora"], [3], [50])
+    assert compose([*TINY, *preset[0].overrides(batch=64, physical=32)]).strategy.lr == MAP_RATES["ffa_lora"]
     cells = at_rate(preset, 1e-2)
     assert [c.key for c in cells] == ["lr0.01-ffa_lora-c3-s50x3-eps3-seed0", "lr0.01-ffa_lora-c3-s50x3-off-seed0"]
     for cell in cells:
