@@ -333,7 +333,7 @@ def main() -> None:
     ap.add_argument("--estimate", action="store_true", help="print each cell's examples and hours; run nothing")
     ap.add_argument("--paper", action="store_true", help="the Fed-SB paper's private regime in shape, not the grid")
     ap.add_argument("--paper-epochs", type=float, default=PAPER_EPOCHS, help="--paper: local epochs (one round)")
-    ap.add_argument("--no-twins", action="store_true", help="--paper: the ε = 3 runs only")
+    ap.add_argument("--no-twins", action="store_true", help="the DP runs only (e.g. a second seed of a cell)")
     ap.add_argument(
         "--lr", type=float, help="every cell (DP and twin) at this client rate instead of the preset's (variant lr<X>)"
     )
@@ -356,6 +356,8 @@ def main() -> None:
             cells = at_rate(cells, args.lr)
         if args.own_rate_twins:
             cells = with_own_rate_twins(cells)
+        if args.no_twins:
+            cells = [c for c in cells if c.epsilon is not None]
     if args.estimate:
         print(estimate(cells, read_done(args.out), batch=args.batch))
         return

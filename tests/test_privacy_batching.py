@@ -218,3 +218,9 @@ def test_the_dp_recipe_of_a_method_composes_and_sets_its_local_work(strategy: st
     off = compose([f"strategy={strategy}", "privacy=off"])
     plain = PrivacySettings.from_config(off, init_releases=0)
     assert steps_per_round(plain, 3000) == off.train.local_steps  # the recipe's local work is for DP only
+
+
+def test_a_dp_recipe_sets_the_rounds_it_was_measured_at_and_the_command_line_still_wins() -> None:
+    assert compose(["strategy=fed_sb", "privacy=dp_fed_sb"]).sim.rounds == 3  # privacy composes after sim
+    assert compose(["strategy=fed_sb", "privacy=dp_fed_sb", "sim.rounds=5"]).sim.rounds == 5
+    assert compose(["privacy=off"]).sim.rounds == compose([]).sim.rounds == 6  # the default job's rounds
