@@ -344,7 +344,7 @@ def main() -> None:
     if args.report:
         rows = read_done(args.out)
         print(table(rows))
-        if any(not r.get("variant") for r in rows):
+        if any(r.get("dp_steps") for r in rows):
             plot(rows, args.out.with_suffix(".png"))
         return
     extra = TINY if args.tiny else []

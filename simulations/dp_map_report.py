@@ -49,26 +49,37 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def line_label(row: dict[str, Any]) -> str:
+    """A plot line's name: the method, and the rate where a variant set one (an own-rate twin and an ``--lr`` cell
+    at the same rate share a line)."""
+    rates = [x.split("=", 1)[1] for x in row.get("extra") or () if x.startswith("strategy.lr=")]
+    return f"{row['method']}, lr {rates[-1]}" if row.get("variant") and rates else row["method"]
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Accuracy at ε = 3 vs DP steps per client, one line per method and client count (dashed: non-DP)."""
+    """Accuracy at ε = 3 vs DP steps per client, one colour per method (and rate) and client count; solid with
+    DP, dashed the non-DP twins."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for eps, style in ((HEADLINE_EPSILON, "-o"), (None, "--x")):
-        groups: dict[tuple[str, int], list[tuple[int, float]]] = {}
-        for r in rows:
-            if r["epsilon"] == eps and r["seed"] == 0 and not r.get("variant"):
-                groups.setdefault((r["method"], r["clients"]), []).append((r["dp_steps"], 100 * r["accuracy"]))
-        for (method, clients), pts in sorted(groups.items()):
-            xs, ys = zip(*sorted(pts), strict=True)
-            ax.plot(xs, ys, style, label=f"{method}, {clients} clients" + (" (no DP)" if eps is None else ""))
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    groups: dict[tuple[str, int], dict[float | None, list[tuple[int, float]]]] = {}
+    for r in rows:  # the grid's cells and its rate variants (the paper regime has epochs, not planned steps)
+        if r["epsilon"] in (HEADLINE_EPSILON, None) and r["seed"] == 0 and r.get("dp_steps"):
+            arms = groups.setdefault((line_label(r), r["clients"]), {})
+            arms.setdefault(r["epsilon"], []).append((r["dp_steps"], 100 * r["accuracy"]))
+    for i, ((name, clients), arms) in enumerate(sorted(groups.items())):
+        for eps, style in ((HEADLINE_EPSILON, "-o"), (None, "--x")):
+            if eps in arms:
+                xs, ys = zip(*sorted(arms[eps]), strict=True)
+                label = f"{name}, {clients} clients" + (", ε = 3" if eps else ", no DP")
+                ax.plot(xs, ys, style, color=f"C{i}", label=label)
     ax.set_xscale("log")
     ax.set_xlabel("DP steps per client")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title("Accuracy at ε = 3 vs DP steps per client")
-    ax.legend(fontsize=7)
+    ax.set_title("Accuracy vs DP steps per client (solid: ε = 3, dashed: no DP)", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -23,7 +23,7 @@ from simulations.bench_dp_map import (
     run_map,
     with_own_rate_twins,
 )
-from simulations.dp_map_report import OWN_RATE, table
+from simulations.dp_map_report import OWN_RATE, line_label, plot, table
 
 
 def test_the_grid_is_methods_by_clients_by_steps_at_eps_3_with_non_dp_twins() -> None:
@@ -133,3 +133,16 @@ def test_the_estimate_uses_the_map_s_own_rate_once_it_has_one() -> None:
     assert "| ffa_lora-c10-s3x3-eps3-seed0 | 5,760 | 1.60 |" in estimate(cells, done, batch=64)  # at 1 example/s
     small = {"key": "small", "method": "ffa_lora", "epsilon": 3.0, "examples": 360.0, "wall_s": 36.0}
     assert "| 5,760 | 1.60 |" in estimate(cells, [*done, small], batch=64)  # the largest cell's rate, not the last
+
+
+def test_the_plot_puts_a_rate_variant_and_an_own_rate_twin_at_that_rate_on_one_line(tmp_path: Path) -> None:
+    cells = [*with_own_rate_twins(grid(["ffa_lora"], [3], [3])), *at_rate(grid(["ffa_lora"], [3], [50]), 1e-2)]
+    out = tmp_path / "map.jsonl"
+    run_map(cells, out, runner=lambda cell, overrides: {"accuracy": 0.5, "wall_s": 1.0}, batch=64, physical=32)
+    rows = read_done(out)
+    labels = {r["key"]: line_label(r) for r in rows}
+    assert labels["own-rate-ffa_lora-c3-s3x3-off-seed0"] == labels["lr0.01-ffa_lora-c3-s50x3-off-seed0"]
+    assert labels["own-rate-ffa_lora-c3-s3x3-off-seed0"] == "ffa_lora, lr 0.01"
+    assert labels["ffa_lora-c3-s3x3-eps3-seed0"] == "ffa_lora"
+    plot(rows, tmp_path / "map.png")
+    assert (tmp_path / "map.png").stat().st_size > 0
