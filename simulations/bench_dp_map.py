@@ -200,12 +200,15 @@ def at_rate(cells: Iterable[Cell], lr: float) -> list[Cell]:
     return [replace(c, variant=f"lr{lr:g}", extra=(*c.extra, f"strategy.lr={lr:g}")) for c in cells]
 
 
-def paper_cells(epochs: float = PAPER_EPOCHS, *, seed: int = 0, twins: bool = True) -> list[Cell]:
+def paper_cells(
+    epochs: float = PAPER_EPOCHS, *, seed: int = 0, twins: bool = True, methods: Iterable[str] = METHODS
+) -> list[Cell]:
     """The paper's regime in shape (module docstring): every method at ε = 3, then the non-DP twins."""
     return [
         Cell(m, 3, None, e, 1, seed, epochs, variant, (*PAPER_COMMON, *extra), PAPER_BATCH)
         for e in ((HEADLINE_EPSILON, None) if twins else (HEADLINE_EPSILON,))
         for m, variant, extra in PAPER_RUNS
+        if m in methods
     ]
 
 
@@ -349,7 +352,7 @@ def main() -> None:
         return
     extra = TINY if args.tiny else []
     if args.paper:
-        cells = paper_cells(args.paper_epochs, seed=args.seeds[0], twins=not args.no_twins)
+        cells = paper_cells(args.paper_epochs, seed=args.seeds[0], twins=not args.no_twins, methods=args.methods)
     else:
         cells = grid(args.methods, args.clients, args.local_steps, rounds=args.rounds, seeds=args.seeds)
         if args.lr is not None:

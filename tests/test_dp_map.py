@@ -123,6 +123,8 @@ def test_the_paper_regime_composes_with_epochs_its_batch_and_fed_sb_s_two_inits(
         if cell.variant == "paper-init-federated":
             assert cfg.strategy.init == "federated"
     assert "paper-init-public-fed_sb-c3-e2x1-eps3-seed0" in estimate(cells, [], batch=64)
+    fed_sb_dp = paper_cells(2.0, methods=["fed_sb"], twins=False)  # --paper --methods fed_sb --no-twins
+    assert [(c.variant, c.epsilon) for c in fed_sb_dp] == [("paper-init-public", 3.0), ("paper-init-federated", 3.0)]
 
 
 def test_the_estimate_uses_the_map_s_own_rate_once_it_has_one() -> None:
