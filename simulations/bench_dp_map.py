@@ -33,6 +33,7 @@ Usage::
     python -m simulations.bench_dp_map --out runs/dp_map.jsonl --estimate # examples and hours per cell
     python -m simulations.bench_dp_map --out runs/dp_paper.jsonl --paper  # the paper's regime, in shape
     python -m simulations.bench_dp_map --out F --methods ffa_lora --lr 1e-2  # a rate other than the preset's
+    python -m simulations.bench_dp_map --out F --paper --methods fed_sb --lr 1e-2  # the paper's regime at that rate
 """
 
 from __future__ import annotations
@@ -197,7 +198,11 @@ def with_own_rate_twins(cells: Iterable[Cell]) -> list[Cell]:
 def at_rate(cells: Iterable[Cell], lr: float) -> list[Cell]:
     """The cells at client rate `lr` instead of their preset's, as variant ``lr<lr>`` (a DP cell's twin is the
     same variant's: FFA-LoRA's preset rate, tuned for 9 steps, fails at 150, where its non-DP rate may not)."""
-    return [replace(c, variant=f"lr{lr:g}", extra=(*c.extra, f"strategy.lr={lr:g}")) for c in cells]
+    name = f"lr{lr:g}"
+    return [
+        replace(c, variant=f"{c.variant}-{name}" if c.variant else name, extra=(*c.extra, f"strategy.lr={lr:g}"))
+        for c in cells
+    ]
 
 
 def paper_cells(
@@ -355,12 +360,12 @@ def main() -> None:
         cells = paper_cells(args.paper_epochs, seed=args.seeds[0], twins=not args.no_twins, methods=args.methods)
     else:
         cells = grid(args.methods, args.clients, args.local_steps, rounds=args.rounds, seeds=args.seeds)
-        if args.lr is not None:
-            cells = at_rate(cells, args.lr)
-        if args.own_rate_twins:
-            cells = with_own_rate_twins(cells)
-        if args.no_twins:
-            cells = [c for c in cells if c.epsilon is not None]
+    if args.lr is not None:  # --paper --lr: the paper's regime at a rate of the map's (variant paper…-lr<X>)
+        cells = at_rate(cells, args.lr)
+    if args.own_rate_twins and not args.paper:
+        cells = with_own_rate_twins(cells)
+    if args.no_twins:
+        cells = [c for c in cells if c.epsilon is not None]
     if args.estimate:
         print(estimate(cells, read_done(args.out), batch=args.batch))
         return
