@@ -328,7 +328,7 @@ def main() -> None:
     set_quiet_env()
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="results, one JSON line per finished cell")
-    ap.add_argument("--methods", nargs="*", default=list(METHODS))
+    ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)  # the rates pinned in MAP_RATES
     ap.add_argument("--clients", type=int, nargs="*", default=list(CLIENTS))
     ap.add_argument("--local-steps", type=int, nargs="*", default=list(LOCAL_STEPS))
     ap.add_argument("--rounds", type=int, default=ROUNDS)
@@ -355,6 +355,8 @@ def main() -> None:
         if any(r.get("dp_steps") for r in rows):
             plot(rows, args.out.with_suffix(".png"))
         return
+    if args.paper and args.own_rate_twins:
+        ap.error("--own-rate-twins is for the grid: --paper's twins already run at the paper's rate (use --lr)")
     extra = TINY if args.tiny else []
     if args.paper:
         cells = paper_cells(args.paper_epochs, seed=args.seeds[0], twins=not args.no_twins, methods=args.methods)
@@ -362,7 +364,7 @@ def main() -> None:
         cells = grid(args.methods, args.clients, args.local_steps, rounds=args.rounds, seeds=args.seeds)
     if args.lr is not None:  # --paper --lr: the paper's regime at a rate of the map's (variant paper…-lr<X>)
         cells = at_rate(cells, args.lr)
-    if args.own_rate_twins and not args.paper:
+    if args.own_rate_twins:
         cells = with_own_rate_twins(cells)
     if args.no_twins:
         cells = [c for c in cells if c.epsilon is not None]

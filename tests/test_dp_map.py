@@ -18,6 +18,7 @@ from simulations.bench_dp_map import (
     best_cells,
     estimate,
     grid,
+    main,
     paper_cells,
     read_done,
     run_map,
@@ -154,3 +155,19 @@ def test_the_plot_puts_a_rate_variant_and_an_own_rate_twin_at_that_rate_on_one_l
     assert labels["ffa_lora-c3-s3x3-eps3-seed0"] == "ffa_lora"
     plot(rows, tmp_path / "map.png")
     assert (tmp_path / "map.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--paper", "--methods", "lora_fair"], "invalid choice: 'lora_fair'"),  # no pinned rate: not a map method
+        (["--paper", "--own-rate-twins"], "--own-rate-twins is for the grid"),
+    ],
+)
+def test_the_map_s_command_line_rejects_what_it_would_silently_ignore(
+    argv: list[str], says: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("sys.argv", ["bench_dp_map", "--out", str(tmp_path / "m.jsonl"), "--estimate", *argv])
+    with pytest.raises(SystemExit):
+        main()
+    assert says in capsys.readouterr().err
