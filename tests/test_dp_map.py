@@ -119,16 +119,17 @@ def test_the_paper_regime_composes_with_epochs_its_batch_and_fed_sb_s_two_inits(
             assert not p.enabled and (cfg.train.local_epochs, cfg.train.batch_size) == (2.0, 32)
         else:
             assert p.enabled and (p.local_epochs, p.logical_batch, p.physical_batch) == (2.0, 32, 32)
-        if cell.variant == "paper-init-public":
+        if cell.variant == "paper-init-public550":  # the init reads all 550 public tweets, as the authors' does
             assert (cfg.strategy.init, cfg.strategy.init_data, cfg.data.public_size) == ("server", "public", 550)
+            assert cfg.strategy.init_examples * cfg.sim.num_clients >= cfg.data.public_size
         if cell.variant == "paper-init-federated":
             assert cfg.strategy.init == "federated"
-    assert "paper-init-public-fed_sb-c3-e2x1-eps3-seed0" in estimate(cells, [], batch=64)
+    assert "paper-init-public550-fed_sb-c3-e2x1-eps3-seed0" in estimate(cells, [], batch=64)
     fed_sb_dp = paper_cells(2.0, methods=["fed_sb"], twins=False)  # --paper --methods fed_sb --no-twins
-    assert [(c.variant, c.epsilon) for c in fed_sb_dp] == [("paper-init-public", 3.0), ("paper-init-federated", 3.0)]
+    assert [(c.variant, c.epsilon) for c in fed_sb_dp] == [("paper-init-public550", 3.0), ("paper-init-federated", 3.0)]
     fast = at_rate(fed_sb_dp, 1e-2)  # --paper --lr 1e-2: the paper's regime at the map's rate, a variant of its own
     assert [c.key for c in fast] == [
-        "paper-init-public-lr0.01-fed_sb-c3-e2x1-eps3-seed0",
+        "paper-init-public550-lr0.01-fed_sb-c3-e2x1-eps3-seed0",
         "paper-init-federated-lr0.01-fed_sb-c3-e2x1-eps3-seed0",
     ]
     assert compose(fast[0].overrides(batch=64, physical=64)).strategy.lr == 1e-2
