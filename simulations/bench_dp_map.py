@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -81,10 +82,9 @@ PAPER_COMMON = (
     "privacy.max_grad_norm=0.1",
 )
 # (method, variant, extra overrides): Fed-SB's init from a public slice (uncharged) and federated (charged).
-# The server init draws init_examples x clients of the public slice: 184 x 3 = 552 takes all 550, as the authors do.
-# (Variant "paper-init-public", run 2026-12-05, kept the default 64 x 3 = 192; a new name, since a cell's key does not
-# include its overrides and a resume would skip it.)
-PAPER_PUBLIC = 550
+# The server init draws init_examples x clients of the public slice: here all 550, as the authors'. (Variant
+# "paper-init-public", run 2026-12-05, drew 64 x 3 = 192; renamed, as a cell's key omits its overrides.)
+PAPER_CLIENTS, PAPER_PUBLIC = 3, 550
 PAPER_RUNS = (
     ("ffa_lora", "paper", ()),
     ("fedit", "paper", ()),
@@ -95,7 +95,7 @@ PAPER_RUNS = (
             "strategy.init=server",
             "strategy.init_data=public",
             f"data.public_size={PAPER_PUBLIC}",
-            f"strategy.init_examples={-(-PAPER_PUBLIC // 3)}",
+            f"strategy.init_examples={math.ceil(PAPER_PUBLIC / PAPER_CLIENTS)}",
         ),
     ),
     ("fed_sb", "paper-init-federated", ("strategy.init=federated",)),
@@ -223,7 +223,7 @@ def paper_cells(
 ) -> list[Cell]:
     """The paper's regime in shape (module docstring): every method at ε = 3, then the non-DP twins."""
     return [
-        Cell(m, 3, None, e, 1, seed, epochs, variant, (*PAPER_COMMON, *extra), PAPER_BATCH)
+        Cell(m, PAPER_CLIENTS, None, e, 1, seed, epochs, variant, (*PAPER_COMMON, *extra), PAPER_BATCH)
         for e in ((HEADLINE_EPSILON, None) if twins else (HEADLINE_EPSILON,))
         for m, variant, extra in PAPER_RUNS
         if m in methods
