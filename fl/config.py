@@ -19,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from fl.config_optim import DriftConfig, ServerOptConfig
 from fl.config_privacy import PrivacyConfig
 from fl.config_privacy import require as _require
 from fl.schedule import SCHEDULES
@@ -183,6 +184,8 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     sim: SimConfig = field(default_factory=SimConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    server_opt: ServerOptConfig = field(default_factory=ServerOptConfig)  # `server_opt=` (strategies.server_opt)
+    drift: DriftConfig = field(default_factory=DriftConfig)  # `drift=` (clients.drift)
     seed: int = 0
     log_level: str = "info"  # info: our progress only, Flower's and Ray's output hidden | debug: everything
     run_dir: str | None = None  # where outputs go; fl-sim sets it to Hydra's run dir
@@ -216,6 +219,8 @@ def register_configs() -> None:
     cs.store(group="schema/privacy", name="privacy", node=PrivacyConfig)
     cs.store(group="schema/sim", name="sim", node=SimConfig)
     cs.store(group="schema/tracking", name="tracking", node=TrackingConfig)
+    cs.store(group="schema/server_opt", name="server_opt", node=ServerOptConfig)
+    cs.store(group="schema/drift", name="drift", node=DriftConfig)
     for name, node in STRATEGY_SCHEMAS.items():
         cs.store(group="schema/strategy", name=name, node=node)
 

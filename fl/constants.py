@@ -86,3 +86,8 @@ CLIENT_ACCURACY_MAX = "client_accuracy_max"
 CLIENT_LOSS_MEAN = "client_loss_mean"  # unweighted mean of their losses
 CLIENTS_EVALUATED = "clients_evaluated"  # how many clients' scores the fields above summarise
 CLIENTS_EVAL_FAILED = "clients_eval_failed"  # evaluate messages with an error or no reply (declines included)
+
+# metrics.jsonl fields of federated optimisation (server_opt=, drift=, the validation split)
+SERVER_STEP_RATIO = "server_step_ratio"  # ‖x_new − x‖ / ‖aggregate − x‖ on the optimised tensors (1 = FedAvg)
+VAL_ACCURACY = "val_accuracy"  # the server's validation split (data.val_size), drawn from training data
+VAL_LOSS = "val_loss"

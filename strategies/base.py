@@ -27,6 +27,7 @@ from strategies.messages import RoundConfig
 from strategies.robust import RobustAggregation
 from strategies.sampling import EVAL_SALT, NodeSampler
 from strategies.screening import Reply, screen
+from strategies.server_opt import ServerOptimizer
 from strategies.stats import RoundStats
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
         For methods whose init needs the server's own gradient (Fed-SB's init=server); others ignore it.
     robust : RobustAggregation, optional
         The reply defence and example-weight cap (`strategy.defence`, `strategy.max_examples_weight`).
+    server_opt : ServerOptimizer, optional
+        The step from this round's aggregate to the next global arrays (`server_opt=`; default: the aggregate).
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
         seed: int = 0,
         server_gradient: ServerGradient | None = None,
         robust: RobustAggregation | None = None,
+        server_opt: ServerOptimizer | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -107,6 +111,8 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
         self.releases = 0  # noisy aggregates released under client-level DP (its accountant's steps)
         self.robust = robust or RobustAggregation()  # strategy.defence and strategy.max_examples_weight
         self.round_arrays: ArrayRecord | None = None  # the global arrays of this round (a defence's reference)
+        self.server_opt = server_opt or ServerOptimizer()  # server_opt=: the step from aggregate to global
+        self.opt_before: dict[str, torch.Tensor] = {}  # this round's global state as the server optimizer sees it
 
     def state_dict(self) -> dict[str, Any]:
         """Server state beyond the global arrays (for checkpoints)."""
@@ -116,6 +122,7 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
             "accountants": self.accountants.state_dict(),
             "releases": self.releases,
             "robust": self.robust.state_dict(),
+            "server_opt": self.server_opt.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -125,6 +132,7 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
         self.accountants.load_state_dict(state.get("accountants", {}))
         self.releases = int(state.get("releases", 0))
         self.robust.load_state_dict(state.get("robust", {}))
+        self.server_opt.load_state_dict(state.get("server_opt", {}))
 
     # ------------------------------------------------------------------ Flower hooks
     def start(self, grid: Grid, initial_arrays: ArrayRecord, **kwargs: Any) -> Any:  # type: ignore[override]
@@ -151,6 +159,8 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
         )
         if self.robust.active:  # the default (no defence, no cap) says nothing
             log.info("%s: %s", type(self).__name__, self.robust.describe())
+        if self.server_opt.active:
+            log.info("%s: %s", type(self).__name__, self.server_opt.describe())
         super().summary()
 
     def config_record(self, server_round: int, phase: str, *extra: Mapping[str, Any]) -> ConfigRecord:
@@ -167,6 +177,8 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
         """
         server_round += self.round_offset
         self.round_arrays = arrays
+        if self.server_opt.active:  # what the pseudo-gradient is measured from (a copy: methods reuse buffers)
+            self.opt_before = {k: v.clone() for k, v in self.optimizer_view(from_record(arrays)).items()}
         nodes = self.sampler.sample(grid, self.fraction_train, self.min_train_nodes)
         stats = self.stats.setdefault(server_round, RoundStats())
         stats.begin(len(nodes))
@@ -184,7 +196,23 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
         """Screen every reply, aggregate the sound ones with the method's rule (FedAvg's assumes one update rule
         over whole arrays and no declines; `aggregate_arrays` is the method's hook instead)."""
         server_round += self.round_offset
-        return self.aggregate_screened(server_round, self.screen(server_round, replies))
+        arrays, metrics = self.aggregate_screened(server_round, self.screen(server_round, replies))
+        return self.server_step(server_round, arrays), metrics
+
+    def server_step(self, server_round: int, arrays: ArrayRecord | None) -> ArrayRecord | None:
+        """The next global arrays: the server optimizer's step from this round's global state towards the
+        aggregate `arrays` (`strategies.server_opt`), on the tensors `optimizer_view` names; the aggregate itself
+        with `server_opt=none`. A client-level DP wrapper calls it after adding its noise (post-processing)."""
+        if arrays is None or not self.server_opt.active:
+            return arrays
+        agg = from_record(arrays)
+        view = self.optimizer_view(agg)
+        stepped = self.server_opt.step(server_round, self.opt_before, view)
+        stats = self.stats.setdefault(server_round, RoundStats())
+        num = sum(float(((stepped[k].double() - self.opt_before[k].double()) ** 2).sum()) for k in view)
+        den = sum(float(((view[k].double() - self.opt_before[k].double()) ** 2).sum()) for k in view)
+        stats.extra[K.SERVER_STEP_RATIO] = (num / den) ** 0.5 if den > 0 else 0.0
+        return to_record(self.with_optimizer_view(agg, stepped))
 
     def screen(self, server_round: int, replies: Iterable[Message]) -> list[Reply]:
         """The sound training replies of (absolute) round `server_round`, each decoded once (`screening.screen`)."""

@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Self
 from fl import ranks
 from fl.config import StrategyConfig
 from strategies.robust import RobustAggregation
+from strategies.server_opt import make_server_optimizer
 
 HETERO_METHODS = ("flora", "flexlora", "hetlora")
 """The registered methods that take mixed client ranks (named in the refusal of the others)."""
@@ -31,6 +32,9 @@ class ConfigBridge:
     """Why this method's release is not covered by client-level DP (`strategies.client_dp`); None: it is."""
     mixed_ranks: ClassVar[bool] = False
     """Whether clients may train at ranks of their own (`sim.client_ranks`, node config `lora-rank`; `fl.ranks`)."""
+
+    server_opt_problem: ClassVar[str | None] = None
+    """Why a server optimizer (`server_opt=`) is not defined for this method; None: it steps `optimizer_view`."""
 
     update_space: ClassVar[str] = "factors"
     """Where a client's update lives for a defence (`strategies.robust_math`): factors | product (B_k·A_k)."""
@@ -57,7 +61,13 @@ class ConfigBridge:
                 f"which strategy={s.name} cannot aggregate (it needs one rank everywhere); use a heterogeneous "
                 f"method ({', '.join(HETERO_METHODS)}) or sim.client_ranks=null."
             )
+        if cfg.server_opt.name != "none" and cls.server_opt_problem is not None:
+            raise ValueError(
+                f"server_opt={cfg.server_opt.name} does not compose with strategy={s.name}: {cls.server_opt_problem}. "
+                "Use server_opt=none with this method."
+            )
         return {
+            "server_opt": make_server_optimizer(cfg),
             "num_nodes": int(sim.num_clients),
             "rounds": int(sim.rounds),
             "rank": int(s.rank),

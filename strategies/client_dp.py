@@ -30,6 +30,7 @@ Where this departs from Flower's `aggregate_train` (it overrides that one hook a
   add_gaussian_noise`), not numpy's global RNG, so `privacy=client` runs are reproducible; a reply is clipped
   on its decoded copy, never in the caller's message.
 - each released aggregate is one step of the run's accountant (`epsilon_of(releases)`), logged per round.
+- a server optimizer (`server_opt=`) steps from the noised aggregate, after the release: post-processing.
 """
 
 from __future__ import annotations
@@ -156,6 +157,7 @@ class _ClientLevelDP:
             arrays = to_record(add_gaussian_noise(from_record(arrays), std=std, generator=gen))
             inner.releases += 1
             stats.extra[K.CLIENT_DP_NOISE_STD] = std
+            arrays = inner.server_step(rnd, arrays)  # server_opt= on the released aggregate: post-processing
         stats.extra[K.CLIENT_DP_RELEASES] = inner.releases
         stats.extra[K.CLIENT_DP_EPSILON] = self.epsilon_of(inner.releases)
         log.info(

@@ -52,6 +52,11 @@ class FedExLoRA(LoraStrategy):
         "its residual E = Σ p_k B_k·A_k − B̄·Ā is built from every client's un-noised factors and sent to all "
         "clients (and exported) without noise"
     )
+    server_opt_problem: ClassVar[str | None] = (
+        "each round folds the exact residual E into the frozen W0 on every client, so the global model is "
+        "W0 + ΣE + s·B̄·Ā; a step on Ā, B̄ alone would leave the folded part un-stepped and the product inexact "
+        "again, and the fold lives in clients' W0, where no server moment can act"
+    )
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

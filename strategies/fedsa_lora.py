@@ -72,6 +72,10 @@ class FedSALoRA(LoraStrategy):
         """Tell every client which tensors are its own (train and evaluate messages alike)."""
         return {K.PERSONAL: list(self.personal_suffixes)}
 
+    def optimizer_view(self, arrays: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A server optimizer steps Ā and the head, what is broadcast; B̄ stays the plain mean (server model only)."""
+        return shared_part(arrays, self.personal_suffixes)
+
     def aggregate_arrays(
         self, server_round: int, states: list[dict[str, torch.Tensor]], weights: list[float]
     ) -> dict[str, torch.Tensor]:

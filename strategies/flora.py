@@ -46,6 +46,10 @@ class FLoRA(HeteroLoRA):
     """FLoRA (https://arxiv.org/abs/2409.05976): stack the clients' factors, fold B·A into W0, restart LoRA."""
 
     title: ClassVar[str] = "FLoRA"
+    server_opt_problem: ClassVar[str | None] = (
+        "each round's exact stack is folded into the clients' frozen W0 and every client restarts a fresh LoRA, "
+        "so no global adapter persists between rounds for a server optimizer to step"
+    )
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -4,7 +4,8 @@ A method subclasses `strategies.base.LoraStrategy` and overrides only what its u
 `aggregate_arrays` (the rule), `arrays_for` (what one client is sent), `prepare` (work before round 1, e.g.
 Fed-SB's init), `materialize` (the tensors the server's model evaluates), `base_delta` (a change to the frozen
 base weights, FedEx-LoRA's fold), `extra_config` (its own message entries), `expected_for` (a client's reply
-shapes, heterogeneous ranks) and `residual` (how far the aggregate is from the mean of the clients' products).
+shapes, heterogeneous ranks), `residual` (how far the aggregate is from the mean of the clients' products) and
+`optimizer_view` / `with_optimizer_view` (the state a server optimizer steps, `strategies.server_opt`).
 """
 
 from __future__ import annotations
@@ -64,3 +65,14 @@ class MethodHooks:
     ) -> float:
         """‖Σ p_k B_k A_k − B̄Ā‖ / ‖Σ p_k B_k A_k‖ over all adapted modules (0 = exact)."""
         return aggregation_residual(self.fixed, states, weights, agg)
+
+    def optimizer_view(self, arrays: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The tensors a server optimizer steps, read from global arrays (`server_opt=`). Default: all of them,
+        exactly what the method averages and sends (FedIT: A, B, head; FFA-LoRA: B, head; Fed-SB: R, head)."""
+        return dict(arrays)
+
+    def with_optimizer_view(
+        self, arrays: Mapping[str, torch.Tensor], view: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The global arrays after the server optimizer stepped `view` (the inverse of `optimizer_view`)."""
+        return {**arrays, **view}
