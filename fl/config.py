@@ -67,6 +67,9 @@ class DataConfig:
     # examples after the held-out split kept out of every client: a slice the run treats as public, e.g. the
     # server's data for Fed-SB's init (strategy.init=server strategy.init_data=public); never evaluated on
     public_size: int = 0
+    # the server's validation split: training examples no client holds, scored every round; what a run or a
+    # tuner chooses (best round, a rate) reads it, never the test split (fl.data.val_order); 0 = off
+    val_size: int = 0
     # per-client evaluation (with sim.fraction_evaluate > 0): each client holds out this seeded share of its own
     # partition, never trains on it, and scores the model it would keep on it; 0 = off, else in (0, 0.5]
     client_test_fraction: float = 0.0
@@ -307,6 +310,7 @@ def validate(cfg: DictConfig) -> None:
     _require(d.alpha > 0, "data.alpha", d.alpha, "the Dirichlet concentration must be > 0.")
     _require(d.test_size >= 0, "data.test_size", d.test_size, "hold out 0 or more examples (the server needs > 0).")
     _require(d.public_size >= 0, "data.public_size", d.public_size, "use 0 (no public slice) or more examples.")
+    _require(d.val_size >= 0, "data.val_size", d.val_size, "use 0 (no validation split) or more examples.")
     _require(
         d.labels is None or len(set(d.labels)) == len(d.labels) >= 2,
         "data.labels",

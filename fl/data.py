@@ -69,6 +69,7 @@ class TaskData:
     train_labels: np.ndarray  # for label-based partitioners
     train_natural: list[str] | None  # natural-id column, if configured
     public: TokenizedSplit | None = None  # data.public_size examples in no client's partition, if the task keeps them
+    val: TokenizedSplit | None = None  # data.val_size examples in no client's partition: the server's validation split
 
 
 def _tweets_csv() -> Path:
@@ -194,24 +195,39 @@ def label_ids(raw_labels: Sequence[object], data_cfg: DictConfig) -> tuple[np.nd
 
 def split_order(n: int, data_cfg: DictConfig, *, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(test indices, train indices): a seeded shuffle, the first `data.test_size` held out, the next
-    `data.public_size` (`public_order`) in neither."""
-    public = int(data_cfg.get("public_size", 0) or 0)
-    if data_cfg.test_size + public >= n:
+    `data.public_size` (`public_order`) and `data.val_size` (`val_order`) in neither."""
+    public, val = _reserved(data_cfg)
+    if data_cfg.test_size + public + val >= n:
         raise ValueError(
-            f"data.test_size={data_cfg.test_size} and data.public_size={public} leave no training data ({n} examples)."
+            f"data.test_size={data_cfg.test_size}, data.public_size={public} and data.val_size={val} leave no "
+            f"training data ({n} examples); lower data.val_size (0 turns the validation split off)."
         )
     order = np.random.default_rng(seed).permutation(n)
-    test_idx, train_idx = order[: data_cfg.test_size], order[data_cfg.test_size + public :]
+    test_idx, train_idx = order[: data_cfg.test_size], order[data_cfg.test_size + public + val :]
     if data_cfg.max_examples is not None:
         train_idx = train_idx[: int(data_cfg.max_examples)]
     return test_idx, train_idx
 
 
+def _reserved(data_cfg: DictConfig) -> tuple[int, int]:
+    """(public, validation) example counts kept out of every client."""
+    return int(data_cfg.get("public_size", 0) or 0), int(data_cfg.get("val_size", 0) or 0)
+
+
 def public_order(n: int, data_cfg: DictConfig, *, seed: int) -> np.ndarray:
     """The public slice's indices (`data.public_size`): right after the held-out ones in `split_order`'s shuffle."""
-    public = int(data_cfg.get("public_size", 0) or 0)
+    public, _ = _reserved(data_cfg)
     order = np.random.default_rng(seed).permutation(n)
     return order[data_cfg.test_size : data_cfg.test_size + public]
+
+
+def val_order(n: int, data_cfg: DictConfig, *, seed: int) -> np.ndarray:
+    """The server's validation split (`data.val_size`): training data no client holds, right after the public
+    slice in `split_order`'s shuffle; never the test split. What a run chooses (a best round, a tuned value)
+    reads it; the test split only reports."""
+    public, val = _reserved(data_cfg)
+    order = np.random.default_rng(seed).permutation(n)
+    return order[data_cfg.test_size + public : data_cfg.test_size + public + val]
 
 
 def make_partitioner(data_cfg: DictConfig, *, num_partitions: int, seed: int) -> object:

@@ -63,3 +63,17 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The rows of a run's metrics.jsonl."""
     path = Path(run_dir) / K.METRICS_FILE
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def best_round(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round a run would pick, chosen on the validation split (`data.val_size`), and its test accuracy;
+    without a validation split there is no honest choice: both None. The latest round wins a tie."""
+    scored = [r for r in history if r.get(K.VAL_ACCURACY) is not None]
+    if not scored:
+        return {"best_round": None, "best_round_accuracy": None, "best_round_val_accuracy": None}
+    best = max(reversed(scored), key=lambda r: r[K.VAL_ACCURACY])
+    return {
+        "best_round": best["round"],
+        "best_round_accuracy": best["accuracy"],
+        "best_round_val_accuracy": best[K.VAL_ACCURACY],
+    }

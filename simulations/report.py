@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from fl import constants as K
 from fl.app.cli import exit_on_user_error
-from fl.outputs import read_metrics
+from fl.outputs import best_round, read_metrics
 from privacy.settings import planned_epsilon
 from simulations.seeds import flat_config, seed_report
 from simulations.study import (
@@ -84,7 +84,8 @@ def load_runs(root: Path) -> list[dict[str, Any]]:
                 "majority": majority,
                 "did_not_learn": majority is not None
                 and float(summary["final_accuracy"]) < majority + DID_NOT_LEARN_MARGIN,
-                "best_accuracy": summary["best_accuracy"],
+                # the test accuracy of the round the validation split picks (None without one: no honest pick)
+                "best_accuracy": best_round(rows)["best_round_accuracy"],
                 "cum_bytes_up": summary["cum_bytes_up"],
                 "cum_bytes_down": summary["cum_bytes_down"],
                 "wall_seconds": summary["wall_seconds"],

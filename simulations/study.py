@@ -12,10 +12,10 @@ accuracy. Labels are readable ("FFA-LoRA", "Dirichlet α=0.1"), never run folder
 - **pairs**: for every two methods in a column (same clients, same partitioning), the difference of their
   means and whether it exceeds the seeds' spread, taken as the sum of the two sample stds (the mean ± std
   intervals do not overlap). With n < 2 in either group there is no spread and no verdict.
-- **best round**: a second pivot of each run's best evaluated round (summary.json's ``best_accuracy``: the
-  rounds' evaluations on the seeded subset, ``sim.round_eval_size``, and the last round's on the whole split).
-  It is optimistic (a maximum over noisy evaluations, picked on the test data), so it is never the headline;
-  beside the final it shows runs that learned and then drifted away (client drift under label skew).
+- **best round**: a second pivot of the test accuracy at each run's validation-chosen round (the round with
+  the best accuracy on the server's validation split, `data.val_size`, drawn from training data; never chosen on
+  the test data). Runs without a validation split (those before it existed) have no best round. Beside the
+  final it shows runs that learned and then drifted away (client drift under label skew).
 - plots with ± std error bars: final accuracy vs partitioning (a panel per client count) and vs the number
   of clients (a panel per partitioning); accuracy per round, a panel per (clients, partitioning), a line and
   ± std band per method (``accuracy_vs_round_study.png``).

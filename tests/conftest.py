@@ -16,6 +16,7 @@ TINY = [
     "model=tiny",
     "data.max_examples=600",
     "data.test_size=100",
+    "data.val_size=100",  # the validation split every choice reads (fl.data.val_order), as small as the test split
     "data.max_length=32",
     "train.local_steps=2",
     "train.batch_size=8",

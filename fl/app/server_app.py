@@ -21,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
 
 from clients.evaluate import evaluate
+from fl import constants as K
 from fl.adapters import export_peft, fixed_state, load_tensors, trainable_state
 from fl.app.config import compose, split_overrides
 from fl.app.progress import ProgressGrid
@@ -30,7 +31,7 @@ from fl.app.workspace import Workspace, get_workspace, server_init_gradient
 from fl.base_delta import apply_base_delta, save_base_delta
 from fl.checkpoint import Checkpoint
 from fl.data import TokenizedSplit, client_partition
-from fl.outputs import RunOutputs, write_atomic
+from fl.outputs import RunOutputs, best_round, write_atomic
 from fl.wire import from_record, to_record
 from privacy import client_plan
 from privacy.client_level import plan_client_level
@@ -124,6 +125,14 @@ def run_server(grid: Grid, overrides: list[str]) -> Path:
             precision=str(cfg.train.precision),
         )
         row: dict[str, Any] = {"round": server_round, "accuracy": acc, "loss": loss}
+        if ws.task.val is not None:  # data.val_size: the split every choice reads (fl.data.val_order)
+            row[K.VAL_LOSS], row[K.VAL_ACCURACY] = evaluate(
+                ws.model,
+                ws.task.val,
+                batch_size=int(cfg.train.eval_batch_size),
+                pad_id=ws.pad_id,
+                precision=str(cfg.train.precision),
+            )
         if round_split is not test_split:  # sim.round_eval_size: say which rounds scored a subset
             row["eval_examples"] = len(split)
         st = strategy.stats.get(server_round)
@@ -173,7 +182,7 @@ def run_server(grid: Grid, overrides: list[str]) -> Path:
                 "rounds": rounds,
                 "num_clients": int(cfg.sim.num_clients),
                 "final_accuracy": last["accuracy"],
-                "best_accuracy": max(r["accuracy"] for r in history),
+                **best_round(history),
                 "final_loss": last["loss"],
                 "cum_bytes_up": last["cum_bytes_up"],
                 "cum_bytes_down": last["cum_bytes_down"],

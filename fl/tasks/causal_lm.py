@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from fl.data import TaskData, TokenizedSplit, cached_task_data, label_ids, split_order
+from fl.data import TaskData, TokenizedSplit, cached_task_data, label_ids, split_order, val_order
 from fl.models import TINY_LLAMA, load_tokenizer, quiet_load, resolve_name
 from fl.tasks.base import Batch, Task, register_task
 from fl.tasks.instructions import load_records, tokenize_conversations
@@ -87,7 +87,8 @@ class CausalLM(Task):
             else:
                 classes, label_names = np.full(n, -1, dtype=np.int64), []
             test_idx, train_idx = split_order(n, data_cfg, seed=seed)
-            chosen = np.concatenate([test_idx, train_idx])  # tokenise only what the run uses
+            val_idx = val_order(n, data_cfg, seed=seed)
+            chosen = np.concatenate([test_idx, val_idx, train_idx])  # tokenise only what the run uses
             ids, lengths, kept = tokenize_conversations(
                 [rec.conversations[i] for i in chosen], tokenizer, max_length=int(data_cfg.max_length)
             )
@@ -102,6 +103,7 @@ class CausalLM(Task):
                 else None
             )
             n_test = int(np.sum(np.asarray(kept) < len(test_idx)))
+            n_val = int(np.sum(np.asarray(kept) < len(test_idx) + len(val_idx))) - n_test
             tensors = [torch.tensor(x, dtype=torch.int32) for x in ids]
             plen = torch.tensor(lengths, dtype=torch.int32)
 
@@ -114,10 +116,11 @@ class CausalLM(Task):
                     label_token_ids=words,
                 )
 
-            train_rows = rows[n_test:]
+            train_rows = rows[n_test + n_val :]
             return TaskData(
-                train=split(n_test, len(rows)),
+                train=split(n_test + n_val, len(rows)),
                 test=split(0, n_test),
+                val=split(n_test, n_test + n_val) if n_val else None,
                 label_names=label_names,
                 train_labels=classes[train_rows],
                 train_natural=[rec.natural[i] for i in train_rows] if rec.natural is not None else None,

@@ -32,6 +32,7 @@ from fl.data import (
     load_pool,
     public_order,
     split_order,
+    val_order,
 )
 from fl.models import HEAD_NAMES, TINY_MODEL, load_tokenizer, quiet_load, resolve_name
 from fl.tasks.base import Batch, Task, register_task
@@ -68,17 +69,23 @@ def build_task_data(data_cfg: DictConfig, tokenizer: object, *, seed: int, cache
         natural = [str(v) for v in ds[data_cfg.natural_column]] if data_cfg.partitioner == "natural" else None
         test_idx, train_idx = split_order(len(texts), data_cfg, seed=seed)
         public_idx = public_order(len(texts), data_cfg, seed=seed)
-        chosen = np.concatenate([test_idx, train_idx, public_idx])
+        val_idx = val_order(len(texts), data_cfg, seed=seed)
+        chosen = np.concatenate([test_idx, train_idx, public_idx, val_idx])
         ids = _tokenize([texts[i] for i in chosen], tokenizer, data_cfg.max_length)
-        n_test, n_train = len(test_idx), len(train_idx)
+        n_test, n_train, n_public = len(test_idx), len(train_idx), len(public_idx)
         return TaskData(
             train=TokenizedSplit(ids[n_test : n_test + n_train], torch.from_numpy(labels[train_idx]), task=NAME),
             test=TokenizedSplit(ids[:n_test], torch.from_numpy(labels[test_idx]), task=NAME),
             label_names=label_names,
             train_labels=labels[train_idx],
             train_natural=[natural[i] for i in train_idx] if natural is not None else None,
-            public=TokenizedSplit(ids[n_test + n_train :], torch.from_numpy(labels[public_idx]), task=NAME)
+            public=TokenizedSplit(
+                ids[n_test + n_train : n_test + n_train + n_public], torch.from_numpy(labels[public_idx]), task=NAME
+            )
             if len(public_idx)
+            else None,
+            val=TokenizedSplit(ids[n_test + n_train + n_public :], torch.from_numpy(labels[val_idx]), task=NAME)
+            if len(val_idx)
             else None,
         )
 
