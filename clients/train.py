@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler, Sampler
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from clients.drift import DriftControl
 from clients.optim import load_state_tensors, make_optimizer, state_tensors
 from fl.accel import autocast
 from fl.data import IndexedDataset
@@ -139,6 +140,7 @@ def local_train(
     momentum: float = 0.0,
     optimizer_state: Mapping[str, torch.Tensor] | None = None,
     group_by_length: bool = False,
+    drift: DriftControl | None = None,
 ) -> TrainResult:
     """Train the model's trainable parameters in place for `steps` optimiser steps.
 
@@ -175,6 +177,9 @@ def local_train(
     group_by_length : bool
         `train.group_by_length`: batches of similar-length examples (`make_loader`); a DP `wrap` replaces the
         loader with Opacus' Poisson sampler, so it has no effect there.
+    drift : DriftControl, optional
+        `drift=` (FedProx, SCAFFOLD; `clients.drift`): hooked on the inner optimiser for this round, so under DP
+        it acts on the released gradient (no ε); its round state (SCAFFOLD's Δc_i) is read after the call.
     """
     task = get_task(dataset.split.task)
     device = next(model.parameters()).device
@@ -187,6 +192,8 @@ def local_train(
     if optimizer_state:
         load_state_tensors(optimizer, optimizer_state)
     raw_optimizer = optimizer  # Opacus' DPOptimizer wraps it; its state is this one's
+    if drift is not None:  # on the inner optimiser: under DP its hooks see the clipped, noised gradient
+        drift.attach(raw_optimizer, {n: p for n, p in model.named_parameters() if p.requires_grad})
     loader = make_loader(dataset, batch_size=batch_size, pad_id=pad_id, seed=seed, group_by_length=group_by_length)
     net = model
     model.train()  # before wrapping: Opacus validates a module in training mode
@@ -235,6 +242,8 @@ def local_train(
             taken += 1
     net.eval()
     seconds = time.perf_counter() - t0
+    if drift is not None:
+        drift.detach()
     if net is not model:
         release(net)
     return TrainResult(

@@ -91,3 +91,10 @@ CLIENTS_EVAL_FAILED = "clients_eval_failed"  # evaluate messages with an error o
 SERVER_STEP_RATIO = "server_step_ratio"  # ‖x_new − x‖ / ‖aggregate − x‖ on the optimised tensors (1 = FedAvg)
 VAL_ACCURACY = "val_accuracy"  # the server's validation split (data.val_size), drawn from training data
 VAL_LOSS = "val_loss"
+
+# SCAFFOLD (drift=scaffold; Karimireddy et al., ICML 2020): control variates in the trained tensors' space, by name
+SCAFFOLD_C = "scaffold-c"  # ArrayRecord (server -> client, train messages): the server's control variate c
+SCAFFOLD_DELTA = "scaffold-delta"  # ArrayRecord (client -> server): Δc_i = c_i⁺ − c_i of this round
+SCAFFOLD_CLIENT = "scaffold-client"  # ArrayRecord (server -> client, once after a resume): the server's copy of c_i
+STATE_SCAFFOLD = "fedlora-scaffold"  # Context.state on a client: its c_i (ArrayRecord)
+SCAFFOLD_C_NORM = "scaffold_c_norm"  # metrics.jsonl: ‖c‖ (L2 over every tensor) after the round's update

@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 from omegaconf import DictConfig
 
 from clients.attack import attack_for
+from clients.drift import client_drift, finish_round
 from clients.evaluate import evaluate
 from clients.fedsb_init import InitSpec, init_gradient_reply
 from clients.train import local_train, round_seed
@@ -237,6 +238,7 @@ def train(msg: Message, context: Context) -> Message:
                 loss_fn=ws.task_def.per_example_loss,
             )
 
+    drift = client_drift(cfg, msg.content, context)  # drift=: FedProx, SCAFFOLD (clients.drift)
     result = local_train(
         ws.model,
         data,
@@ -253,7 +255,9 @@ def train(msg: Message, context: Context) -> Message:
         momentum=float(cfg.train.momentum),
         optimizer_state=_kept_optimizer_state(cfg, context),
         group_by_length=bool(cfg.train.group_by_length),
+        drift=drift,
     )
+    finish_round(drift, content, context)  # SCAFFOLD: Δc_i in the reply, c_i kept (from the DP-trained model)
     if cfg.train.keep_optimizer_state:  # stays on the client: under DP a function of its noised updates only
         context.state[K.STATE_OPTIMIZER] = ArrayRecord(torch_state_dict=result.optimizer_state)
     metrics.update(
