@@ -26,6 +26,7 @@ from strategies.hooks import MethodHooks
 from strategies.messages import RoundConfig
 from strategies.robust import RobustAggregation
 from strategies.sampling import EVAL_SALT, NodeSampler
+from strategies.scaffold import ScaffoldServer
 from strategies.screening import Reply, screen
 from strategies.server_opt import ServerOptimizer
 from strategies.stats import RoundStats
@@ -60,6 +61,8 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
         The reply defence and example-weight cap (`strategy.defence`, `strategy.max_examples_weight`).
     server_opt : ServerOptimizer, optional
         The step from this round's aggregate to the next global arrays (`server_opt=`; default: the aggregate).
+    scaffold : ScaffoldServer, optional
+        SCAFFOLD's control variate c (`drift=scaffold`, `strategies.scaffold`); default: none.
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
         server_gradient: ServerGradient | None = None,
         robust: RobustAggregation | None = None,
         server_opt: ServerOptimizer | None = None,
+        scaffold: ScaffoldServer | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -113,6 +117,7 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
         self.round_arrays: ArrayRecord | None = None  # the global arrays of this round (a defence's reference)
         self.server_opt = server_opt or ServerOptimizer()  # server_opt=: the step from aggregate to global
         self.opt_before: dict[str, torch.Tensor] = {}  # this round's global state as the server optimizer sees it
+        self.scaffold = scaffold or ScaffoldServer(num_clients=num_nodes, enabled=False)  # drift=scaffold: c
 
     def state_dict(self) -> dict[str, Any]:
         """Server state beyond the global arrays (for checkpoints)."""
@@ -123,6 +128,7 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
             "releases": self.releases,
             "robust": self.robust.state_dict(),
             "server_opt": self.server_opt.state_dict(),
+            "scaffold": self.scaffold.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -133,6 +139,7 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
         self.releases = int(state.get("releases", 0))
         self.robust.load_state_dict(state.get("robust", {}))
         self.server_opt.load_state_dict(state.get("server_opt", {}))
+        self.scaffold.load_state_dict(state.get("scaffold", {}))
 
     # ------------------------------------------------------------------ Flower hooks
     def start(self, grid: Grid, initial_arrays: ArrayRecord, **kwargs: Any) -> Any:  # type: ignore[override]
@@ -144,6 +151,7 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
         A wrapper around this strategy calls it before Flower's loop."""
         arrays = self.prepare(grid, initial_arrays) if self.round_offset == 0 else initial_arrays
         self.expected = {k: tuple(v.shape) for k, v in from_record(arrays).items()}
+        self.scaffold.begin(self.expected)  # c lives in the trained space: the arrays a reply carries
         return arrays
 
     def summary(self) -> None:
@@ -161,6 +169,8 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
             log.info("%s: %s", type(self).__name__, self.robust.describe())
         if self.server_opt.active:
             log.info("%s: %s", type(self).__name__, self.server_opt.describe())
+        if self.scaffold.active:
+            log.info("%s: %s", type(self).__name__, self.scaffold.describe())
         super().summary()
 
     def config_record(self, server_round: int, phase: str, *extra: Mapping[str, Any]) -> ConfigRecord:
@@ -184,8 +194,10 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
         stats.begin(len(nodes))
         msgs = self.messages(nodes, arrays, server_round, K.PHASE_TRAIN, dict(config.items()))
         for msg in msgs:
+            partition = self.sampler.partition_of.get(msg.metadata.dst_node_id)
             if self.round_offset:  # resumed: hand the client its accountant back
-                self.accountants.hand_back(msg.content, self.sampler.partition_of.get(msg.metadata.dst_node_id))
+                self.accountants.hand_back(msg.content, partition)
+            self.scaffold.attach(msg.content, partition, resumed=bool(self.round_offset))  # drift=scaffold: c
             stats.count_down(msg.content)
         log.info("round %d: sending to %d clients, %d bytes down", server_round, len(nodes), stats.bytes_down)
         return msgs
@@ -223,6 +235,7 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
             stats=self.stats.setdefault(server_round, RoundStats()),
             partition_of=self.sampler.partition_of,
             on_reply=partial(self.accountants.keep, self.sampler.partition_of),
+            records=self.scaffold.reply_records(),
         )
 
     def aggregate_screened(
@@ -231,6 +244,7 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
         """Aggregate screened replies with the method's rule (weights n_k, or 1 with `uniform_weights`)."""
         stats = self.stats.setdefault(server_round, RoundStats())
         stats.floats_up += sum(num_floats(r.state) for r in replies)
+        self.scaffold.absorb(replies, stats)  # drift=scaffold: c from every screened reply's Δc_i
         if len(replies) < self.min_train_nodes:
             stats.skip(server_round, len(replies), self.min_train_nodes)
             return None, None

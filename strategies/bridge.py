@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Self
 from fl import ranks
 from fl.config import StrategyConfig
 from strategies.robust import RobustAggregation
+from strategies.scaffold import make_scaffold
 from strategies.server_opt import make_server_optimizer
 
 HETERO_METHODS = ("flora", "flexlora", "hetlora")
@@ -35,6 +36,12 @@ class ConfigBridge:
 
     server_opt_problem: ClassVar[str | None] = None
     """Why a server optimizer (`server_opt=`) is not defined for this method; None: it steps `optimizer_view`."""
+
+    scaffold_problem: ClassVar[str | None] = None
+    """Why SCAFFOLD (`drift=scaffold`) is not defined for this method; mixed-rank methods and methods with
+    personal tensors are refused without it (`strategies.scaffold.scaffold_problem`)."""
+    personal_suffixes: ClassVar[tuple[str, ...]] = ()
+    """Name suffixes of tensors each client keeps as its own and is never sent (FedSA-LoRA's B)."""
 
     update_space: ClassVar[str] = "factors"
     """Where a client's update lives for a defence (`strategies.robust_math`): factors | product (B_k·A_k)."""
@@ -68,6 +75,7 @@ class ConfigBridge:
             )
         return {
             "server_opt": make_server_optimizer(cfg),
+            "scaffold": make_scaffold(cfg, cls),
             "num_nodes": int(sim.num_clients),
             "rounds": int(sim.rounds),
             "rank": int(s.rank),
@@ -92,6 +100,12 @@ class ConfigBridge:
     @classmethod
     def client_level_dp_problem(cls, cfg: Any) -> str | None:
         """Why client-level DP (`privacy=client`) does not cover this method as configured; None: it does."""
+        if str(cfg.drift.name) == "scaffold":
+            return (
+                "drift=scaffold does not compose with client-level DP (privacy=client): each reply's Δc_i = "
+                "(x − y_i)/(K·η) − c is the client's whole update, rescaled, sent beside the clipped arrays without "
+                "clip or noise. Use drift=fedprox or drift=none, or sample-level DP (privacy=dp)."
+            )
         if cls.client_dp_problem is None:
             return RobustAggregation.client_dp_problem(cfg)
         return (

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from flwr.app import Message
@@ -26,6 +26,7 @@ class Reply:
     partition: int  # the node's partition id (its node id when unknown)
     state: dict[str, torch.Tensor]  # the arrays it sent
     metrics: dict[str, float]  # its scalar metrics
+    records: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # extra ArrayRecords (SCAFFOLD's Δc_i)
 
 
 def decline_reason(msg: Message) -> str:
@@ -44,11 +45,14 @@ def screen(
     stats: RoundStats,
     partition_of: Mapping[int, int],
     on_reply: Callable[[int, Message], None] | None = None,
+    records: Mapping[str, Mapping[str, tuple[int, ...]]] | None = None,
 ) -> list[Reply]:
     """Count every reply of (absolute) round `server_round` in `stats`; return the sound training replies.
 
     Error replies, missing replies, declines and replies that fail `check_reply` are logged and left out;
     `on_reply(node, msg)` sees every reply that arrived without an error (e.g. to keep its accountant state).
+    `records` names extra ArrayRecords a sound reply must also carry, with their tensors' names and shapes
+    (SCAFFOLD's Δc_i); each is checked as the arrays are (`check_record`) and decoded into `Reply.records`.
     """
     good: list[Reply] = []
     replies = list(replies)
@@ -71,11 +75,16 @@ def screen(
             continue
         shapes = expected(node) if callable(expected) else expected  # per node: its own rank (heterogeneous runs)
         problem, state = check_reply(msg, expected=shapes, server_round=server_round)
+        extra: dict[str, dict[str, torch.Tensor]] = {}
+        for key, want in (records or {}).items():
+            if problem is None:
+                problem, decoded = check_record(msg, key, want)
+                extra[key] = decoded or {}
         if problem is not None or state is None:
             stats.rejected += 1
             log.warning("round %d: rejected the reply of node %d: %s", server_round, node, problem)
             continue
-        good.append(Reply(node, partition_of.get(node, node), state, metrics))
+        good.append(Reply(node, partition_of.get(node, node), state, metrics, extra))
     return good
 
 
@@ -108,21 +117,31 @@ def check_reply(
     got_round = metrics.get(K.SERVER_ROUND)
     if isinstance(got_round, int | float) and int(got_round) != server_round:
         return f"{K.SERVER_ROUND}={got_round} but the server is in round {server_round}", None
-    if K.ARRAYS not in content.array_records:
-        return f"no ArrayRecord {K.ARRAYS!r}", None
+    return check_record(msg, K.ARRAYS, expected)
+
+
+def check_record(
+    msg: Message, key: str, expected: Mapping[str, tuple[int, ...]]
+) -> tuple[str | None, dict[str, torch.Tensor] | None]:
+    """(why the reply's ArrayRecord `key` is unsound or None, its decoded tensors when sound): present, decodable,
+    exactly the `expected` names and shapes, float and finite."""
+    content = msg.content
+    if key not in content.array_records:
+        return f"no ArrayRecord {key!r}", None
     try:
-        state = from_record(content.array_records[K.ARRAYS])
+        state = from_record(content.array_records[key])
     except Exception as e:  # any undecodable array is a bad reply, not a crash
-        return f"arrays could not be decoded ({type(e).__name__}: {e})", None
+        return f"{key} could not be decoded ({type(e).__name__}: {e})", None
+    where = "" if key == K.ARRAYS else f"{key}: "
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing or extra:
-        return f"wrong tensor names (missing {missing[:2]}, extra {extra[:2]})", None
+        return f"{where}wrong tensor names (missing {missing[:2]}, extra {extra[:2]})", None
     for name, t in state.items():
         if tuple(t.shape) != tuple(expected[name]):
-            return f"{name} has shape {tuple(t.shape)}, expected {tuple(expected[name])}", None
+            return f"{where}{name} has shape {tuple(t.shape)}, expected {tuple(expected[name])}", None
         if not t.is_floating_point():
-            return f"{name} has dtype {t.dtype}, expected a float tensor", None
+            return f"{where}{name} has dtype {t.dtype}, expected a float tensor", None
         if not bool(torch.isfinite(t).all()):
-            return f"{name} holds NaN or Inf", None
+            return f"{where}{name} holds NaN or Inf", None
     return None, state
