@@ -20,6 +20,11 @@ per module (a dense d_out × d_in matrix) and a robust Ā* = rule_k(A_k); the st
 (Ā*, B* = argmin_B ‖T − B·Ā*‖), the target carried at rank r on the robust A (`defence_fit_residual` records
 what that loses). Identical replies come out unchanged in both spaces.
 
+Clients of different ranks (FLoRA, FlexLoRA, HetLoRA) send tensors of different shapes; their defences act in
+`strategies.robust_mixed`'s spaces, in units of the server's scaling s_R: ``scaled_product`` (R/r_k·B_k·A_k per
+module; a coordinate rule's target is handed on as its truncated SVD at rank R, `defence_fit_residual` again) and
+``padded`` (HetLoRA's zero-padded r_max factors). Every rule is defined there; Krum keeps replies as sent.
+
 `strategy.max_examples_weight` caps the weight a claimed count buys: a number (at most that many examples),
 ``median`` (at most the round's median claim) or ``equal`` (every reply weighs 1). Each round's record says which
 partitions were capped, clipped (with the factor), dropped or trimmed (`defence_*` fields of metrics.jsonl).
@@ -38,6 +43,7 @@ from flwr.app import ArrayRecord
 
 from fl.wire import from_record
 from strategies import robust_math as rm
+from strategies import robust_mixed as rmx
 from strategies.screening import Reply
 from strategies.stats import RoundStats
 
@@ -55,6 +61,22 @@ class Kept:
     client_weights: list[float]  # their weights
     states: list[dict[str, torch.Tensor]]  # what the method aggregates: the replies' (clipped) states, or one state
     weights: list[float]
+
+
+def _update(state: rm.State, ref: rm.State | None, space: str, rank: int) -> dict[str, torch.Tensor]:
+    """A reply's update in `space` (no reference: against zero); `rank` is R in the mixed-rank spaces."""
+    if space in rmx.SPACES:
+        return rmx.update(state, ref, space=space, rank=rank)
+    return rm.update_vector(state, ref or {k: torch.zeros_like(v) for k, v in state.items()}, space=space)
+
+
+def _reference(reference: ArrayRecord | None) -> dict[str, torch.Tensor] | None:
+    return from_record(reference) if reference is not None else None
+
+
+def _server_rank(replies: Sequence[Reply], ref: rm.State | None, space: str) -> int:
+    """R for the mixed-rank spaces (the reference's rank); 0, unused, in the others."""
+    return rmx.server_rank([r.state for r in replies], ref) if space in rmx.SPACES else 0
 
 
 def keep_all(replies: list[Reply], weights: list[float], states: list[dict[str, torch.Tensor]] | None = None) -> Kept:
@@ -115,13 +137,18 @@ class NormBound(Defence):
         if self.external_clip or reference is None:
             return keep_all(replies, weights)
         ref = from_record(reference)
-        norms = [rm.norm(rm.update_vector(r.state, ref, space=space)) for r in replies]
+        rank = _server_rank(replies, ref, space)
+        norms = [rm.norm(_update(r.state, ref, space, rank)) for r in replies]
         bound = float(np.median(norms)) if self.bound is None else self.bound
         self.history.append(bound)
         states = []
         for r in replies:
-            scale, full = rm.clip_scale(r.state, ref, bound=bound, space=space)
-            states.append(r.state if scale == 1.0 else rm.shrink(r.state, ref, scale))
+            if space in rmx.SPACES:
+                clipped, scale, full = rmx.clip(r.state, ref, bound=bound, space=space, rank=rank)
+            else:
+                scale, full = rm.clip_scale(r.state, ref, bound=bound, space=space)
+                clipped = rm.shrink(r.state, ref, scale)
+            states.append(r.state if scale == 1.0 else clipped)
             stats.defence.setdefault("defence_norms", {})[r.partition] = full
             if scale < 1.0:
                 record_clip(stats, r.partition, scale)
@@ -159,6 +186,14 @@ class CoordinateRule(Defence):
         stats: RoundStats,
     ) -> Kept:
         states = [r.state for r in replies]
+        if space in rmx.SPACES:
+            ref = _reference(reference)
+            robust, residual = rmx.robust_state(
+                states, space=space, rank=_server_rank(replies, ref, space), rule=self.rule
+            )
+            if residual is not None:
+                stats.defence["defence_fit_residual"] = residual
+            return Kept(replies, weights, [robust], [1.0])
         pairs = rm.lora_pairs(states[0]) if space == "product" else {}
         paired = {k for pair in pairs.values() for k in pair}
         robust = {k: self.rule([s[k] for s in states]).to(v.dtype) for k, v in states[0].items() if k not in paired}
@@ -204,10 +239,15 @@ class TrimmedMean(CoordinateRule):
         space: str,
         stats: RoundStats,
     ) -> Kept:
+        coords: list[Mapping[str, torch.Tensor]] = [r.state for r in replies]  # the factors as sent: a cheap record
+        if space in rmx.SPACES:  # shapes differ by rank: the points of the mixed-rank space
+            ref = _reference(reference)
+            rank = _server_rank(replies, ref, space)
+            coords = [rmx.point(r.state, space=space, rank=rank) for r in replies]
         cut, total = np.zeros(len(replies)), 0
-        for key in replies[0].state:  # the factors as sent: a cheap per-client record of how much was cut
-            cut += rm.trimmed_share([r.state[key] for r in replies], self.cut)
-            total += replies[0].state[key].numel()
+        for key in coords[0]:  # per client, how much of it was cut
+            cut += rm.trimmed_share([c[key] for c in coords], self.cut)
+            total += coords[0][key].numel()
         stats.defence["defence_trimmed"] = {r.partition: float(c / total) for r, c in zip(replies, cut, strict=True)}
         return super().apply(replies, weights, reference=reference, space=space, stats=stats)
 
@@ -245,12 +285,9 @@ class MultiKrum(Defence):
                 2 * self.f + 2,
                 self.f,
             )
-        ref = (
-            from_record(reference)
-            if reference is not None
-            else {k: torch.zeros_like(v) for k, v in replies[0].state.items()}
-        )
-        scores = rm.krum_scores([rm.update_vector(r.state, ref, space=space) for r in replies], self.f)
+        ref = _reference(reference)
+        rank = _server_rank(replies, ref, space)
+        scores = rm.krum_scores([_update(r.state, ref, space, rank) for r in replies], self.f)
         chosen = sorted(int(i) for i in np.argsort(scores, kind="stable")[: self.keep(n)])
         dropped = [replies[i].partition for i in range(n) if i not in chosen]
         stats.rejected += len(dropped)

@@ -3,7 +3,9 @@
 A node's rank comes from its hello reply (`fl.ranks.client_rank`: its node config `lora-rank`, else
 `sim.client_ranks`). The server's own adapter (central evaluation, export) has rank `strategy.rank`, which must
 hold every client's: `strategy.rank >= max(sim.client_ranks)`. Client k's LoRA scaling is PEFT's s_k = alpha / r_k,
-so its update is s_k·B_k·A_k; the methods aggregate those updates, not the raw factors.
+so its update is s_k·B_k·A_k; the methods aggregate those updates, not the raw factors. A defence
+(`strategy.defence`) compares clients there too (`strategies.robust_mixed`): FLoRA's and FlexLoRA's rules read only
+the products, so theirs act on s_k·B_k·A_k; HetLoRA's on its zero-padded r_max factors.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class HeteroLoRA(LoraStrategy):
 
     adapter_kind: ClassVar[str] = "lora"
     mixed_ranks: ClassVar[bool] = True
+    update_space: ClassVar[str] = "scaled_product"  # a defence acts on s_k·B_k·A_k, one shape for every rank
     client_dp_problem: ClassVar[str | None] = (
         "its clients reply at ranks of their own and the server step reads each client's factors, so updates "
         "cannot be clipped and noised against one global adapter"

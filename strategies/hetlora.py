@@ -45,6 +45,7 @@ class HetLoRA(HeteroLoRA):
     title: ClassVar[str] = "HetLoRA"
 
     schema: ClassVar[type[StrategyConfig]] = HetLoRAConfig
+    update_space: ClassVar[str] = "padded"  # a defence acts on pad(s_k B_k / s_R), pad(A_k): the space it averages in
 
     def __init__(self, *, prune_gamma: float = 1.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -53,7 +54,7 @@ class HetLoRA(HeteroLoRA):
         self.prune_gamma = prune_gamma
         self.active: dict[int, int] = {}  # partition -> its rank after self-pruning
         self.tails: dict[int, float] = {}  # partition -> its trailing components' norm last round
-        self._partitions: list[int] = []
+        self._own: list[tuple[int, dict[str, torch.Tensor]]] = []  # this round's (partition, factors as sent)
 
     @classmethod
     def params_from_config(cls, cfg: Any) -> dict[str, Any]:
@@ -61,8 +62,9 @@ class HetLoRA(HeteroLoRA):
         return {**super().params_from_config(cfg), "prune_gamma": float(cfg.strategy.prune_gamma)}
 
     def aggregate_screened(self, server_round: int, replies: list[Reply]) -> Any:
-        """Remember whose states these are (self-pruning is per client), then aggregate."""
-        self._partitions = [r.partition for r in sorted(replies, key=lambda r: r.partition)]
+        """Remember each client's own factors (self-pruning is per client, on what it sent, whatever a defence
+        hands the rule), then aggregate."""
+        self._own = [(r.partition, r.state) for r in sorted(replies, key=lambda r: r.partition)]
         return super().aggregate_screened(server_round, replies)
 
     def aggregate_arrays(
@@ -76,12 +78,12 @@ class HetLoRA(HeteroLoRA):
             B, A = hetlora_aggregate(As, scaled, sparsity_weights(As, scaled), self.rank)
             agg[prefix + A_SUFFIX], agg[prefix + B_SUFFIX] = A, B / s_max
         if self.prune_gamma < 1:
-            self._prune(states)
+            self._prune()
         return agg
 
-    def _prune(self, states: list[dict[str, torch.Tensor]]) -> None:
+    def _prune(self) -> None:
         """Each client's self-pruning, one decision over all its modules (their trailing norms combined)."""
-        for pid, state in zip(self._partitions, states, strict=True):
+        for pid, state in self._own:
             prefixes = list(modules(state))
             rank = self.active.get(pid, state[prefixes[0] + A_SUFFIX].shape[0])
             keep = prune_keep(rank, self.prune_gamma)
