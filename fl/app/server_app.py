@@ -24,6 +24,7 @@ from clients.evaluate import evaluate
 from fl import constants as K
 from fl.adapters import export_peft, fixed_state, load_tensors, trainable_state
 from fl.app.config import compose, split_overrides
+from fl.app.console import write_failure
 from fl.app.progress import ProgressGrid
 from fl.app.relay import run_progress
 from fl.app.tracking import flat_params, make_tracker, numeric_metrics, plot_history
@@ -240,13 +241,26 @@ def from_history(history: list[dict[str, Any]], out: RunOutputs) -> ArrayRecord:
 
 
 def make_server_app(overrides: list[str] | None = None) -> ServerApp:
-    """A ServerApp bound to `overrides`, or reading them from the run config when None."""
+    """A ServerApp bound to `overrides`, or reading them from the run config when None.
+
+    Any exception of the run is written to `<run folder>/error.log` (its one line, then the traceback) before
+    Flower sees it: fl-sim prints that line, and the folder keeps what was written so far (metrics, checkpoint).
+    """
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         ov = overrides if overrides is not None else split_overrides(str(context.run_config.get("overrides", "")))
-        run_server(grid, ov)
+        if compose(list(ov)).run_dir is None:  # fix the folder now, so a failure is recorded where the run wrote
+            ov = [*ov, f"run_dir={default_run_dir()}"]
+        try:
+            run_server(grid, ov)
+        except Exception as e:
+            try:
+                write_failure(compose(list(ov)).run_dir, e)
+            except Exception:  # the run's own exception matters more than its record
+                log.exception("Could not write the run's error.log")
+            raise
 
     return server_app
 

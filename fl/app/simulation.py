@@ -9,7 +9,9 @@
    SuperLink starts `flwr-simulation`, which runs the ServerApp and the ClientApps (Ray actors);
 4. replay the ServerApp's console (`fl.app.relay`) until it closes, and the run's log into `.sim/logs/`;
 5. stop every process it started, by PID and process group, also on an error or Ctrl-C: no SuperLink,
-   `flwr-simulation` or Ray process outlives the call.
+   `flwr-simulation` or Ray process outlives the call (and if fl-sim itself is killed, its SuperLink gets
+   SIGTERM from the kernel and takes the rest with it: `fl.app.processes`);
+6. a ServerApp that raised is reported by the one line of its `error.log` (exception, place, round).
 
 With `sim.ray_address` (e.g. ``auto`` or ``127.0.0.1:6379``) `flwr-simulation` joins that Ray cluster
 (RAY_ADDRESS) instead of starting one, and the cluster keeps running after the job. Without it a fresh local
@@ -23,6 +25,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +33,12 @@ from omegaconf import DictConfig
 
 from fl import constants as K
 from fl.app.config import compose
-from fl.app.console import ray_init_logging
+from fl.app.console import ERROR_LOG, ray_init_logging, read_failure
 from fl.app.flwr_cli import RunLog, start_superlink, submit_run, write_connection
 from fl.app.processes import Processes, child_env, free_port, shielded
 from fl.app.relay import PROGRESS_ENV, ProgressReader
 from fl.app.server_app import check_server_config, default_run_dir
+from fl.checkpoint import CHECKPOINT_FILE
 from fl.outputs import written_since
 from fl.runtime_env import SIMULATION_ENV, set_quiet_env
 
@@ -57,6 +61,7 @@ CONNECTION = "fl-sim"
 DEFAULT_CLIENT_APP = "fl.app.client_app:app"
 SERVER_APP = "fl.app.server_app:app"
 POLL = 0.25  # seconds between looks at the progress file and the processes
+FAILING_GRACE = 30.0  # seconds a failing ServerApp gets to record its exception and end
 
 
 def app_project(path: Path, *, client_app: str = DEFAULT_CLIENT_APP) -> Path:
@@ -158,21 +163,36 @@ def run_simulation(overrides: list[str], *, client_app: str | None = None) -> Pa
     app = app_project(work / "app", client_app=client_app or DEFAULT_CLIENT_APP)
     procs = Processes()
     reader = ProgressReader(progress_file)
+    summary, since = run_dir / K.SUMMARY_FILE, time.time_ns()
     try:
         address = start_superlink(
             procs, port=free_port(), env=env, log_path=logs / "superlink.log", certs=None, simulation=True
         )
         write_connection(flwr_home, name=CONNECTION, address=address, root_certificates=None)
-        since = time.time_ns()
         run_id = submit_run(app, overrides, connection=CONNECTION, env=env, federation_config=fed)
         log.debug("Submitted simulation run %d to the SuperLink on %s; logs in %s", run_id, address, logs)
-        _follow(procs, reader, run_id, env=env, logs=logs, debug=str(cfg.log_level) == "debug")
+        _follow(
+            procs,
+            reader,
+            run_id,
+            env=env,
+            logs=logs,
+            debug=str(cfg.log_level) == "debug",
+            succeeded=lambda: written_since(summary, since),
+        )
     finally:
         reader.close()
         with shielded():  # a second Ctrl-C cannot leave processes behind
             procs.stop()
-    summary = run_dir / K.SUMMARY_FILE
     if not written_since(summary, since):
+        cause = read_failure(run_dir, since)
+        if cause is not None:  # the ServerApp's own record (fl.app.server_app.make_server_app)
+            again = (
+                f"; the run folder keeps what it wrote: after a fix, continue with fl-sim resume={run_dir}"
+                if (run_dir / CHECKPOINT_FILE).is_file()
+                else ""
+            )
+            raise SimulationError(f"{cause}; traceback in {run_dir / ERROR_LOG}{again}")
         log_path = logs / "serverapp.log"
         text = log_path.read_text(errors="replace") if log_path.is_file() else ""
         why = server_error(text) or "no exception in its log; it ends:\n" + text[-3000:]
@@ -183,17 +203,33 @@ def run_simulation(overrides: list[str], *, client_app: str | None = None) -> Pa
 
 
 def _follow(
-    procs: Processes, reader: ProgressReader, run_id: int, *, env: dict[str, str], logs: Path, debug: bool
+    procs: Processes,
+    reader: ProgressReader,
+    run_id: int,
+    *,
+    env: dict[str, str],
+    logs: Path,
+    debug: bool,
+    succeeded: Callable[[], bool],
 ) -> None:
-    """Replay the ServerApp's progress until it closes; stop early if the run or the SuperLink ended."""
+    """Replay the ServerApp's progress until it closes; stop early if the run or the SuperLink ended.
+
+    A progress that closes without `succeeded()` is a failing ServerApp: it is given up to `FAILING_GRACE`
+    seconds to end, so that its error.log and Flower's log of the exception are written before it is stopped.
+    """
     watch = RunLog(procs, run_id, connection=CONNECTION, env=env, log_path=logs / "serverapp.log")
     shown = 0
+    closed_at: float | None = None
     while True:
         reader.poll()
         if debug:  # Flower's and Ray's own lines, as the run writes them
             shown = _echo(watch.log_path, shown)
         if reader.closed:
-            return
+            if succeeded():
+                return
+            closed_at = closed_at if closed_at is not None else time.monotonic()
+            if time.monotonic() - closed_at > FAILING_GRACE:
+                return
         if watch.finished():
             reader.poll()
             return
