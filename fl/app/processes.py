@@ -6,6 +6,8 @@ every process gets its own session and is stopped by PID and process group, neve
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
 import re
@@ -13,11 +15,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import psutil
 
@@ -64,11 +68,49 @@ def bin_path(name: str) -> str:
     return str(path) if path.exists() else name
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+@functools.cache
+def _prctl() -> Callable[..., int] | None:
+    """libc's prctl (Linux), loaded once in this process: never in a forked child."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return cast(Callable[..., int], ctypes.CDLL(None, use_errno=True).prctl)
+    except (OSError, AttributeError):
+        return None
+
+
+def die_with_parent(sig: signal.Signals = signal.SIGTERM) -> Callable[[], None] | None:
+    """A `preexec_fn` that has the kernel send `sig` to the child when this process dies (PR_SET_PDEATHSIG).
+
+    The children run in sessions of their own (so a Ctrl-C in the terminal reaches fl-sim alone, which stops
+    them in order); without this, a `kill -9` of fl-sim would leave its SuperLink (and through it the SuperExec,
+    `flwr-simulation` and Ray) running. The SuperLink stops its SuperExec on SIGTERM, and Flower's own
+    processes below it watch their parent's PID. Linux only (None elsewhere), and only from the main thread:
+    the kernel sends the signal when the *thread* that started the child ends.
+    """
+    prctl = _prctl()
+    if prctl is None or threading.current_thread() is not threading.main_thread():
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died between fork and prctl: the signal would never come
+            os.kill(os.getpid(), sig)
+
+    return preexec
+
+
 @dataclass
 class Processes:
     """The processes a deployment started (each in a new session) and every descendant seen since.
 
     `stop()` signals them by PID and process group only — never by name — and waits until all are gone.
+    Each is also told to die with the process that started it (`die_with_parent`), for when that process is
+    killed and cannot call `stop()`.
     """
 
     started: list[subprocess.Popen[bytes]] = field(default_factory=list)
@@ -84,6 +126,7 @@ class Processes:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
+                preexec_fn=die_with_parent(),
             )
         self.started.append(proc)
         self.refresh()
@@ -146,8 +189,6 @@ def wait_for_port(host: str, port: int, proc: subprocess.Popen[bytes], log_path:
 @contextmanager
 def shielded() -> Iterator[None]:
     """Ignore SIGINT/SIGTERM while cleaning up, so a second Ctrl-C cannot leave processes behind."""
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return
