@@ -120,7 +120,7 @@ def test_fedprox_and_scaffold_cost_no_epsilon_under_dp_sgd() -> None:
     gradient)."""
     cfg = compose(["model=tiny", "strategy.rank=2", "strategy.dropout=0.0"])
     trained, charged = [], []
-    for control in (None, "fedprox", "scaffold"):
+    for control in ("none", "fedprox", "scaffold"):
         model, data = _tiny(cfg)
         acc = ClientAccountant("rdp")
         gen = torch.Generator().manual_seed(1)
