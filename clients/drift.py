@@ -126,6 +126,9 @@ class DriftControl:
 class FedProx(DriftControl):
     """FedProx (https://arxiv.org/abs/1812.06127): μ·(w − w_global) added to each step's gradient.
 
+    w_global is what the trained tensors held when the round started: the server's tensors, or what a method has the
+    client start from instead (FedSA-LoRA's personal B, FLoRA's fresh LoRA after its fold).
+
     Parameters
     ----------
     mu : float
