@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from fl.app.cli import resume_overrides
 from fl.app.server_app import run_server
 from fl.app.simulation import run_simulation
-from fl.checkpoint import CHECKPOINT_FILE, Checkpoint
+from fl.checkpoint import CHECKPOINT_FILE, Checkpoint, CheckpointError
 from fl.outputs import read_metrics
 
 NODES = 3
@@ -99,7 +99,7 @@ def test_resume_from_a_folder_without_checkpoint_names_it(tmp_path: Path) -> Non
     with pytest.raises(FileNotFoundError, match="resume="):
         Checkpoint.load(tmp_path)
     (tmp_path / CHECKPOINT_FILE).write_bytes(b"torn")
-    with pytest.raises(Exception):  # noqa: B017, PT011 - torch raises its own unpickling error
+    with pytest.raises(CheckpointError, match=f"{CHECKPOINT_FILE} is damaged: truncated or corrupt"):
         Checkpoint.load(tmp_path)
     assert os.path.exists(tmp_path / CHECKPOINT_FILE)
 
