@@ -60,17 +60,18 @@ covers() {
   done
 }
 
-# The extras a job's overrides need: tracking=<backend> installs that backend.
+# The extras a job's overrides need: tracking=<backend> installs that backend, +tune=<method> the Optuna sweeper.
 job_extras() {
   local a
   for a in "$@"; do
     case "$a" in
       tracking=mlflow | tracking=tensorboard | tracking=wandb) echo "${a#tracking=}"; return ;;
+      +tune=* | tune=* | hydra/sweeper=optuna) echo tune; return ;;  # Hydra's Optuna sweeper (configs/tune/)
     esac
   done
 }
 
-FULL=dev,tracking
+FULL=dev,tracking,tune
 
 # The default job is the quickstart preset (configs/experiment/quickstart.yaml: MiniLM's top 3 blocks, tweets cut
 # at 40 tokens) unless the command names an experiment, another model or dataset (the preset is tuned for MiniLM

@@ -13,6 +13,7 @@ factors both ways; the server pays one SVD per module and client rank each round
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -21,8 +22,11 @@ from flwr.app import ArrayRecord, RecordDict
 from fl import constants as K
 from fl.adapters import A_SUFFIX, B_SUFFIX
 from fl.wire import from_record, to_record
-from strategies.hetero import HeteroLoRA
+from strategies.hetero import HeteroLoRA, modules
 from strategies.hetero_math import truncated_factors, weighted_product
+
+DELTA_KEY = "::delta_w"
+"""The name suffix of a module's ΔW in FlexLoRA's `optimizer_view` (never a tensor name of the model)."""
 
 
 class FlexLoRA(HeteroLoRA):
@@ -62,6 +66,38 @@ class FlexLoRA(HeteroLoRA):
                 state[prefix + A_SUFFIX], state[prefix + B_SUFFIX] = A.contiguous(), B.contiguous()
             self._down[rank] = to_record(state)
         return RecordDict({K.ARRAYS: self._down[rank]})
+
+    def optimizer_view(self, arrays: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A server optimizer (`server_opt=`) steps FlexLoRA's full-rank state: ΔW per module (and the head), not
+        its rank-R truncation, since every client's factors are cut from ΔW. Before round 1 ΔW = s·B·A of the
+        initial factors (zero: PEFT's B starts at zero)."""
+        view = {k: v for k, v in arrays.items() if not k.endswith((A_SUFFIX, B_SUFFIX))}
+        s = self.scaling(self.rank)
+        for prefix in modules(arrays):
+            dw = self.delta.get(prefix)
+            view[prefix + DELTA_KEY] = (
+                dw if dw is not None else s * arrays[prefix + B_SUFFIX].double() @ arrays[prefix + A_SUFFIX].double()
+            )
+        return view
+
+    def with_optimizer_view(
+        self, arrays: Mapping[str, torch.Tensor], view: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The stepped ΔW becomes the state clients' truncations are cut from; the server's factors its rank-R one."""
+        out = dict(arrays)
+        for key, value in view.items():
+            if not key.endswith(DELTA_KEY):
+                out[key] = value
+                continue
+            prefix = key[: -len(DELTA_KEY)]
+            self.delta[prefix] = value
+            B, A = truncated_factors(value, self.rank, scaling=self.scaling(self.rank))
+            out[prefix + A_SUFFIX], out[prefix + B_SUFFIX] = (
+                A.to(arrays[prefix + A_SUFFIX].dtype),
+                B.to(arrays[prefix + B_SUFFIX].dtype),
+            )
+        self._down = {}
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         """The base state plus ΔW (a resumed run hands clients the same truncations)."""

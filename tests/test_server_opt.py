@@ -164,3 +164,16 @@ def test_a_resumed_run_with_adam_ends_where_the_uninterrupted_one_ends(tiny: lis
     end_full, end_part = Checkpoint.load(tmp_path / "full").arrays, Checkpoint.load(tmp_path / "part").arrays
     for key, value in end_full.items():
         torch.testing.assert_close(value, end_part[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["flexlora", "fedsa_lora"])
+def test_a_unit_step_without_momentum_is_fedavg_in_every_view(tiny: list[str], tmp_path: Path, strategy: str) -> None:
+    """FedAvgM with η = 1 and μ = 0 gives x + Δ = the aggregate: the same run as no server optimizer, through the
+    methods whose view is not their arrays (FlexLoRA's ΔW, FedSA-LoRA's Ā and head without B)."""
+    plain = read_metrics(run_server(LoopGrid(NODES), _job(tiny, strategy, "none", tmp_path / "none")))
+    unit = _job(tiny, strategy, "avgm", tmp_path / "unit", "server_opt.lr=1.0", "server_opt.momentum=0.0")
+    stepped = read_metrics(run_server(LoopGrid(NODES), unit))
+    for a, b in zip(plain, stepped, strict=True):
+        assert a["accuracy"] == pytest.approx(b["accuracy"], rel=1e-6)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert stepped[-1]["server_step_ratio"] == pytest.approx(1.0, rel=1e-5)

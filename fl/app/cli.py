@@ -13,6 +13,7 @@ import re
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn, TypeVar
 
 import hydra
@@ -21,7 +22,9 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from fl import constants as K
 from fl.app.config import CONFIG_DIR, register_configs, validate
+from fl.outputs import read_metrics
 from fl.runtime_env import set_quiet_env
 
 register_configs()
@@ -104,12 +107,14 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="config", version_base="1.3")
-def _sim(cfg: DictConfig) -> None:
+def _sim(cfg: DictConfig) -> float | None:
     # Errors are reported here, inside the job: Hydra would print its own line about the failed job first.
-    exit_on_user_error("fl-sim", lambda: _run(cfg))
+    # The return value is what a Hydra sweeper optimises (`fl-sim -m +tune=<method>`, Optuna): the run's final
+    # accuracy on the validation split, never on the test split.
+    return exit_on_user_error("fl-sim", lambda: _run(cfg))
 
 
-def _run(cfg: DictConfig) -> None:
+def _run(cfg: DictConfig) -> float | None:
     validate(cfg)
     hc = HydraConfig.get()
     if cfg.resume:
@@ -136,6 +141,13 @@ def _run(cfg: DictConfig) -> None:
         sys.exit(143 if isinstance(e, _Terminated) else 130)
     print(f"\nDone. Outputs in {run_dir.resolve()}:")
     print("  config.yaml  metrics.jsonl  summary.json  adapter/  (load with PeftModel.from_pretrained)")
+    return final_val_accuracy(run_dir)
+
+
+def final_val_accuracy(run_dir: Path) -> float | None:
+    """The last round's accuracy on the validation split (`data.val_size`), or None when the run has none."""
+    rows = read_metrics(run_dir)
+    return float(rows[-1][K.VAL_ACCURACY]) if rows and rows[-1].get(K.VAL_ACCURACY) is not None else None
 
 
 def sim_main() -> None:
