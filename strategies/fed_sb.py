@@ -313,7 +313,7 @@ class _InitExchange:
         for reply in self.grid.send_and_receive(msgs, timeout=strategy.timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                st.failed += 1
+                st.fail(strategy.sampler.partition_of.get(node, node), reply.error.reason)
                 log.warning("Fed-SB init (%s): node %d failed: %s; going on without it", step, node, reply.error.reason)
                 continue
             st.bytes_up += array_bytes(reply.content)

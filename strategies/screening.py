@@ -49,7 +49,8 @@ def screen(
 ) -> list[Reply]:
     """Count every reply of (absolute) round `server_round` in `stats`; return the sound training replies.
 
-    Error replies, missing replies, declines and replies that fail `check_reply` are logged and left out;
+    Error replies, missing replies, declines and replies that fail `check_reply` are logged and left out (an
+    error reply's reason is kept by partition in `stats.client_errors`);
     `on_reply(node, msg)` sees every reply that arrived without an error (e.g. to keep its accountant state).
     `records` names extra ArrayRecords a sound reply must also carry, with their tensors' names and shapes
     (SCAFFOLD's Δc_i); each is checked as the arrays are (`check_record`) and decoded into `Reply.records`.
@@ -60,7 +61,7 @@ def screen(
     for msg in replies:
         node = msg.metadata.src_node_id
         if msg.has_error():
-            stats.failed += 1
+            stats.fail(partition_of.get(node, node), msg.error.reason)
             log.warning("round %d: client on node %d failed: %s", server_round, node, msg.error.reason)
             continue
         stats.replied += 1

@@ -17,6 +17,9 @@ from fl.wire import array_bytes, from_record, num_floats
 
 log = logging.getLogger(__name__)
 
+ERROR_CHARS = 200
+"""Characters of a client's error text kept in a round's `client_errors` (the log has it whole)."""
+
 
 def scalars(record: MetricRecord) -> dict[str, float]:
     """The scalar entries of a MetricRecord as floats (lists are left out)."""
@@ -47,6 +50,7 @@ class RoundStats:
     extra: dict[str, float] = field(default_factory=dict)
     client_ranks: list[int] = field(default_factory=list)  # the aggregated clients' ranks (heterogeneous methods)
     defence: dict[str, Any] = field(default_factory=dict)  # defence_* fields: who was capped, clipped, dropped
+    client_errors: dict[int, str] = field(default_factory=dict)  # partition -> why its reply was an error
     eval_sent: int = 0  # evaluate messages sent this round (per-client evaluation; not a metrics.jsonl field)
 
     def begin(self, sampled: int) -> None:
@@ -62,6 +66,14 @@ class RoundStats:
         self.residual = residual
         self.record_clients(metrics, weights, ranks=ranks)
         self.round_seconds = time.perf_counter() - self.started
+
+    def fail(self, partition: int, reason: str | None) -> None:
+        """An error reply (the ClientApp raised, or timed out) from the client of `partition`: counted in `failed`,
+        its reason kept for the round's `client_errors` — the last `ERROR_CHARS` characters of a longer one, since
+        a traceback (Ray's) ends with the exception and its message."""
+        self.failed += 1
+        reason = (reason or "no reason given").strip()
+        self.client_errors[partition] = reason if len(reason) <= ERROR_CHARS else "…" + reason[-ERROR_CHARS:]
 
     def count_down(self, content: RecordDict) -> None:
         """Count one message's bytes and floats sent to a client."""
@@ -146,6 +158,7 @@ class RoundStats:
             "aggregate_seconds": self.aggregate_seconds,
             "round_seconds": self.round_seconds,
             **({"client_ranks": self.client_ranks} if self.client_ranks else {}),
+            **({"client_errors": self.client_errors} if self.client_errors else {}),
             **self.extra,
             **self.defence,
         }

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from flwr.app import Context, Error, Message
+from flwr.common.constant import ErrorCode
 from loop_grid import LoopGrid
 from safetensors.torch import load_file
 
@@ -42,6 +44,8 @@ def test_failing_and_bad_clients_do_not_stop_the_run(tiny: list[str], tmp_path: 
     run_dir = run_simulation([*tiny, *SIM, "sim.rounds=3", f"run_dir={tmp_path / 'r'}"], client_app="faulty_client:app")
     rows = {r["round"]: r for r in read_metrics(run_dir)}
     assert rows[1]["failed"] == 1 and rows[1]["rejected"] == 1 and rows[1]["replied"] == 2
+    assert "injected client failure" in rows[1]["client_errors"]["1"]  # the exception's text, by partition
+    assert "client_errors" not in rows[2] and "client_errors" not in rows[3]
     assert rows[2]["rejected"] == 2 and rows[2]["failed"] == 0
     # one usable reply each (< sim.min_train_clients=2): both rounds are skipped, nothing half-applied
     assert rows[1]["skipped"] and rows[2]["skipped"] and rows[1]["aggregated"] == rows[2]["aggregated"] == 0
@@ -61,6 +65,37 @@ def test_enough_good_replies_are_aggregated_without_the_bad_one(tiny: list[str],
     assert row["loss"] == row["loss"]  # the aggregate holds no NaN: the evaluation loss is a number
     state = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     assert all(bool(torch.isfinite(t).all()) for t in state.values())
+
+
+def _replying_with_errors(msg: Message, context: Context) -> Message:
+    """The faulty ClientApp, its exception turned into an error reply as Flower's Simulation Runtime does."""
+    from faulty_client import app
+
+    try:
+        return app(msg, context)  # type: ignore[no-any-return]
+    except Exception as e:  # what the runtime catches: any exception of the ClientApp
+        reason = f"{type(e)}:<'{e}'>"
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+
+
+@pytest.fixture
+def one_thread():  # type: ignore[no-untyped-def]
+    """Torch on one thread for an in-process run (tiny matrices: ~5x faster on 2 loaded cores), then as before."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_a_clients_exception_reaches_the_rounds_metrics_in_fed_sbs_init_and_in_training(
+    tiny: list[str], tmp_path: Path, faults, one_thread
+) -> None:  # type: ignore[no-untyped-def]
+    faults("1:0:raise,2:1:raise")  # round 0: Fed-SB's init exchange; round 1: training
+    overrides = [*tiny, *SIM, "strategy=fed_sb", "strategy.rank=2", "sim.rounds=1", f"run_dir={tmp_path / 'r'}"]
+    rows = read_metrics(run_server(LoopGrid(NODES, app=_replying_with_errors), overrides))
+    assert rows[0]["failed"] == 1 and "injected client failure" in rows[0]["client_errors"]["1"]
+    assert rows[1]["failed"] == 1 and list(rows[1]["client_errors"]) == ["2"]
+    assert "injected client failure" in rows[1]["client_errors"]["2"] and rows[1]["aggregated"] == 2
 
 
 DP = ["privacy=dp", "privacy.target_epsilon=8", "privacy.planned_rounds=3"]
