@@ -211,9 +211,18 @@ def add_strategy_schema(name: str, schema: type[StrategyConfig]) -> None:
     _compose_cached.cache_clear()
 
 
+_REGISTERED: list[tuple[tuple[str, type[StrategyConfig]], ...]] = []  # the strategy schemas last stored
+
+
 def register_configs() -> None:
-    """Register the schemas with Hydra's ConfigStore (idempotent)."""
+    """Register the schemas with Hydra's ConfigStore (idempotent). Storing them took about half of every
+    compose, and every party composes many times (each ClientApp message): they are stored again only when a
+    method registered a schema since, or the store lost them."""
     cs = ConfigStore.instance()
+    key = tuple(STRATEGY_SCHEMAS.items())
+    if _REGISTERED and _REGISTERED[0] == key and "config_schema.yaml" in cs.repo:
+        return
+    _REGISTERED[:] = [key]
     cs.store(name="config_schema", node=Config)
     # Schemas live in their own groups so they never show up as options of the real groups;
     # each YAML extends one with `defaults: [/schema/<group>/<name>@_here_]`.
