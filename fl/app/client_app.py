@@ -62,7 +62,8 @@ def local_data_overrides(overrides: list[str], node_config: dict[str, Any]) -> l
     path = node_config.get(K.NODE_DATA_PATH)
     if not path:
         return overrides
-    return [*overrides, "data.source=file", f"data.path={path}", "data.test_size=0", "data.max_examples=null"]
+    own = ["data.source=file", f"data.path={path}", "data.test_size=0", "data.val_size=0", "data.max_examples=null"]
+    return [*overrides, *own]  # the server's test and validation splits are the server's, not carved from a node's
 
 
 def _indices(context: Context, ws: Workspace) -> tuple[int, np.ndarray, np.ndarray]:
