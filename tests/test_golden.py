@@ -46,6 +46,10 @@ def _case_overrides(tiny: list[str], strategy: str, privacy: str, run_dir: Path)
         "data.partitioner=iid",
         f"privacy={privacy}",
         f"run_dir={run_dir}",
+        # recorded before the validation split existed: it takes examples out of the pool the clients partition
+        # (its own behaviour is tested in test_tune.py); off, the defaults must still reproduce the record exactly
+        # (no server optimizer, no drift control)
+        "data.val_size=0",
     ]
     if strategy == "fed_sb":
         job += [f"strategy.init={FED_SB_INIT[privacy]}", "strategy.init_examples=8"]
