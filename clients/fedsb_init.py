@@ -290,6 +290,7 @@ def server_init_data(
             "path": str(file),
             "test_size": 0,
             "public_size": 0,
+            "val_size": 0,  # the server's own init file: all of it, none held out
             "max_examples": None,
             "labels": task.label_names,
         }
