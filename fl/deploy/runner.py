@@ -32,6 +32,7 @@ from typing import Any
 
 from fl import constants as K
 from fl.app.config import compose
+from fl.app.console import ERROR_LOG, read_failure
 from fl.app.flwr_cli import RunLog, flwr_cli, start_superlink, submit_run, write_connection
 from fl.app.processes import (
     LOOPBACK,
@@ -214,6 +215,12 @@ class LocalFederation:
                 return
             time.sleep(2.0)  # summary.json is written before the ServerApp returns; one last look
             if not written_since(run_dir / K.SUMMARY_FILE, since_ns):
+                why = read_failure(run_dir, since_ns)  # the ServerApp's own record of its exception (error.log)
+                if why is not None:
+                    raise DeployError(
+                        f"{why}; traceback in {run_dir / ERROR_LOG}; the run folder keeps what it wrote: after a "
+                        f"fix, continue with resume={run_dir}"
+                    )
                 tail = watch.log_path.read_text(errors="replace")[-3000:]
                 raise DeployError(f"Run {run_id} ended ({watch.status}) without writing summary.json:\n{tail}")
 
