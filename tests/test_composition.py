@@ -14,7 +14,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 from loop_grid import LoopGrid
 
 from fl.app.cli import resume_overrides
@@ -37,15 +36,6 @@ def matrix(tiny: list[str]) -> Matrix:
     m = cover([*tiny, *BASE])
     print(f"\ncomposed {len(m.outcomes)} cells in {time.perf_counter() - start:.1f} s")
     return m
-
-
-@pytest.fixture
-def one_thread():  # type: ignore[no-untyped-def]
-    """Torch on one thread for in-process runs (tiny matrices: ~5x faster on 2 loaded cores), then as before."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_the_axes_are_the_registries() -> None:

@@ -78,15 +78,6 @@ def _replying_with_errors(msg: Message, context: Context) -> Message:
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
 
-@pytest.fixture
-def one_thread():  # type: ignore[no-untyped-def]
-    """Torch on one thread for an in-process run (tiny matrices: ~5x faster on 2 loaded cores), then as before."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_a_clients_exception_reaches_the_rounds_metrics_in_fed_sbs_init_and_in_training(
     tiny: list[str], tmp_path: Path, faults, one_thread
 ) -> None:  # type: ignore[no-untyped-def]
