@@ -163,7 +163,8 @@ def local_train(
     wrap : callable, optional
         Turns (model, optimizer, loader) into private ones (DP-SGD); called once per round.
     precision : str
-        `train.precision`: autocast dtype on CUDA (`fl.accel.autocast`); fp16 adds a loss scaler (not under DP).
+        `train.precision` (auto, fp32, bf16, fp16): the autocast dtype where it applies (`fl.accel.autocast`);
+        fp16 on CUDA adds a loss scaler (not under DP).
     physical_batch_size : int, optional
         Examples per forward/backward pass; default: the whole logical batch at once.
     loss_fn : callable, optional

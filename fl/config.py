@@ -126,7 +126,9 @@ class TrainConfig:
     warmup_rounds: int = 0  # rounds of linear warm-up before the schedule
     lr_min: float = 0.0  # the floor the cosine decays towards
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
-    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast on CUDA; bf16 also on CPUs with native bf16 (fl.accel)
+    # auto (bf16 where native: CUDA with bf16, a CPU with AVX512-BF16/AMX; fp32 elsewhere) | fp32 | bf16 | fp16
+    # (autocast on CUDA; bf16 also on CPUs with native bf16; an explicit one that cannot run warns: fl.accel)
+    precision: str = "auto"
     gradient_checkpointing: bool = False  # recompute activations in backward (long sequences, big models)
     # batches of similar-length examples (transformers' LengthGroupedSampler): less padding, a cheaper step; DP
     # runs keep Opacus' Poisson sampling (its accounting assumes it), so there it does nothing
@@ -375,7 +377,9 @@ def validate(cfg: DictConfig) -> None:
         t.device,
         "use auto, cpu, cuda or cuda:N.",
     )
-    _require(t.precision in ("fp32", "bf16", "fp16"), "train.precision", t.precision, "use fp32, bf16 or fp16.")
+    _require(
+        t.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision", t.precision, "use auto, fp32, bf16 or fp16."
+    )
     _require(
         sim.round_eval_size is None or sim.round_eval_size >= 1,
         "sim.round_eval_size",
