@@ -1,13 +1,20 @@
-"""`tracking=mlflow`: MLflow's client on a local file store in <run_dir>/mlruns unless `tracking.uri` names one.
+"""`tracking=mlflow`: MLflow's client on an SQLite store in the run folder unless `tracking.uri` names one.
 
-MLflow 3 keeps its file store only behind ``MLFLOW_ALLOW_FILE_STORE=true``, which is set here (unless the user
-set it) when the URI is a folder. Open it with ``mlflow ui --backend-store-uri <run_dir>/mlruns`` (the UI is in
-the full ``mlflow`` package; this framework needs only ``mlflow-skinny``).
+MLflow 3 keeps its file store (a folder of YAML files) in maintenance mode, behind ``MLFLOW_ALLOW_FILE_STORE``;
+a database store needs no flag, so a run writes ``<run_dir>/mlflow.db`` with its artifacts (the adapter, the
+plots) in ``<run_dir>/mlartifacts``. `tracking.uri` may name any MLflow URI (``http://host:5000``,
+``sqlite:///path.db``, ``postgresql://...``), an ``.db`` file, or a folder, which then holds ``mlflow.db`` and
+``mlartifacts/`` (a sweep's shared store). Open a run's store with plain MLflow::
+
+    mlflow ui --backend-store-uri sqlite:///<run_dir>/mlflow.db
+
+(the UI is in the full ``mlflow`` package; this framework needs only ``mlflow-skinny``, plus SQLAlchemy and
+alembic, which Flower already installs). MLflow builds a new SQLite store's tables with its migrations: a few
+seconds once per store.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,29 +25,43 @@ from fl.app.tracking.base import Tracker, tag_pairs
 
 PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
 PARAM_CHARS = 6000  # MLflow's limit on a param value
+STORE_FILE = "mlflow.db"  # the SQLite store in a run folder (or in the folder `tracking.uri` names)
+ARTIFACTS_DIR = "mlartifacts"  # beside it: what the store's new experiments keep as artifacts
+
+
+def store_paths(tracking: DictConfig, run_dir: Path) -> tuple[str, str | None]:
+    """(tracking URI, artifact location for a new experiment or None for the store's own default).
+
+    No `tracking.uri`: ``sqlite:///<run_dir>/mlflow.db`` and ``<run_dir>/mlartifacts``. A URI with a scheme is
+    used as it is; a path ending in ``.db`` is that SQLite file; any other path is a folder holding both.
+    """
+    uri = str(tracking.uri) if tracking.uri else ""
+    if "://" in uri or uri.startswith("file:"):
+        return uri, None
+    path = Path(uri).expanduser().resolve() if uri else Path(run_dir).resolve()
+    db = path if path.suffix == ".db" else path / STORE_FILE
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db}", (db.parent / ARTIFACTS_DIR).as_uri()
 
 
 def store_uri(tracking: DictConfig, run_dir: Path) -> str:
-    """`tracking.uri`, or a file store in <run_dir>/mlruns (a plain folder path becomes a file: URI)."""
-    uri = str(tracking.uri) if tracking.uri else str(Path(run_dir) / "mlruns")
-    if "://" not in uri and not uri.startswith("file:"):
-        uri = Path(uri).resolve().as_uri()
-    return uri
+    """The tracking URI a run writes to (`store_paths`): what ``MlflowClient(tracking_uri=...)`` reads back."""
+    return store_paths(tracking, run_dir)[0]
 
 
 class MlflowTracker(Tracker):
     """One MLflow run in experiment `tracking.experiment`, named `tracking.run_name` (default the folder's)."""
 
     def __init__(self, tracking: DictConfig, *, run_dir: Path) -> None:
-        uri = store_uri(tracking, run_dir)
-        if uri.startswith("file:"):
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        uri, artifacts = store_paths(tracking, run_dir)
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=uri)
         name = str(tracking.experiment)
         exp = self.client.get_experiment_by_name(name)
-        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(name)
+        exp_id = (
+            exp.experiment_id if exp is not None else self.client.create_experiment(name, artifact_location=artifacts)
+        )
         run_name = str(tracking.run_name or Path(run_dir).name)
         self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=tag_pairs(tracking.tags)).info.run_id
         self.uri = uri
