@@ -19,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from fl import config_defence
 from fl.config_optim import DriftConfig, ServerOptConfig
 from fl.config_privacy import PrivacyConfig
 from fl.config_privacy import require as _require
@@ -97,12 +98,9 @@ class StrategyConfig:
     alpha: float = 16.0  # LoRA scaling s = alpha / rank
     dropout: float = 0.0
     lr: float = 1e-3  # client learning rate (AdamW); methods tune their own default
-    # robust aggregation against hostile clients (strategies/defences.py, docs/reliability.md)
-    defence: str = "none"  # none | norm_bound | trimmed_mean | median | krum | multikrum
-    defence_bound: str | None = None  # norm_bound: a number, or median (the median of the round's update norms)
-    trim_fraction: float = 0.2  # trimmed_mean: the fraction cut at each end of every coordinate
-    krum_f: int = 1  # krum, multikrum: f, the hostile clients tolerated
-    multikrum_m: int | None = None  # multikrum: updates kept (default n - f)
+    # robust aggregation against hostile clients (strategies/defences/, docs/reliability.md): a registered defence;
+    # its own fields (e.g. strategy.trim_fraction) join this group from its schema (fl.config_defence)
+    defence: str = "none"
     max_examples_weight: str | None = None  # cap on a claimed count: null | a number | median | equal (weights 1)
 
 
@@ -213,15 +211,15 @@ def add_strategy_schema(name: str, schema: type[StrategyConfig]) -> None:
     _compose_cached.cache_clear()
 
 
-_REGISTERED: list[tuple[tuple[str, type[StrategyConfig]], ...]] = []  # the strategy schemas last stored
+_REGISTERED: list[object] = []  # the strategy and defence schemas last stored
 
 
 def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore (idempotent). Storing them took about half of every
     compose, and every party composes many times (each ClientApp message): they are stored again only when a
-    method registered a schema since, or the store lost them."""
+    method or a defence registered a schema since, or the store lost them."""
     cs = ConfigStore.instance()
-    key = tuple(STRATEGY_SCHEMAS.items())
+    key = (tuple(STRATEGY_SCHEMAS.items()), tuple(config_defence.DEFENCE_SCHEMAS.items()))
     if _REGISTERED and _REGISTERED[0] == key and "config_schema.yaml" in cs.repo:
         return
     _REGISTERED[:] = [key]
@@ -235,8 +233,8 @@ def register_configs() -> None:
     cs.store(group="schema/tracking", name="tracking", node=TrackingConfig)
     cs.store(group="schema/server_opt", name="server_opt", node=ServerOptConfig)
     cs.store(group="schema/drift", name="drift", node=DriftConfig)
-    for name, node in STRATEGY_SCHEMAS.items():
-        cs.store(group="schema/strategy", name=name, node=node)
+    for name, schema in STRATEGY_SCHEMAS.items():  # each with every registered defence's fields
+        cs.store(group="schema/strategy", name=name, node=config_defence.strategy_node(schema))
 
 
 def split_overrides(overrides: str | list[str] | tuple[str, ...] | None) -> list[str]:
@@ -249,7 +247,8 @@ def split_overrides(overrides: str | list[str] | tuple[str, ...] | None) -> list
 
 
 @lru_cache(maxsize=32)
-def _compose_cached(overrides: tuple[str, ...]) -> DictConfig:
+def _compose_cached(overrides: tuple[str, ...], defences: int) -> DictConfig:
+    """`defences` (`config_defence.generation()`) keys the cache too: a defence registered since adds fields."""
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
@@ -274,7 +273,7 @@ def compose(overrides: str | list[str] | tuple[str, ...] | None = None) -> DictC
     DictConfig
         Read-only, validated against the schemas (a misspelt key or a bad value raises).
     """
-    cfg = _compose_cached(tuple(split_overrides(overrides)))
+    cfg = _compose_cached(tuple(split_overrides(overrides)), config_defence.generation())
     validate(cfg)
     return cfg
 

@@ -111,8 +111,7 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
         self.expected: dict[str, tuple[int, ...]] = {}
         self.round_offset = 0  # rounds completed before this session (resume); Flower counts from 1
         self.accountants = AccountantCopies()  # each client's last reported accountant (handed back on resume)
-        self.uniform_weights = False  # weight every reply 1 instead of n_k (client-level DP's noise assumes it)
-        self.releases = 0  # noisy aggregates released under client-level DP (its accountant's steps)
+        self.releases = 0  # aggregates released under client-level DP (its accountant's steps; `aggregate_screened`)
         self.robust = robust or RobustAggregation()  # strategy.defence and strategy.max_examples_weight
         self.round_arrays: ArrayRecord | None = None  # the global arrays of this round (a defence's reference)
         self.server_opt = server_opt or ServerOptimizer()  # server_opt=: the step from aggregate to global
@@ -239,9 +238,11 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
         )
 
     def aggregate_screened(
-        self, server_round: int, replies: list[Reply]
+        self, server_round: int, replies: list[Reply], *, release: bool = False
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate screened replies with the method's rule (weights n_k, or 1 with `uniform_weights`)."""
+        """Aggregate screened replies with the method's rule (weights n_k). `release`: the aggregate is released
+        under client-level DP (`strategies.client_dp` noises it): every reply weighs 1, as the noise σC/m assumes,
+        and it counts as one more release (`releases`)."""
         stats = self.stats.setdefault(server_round, RoundStats())
         stats.floats_up += sum(num_floats(r.state) for r in replies)
         self.scaffold.absorb(replies, stats)  # drift=scaffold: c from every screened reply's Δc_i
@@ -249,7 +250,7 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
             stats.skip(server_round, len(replies), self.min_train_nodes)
             return None, None
         good = sorted(replies, key=lambda r: r.partition)  # a fixed order makes float sums reproducible
-        claimed = [1.0 if self.uniform_weights else r.metrics[K.NUM_EXAMPLES] for r in good]
+        claimed = [1.0 if release else r.metrics[K.NUM_EXAMPLES] for r in good]
         t0 = time.perf_counter()
         kept = self.robust.apply(good, claimed, reference=self.round_arrays, space=self.update_space, stats=stats)
         states, weights = kept.states, kept.weights  # the replies, or what the defence made of them
@@ -257,6 +258,8 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
         stats.aggregate_seconds = time.perf_counter() - t0
         res, metrics = self.residual(states, weights, agg), [r.metrics for r in kept.replies]
         stats.record_aggregate(metrics, kept.client_weights, res, ranks=self.mixed_ranks)
+        if release:
+            self.releases += 1
         return to_record(agg), MetricRecord({K.TRAIN_LOSS: stats.train_loss, K.AGGREGATED: len(kept.replies)})
 
     def configure_evaluate(

@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Self
 
 from fl import ranks
 from fl.config import StrategyConfig
+from fl.config_defence import defence_fields
 from strategies.robust import RobustAggregation
 from strategies.scaffold import make_scaffold
 from strategies.server_opt import make_server_optimizer
@@ -57,11 +58,10 @@ class ConfigBridge:
         """The constructor's keyword arguments from a composed run config (methods add their own fields).
         A key the method's schema does not have (e.g. appended with `+strategy.x=`) is refused, naming it."""
         s, sim, t = cfg.strategy, cfg.sim, cfg.train
-        unknown = sorted(set(s.keys()) - set(cls.schema.__dataclass_fields__))
+        known = set(cls.schema.__dataclass_fields__) | defence_fields()  # the defences' fields join every method's
+        unknown = sorted(set(s.keys()) - known)
         if unknown:
-            raise ValueError(
-                f"strategy={s.name} has no key(s) {unknown}; its keys are {sorted(cls.schema.__dataclass_fields__)}."
-            )
+            raise ValueError(f"strategy={s.name} has no key(s) {unknown}; its keys are {sorted(known)}.")
         if ranks.is_mixed(cfg) and not cls.mixed_ranks:
             raise ValueError(
                 f"sim.client_ranks={list(sim.client_ranks)} gives clients ranks other than strategy.rank={s.rank}, "

@@ -22,8 +22,9 @@ What the wrapped methods release and what is clipped (u_k is what the client tra
 Where this departs from Flower's `aggregate_train` (it overrides that one hook and reuses the rest):
 - replies pass through the wrapped strategy's own checks first (errors, declines, names, shapes, NaN),
   counted in its round stats; Flower's version skips the round on any error reply and clips by position.
-- every reply weighs 1 (`uniform_weights`): σC/m is the noise for a plain mean of m clipped updates; an
-  n_k-weighted mean would let one client move it by more than C/m.
+- every reply weighs 1 (the strategy's `aggregate_screened(..., release=True)`, which also counts the release in
+  its checkpointed state): σC/m is the noise for a plain mean of m clipped updates; an n_k-weighted mean would
+  let one client move it by more than C/m.
 - the noise is for the m updates actually averaged (σC/m, m = this round's `aggregated`), not the m planned:
   with fewer replies a fixed σC/m_planned would be too little noise.
 - the noise comes from a `torch.Generator` seeded by the run seed and the round (`privacy.client_level.
@@ -31,13 +32,19 @@ Where this departs from Flower's `aggregate_train` (it overrides that one hook a
   on its decoded copy, never in the caller's message.
 - each released aggregate is one step of the run's accountant (`epsilon_of(releases)`), logged per round.
 - a server optimizer (`server_opt=`) steps from the noised aggregate, after the release: post-processing.
+
+Like Flower's wrappers it only calls the wrapped strategy's hooks (`begin`, `configure_train`, `screen`,
+`aggregate_screened`, `server_step`) and writes its fields into the round's record; it sets nothing on the
+strategy. A defence declares whether it stands beside the clip (`Defence.dp_clip_problem`; the norm bound built
+under `privacy=client` is the clip, and records it through `RobustAggregation.dp_clipped`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any, cast
+from dataclasses import replace
+from typing import cast
 
 import numpy as np
 import torch
@@ -48,19 +55,20 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     Result,
 )
+from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedClippingBase
 from flwr.supercore.differential_privacy import compute_clip_model_update, compute_stdv, get_norm
 
 from fl import constants as K
 from fl.wire import from_record, to_record
 from privacy.client_level import add_gaussian_noise
 from strategies.base import LoraStrategy
-from strategies.defences import record_clip
 from strategies.screening import Reply
 from strategies.stats import RoundStats
 
 log = logging.getLogger(__name__)
 
 NORM_TOLERANCE = 1e-4  # relative slack when checking a node-clipped update against C (float32 rounding)
+NOISE_SALT = 7_919  # the noise generator's seed: run seed · 1_000_003 + salt + round
 
 
 def update_norm(reply: list[np.ndarray], current: list[np.ndarray]) -> float:
@@ -68,111 +76,14 @@ def update_norm(reply: list[np.ndarray], current: list[np.ndarray]) -> float:
     return float(get_norm([r - c for r, c in zip(reply, current, strict=True)]))
 
 
-NOISE_SALT = 7_919  # the noise generator's seed: run seed · 1_000_003 + salt + round
-
-
-class _ClientLevelDP:
-    """The behaviour both wrappers share; mixed in before Flower's wrapper class."""
-
-    noise_multiplier: float
-    clipping_norm: float
-    num_sampled_clients: int
-    strategy: Any
-
-    def _setup(self, epsilon_of: Callable[[int], float]) -> None:
-        inner = self.inner
-        if type(inner).client_dp_problem is not None:
-            raise ValueError(
-                f"{type(inner).__name__} does not compose with client-level DP (privacy=client): "
-                f"{type(inner).client_dp_problem}."
-            )
-        inner.uniform_weights = True
-        inner.robust.defence.external_clip = True  # strategy.defence=norm_bound: this wrapper's clip is the bound
-        self.epsilon_of = epsilon_of
-        self.reference = ArrayRecord()  # the global arrays this round's updates are measured from
-
-    @property
-    def inner(self) -> LoraStrategy:
-        """The wrapped strategy."""
-        return cast(LoraStrategy, self.strategy)
-
-    def start(
-        self,
-        grid: Grid,
-        initial_arrays: ArrayRecord,
-        num_rounds: int = 3,
-        timeout: float = 3600,
-        train_config: ConfigRecord | None = None,
-        evaluate_config: ConfigRecord | None = None,
-        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
-    ) -> Result:
-        """The wrapped strategy's `begin` (e.g. Fed-SB's init), then Flower's round loop on this wrapper."""
-        return super().start(  # type: ignore[misc]
-            grid,
-            self.inner.begin(grid, initial_arrays),
-            num_rounds=num_rounds,
-            timeout=timeout,
-            train_config=train_config,
-            evaluate_config=evaluate_config,
-            evaluate_fn=evaluate_fn,
-        )
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Remember the global arrays, then Flower's wrapper (which may add the clipping norm to `config`)."""
-        self.reference = arrays
-        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
-
-    def bound(self, reply: Reply, stats: RoundStats) -> str | None:
-        """Make or check ‖update‖ ≤ C for one sound reply; why it must be rejected, or None."""
-        raise NotImplementedError
-
-    def update_of(self, reply: Reply) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
-        """(names, reply arrays, global arrays) in the global record's order, matched by name (copies)."""
-        names = list(self.reference.keys())
-        return names, [reply.state[n].numpy().copy() for n in names], [self.reference[n].numpy() for n in names]
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Checks, clipping, the method's rule on equal weights, then noise for the updates averaged."""
-        inner = self.inner
-        rnd = server_round + inner.round_offset
-        stats = inner.stats.setdefault(rnd, RoundStats())
-        kept = []
-        for reply in inner.screen(rnd, replies):
-            problem = self.bound(reply, stats)
-            if problem is not None:
-                stats.rejected += 1
-                log.warning("round %d: rejected the reply of node %d: %s", rnd, reply.node, problem)
-                continue
-            kept.append(reply)
-        if kept and K.CLIENT_DP_CLIPPED in stats.extra:
-            stats.extra[K.CLIENT_DP_CLIPPED] /= len(kept)
-        arrays, metrics = inner.aggregate_screened(rnd, kept)
-        if arrays is not None:
-            std = compute_stdv(self.noise_multiplier, self.clipping_norm, stats.aggregated)
-            gen = torch.Generator().manual_seed(inner.seed * 1_000_003 + NOISE_SALT + rnd)
-            arrays = to_record(add_gaussian_noise(from_record(arrays), std=std, generator=gen))
-            inner.releases += 1
-            stats.extra[K.CLIENT_DP_NOISE_STD] = std
-            arrays = inner.server_step(rnd, arrays)  # server_opt= on the released aggregate: post-processing
-        stats.extra[K.CLIENT_DP_RELEASES] = inner.releases
-        stats.extra[K.CLIENT_DP_EPSILON] = self.epsilon_of(inner.releases)
-        log.info(
-            "round %d: client-level DP ε=%.4g after %d releases", rnd, self.epsilon_of(inner.releases), inner.releases
-        )
-        return arrays, metrics
-
-
-class ClientDPServerSideClipping(_ClientLevelDP, DifferentialPrivacyServerSideFixedClipping):
-    """Client-level DP, the server clips every update (`privacy.client.clipping=server`).
+class ClientLevelDP(DifferentialPrivacyFixedClippingBase):
+    """Client-level DP around a `LoraStrategy`; a subclass says who clips (`bound`). Mixed in before Flower's
+    wrapper class of that side, whose `configure_train` and evaluation hooks it reuses.
 
     Parameters
     ----------
     strategy : LoraStrategy
-        The method to wrap (one whose `client_dp_problem` is None).
+        The method to wrap (one whose `client_dp_problem` is None, built from the run's config).
     noise_multiplier : float
         σ: the noise std on the sum of clipped updates is σ·C.
     clip_norm : float
@@ -192,46 +103,114 @@ class ClientDPServerSideClipping(_ClientLevelDP, DifferentialPrivacyServerSideFi
         num_sampled_clients: int,
         epsilon_of: Callable[[int], float],
     ) -> None:
-        DifferentialPrivacyServerSideFixedClipping.__init__(
-            self, strategy, noise_multiplier, clip_norm, num_sampled_clients
-        )
-        self._setup(epsilon_of)
+        if type(strategy).client_dp_problem is not None:
+            raise ValueError(
+                f"{type(strategy).__name__} does not compose with client-level DP (privacy=client): "
+                f"{type(strategy).client_dp_problem}."
+            )
+        problem = strategy.robust.dp_clip_problem(clip_norm)
+        if problem is not None:
+            raise ValueError(f"{type(strategy).__name__} cannot be wrapped for client-level DP: {problem}.")
+        super().__init__(strategy, noise_multiplier, clip_norm, num_sampled_clients)
+        self.epsilon_of = epsilon_of
+        self.reference = ArrayRecord()  # the global arrays this round's updates are measured from
 
-    def bound(self, reply: Reply, stats: RoundStats) -> str | None:
+    @property
+    def inner(self) -> LoraStrategy:
+        """The wrapped strategy."""
+        return cast(LoraStrategy, self.strategy)
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """The wrapped strategy's `begin` (e.g. Fed-SB's init), then Flower's round loop on this wrapper."""
+        return super().start(
+            grid,
+            self.inner.begin(grid, initial_arrays),
+            num_rounds=num_rounds,
+            timeout=timeout,
+            train_config=train_config,
+            evaluate_config=evaluate_config,
+            evaluate_fn=evaluate_fn,
+        )
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Remember the global arrays, then Flower's wrapper (which may add the clipping norm to `config`)."""
+        self.reference = arrays
+        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[safe-super]
+
+    def bound(self, reply: Reply) -> tuple[Reply, float] | str:
+        """Make or check ‖update‖ ≤ C for one sound reply: (the reply to aggregate, the factor its update was
+        shrunk by), or why it must be rejected."""
+        raise NotImplementedError
+
+    def update_of(self, reply: Reply) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+        """(names, reply arrays, global arrays) in the global record's order, matched by name (copies)."""
+        names = list(self.reference.keys())
+        return names, [reply.state[n].numpy().copy() for n in names], [self.reference[n].numpy() for n in names]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Checks, clipping, the method's rule on equal weights, then noise for the updates averaged."""
+        inner = self.inner
+        rnd = server_round + inner.round_offset
+        stats = inner.stats.setdefault(rnd, RoundStats())  # the round's record (a metrics.jsonl row)
+        kept, clipped = [], 0
+        for reply in inner.screen(rnd, replies):
+            bounded = self.bound(reply)
+            if isinstance(bounded, str):
+                stats.rejected += 1
+                log.warning("round %d: rejected the reply of node %d: %s", rnd, reply.node, bounded)
+                continue
+            reply, scale = bounded
+            if scale < 1.0:
+                clipped += 1
+                inner.robust.dp_clipped(stats, reply.partition, scale)
+            kept.append(reply)
+        if kept and clipped:
+            stats.extra[K.CLIENT_DP_CLIPPED] = clipped / len(kept)
+        arrays, metrics = inner.aggregate_screened(rnd, kept, release=True)
+        if arrays is not None:
+            std = compute_stdv(self.noise_multiplier, self.clipping_norm, stats.aggregated)
+            gen = torch.Generator().manual_seed(inner.seed * 1_000_003 + NOISE_SALT + rnd)
+            arrays = to_record(add_gaussian_noise(from_record(arrays), std=std, generator=gen))
+            stats.extra[K.CLIENT_DP_NOISE_STD] = std
+            arrays = inner.server_step(rnd, arrays)  # server_opt= on the released aggregate: post-processing
+        epsilon = self.epsilon_of(inner.releases)
+        stats.extra[K.CLIENT_DP_RELEASES] = inner.releases
+        stats.extra[K.CLIENT_DP_EPSILON] = epsilon
+        log.info("round %d: client-level DP ε=%.4g after %d releases", rnd, epsilon, inner.releases)
+        return arrays, metrics
+
+
+class ClientDPServerSideClipping(ClientLevelDP, DifferentialPrivacyServerSideFixedClipping):
+    """Client-level DP, the server clips every update (`privacy.client.clipping=server`)."""
+
+    def bound(self, reply: Reply) -> tuple[Reply, float] | str:
         """Clip the reply's decoded update to C (Flower's `compute_clip_model_update`, on a copy)."""
         names, arrays, current = self.update_of(reply)
         norm = update_norm(arrays, current)
-        if norm > self.clipping_norm:
-            stats.extra[K.CLIENT_DP_CLIPPED] = stats.extra.get(K.CLIENT_DP_CLIPPED, 0.0) + 1.0
-            if self.inner.robust.defence.name == "norm_bound":  # strategy.defence=norm_bound: this clip is its bound
-                record_clip(stats, reply.partition, self.clipping_norm / norm)
         compute_clip_model_update(param1=arrays, param2=current, clipping_norm=self.clipping_norm)
-        reply.state = {n: torch.from_numpy(np.asarray(v)) for n, v in zip(names, arrays, strict=True)}
-        return None
+        state = {n: torch.from_numpy(np.asarray(v)) for n, v in zip(names, arrays, strict=True)}
+        return replace(reply, state=state), (self.clipping_norm / norm if norm > self.clipping_norm else 1.0)
 
 
-class ClientDPClientSideClipping(_ClientLevelDP, DifferentialPrivacyClientSideFixedClipping):
-    """Client-level DP, each node clips its own update (`privacy.client.clipping=client`).
+class ClientDPClientSideClipping(ClientLevelDP, DifferentialPrivacyClientSideFixedClipping):
+    """Client-level DP, each node clips its own update (`privacy.client.clipping=client`): Flower's wrapper puts
+    ``clipping_norm`` into every training message's config; the node's `client_clipping_mod` (Flower's
+    `fixedclipping_mod`) clips."""
 
-    Flower's wrapper puts ``clipping_norm`` into every training message's config; the node's
-    `client_clipping_mod` (Flower's `fixedclipping_mod`) clips. Parameters as `ClientDPServerSideClipping`.
-    """
-
-    def __init__(
-        self,
-        strategy: LoraStrategy,
-        *,
-        noise_multiplier: float,
-        clip_norm: float,
-        num_sampled_clients: int,
-        epsilon_of: Callable[[int], float],
-    ) -> None:
-        DifferentialPrivacyClientSideFixedClipping.__init__(
-            self, strategy, noise_multiplier, clip_norm, num_sampled_clients
-        )
-        self._setup(epsilon_of)
-
-    def bound(self, reply: Reply, stats: RoundStats) -> str | None:
+    def bound(self, reply: Reply) -> tuple[Reply, float] | str:
         """Reject an update the node did not clip: its norm past C would break the noise's calibration."""
         _, arrays, current = self.update_of(reply)
         norm = update_norm(arrays, current)
@@ -240,10 +219,10 @@ class ClientDPClientSideClipping(_ClientLevelDP, DifferentialPrivacyClientSideFi
                 f"update norm {norm:.4g} exceeds privacy.client.clip_norm={self.clipping_norm:g}: the node did not "
                 "clip (its ClientApp must run privacy.client_level.client_clipping_mod)"
             )
-        return None
+        return reply, 1.0
 
 
-WRAPPERS: dict[str, type[_ClientLevelDP]] = {
+WRAPPERS: dict[str, type[ClientLevelDP]] = {
     "server": ClientDPServerSideClipping,
     "client": ClientDPClientSideClipping,
 }
@@ -258,12 +237,11 @@ def client_dp_wrapper(
     clip_norm: float,
     num_sampled_clients: int,
     epsilon_of: Callable[[int], float],
-) -> Any:
+) -> ClientLevelDP:
     """`strategy` wrapped for client-level DP with `clipping` = ``server`` or ``client``."""
     if clipping not in WRAPPERS:
         raise ValueError(f"privacy.client.clipping={clipping!r} is unknown; use one of {sorted(WRAPPERS)}.")
-    cls = cast(Any, WRAPPERS[clipping])
-    return cls(
+    return WRAPPERS[clipping](
         strategy,
         noise_multiplier=noise_multiplier,
         clip_norm=clip_norm,

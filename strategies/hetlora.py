@@ -61,11 +61,11 @@ class HetLoRA(HeteroLoRA):
         """The base fields plus `prune_gamma`."""
         return {**super().params_from_config(cfg), "prune_gamma": float(cfg.strategy.prune_gamma)}
 
-    def aggregate_screened(self, server_round: int, replies: list[Reply]) -> Any:
+    def aggregate_screened(self, server_round: int, replies: list[Reply], *, release: bool = False) -> Any:
         """Remember each client's own factors (self-pruning is per client, on what it sent, whatever a defence
         hands the rule), then aggregate."""
         self._own = [(r.partition, r.state) for r in sorted(replies, key=lambda r: r.partition)]
-        return super().aggregate_screened(server_round, replies)
+        return super().aggregate_screened(server_round, replies, release=release)
 
     def aggregate_arrays(
         self, server_round: int, states: list[dict[str, torch.Tensor]], weights: list[float]

@@ -1,6 +1,6 @@
-"""The run's robust aggregation as the strategy applies it: `strategy.defence*` and `strategy.max_examples_weight`
-read, checked (errors name the key) and applied each round before the method's rule (`strategies.defences` has
-the rules and the references)."""
+"""The run's robust aggregation as the strategy applies it: the cap on claimed weight
+(`strategy.max_examples_weight`), then the registered defence `strategy.defence` (`strategies.defences`), each
+round before the method's rule; errors name the key."""
 
 from __future__ import annotations
 
@@ -11,101 +11,56 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord
 
-from privacy import ClientLevelSettings
-from strategies.defences import EQUAL, MEDIAN, Defence, Kept, Krum, Median, MultiKrum, NormBound, TrimmedMean, keep_all
+from strategies.defences import DEFENCES, MEDIAN, Defence, Kept, NoDefence, get_defence, keep_all
+from strategies.defences.base import number_or
 from strategies.screening import Reply
 from strategies.stats import RoundStats
 
 log = logging.getLogger(__name__)
 
-DEFENCES = ("none", "norm_bound", "trimmed_mean", "median", "krum", "multikrum")
-"""`strategy.defence` values."""
+EQUAL = "equal"
+"""`strategy.max_examples_weight=equal`: every reply weighs 1."""
 
-
-def _require(ok: bool, key: str, value: object, fix: str) -> None:
-    if not ok:
-        raise ValueError(f"strategy.{key}={value!r} is invalid: {fix}")
-
-
-def _number_or(value: object, word: str, key: str) -> float | None:
-    """`value` as a positive float, or None when it is `word`."""
-    if str(value) == word:
-        return None
-    try:
-        x = float(str(value))
-    except ValueError:
-        x = float("nan")
-    _require(x > 0, key, value, f"use a number > 0 or {word}.")
-    return x
-
-
-def make_defence(
-    name: str, *, bound: object = None, trim_fraction: float = 0.2, krum_f: int = 1, multikrum_m: int | None = None
-) -> Defence:
-    """The defence `name` with its parameters checked (errors name the `strategy.*` key)."""
-    _require(name in DEFENCES, "defence", name, f"use one of {', '.join(DEFENCES)}.")
-    if name == "norm_bound":
-        _require(
-            bound is not None, "defence_bound", bound, f"strategy.defence=norm_bound needs a bound > 0 or {MEDIAN}."
-        )
-        return NormBound(_number_or(bound, MEDIAN, "defence_bound"))
-    if name == "trimmed_mean":
-        _require(0 <= trim_fraction < 0.5, "trim_fraction", trim_fraction, "cut a fraction in [0, 0.5) at each end.")
-        return TrimmedMean(float(trim_fraction))
-    if name == "median":
-        return Median()
-    if name in ("krum", "multikrum"):
-        _require(krum_f >= 0, "krum_f", krum_f, "f, the hostile clients tolerated, must be >= 0.")
-        _require(multikrum_m is None or multikrum_m >= 1, "multikrum_m", multikrum_m, "keep at least 1 update.")
-        return Krum(int(krum_f)) if name == "krum" else MultiKrum(int(krum_f), multikrum_m)
-    return Defence()
+__all__ = ["DEFENCES", "EQUAL", "RobustAggregation"]
 
 
 class RobustAggregation:
-    """The round's defence and the cap on claimed weight, as the strategy applies them (`strategy.defence*`,
-    `strategy.max_examples_weight`). Parameters: `defence` (a `Defence`), `max_examples` (None | a number |
-    ``median`` | ``equal``)."""
+    """The round's defence and the cap on claimed weight, as the strategy applies them (`strategy.defence`,
+    `strategy.max_examples_weight`). Parameters: `defence` (a `Defence`; None: none), `max_examples` (None | a
+    number | ``median`` | ``equal``)."""
 
     def __init__(self, defence: Defence | None = None, max_examples: object = None) -> None:
-        self.defence = defence or Defence()
+        self.defence = defence or NoDefence()
         if max_examples is not None and str(max_examples) not in (MEDIAN, EQUAL):
-            _number_or(max_examples, f"{MEDIAN} or {EQUAL}", "max_examples_weight")
+            number_or(max_examples, f"{MEDIAN} or {EQUAL}", "max_examples_weight")
         self.max_examples = max_examples
 
     @classmethod
     def from_config(cls, cfg: Any) -> RobustAggregation:
-        """From a composed config; under client-level DP a norm bound is the DP clip `privacy.client.clip_norm`."""
+        """From a composed config: the registered defence `strategy.defence`, built from its own fields."""
         s = cfg.strategy
-        bound = s.defence_bound
-        client = ClientLevelSettings.from_config(cfg)
-        if client.enabled and s.defence == "norm_bound":
-            _require(
-                bound is None or float(str(bound)) == float(client.clip_norm),
-                "defence_bound",
-                bound,
-                f"under client-level DP the norm bound is privacy.client.clip_norm={client.clip_norm}: "
-                "leave strategy.defence_bound unset.",
-            )
-            bound = client.clip_norm
-        defence = make_defence(
-            str(s.defence),
-            bound=bound,
-            trim_fraction=float(s.trim_fraction),
-            krum_f=int(s.krum_f),
-            multikrum_m=s.multikrum_m,
-        )
-        return cls(defence, s.max_examples_weight)
+        return cls(get_defence(str(s.defence)).from_config(cfg), s.max_examples_weight)
 
     @staticmethod
     def client_dp_problem(cfg: Any) -> str | None:
-        """Why `strategy.defence` does not compose with client-level DP, or None."""
-        if str(cfg.strategy.defence) in ("none", "norm_bound"):
+        """Why `strategy.defence` does not compose with client-level DP, or None (the defence's declaration)."""
+        name = str(cfg.strategy.defence)
+        problem = get_defence(name).client_dp_problem
+        if problem is None:
             return None
+        covered = " or ".join(n for n, cls in DEFENCES.items() if cls.client_dp_problem is None)
         return (
-            f"strategy.defence={cfg.strategy.defence} does not compose with client-level DP (privacy=client): the "
-            "noise σC/m is calibrated to a mean of m updates clipped to C, and a median, trimmed mean or Krum pick "
-            "moves by more than C/m when one client changes; use strategy.defence=norm_bound (the DP clip) or none."
+            f"strategy.defence={name} does not compose with client-level DP (privacy=client): the noise σC/m is "
+            f"calibrated to a mean of m updates clipped to C, and {problem}; use strategy.defence={covered}."
         )
+
+    def dp_clip_problem(self, clip_norm: float) -> str | None:
+        """Why this strategy's defence, as built, cannot stand beside a client-level DP clip to `clip_norm`."""
+        return self.defence.dp_clip_problem(clip_norm)
+
+    def dp_clipped(self, stats: RoundStats, partition: int, scale: float) -> None:
+        """The client-level DP wrapper shrank `partition`'s update by `scale`: the defence records it if it must."""
+        self.defence.on_dp_clip(stats, partition, scale)
 
     def weights(self, replies: list[Reply], claimed: list[float], stats: RoundStats) -> list[float]:
         """The aggregation weights: the claimed counts, capped by `max_examples_weight`."""
@@ -130,7 +85,7 @@ class RobustAggregation:
     ) -> Kept:
         """Cap the weights, then the defence; what the method's rule aggregates."""
         weights = self.weights(replies, claimed, stats)
-        if type(self.defence) is Defence:
+        if not self.defence.active:
             return keep_all(replies, weights)
         stats.defence["defence"] = self.defence.name
         kept = self.defence.apply(replies, weights, reference=reference, space=space, stats=stats)
@@ -141,7 +96,7 @@ class RobustAggregation:
     @property
     def active(self) -> bool:
         """Whether a defence or a cap on claimed weight is on (the default has neither)."""
-        return self.defence.name != "none" or self.max_examples is not None
+        return self.defence.active or self.max_examples is not None
 
     def describe(self) -> str:
         """One line for the strategy's summary."""

@@ -18,7 +18,7 @@ same rule (the sum of the n − f − 2 smallest squared distances to the others
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -27,8 +27,11 @@ from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.serverapp.strategy.multikrum import compute_distances
 
 from fl.adapters import A_SUFFIX, B_SUFFIX
+from strategies.lora_math import combine_residuals
 
 State = Mapping[str, torch.Tensor]
+Rule = Callable[[Sequence[torch.Tensor]], torch.Tensor]
+"""A coordinate-wise rule: the clients' tensors of one name -> one tensor (`coordinate_median`, `trimmed_mean`)."""
 SPACES = ("factors", "product")
 
 
@@ -102,6 +105,31 @@ def clip_scale(state: State, reference: State, *, bound: float, space: str, iter
         else:
             lo = mid
     return lo, full
+
+
+def clip(state: State, reference: State, *, bound: float, space: str) -> tuple[dict[str, torch.Tensor], float, float]:
+    """(state', c, ‖u‖): `state` shrunk towards `reference` by `clip_scale`'s c (a copy of `state` when c = 1)."""
+    scale, full = clip_scale(state, reference, bound=bound, space=space)
+    return (dict(state) if scale == 1.0 else shrink(state, reference, scale)), scale, full
+
+
+def robust_state(states: Sequence[State], *, space: str, rule: Rule) -> tuple[dict[str, torch.Tensor], float | None]:
+    """(state, residual): `rule` applied coordinate-wise over the clients, as one state of the replies' shapes.
+
+    Factors: every tensor by itself (residual None). Product: per LoRA pair the robust target T = rule_k(B_k·A_k)
+    and Ā* = rule_k(A_k), carried as (Ā*, B* = `fit_b`(T, Ā*)); the residual is ‖T − B*·Ā*‖ / ‖T‖ over modules
+    (None when the state has no pair). Other tensors (the head) as in the factor space."""
+    pairs = lora_pairs(states[0]) if space == "product" else {}
+    paired = _paired(states[0]) if pairs else set()
+    robust = {k: rule([s[k] for s in states]).to(v.dtype) for k, v in states[0].items() if k not in paired}
+    parts = []
+    for a_key, b_key in pairs.values():
+        target = rule([s[b_key].double() @ s[a_key].double() for s in states])
+        a = rule([s[a_key] for s in states])
+        b = fit_b(target, a)
+        parts.append((float(((target - b @ a) ** 2).sum()), float((target**2).sum())))
+        robust[a_key], robust[b_key] = a.to(states[0][a_key].dtype), b.to(states[0][b_key].dtype)
+    return robust, combine_residuals(parts) if pairs else None
 
 
 def coordinate_median(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -27,16 +27,15 @@ tail it never had: low-rank clients look further away than their training moved 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from strategies.hetero_math import truncated_factors, zero_pad
 from strategies.lora_math import combine_residuals
-from strategies.robust_math import lora_pairs, norm
+from strategies.robust_math import Rule, lora_pairs, norm
 
 State = Mapping[str, torch.Tensor]
-Rule = Callable[[Sequence[torch.Tensor]], torch.Tensor]
 SPACES = ("padded", "scaled_product")
 """The mixed-rank update spaces (`LoraStrategy.update_space`)."""
 

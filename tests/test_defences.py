@@ -19,7 +19,8 @@ from fl.app.simulation import run_simulation
 from fl.outputs import read_metrics
 from fl.wire import to_record
 from strategies import robust_math as rm
-from strategies.robust import RobustAggregation, make_defence
+from strategies.defences import make_defence
+from strategies.robust import RobustAggregation
 from strategies.screening import Reply
 from strategies.stats import RoundStats
 

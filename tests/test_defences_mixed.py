@@ -18,7 +18,7 @@ from fl.outputs import read_metrics
 from fl.wire import to_record
 from strategies import robust_math as rm
 from strategies import robust_mixed as rmx
-from strategies.robust import make_defence
+from strategies.defences import make_defence
 from strategies.screening import Reply
 from strategies.stats import RoundStats
 
