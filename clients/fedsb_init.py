@@ -5,7 +5,8 @@ adapter switched off, so the gradient G_k is taken at the pretrained weights. Wh
 server's `init-step`: G_k itself (dense init), or a sketch of it — G_k·M or G_kᵀ·Q per module, the
 exchanges of a federated randomized range finder (Halko, Martinsson & Tropp 2011; `fl.sketch`).
 Under DP every release is one Gaussian step at q = 1 on the clipped per-example gradients, made and charged by
-`privacy.gaussian_release`. Nothing here knows a Workspace: the app passes the model, data and settings in.
+the client's privacy session (`privacy.session.ClientPrivacy.gaussian_release`). Nothing here knows a Workspace:
+the app passes the model, data and session in.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Message, MetricRecord, RecordDict
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
@@ -26,10 +27,8 @@ from fl.data import IndexedDataset, TaskData
 from fl.sketch import contraction, sketch_width, test_matrix
 from fl.tasks import Task, get_task
 from fl.wire import from_record, to_record
-from privacy import PrivacySettings, client_plan, gaussian_release, init_noise_multiplier, noisy_gradient_sum
-from privacy.gaussian import FULL_BATCH
-from privacy.node import load_accountant, save_accountant
-from privacy.noise import noise_source
+from privacy import noisy_gradient_sum
+from privacy.session import ClientPrivacy
 
 log = logging.getLogger(__name__)
 
@@ -163,27 +162,26 @@ class InitSpec:
 
 def init_gradient_reply(
     msg: Message,
-    context: Context,
     *,
     model: torch.nn.Module,
     data: IndexedDataset,
     pad_id: int,
     pid: int,
     spec: InitSpec,
-    privacy: PrivacySettings,
+    privacy: ClientPrivacy,
 ) -> Message:
     """Reply to one of the server's init exchanges (`init-step`) with this client's release.
 
     Under DP each example's gradient (jointly over every module) is clipped to C = `privacy.max_grad_norm`
     first; the release is then (Σ_i clip(G_i))·M = Σ_i clip(G_i)·M plus N(0, (σC)²) per entry, and M has
     spectral norm ≤ 1, so one example moves it by at most C: one Gaussian step at sample rate 1
-    (`privacy.gaussian_release`), charged to the client's accountant. The plan reserves
+    (`ClientPrivacy.gaussian_release`), charged to the client's accountant. The plan reserves
     `privacy.init_releases` such releases; a request beyond them is refused.
 
     Parameters
     ----------
-    msg, context : Message, Context
-        The server's init request and this node's context (its accountant lives in ``context.state``).
+    msg : Message
+        The server's init request.
     model : torch.nn.Module
         The client's PEFT model (Fed-SB adapter); its adapter is switched off for the gradient.
     data : IndexedDataset
@@ -194,8 +192,8 @@ def init_gradient_reply(
         The client's partition id.
     spec : InitSpec
         The init's settings from the run config.
-    privacy : PrivacySettings
-        The run's privacy settings (DP releases when `privacy.enabled`).
+    privacy : ClientPrivacy
+        This client's privacy session for `msg` (DP releases when the run's privacy is enabled).
     """
     conf = msg.content.config_records[K.CONFIG]
     step = str(conf.get(K.INIT_STEP, K.INIT_STEP_DENSE))
@@ -209,28 +207,14 @@ def init_gradient_reply(
         return sketch_release(grads, step, mats=mats, seed=spec.seed, rank=spec.rank, oversample=spec.oversample)
 
     if privacy.enabled:
-        plan = client_plan(privacy, len(data))
-        accountant = load_accountant(context, msg, plan.accountant)
-        planned = privacy.init_releases
-        spent = accountant.steps_at(FULL_BATCH)  # init releases so far
-        if max(exchange, spent) >= planned:
-            raise ValueError(
-                f"Fed-SB init: exchange {exchange} ({spent} init releases made) is beyond the {planned} "
-                "init releases this client's DP plan reserves; nothing was sent."
-            )
-        grads = clipped_gradient_sum(model, subset, pad_id=pad_id, max_grad_norm=plan.max_grad_norm)
-        # the node's noise: never seeded by the server's run seed on a deployment node (privacy.noise)
-        noise = noise_source(context.node_config, seed=spec.seed * 7919 + pid + 104_729 * exchange)
-        release = gaussian_release(
-            release_of(grads),
-            noise_multiplier=init_noise_multiplier(plan),
-            clip=plan.max_grad_norm,
-            generator=noise.generator(),
-            accountant=accountant,
-            secure_mode=noise.secure,
-        )
-        metrics[K.EPSILON] = accountant.epsilon(plan.delta)
-        content[K.STATE_PRIVACY] = save_accountant(context, accountant)
+
+        def clipped(clip: float) -> dict[str, torch.Tensor]:
+            return release_of(clipped_gradient_sum(model, subset, pad_id=pad_id, max_grad_norm=clip))
+
+        seed = spec.seed * 7919 + pid + 104_729 * exchange  # the simulation's noise seed (privacy.noise)
+        release = privacy.gaussian_release(clipped, exchange=exchange, seed=seed)
+        metrics[K.EPSILON] = privacy.epsilon
+        content[K.STATE_PRIVACY] = privacy.save()
     else:
         release = release_of(gradient_sum(model, subset, batch_size=spec.batch_size, pad_id=pad_id))
     content[K.ARRAYS] = to_record(release)

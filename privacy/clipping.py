@@ -10,6 +10,9 @@ import math
 
 import torch
 from opacus.optimizers import DPPerLayerOptimizer
+
+# Opacus 1.6.0 keeps the flag that stops one backward pass being clipped twice only in these private helpers (its
+# own per-layer optimizer calls them); there is no public form, and copying them would copy the flag's encoding.
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from fl.adapters import HEAD_MARK

@@ -91,7 +91,7 @@ def secure_rng(node_config: Mapping[str, Any]) -> bool:
 
 @dataclass(frozen=True)
 class NoiseSource:
-    """A node's DP randomness for one round.
+    """A node's DP randomness for one round; the default is torch's unseeded noise and sampling.
 
     Attributes
     ----------
@@ -104,9 +104,9 @@ class NoiseSource:
         run seed seeds (simulations only, where results must reproduce).
     """
 
-    secure: bool
-    noise_seed: int | None
-    sampling_seed: int | None
+    secure: bool = False
+    noise_seed: int | None = None
+    sampling_seed: int | None = None
 
     def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
         """The noise's generator: the CSPRNG under secure_mode, else torch's, seeded with `noise_seed`."""

@@ -228,7 +228,7 @@ def test_a_client_dp_simulation_logs_epsilon_per_round(tiny: list[str], tmp_path
 
 
 def test_a_node_with_a_sample_level_policy_declines_client_level_tasks_and_says_why() -> None:
-    from privacy.node import policy_decline
+    from privacy.session import policy_decline
     from privacy.settings import PrivacySettings
 
     settings = PrivacySettings.from_config(compose(["privacy=client"]), init_releases=0)

@@ -32,6 +32,7 @@ from fl.app.workspace import Workspace, get_workspace, server_init_gradient
 from fl.data import IndexedDataset, client_partition
 from fl.wire import from_record, to_record
 from privacy import ClientAccountant, PrivacySettings, client_plan
+from privacy.session import ClientPrivacy
 from strategies import get_strategy
 from strategies.fed_sb import FedSB
 from strategies.lora_math import fedsb_init_factors
@@ -89,15 +90,9 @@ class FakeGrid:
 
 def init_reply(msg: Message, context: Context, ws: Workspace, data: IndexedDataset, *, pid: int) -> Message:
     """What the ClientApp does with an init request."""
+    privacy = ClientPrivacy(ws.privacy, msg=msg, context=context, partition_id=pid, num_examples=len(data))
     return init_gradient_reply(
-        msg,
-        context,
-        model=ws.model,
-        data=data,
-        pad_id=ws.pad_id,
-        pid=pid,
-        spec=InitSpec.from_config(ws.cfg),
-        privacy=ws.privacy,
+        msg, model=ws.model, data=data, pad_id=ws.pad_id, pid=pid, spec=InitSpec.from_config(ws.cfg), privacy=privacy
     )
 
 

@@ -154,7 +154,7 @@ def test_ghost_clipping_gives_the_hooks_clipped_gradient_sum(kind: str, clip: fl
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
 def test_a_dp_step_on_a_frozen_base_does_not_warn_about_full_backward_hooks(mode: str) -> None:
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")  # make_private's filter goes in front of this one, as in a real run
+        warnings.simplefilter("always")  # the objective's scoped filter goes in front of this one, as in a real run
         _clipped_sum("lora", mode, physical=5, clip=1.0)
     assert not [w for w in caught if "Full backward hook" in str(w.message)]
     with warnings.catch_warnings(record=True) as caught:  # the same backward without make_private does warn
