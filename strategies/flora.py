@@ -12,9 +12,11 @@ LoRA (A random, B zero) at its own rank next round; the head is example-weighted
 What goes down: the stacked factors (counted in `bytes_down`, growing with Σ r_k), plus the client's fresh A_k.
 A client is sent the stacks of every round so far (`base-delta-factors`), so one that missed rounds, or a process
 serving many virtual clients with one model, still lands on the global W0 (the paper sends only the latest
-round's, to clients that keep their W0): the downlink grows with the rounds too. The server evaluates and exports
-W0 + Σ_t B_t·A_t with a zero LoRA: `adapter/` (r = strategy.rank, B = 0) and `adapter/base_delta.safetensors`,
-as FedEx-LoRA's export (`fl.base_delta.apply_to_base`).
+round's, to clients that keep their W0): the downlink grows with the rounds too. A party that keeps its fold between
+messages (`fl.base_delta.fold_factors`) multiplies out only the stacks it has not folded (the new round's) and lands
+on this server's fold exactly: the same float64 products, summed in float32 in round order. The server evaluates
+and exports W0 + Σ_t B_t·A_t with a zero LoRA: `adapter/` (r = strategy.rank, B = 0) and
+`adapter/base_delta.safetensors`, as FedEx-LoRA's export (`fl.base_delta.apply_to_base`).
 """
 
 from __future__ import annotations
