@@ -44,7 +44,9 @@ def test_a_tracked_run_reads_back_with_plain_mlflow(
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("fedlora").experiment_id])
+    exp = client.get_experiment_by_name("fedlora")
+    assert exp is not None
+    (run,) = client.search_runs([exp.experiment_id])
     rid = run.info.run_id
     got = {k: {m.step: m.value for m in client.get_metric_history(rid, k)} for k in run.data.metrics}
     arts = [a.path for a in client.list_artifacts(rid)] + [a.path for a in client.list_artifacts(rid, "adapter")]
