@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from omegaconf import DictConfig
@@ -173,7 +175,7 @@ def run_server(grid: Grid, overrides: list[str]) -> Path:
     try:
         load_tensors(ws.model, strategy.materialize(final))
         apply_base_delta(ws.model, strategy.base_delta())
-        export_peft(ws.model, kind=ws.kind, base=ws.fresh_base(), out_dir=out.adapter_dir)  # type: ignore[arg-type]
+        export_peft(ws.model, kind=ws.kind, base=export_base(ws), out_dir=out.adapter_dir)  # type: ignore[arg-type]
         if strategy.base_delta():  # FedEx-LoRA: the folded W0 change travels with the adapter
             save_base_delta(strategy.base_delta(), out.adapter_dir)
         last = history[-1]
@@ -203,6 +205,18 @@ def run_server(grid: Grid, overrides: list[str]) -> Path:
     finally:
         progress.close()  # fl-sim waits for this: the adapter, summary and tracking are written
     return out.dir
+
+
+def export_base(ws: Workspace) -> torch.nn.Module | None:
+    """The base `export_peft` builds a plain LoRA on (Fed-SB's kind only; the others export `ws.model` itself).
+
+    A copy of the run's model with its adapter layers taken out, not a second load of the base from disk: the
+    ServerApp loads the model once. Its W0 may hold a folded base delta, which is harmless here: a PEFT adapter
+    folder keeps only the adapter's tensors and the trained heads, never W0.
+    """
+    if ws.kind != "fedsb":
+        return None
+    return copy.deepcopy(ws.model).unload()
 
 
 def round_eval_split(test: TokenizedSplit, size: int | None, seed: int) -> TokenizedSplit:

@@ -2,7 +2,8 @@
 
 `run_simulation(overrides)` does what a user does by hand (README, "The plain Flower CLI"):
 
-1. compose the config and check it, partitions included, before any process starts;
+1. compose the config and check it, partitions included, before any process starts (the data only: the base
+   model is loaded once on the server's side, by the ServerApp, which checks every rank against it);
 2. start `flower-superlink --simulation` on a free loopback port, with FLWR_HOME, the Flower app and
    one log per process in the run folder's `.sim/`;
 3. `flwr run <app> fl-sim --run-config <the overrides> --federation-config "num-supernodes=N ..."`: the
@@ -39,8 +40,11 @@ from fl.app.processes import Processes, child_env, free_port, shielded
 from fl.app.relay import PROGRESS_ENV, ProgressReader
 from fl.app.server_app import check_server_config, default_run_dir
 from fl.checkpoint import CHECKPOINT_FILE
+from fl.data import client_partition
+from fl.models import load_tokenizer
 from fl.outputs import written_since
 from fl.runtime_env import SIMULATION_ENV, set_quiet_env
+from fl.tasks import get_task
 
 log = logging.getLogger(__name__)
 EXCEPTION_LINE = re.compile(r"^(\w+(?:\.\w+)*(?:Error|Exception)): (.+)$", re.MULTILINE)
@@ -128,6 +132,19 @@ def simulation_env(cfg: DictConfig, flwr_home: Path, progress_file: Path) -> dic
     return env
 
 
+def check_partitions(cfg: DictConfig) -> None:
+    """Every simulated client takes a partition of the pool: a partitioning that cannot be made (e.g. Dirichlet
+    α=0.1 over 20 clients with min_partition_size) must stop the run here with its message, not fail every client
+    in every round of a run that then "finishes" untrained.
+
+    Only the data is built (the tokenised pool, cached on disk for the processes after): the base model is loaded
+    once on the server's side, by the ServerApp, which checks that every rank fits it before round 1.
+    """
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
+    task = get_task(str(cfg.model.task)).build_data(cfg.data, tokenizer, seed=int(cfg.seed), cache_dir=cfg.cache_dir)
+    client_partition(task, cfg.data, pid=0, num_partitions=int(cfg.sim.num_clients), seed=int(cfg.seed))
+
+
 def run_simulation(overrides: list[str], *, client_app: str | None = None) -> Path:
     """Compose the config from `overrides`, simulate `sim.num_clients` clients, return the run folder.
 
@@ -143,17 +160,7 @@ def run_simulation(overrides: list[str], *, client_app: str | None = None) -> Pa
     overrides = [o for o in overrides if not o.startswith("run_dir=")] + [f"run_dir={run_dir}"]
     fed = federation_config(cfg)
     check_server_config(cfg)
-    # Every simulated client takes a partition of the pool: a partitioning that cannot be made (e.g. Dirichlet
-    # α=0.1 over 20 clients with min_partition_size) must stop the run here with its message, not fail
-    # every client in every round of a run that then "finishes" untrained.
-    # The workspace also checks that every rank fits the model; the ServerApp builds its own in its process.
-    from fl.app.workspace import free_workspaces, get_workspace
-    from fl.data import client_partition
-
-    ws = get_workspace(list(overrides))
-    client_partition(ws.task, cfg.data, pid=0, num_partitions=int(cfg.sim.num_clients), seed=int(cfg.seed))
-    del ws
-    free_workspaces()
+    check_partitions(cfg)
 
     work = run_dir / SIM_DIR
     logs, flwr_home, progress_file = work / "logs", work / "flwr-home", work / "progress.jsonl"
