@@ -111,13 +111,13 @@ class ClientPrivacy:
             self._accountant = _load_accountant(self.context, self.msg, plan.accountant, delta=plan.delta)
         return self._accountant
 
-    def open_round(self, *, steps: int, seed: int, metrics: Mapping[str, Any]) -> Message | None:
-        """Under DP, open a training round of `steps` steps: load the accountant, draw the node's noise source (run
+    def open_round(self, *, seed: int, metrics: Mapping[str, Any]) -> Message | None:
+        """Under DP, open a training round (`steps` steps): load the accountant, draw the node's noise source (run
         seed `seed` in simulations), and return the reply that declines the round if it would pass the node's
         lifetime budget or the run's ``privacy.target_epsilon`` (with `metrics`, n and the ε spent); else None."""
         if self.plan is None:
             return None
-        plan, accountant = self.plan, self.accountant
+        plan, accountant, steps = self.plan, self.accountant, self.steps
         if accountant.steps == 0:  # this client's first DP round: say what it will do (node files: its own n)
             log.info("partition %d (%d examples): %s", self.partition_id, self.num_examples, plan.describe())
         lifetime = _lifetime_decline(self.context, self.settings, plan)  # after the accountant: a resume continues

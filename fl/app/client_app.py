@@ -130,7 +130,7 @@ def train(msg: Message, context: Context) -> Message:
     data = attack.data(data, ws.num_labels)
     seed = round_seed(int(cfg.seed), server_round, pid)
     metrics: Metrics = {K.PARTITION_ID: pid, K.SERVER_ROUND: server_round, K.LORA_RANK: ws.rank}
-    declined = privacy.open_round(steps=privacy.steps, seed=seed, metrics=metrics)  # its budget, under DP
+    declined = privacy.open_round(seed=seed, metrics=metrics)  # its budgets, under DP
     if declined is not None:
         return declined
     drift = client_drift(cfg, msg.content, context)  # drift=: FedProx, SCAFFOLD (clients.drift)
