@@ -166,8 +166,8 @@ class TrackingConfig:
     params, every round's metrics at step = round, the adapter and plots as artifacts."""
 
     backend: str = "none"
-    # MLflow: a tracking URI (default: a file store in <run_dir>/mlruns); TensorBoard: the log root (default
-    # <run_dir>/tensorboard); W&B: the folder its run files go to (default the run folder)
+    # MLflow: a tracking URI or a folder for mlflow.db (default: SQLite <run_dir>/mlflow.db); TensorBoard: the log
+    # root (default <run_dir>/tensorboard); W&B: the folder its run files go to (default the run folder)
     uri: str | None = None
     experiment: str = "fedlora"  # MLflow experiment / W&B project and group; a sweep sets its own
     run_name: str | None = None  # default: the run folder's name

@@ -4,7 +4,6 @@ metrics.jsonl; a sweep tracked as one MLflow experiment with one run per cell ta
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 
@@ -29,10 +28,9 @@ def _expected(run_dir: Path) -> dict[str, dict[int, float]]:
 
 
 def _mlflow(run_dir: Path) -> tuple[dict[str, dict[int, float]], dict[str, str], list[str]]:
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=(run_dir / "mlruns").resolve().as_uri())
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir.resolve()}/mlflow.db")
     exp = client.get_experiment_by_name("fedlora")
     (run,) = client.search_runs([exp.experiment_id])
     got = {k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, k)} for k in run.data.metrics}
@@ -129,10 +127,9 @@ def test_sweep_is_one_experiment_with_one_run_per_cell(tiny: list[str], tmp_path
         sweep_dir,
     )
     assert all(c["status"] == "done" for c in record["cells"].values())
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=(sweep_dir / "mlruns").resolve().as_uri())
+    client = MlflowClient(tracking_uri=f"sqlite:///{sweep_dir.resolve()}/mlruns/mlflow.db")
     (exp,) = [e for e in client.search_experiments() if e.name == sweep_dir.name]
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 2
