@@ -14,21 +14,16 @@ warm-up step, with `--threads` torch threads (one per simulated client on 2 core
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
-from clients.train import local_train
 from fl.adapters import trainable_state
 from fl.app.workspace import get_workspace
-from fl.data import IndexedDataset
-from fl.runtime_env import set_quiet_env
 from fl.wire import num_floats
-from privacy import ClientAccountant, make_private
+from simulations import harness
+from simulations.harness.timing import Trainer
 
 BASE = ["+experiment=smollm2", "train.batch_size=8", "train.precision=fp32"]  # the recorded step times are fp32
 METHODS = {"fedit": 8, "ffa_lora": 8, "lora_fair": 8, "fed_sb": 32}
@@ -53,35 +48,21 @@ def formula(strategy: str, rank: int, shapes: list[tuple[int, int]]) -> int:
 
 
 def seconds_per_step(overrides: list[str], *, steps: int, dp: bool) -> float:
-    ws = get_workspace(overrides)
-    data = IndexedDataset(ws.task.train, np.arange(min(400, len(ws.task.train))))
-    acc = ClientAccountant("rdp")
-
-    def wrap(m, o, loader):
-        return make_private(
-            model=m,
-            optimizer=o,
-            data_loader=loader,
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            accountant=acc,
-            loss_fn=ws.task_def.per_example_loss,
-        )
-
-    kw: dict[str, Any] = dict(batch_size=8, lr=1e-3, weight_decay=0.0, pad_id=ws.pad_id, wrap=wrap if dp else None)
-    local_train(ws.model, data, steps=1, seed=98, **kw)  # warm-up
-    result = local_train(ws.model, data, steps=steps, seed=99, **kw)
-    return result.seconds / max(result.steps, 1)
+    """Seconds per local step (batch 8, 400 examples) after one warm-up step, with or without DP-SGD (hooks)."""
+    t = Trainer(overrides, batch=8, examples=400)
+    mode = "hooks" if dp else None
+    t.round(1, 98, mode)  # warm-up
+    return t.round(steps, 99, mode).per_step
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default="outputs/bench_causal.json")
-    parser.add_argument("--skip-steps", action="store_true", help="only the floats (no training)")
-    args = parser.parse_args()
-    set_quiet_env()
+def main(argv: Sequence[str] | None = None) -> None:
+    """The floats of every method, then (unless ``--skip-steps``) the timed steps; all of it into ``--out``."""
+    ap = harness.parser(__doc__)
+    ap.add_argument("--steps", type=int, default=3, help="timed local steps per setting")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (one per simulated client on 2 cores)")
+    ap.add_argument("--out", default="outputs/bench_causal.json")
+    ap.add_argument("--skip-steps", action="store_true", help="only the floats (no training)")
+    args = harness.parse(ap, argv)
     torch.set_num_threads(args.threads)
     rows: dict[str, Any] = {"floats": {}, "seconds_per_step": {}, "threads": args.threads, "steps": args.steps}
     for strategy, rank in METHODS.items():
@@ -106,8 +87,7 @@ def main() -> None:
     ):
         rows["seconds_per_step"][label] = seconds_per_step(ov, steps=args.steps, dp=dp)
         print(label, rows["seconds_per_step"][label], flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+    harness.write_json(args.out, rows)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The privacy–utility map (issue 27): accuracy at ε = 3 and without DP over clients × DP steps per client.
+"""The privacy–utility map: accuracy at ε = 3 and without DP over clients × DP steps per client.
 
 Grid: methods (FFA-LoRA, FedIT, Fed-SB, each with its ``privacy=dp_<method>`` preset at the rate pinned in
 `MAP_RATES`) × clients {3, 10} (≈12k and ≈3.6k tweets each on average: the default Dirichlet α = 0.5 partitioning,
@@ -38,19 +38,15 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import tempfile
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from fl.outputs import read_metrics
-from fl.runtime_env import set_quiet_env
-from simulations.dp_map_report import HEADLINE_EPSILON, OWN_RATE, plot, table
+from simulations import harness
+from simulations.dp_map_report import HEADLINE_EPSILON, OWN_RATE, plan_figures, plot, table
 
 METHODS = ("ffa_lora", "fedit", "fed_sb")
 CLIENTS = (3, 10)
@@ -100,15 +96,6 @@ PAPER_RUNS = (
     ),
     ("fed_sb", "paper-init-federated", ("strategy.init=federated",)),
 )
-
-TINY = [
-    "model=tiny",
-    "data.max_examples=600",
-    "data.test_size=100",
-    "data.max_length=32",
-    "train.eval_batch_size=64",
-    "train.precision=fp32",
-]
 
 
 @dataclass(frozen=True)
@@ -240,7 +227,7 @@ def estimate(cells: Iterable[Cell], done: list[dict[str, Any]], *, batch: int) -
         if row.get("examples") and row.get("wall_s") and row["examples"] > largest.get(arm, 0):
             rate[arm], largest[arm] = row["examples"] / row["wall_s"], row["examples"]
     walls = {row["key"]: row["wall_s"] for row in done}
-    lines, total = ["| cell | examples | hours |", "|---|---|---|"], 0.0
+    lines, total = [], 0.0
     for cell in cells:
         dp = cell.epsilon is not None
         default = THROUGHPUT.get((cell.method, dp), 40.0) if dp else THROUGHPUT_NON_DP.get(cell.method, 60.0)
@@ -250,11 +237,10 @@ def estimate(cells: Iterable[Cell], done: list[dict[str, Any]], *, batch: int) -
             else cell.examples(batch) / rate.get((cell.method, dp), default) / 3600
         )
         total += hours
-        lines.append(
-            f"| {cell.key}{' (done)' if cell.key in walls else ''} | {cell.examples(batch):,.0f} | {hours:.2f} |"
-        )
-    lines.append(f"| total | | {total:.1f} |")
-    return "\n".join(lines)
+        name = f"{cell.key}{' (done)' if cell.key in walls else ''}"
+        lines.append([name, f"{cell.examples(batch):,.0f}", f"{hours:.2f}"])
+    lines.append(["total", "", f"{total:.1f}"])
+    return harness.md_table(["cell", "examples", "hours"], lines).rstrip("\n")
 
 
 def best_cells(done: Iterable[dict[str, Any]]) -> list[Cell]:
@@ -272,83 +258,50 @@ def best_cells(done: Iterable[dict[str, Any]]) -> list[Cell]:
     ]
 
 
-def read_done(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 Runner = Callable[[Cell, list[str]], dict[str, Any]]
 
 
 def simulate(cell: Cell, overrides: list[str]) -> dict[str, Any]:
     """Run one cell as a simulation; its final accuracy, ε, σ and DP steps (from the run's own files)."""
-    from fl.app.simulation import run_simulation
-    from privacy import plan_dp
-    from privacy.orders import prv_epsilon
-
-    run_dir = Path(tempfile.mkdtemp(prefix=f"dp-map-{cell.key}-")) / "run"
-    t0 = time.perf_counter()
-    run_simulation([*overrides, f"run_dir={run_dir}"])
-    wall = time.perf_counter() - t0
-    rows = read_metrics(run_dir)
-    out: dict[str, Any] = {"accuracy": rows[-1]["accuracy"], "wall_s": wall, "run_dir": str(run_dir)}
-    out["epsilon_max"] = max((r.get("epsilon_max") or 0.0) for r in rows)
-    out["dp_steps_taken"] = max((r.get("dp_steps_max") or 0) for r in rows)
-    plan_file = run_dir / "privacy_plan.json"
-    if plan_file.is_file():
-        plan = json.loads(plan_file.read_text())[0]  # client 0 (the partitions are near equal here)
-        history = [(plan["noise_multiplier"], plan["sample_rate"], plan["dp_steps"])]
-        if plan["init_steps"]:
-            history.insert(0, (plan["init_noise_multiplier"], 1.0, plan["init_steps"]))
-        prv_sigma = plan_dp(
-            **{k: plan[k] for k in ("target_epsilon", "delta", "num_examples", "steps_per_round", "planned_rounds")},
-            batch_size=plan["batch_size"],
-            max_grad_norm=plan["max_grad_norm"],
-            accountant="prv",
-            init_steps=plan["init_steps"],
-            init_share=plan["init_share"],
-        ).noise_multiplier
-        out.update(
-            sigma=plan["noise_multiplier"],
-            rdp_order=plan["rdp_order"],
-            examples_per_client=plan["num_examples"],
-            prv_epsilon_at_rdp_sigma=prv_epsilon(history, plan["delta"]),
-            prv_sigma=prv_sigma,
-        )
-    return out
+    run = harness.simulate(overrides, prefix=f"dp-map-{cell.key}-")
+    return {
+        "accuracy": run.final["accuracy"],
+        "wall_s": run.wall_s,
+        "run_dir": str(run.run_dir),
+        "epsilon_max": max((r.get("epsilon_max") or 0.0) for r in run.rows),
+        "dp_steps_taken": max((r.get("dp_steps_max") or 0) for r in run.rows),
+        **plan_figures(run.run_dir / "privacy_plan.json"),
+    }
 
 
 def run_map(cells: Iterable[Cell], out: Path, *, runner: Runner, batch: int, physical: int) -> list[dict[str, Any]]:
     """Run the cells not yet in `out`, appending one JSON line per finished cell; returns every row."""
-    done = read_done(out)
+    done = harness.read_jsonl(out)
     keys = {row["key"] for row in done}
-    out.parent.mkdir(parents=True, exist_ok=True)
     for cell in cells:
         if cell.key in keys:
             continue
         result = runner(cell, cell.overrides(batch=batch, physical=physical))
         row = {"key": cell.key, **asdict(cell), "dp_steps": cell.dp_steps, "examples": cell.examples(batch), **result}
-        with out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        harness.append_jsonl(out, row)
         done.append(row)
         keys.add(cell.key)
         print(json.dumps(row), flush=True)
     return done
 
 
-def main() -> None:
-    set_quiet_env()
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the grid (or the paper's regime) resumably into ``--out``; or only report or estimate it."""
+    ap = harness.parser(__doc__)
     ap.add_argument("--out", type=Path, required=True, help="results, one JSON line per finished cell")
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS)  # the rates pinned in MAP_RATES
     ap.add_argument("--clients", type=int, nargs="*", default=list(CLIENTS))
     ap.add_argument("--local-steps", type=int, nargs="*", default=list(LOCAL_STEPS))
     ap.add_argument("--rounds", type=int, default=ROUNDS)
-    ap.add_argument("--seeds", type=int, nargs="*", default=[0])
+    harness.add_seeds(ap, nargs="*")
     ap.add_argument("--batch", type=int, default=LOGICAL_BATCH)
     ap.add_argument("--physical-batch", type=int, default=PHYSICAL_BATCH)
-    ap.add_argument("--tiny", action="store_true", help="smoke test on the tiny model (TINY overrides)")
+    harness.add_tiny(ap, "--tiny", "--smoke", help="smoke test on the tiny model (harness.TINY overrides)")
     ap.add_argument("--skip-other-eps", action="store_true", help="only the ε = 3 cells and their twins")
     ap.add_argument("--report", action="store_true", help="print the table and write <out>.png; run nothing")
     ap.add_argument("--estimate", action="store_true", help="print each cell's examples and hours; run nothing")
@@ -361,16 +314,16 @@ def main() -> None:
     ap.add_argument(
         "--own-rate-twins", action="store_true", help="a second non-DP twin per cell at the method's own rate"
     )
-    args = ap.parse_args()
+    args = harness.parse(ap, argv)
     if args.report:
-        rows = read_done(args.out)
+        rows = harness.read_jsonl(args.out)
         print(table(rows))
         if any(r.get("dp_steps") for r in rows):
             plot(rows, args.out.with_suffix(".png"))
         return
     if args.paper and args.own_rate_twins:
         ap.error("--own-rate-twins is for the grid: --paper's twins already run at the paper's rate (use --lr)")
-    extra = TINY if args.tiny else []
+    extra = harness.TINY if args.tiny else []
     if args.paper:
         cells = paper_cells(args.paper_epochs, seed=args.seeds[0], twins=not args.no_twins, methods=args.methods)
     else:
@@ -382,7 +335,7 @@ def main() -> None:
     if args.no_twins:
         cells = [c for c in cells if c.epsilon is not None]
     if args.estimate:
-        print(estimate(cells, read_done(args.out), batch=args.batch))
+        print(estimate(cells, harness.read_jsonl(args.out), batch=args.batch))
         return
 
     def runner(cell: Cell, overrides: list[str]) -> dict[str, Any]:
@@ -392,7 +345,7 @@ def main() -> None:
     done = run_map(cells, args.out, **kw)
     if not args.skip_other_eps and not args.paper:
         run_map(best_cells(done), args.out, **kw)
-    print(table(read_done(args.out)))
+    print(table(harness.read_jsonl(args.out)))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""FedSA-LoRA's personalised accuracy against FedIT's global model on the same client test shares (issue 26).
+"""FedSA-LoRA's personalised accuracy against FedIT's global model on the same client test shares.
 
 FedSA-LoRA (Guo et al., ICLR 2025, arXiv 2410.01463) keeps each client's B at home, so its claim is about the
 model each client ends with, not the server's. `configs/sweep/fedsa.yaml` runs FedSA-LoRA and FedIT on the same
@@ -14,17 +14,14 @@ its spread over clients, worst and best client) and the central accuracy, each a
 
 from __future__ import annotations
 
-import argparse
-import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import OmegaConf
 
 from fl import constants as K
-from fl.outputs import read_metrics
-from simulations import sweep
+from simulations import harness
 from strategies import get_strategy
 
 COLUMNS = (
@@ -39,37 +36,34 @@ COLUMNS = (
 def finals(root: Path) -> dict[str, list[dict[str, Any]]]:
     """Each method's final metrics row per finished cell (seed), by the method's report title."""
     out: dict[str, list[dict[str, Any]]] = {}
-    for summary in sorted(root.glob(f"cells/*/{K.SUMMARY_FILE}")):
-        cfg = OmegaConf.load(summary.parent / K.CONFIG_FILE)
-        rows = read_metrics(summary.parent)
+    for cfg, rows in harness.finished_cells(root):
         out.setdefault(get_strategy(str(cfg.strategy.name)).describe(cfg.strategy), []).append(rows[-1])
     return out
 
 
 def table(by_method: dict[str, list[dict[str, Any]]]) -> str:
     """Markdown: one row per method, mean ± sample std over seeds (n) of each column."""
-    lines = ["| method | n | " + " | ".join(c for c, _ in COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
+    lines = []
     for method, rows in by_method.items():
         cells = []
         for _, key in COLUMNS:
             xs = np.array([r[key] for r in rows if r.get(key) is not None], dtype=float)
-            std = xs.std(ddof=1) if xs.size > 1 else 0.0  # sample std over seeds, as fl-report's seeds table
-            cells.append("n/a" if xs.size == 0 else f"{100 * xs.mean():.2f} ± {100 * std:.2f}")
-        lines.append(f"| {method} | {len(rows)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+            if xs.size == 0:
+                cells.append("n/a")
+                continue
+            mean, std = harness.mean_std(xs)
+            cells.append(f"{100 * mean:.2f} ± {100 * (std if xs.size > 1 else 0.0):.2f}")  # one seed: ± 0
+        lines.append([method, len(rows), *cells])
+    return harness.md_table(["method", "n", *(c for c, _ in COLUMNS)], lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     """Run (or resume) the sweep, then write `<dir>/fedsa.md` and `fedsa.json`."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", default="multirun/fedsa", help="the sweep folder (resumable)")
-    args, extra = parser.parse_known_args(argv)
-    sweep.run_named("fedsa", extra, args.dir)
-    root = Path(args.dir)
+    root = harness.named_sweep(__doc__, "fedsa", default_dir="multirun/fedsa", argv=argv)
     by_method = finals(root)
     text = "Final round, in %; each cell mean ± sample std over seeds.\n\n" + table(by_method)
-    (root / "fedsa.md").write_text(text)
-    (root / "fedsa.json").write_text(json.dumps(by_method, indent=2, default=float))
+    harness.write_text(root / "fedsa.md", text)
+    harness.write_json(root / "fedsa.json", by_method, default=float)
     print(text)
 
 

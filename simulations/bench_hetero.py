@@ -1,4 +1,4 @@
-"""The heterogeneous-ranks benchmark (issue 26): FLoRA, FlexLoRA and HetLoRA with client ranks drawn from
+"""The heterogeneous-ranks benchmark: FLoRA, FlexLoRA and HetLoRA with client ranks drawn from
 {2, 4, 8, 16} against FedIT at r=2 and at r=16 (configs/sweep/hetero.yaml), then fl-report's tables.
 
 Resumable: it is `fl-sweep sweep=hetero` on a fixed folder, so re-running skips the finished cells. Extra
@@ -13,18 +13,15 @@ Read seeds.md (final accuracy mean ± std per method), report.csv (uplink, downl
 
 from __future__ import annotations
 
-import argparse
+from collections.abc import Sequence
 
-from simulations import report, sweep
+from simulations import harness, report
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     """Run (or resume) the grid, then write the report into the same folder."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", default="multirun/hetero", help="the sweep folder (resumable)")
-    args, extra = parser.parse_known_args(argv)
-    sweep.run_named("hetero", extra, args.dir)
-    report.main([args.dir])
+    root = harness.named_sweep(__doc__, "hetero", default_dir="multirun/hetero", argv=argv)
+    report.main([str(root)])
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ Usage::
     python -m simulations.bench_init [--rounds 5] [--local-steps 10] [--test-size 500]
 
 Every run trains clients the same way (10 clients, Dirichlet α=0.5, every client every round, equal rounds and
-local steps; Fed-SB r=32 at lr 1e-2 and FedIT r=8 at lr 3e-3, the rates tuned in BENCHMARKS.md issue 3). Fed-SB
+local steps; Fed-SB r=32 at lr 1e-2 and FedIT r=8 at lr 3e-3, the rates tuned for the methods benchmark in
+BENCHMARKS.md). Fed-SB
 starts from init = federated (dense, the paper's), sketch (Halko, Martinsson & Tropp 2011), sketch with
 init_fraction 0.3, server (a server-side file of tweets from the training pool, the authors' pooled-data
 setting; never the held-out split) and random. A probe first compares the dense and the sketched init on the
@@ -15,18 +16,15 @@ Writes `<out>.md` and `<out>.json`.
 
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
-import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from fl.outputs import read_metrics
-from fl.runtime_env import set_quiet_env
+from simulations import harness
 
 FEDSB = ["strategy=fed_sb", "strategy.rank=32", "strategy.lr=1e-2"]
 FEDIT = ["strategy=fedit", "strategy.rank=8", "strategy.lr=3e-3"]
@@ -144,72 +142,66 @@ def formula_ratios(shapes: dict[str, list[int]], *, rank: int = 32, oversample: 
 
 
 def run_one(overrides: list[str], run_dir: Path) -> dict[str, Any]:
-    from fl.app.simulation import run_simulation
-
-    if not (run_dir / "summary.json").is_file():
-        shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts again
-        t0 = time.perf_counter()
-        run_simulation([*overrides, f"run_dir={run_dir}"])
-        print(f"finished {run_dir} in {time.perf_counter() - t0:.0f} s", flush=True)
-    rows = read_metrics(run_dir)
-    summary = json.loads((run_dir / "summary.json").read_text())
+    """One run (read, not run again, when its folder holds summary.json): uplink, downlink, accuracy, wall time."""
+    run = harness.simulate(overrides, run_dir=run_dir)
+    print(f"finished {run_dir} in {run.wall_s:.0f} s", flush=True)
+    first, last = run.rows[0], run.final
     return {
-        "round0_up_MB": rows[0].get("bytes_up", 0) / 1e6,
-        "round0_down_MB": rows[0].get("bytes_down", 0) / 1e6,
-        "cum_up_MB": rows[-1]["cum_bytes_up"] / 1e6,
-        "cum_down_MB": rows[-1]["cum_bytes_down"] / 1e6,
-        "final_acc": rows[-1]["accuracy"],
-        "acc": [round(r["accuracy"], 4) for r in rows],
-        "wall_s": summary["wall_seconds"],
+        "round0_up_MB": first.get("bytes_up", 0) / 1e6,
+        "round0_down_MB": first.get("bytes_down", 0) / 1e6,
+        "cum_up_MB": last["cum_bytes_up"] / 1e6,
+        "cum_down_MB": last["cum_bytes_down"] / 1e6,
+        "final_acc": last["accuracy"],
+        "acc": [round(r["accuracy"], 4) for r in run.rows],
+        "wall_s": run.summary["wall_seconds"],
     }
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
-    head = (
-        "| run | round-0 up MB | round-0 down MB | total up MB | total down MB | final acc "
-        "| acc per round (0..R) | wall s |\n|---|---|---|---|---|---|---|---|\n"
-    )
-    lines = [
-        f"| {r['label']} | {r['round0_up_MB']:.2f} | {r['round0_down_MB']:.2f} | {r['cum_up_MB']:.1f} | "
-        f"{r['cum_down_MB']:.1f} | {r['final_acc']:.4f} | {' '.join(f'{a:.3f}' for a in r['acc'])} "
-        f"| {r['wall_s']:.0f} |"
-        for r in results.values()
+    """Markdown: one row per run."""
+    head = [
+        "run",
+        "round-0 up MB",
+        "round-0 down MB",
+        "total up MB",
+        "total down MB",
+        "final acc",
+        "acc per round (0..R)",
+        "wall s",
     ]
-    return head + "\n".join(lines) + "\n"
+    return harness.md_table(
+        head,
+        (
+            [
+                r["label"],
+                f"{r['round0_up_MB']:.2f}",
+                f"{r['round0_down_MB']:.2f}",
+                f"{r['cum_up_MB']:.1f}",
+                f"{r['cum_down_MB']:.1f}",
+                f"{r['final_acc']:.4f}",
+                " ".join(f"{a:.3f}" for a in r["acc"]),
+                f"{r['wall_s']:.0f}",
+            ]
+            for r in results.values()
+        ),
+    )
 
 
-def main() -> None:
-    set_quiet_env()
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--local-steps", type=int, default=10)
-    ap.add_argument("--clients", type=int, default=10)
-    ap.add_argument("--test-size", type=int, default=500)
-    ap.add_argument("--work", default="outputs/bench_init")
+def main(argv: Sequence[str] | None = None) -> None:
+    """The probe, then every run (resumable); `<out>.md`, `<out>.json` and plots after each run."""
+    ap = harness.parser(__doc__)
+    harness.add_federation(ap, rounds=5, local_steps=10, clients=10, test_size=500)
+    ap.add_argument("--work", default="outputs/bench_init", help="run folders (resumable) and the probe")
     ap.add_argument("--out", default="docs/init")
     ap.add_argument("--only", nargs="*", help="run only these slugs (default: all)")
-    ap.add_argument(
-        "--extra", nargs="*", default=[], help="overrides added to every run (e.g. model=tiny, a smoke test)"
-    )
-    args = ap.parse_args()
-    common = [
-        f"sim.num_clients={args.clients}",
-        f"sim.rounds={args.rounds}",
-        f"train.local_steps={args.local_steps}",
-        "data.partitioner=dirichlet",
-        "data.alpha=0.5",
-        f"data.test_size={args.test_size}",
-        "train.lr_schedule=constant",  # the recorded figures: constant rate, fp32 (--extra overrides)
-        "train.precision=fp32",
-        *args.extra,
-    ]
+    harness.add_extra(ap)
+    args = harness.parse(ap, argv)
+    common = harness.federation(args)  # the recorded figures: constant rate, fp32 (--extra overrides)
     work = Path(args.work).resolve()
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     probe_path = work / "probe.json"
     if not probe_path.is_file():
-        work.mkdir(parents=True, exist_ok=True)
-        probe_path.write_text(json.dumps(probe(common, clients=args.clients), indent=2) + "\n")
+        harness.write_json(probe_path, probe(common, clients=args.clients))
     probed = json.loads(probe_path.read_text())
     ratios = formula_ratios(probed["modules"])
     print(json.dumps({k: v for k, v in probed.items() if k != "modules"}, indent=2), json.dumps(ratios), flush=True)
@@ -223,9 +215,10 @@ def main() -> None:
         results[slug] = {"label": label, "overrides": overrides, **run_one(overrides, work / slug / "run")}
         md = table(results)
         print(md, flush=True)
-        out.with_suffix(".md").write_text(f"Config: {' '.join(common)}\n\n" + md)
-        out.with_suffix(".json").write_text(
-            json.dumps({"common": common, "probe": probed, "ratios": ratios, "results": results}, indent=2) + "\n"
+        harness.write_report(
+            out,
+            markdown=f"Config: {' '.join(common)}\n\n" + md,
+            data={"common": common, "probe": probed, "ratios": ratios, "results": results},
         )
     from simulations.report import load_runs, plot_accuracy_vs_round, plot_accuracy_vs_uplink
 

@@ -3,8 +3,9 @@
 Usage::
 
     bash dev.sh python -m simulations.bench_methods [--rounds 5] [--local-steps 10] [--out docs/methods]
-    # the issue-14 benchmark: the five methods, 10 rounds, 3 seeds (~6-7 h on 2 cores)
+    # the seeded comparison: every method, 10 rounds, 3 seeds (~6-7 h on 2 cores for the five methods)
     python -m simulations.bench_methods --rounds 10 --local-steps 20 --seeds 0 1 2 --out docs/methods_seeds
+    python -m simulations.bench_methods --five-methods ...   # FedIT, FFA-LoRA, LoRA-FAIR (closed form), Fed-SB, FedEx
 
 Every method runs the same federation (10 clients, Dirichlet α=0.5, equal rounds and local steps,
 every client every round). The client learning rate is tuned per client-training family with the
@@ -18,15 +19,10 @@ sweep (one run folder per cell, resumable, `fl-report` pivot): `fl-sweep sweep=m
 
 from __future__ import annotations
 
-import argparse
-import json
-import tempfile
-import time
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-from fl.outputs import read_metrics
-from fl.runtime_env import set_quiet_env
+from simulations import harness
 
 GRIDS: dict[str, list[float]] = {  # client learning rates (AdamW) per training family
     "fedit": [1e-3, 3e-3],
@@ -43,31 +39,14 @@ METHODS: list[tuple[str, str, list[str], str]] = [  # (label, strategy, extra ov
     ("Fed-SB r=64", "fed_sb", ["strategy.rank=64"], "fed_sb"),
     ("FedEx-LoRA r=8", "fedex_lora", ["strategy.rank=8"], "fedit"),
 ]
-ISSUE_14 = ["FedIT r=8", "FFA-LoRA r=8", "LoRA-FAIR r=8 (closed form)", "Fed-SB r=32", "FedEx-LoRA r=8"]
+FIVE_METHODS = ["FedIT r=8", "FFA-LoRA r=8", "LoRA-FAIR r=8 (closed form)", "Fed-SB r=32", "FedEx-LoRA r=8"]
 
 
 def run_one(strategy: str, extra: list[str], lr: float, common: list[str], *, seed: int = 0) -> dict[str, Any]:
-    from fl.app.simulation import run_simulation
-
-    run_dir = Path(tempfile.mkdtemp(prefix=f"bench-{strategy}-")) / "run"
-    t0 = time.perf_counter()
-    overrides = [f"strategy={strategy}", *extra, f"strategy.lr={lr}", *common, f"seed={seed}", f"run_dir={run_dir}"]
-    run_simulation(overrides)
-    rows = read_metrics(run_dir)
-    return {
-        "strategy": strategy,
-        "extra": extra,
-        "lr": lr,
-        "seed": seed,
-        "wall": time.perf_counter() - t0,
-        "rows": rows,
-    }
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else float("nan")
-    return mean, var**0.5
+    """One method at one rate and seed: its metrics rows and wall seconds."""
+    overrides = [f"strategy={strategy}", *extra, f"strategy.lr={lr}", *common, f"seed={seed}"]
+    run = harness.simulate(overrides, prefix=f"bench-{strategy}-")
+    return {"strategy": strategy, "extra": extra, "lr": lr, "seed": seed, "wall": run.wall_s, "rows": run.rows}
 
 
 def summarise(label: str, runs: list[dict[str, Any]], clients: int) -> dict[str, Any]:
@@ -77,7 +56,7 @@ def summarise(label: str, runs: list[dict[str, Any]], clients: int) -> dict[str,
     last = rows[-1]
     trained = [r for r in rows if r["round"] > 0]
     finals = [r["rows"][-1]["accuracy"] for r in runs]
-    mean, std = _mean_std(finals)
+    mean, std = harness.mean_std(finals)
     return {
         "method": label,
         "lr": run["lr"],
@@ -101,11 +80,19 @@ def summarise(label: str, runs: list[dict[str, Any]], clients: int) -> dict[str,
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = (
-        "| method | lr | final acc (mean ± std, n) | acc per round, seed 0 (0..R) | cum up MB | cum down MB "
-        "| up floats/client/round | residual (last round; before→after for FAIR, FedEx) | server agg s/round "
-        "| wall s |\n|---|---|---|---|---|---|---|---|---|---|\n"
-    )
+    """Markdown: one row per method."""
+    head = [
+        "method",
+        "lr",
+        "final acc (mean ± std, n)",
+        "acc per round, seed 0 (0..R)",
+        "cum up MB",
+        "cum down MB",
+        "up floats/client/round",
+        "residual (last round; before→after for FAIR, FedEx)",
+        "server agg s/round",
+        "wall s",
+    ]
     lines = []
     for r in rows:
         res = r["residual_last"]
@@ -115,44 +102,38 @@ def table(rows: list[dict[str, Any]]) -> str:
         n = len(r["final_accs"])
         acc = f"{r['final_acc']:.4f}" + (f" ± {r['final_std']:.4f}" if n > 1 else "") + f" (n={n})"
         lines.append(
-            f"| {r['method']} | {r['lr']:g} | {acc} | {' '.join(f'{a:.3f}' for a in r['per_round_acc'])}"
-            f" | {r['cum_up_MB']:.1f} | {r['cum_down_MB']:.1f} | {r['up_floats_per_client_round']:,.0f} | {res_s}"
-            f" | {r['agg_seconds_mean']:.3f} | {r['wall_s']:.0f} |"
+            [
+                r["method"],
+                f"{r['lr']:g}",
+                acc,
+                " ".join(f"{a:.3f}" for a in r["per_round_acc"]),
+                f"{r['cum_up_MB']:.1f}",
+                f"{r['cum_down_MB']:.1f}",
+                f"{r['up_floats_per_client_round']:,.0f}",
+                res_s,
+                f"{r['agg_seconds_mean']:.3f}",
+                f"{r['wall_s']:.0f}",
+            ]
         )
-    return head + "\n".join(lines) + "\n"
+    return harness.md_table(head, lines)
 
 
-def main() -> None:
-    set_quiet_env()
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--local-steps", type=int, default=10)
-    ap.add_argument("--clients", type=int, default=10)
-    ap.add_argument("--test-size", type=int, default=2000)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="run every method with each seed")
+def main(argv: Sequence[str] | None = None) -> None:
+    """Tune each family's rate, run every method at it for every seed, write `<out>.md` and `<out>.json`."""
+    ap = harness.parser(__doc__)
+    harness.add_federation(ap, rounds=5, local_steps=10, clients=10, test_size=2000)
+    harness.add_seeds(ap)
     ap.add_argument("--methods", nargs="+", default=None, help=f"labels (default all): {[m[0] for m in METHODS]}")
-    ap.add_argument("--issue-14", action="store_true", help=f"the five methods {ISSUE_14}")
+    ap.add_argument("--five-methods", action="store_true", help=f"the five methods {FIVE_METHODS}")
     ap.add_argument("--no-tune", action="store_true", help=f"use the tuned rates {TUNED} instead of the grids")
-    ap.add_argument(
-        "--extra", nargs="*", default=[], help="more overrides for every run, e.g. train.lr_schedule=cosine"
-    )
+    harness.add_extra(ap)
     ap.add_argument("--out", default="docs/methods")
-    args = ap.parse_args()
-    wanted = ISSUE_14 if args.issue_14 else args.methods or [m[0] for m in METHODS]
+    args = harness.parse(ap, argv)
+    wanted = FIVE_METHODS if args.five_methods else args.methods or [m[0] for m in METHODS]
     methods = [m for m in METHODS if m[0] in wanted]
     if len(methods) != len(wanted):
         raise SystemExit(f"Unknown method label in {wanted}; labels: {[m[0] for m in METHODS]}")
-    common = [
-        f"sim.num_clients={args.clients}",
-        f"sim.rounds={args.rounds}",
-        f"train.local_steps={args.local_steps}",
-        "data.partitioner=dirichlet",
-        "data.alpha=0.5",
-        f"data.test_size={args.test_size}",
-        "train.lr_schedule=constant",  # the recorded figures: constant rate, fp32 (--extra overrides)
-        "train.precision=fp32",
-        *args.extra,
-    ]
+    common = harness.federation(args)  # the recorded figures: constant rate, fp32 (--extra overrides)
     seed0 = args.seeds[0]
     runs: dict[tuple[str, float, str, int], dict[str, Any]] = {}
     best_lr: dict[str, float] = {}
@@ -182,28 +163,22 @@ def main() -> None:
         results.append(summarise(label, per_seed, args.clients))
     md = table(results)
     print(md)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     grids = "tuned rates " + str(TUNED) if args.no_tune else f"lr grids {GRIDS}"
-    out.with_suffix(".md").write_text(
-        f"Config: {' '.join(common)}; seeds {args.seeds}; {grids}; best lr per family {best_lr}.\n\n" + md
-    )
-    out.with_suffix(".json").write_text(
-        json.dumps(
-            {
-                "common": common,
-                "seeds": args.seeds,
-                "grids": GRIDS,
-                "tuned": args.no_tune,
-                "best_lr": best_lr,
-                "results": results,
-                "runs": [
-                    {"strategy": k[0], "lr": k[1], "extra": k[2], "seed": k[3], "final_acc": v["rows"][-1]["accuracy"]}
-                    for k, v in runs.items()
-                ],
-            },
-            indent=2,
-        )
+    harness.write_report(
+        args.out,
+        markdown=f"Config: {' '.join(common)}; seeds {args.seeds}; {grids}; best lr per family {best_lr}.\n\n" + md,
+        data={
+            "common": common,
+            "seeds": args.seeds,
+            "grids": GRIDS,
+            "tuned": args.no_tune,
+            "best_lr": best_lr,
+            "results": results,
+            "runs": [
+                {"strategy": k[0], "lr": k[1], "extra": k[2], "seed": k[3], "final_acc": v["rows"][-1]["accuracy"]}
+                for k, v in runs.items()
+            ],
+        },
     )
 
 

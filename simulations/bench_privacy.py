@@ -18,22 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
-from clients.train import local_train
-from fl.app.workspace import get_workspace
-from fl.data import IndexedDataset
-from fl.outputs import read_metrics
-from fl.runtime_env import set_quiet_env
-from privacy import ClientAccountant, make_private
+from simulations import harness
+from simulations.harness.timing import DP_MODES, Trainer, alternate, peak_rss_mib
 
 # (name, overrides, logical batch): the default adapter (LoRA on every encoder linear layer) at the default
 # batch, and at a DP-sized logical batch made of physical batches of 16.
@@ -56,46 +47,12 @@ def setting(spec: str) -> tuple[str, list[str], int]:
     return name, [f"train.batch_size={physical}"], logical
 
 
-MODES = ("hooks", "ghost", "per_layer")  # per_layer: hooks with privacy.clipping=per_layer
+MODES = tuple(DP_MODES)  # per_layer: hooks with privacy.clipping=per_layer
 
 
-def _trainer(overrides: list[str], logical: int):
-    ws = get_workspace(overrides)
-    data = IndexedDataset(ws.task.train, np.arange(min(len(ws.task.train), 6000)))
-    acc = ClientAccountant("rdp")
-
-    def run(steps: int, seed: int, mode: str | None) -> tuple[float, int, int]:
-        """(seconds, logical steps, examples through the model) of one local round."""
-
-        def wrap(m, o, loader):
-            return make_private(
-                model=m,
-                optimizer=o,
-                data_loader=loader,
-                noise_multiplier=1.0,
-                max_grad_norm=1.0,
-                accountant=acc,
-                loss_fn=ws.task_def.per_example_loss,
-                noise_seed=0,
-                grad_sample_mode="hooks" if mode in (None, "per_layer") else mode,
-                clipping="per_layer" if mode == "per_layer" else "flat",
-            )
-
-        res = local_train(
-            ws.model,
-            data,
-            steps=steps,
-            batch_size=logical,
-            physical_batch_size=int(ws.cfg.train.batch_size),
-            lr=1e-3,
-            weight_decay=0.0,
-            pad_id=ws.pad_id,
-            seed=seed,
-            wrap=wrap if mode else None,
-        )
-        return res.seconds, res.steps, res.examples_seen
-
-    return run
+def trainer(overrides: list[str], logical: int) -> Trainer:
+    """Rounds at logical batch `logical` on the first 6,000 training examples, seeded noise (the simulation's)."""
+    return Trainer(overrides, batch=logical, examples=6000, noise_seed=0)
 
 
 def step_time_ratio(
@@ -107,19 +64,16 @@ def step_time_ratio(
     hooks rounds (cause not established), so time hooks alone (``--modes hooks``) for its ratio. Also per example:
     a Poisson batch has logical ± √logical examples, which moves a per-step ratio by a few percent over a short run.
     """
-    run = _trainer(overrides, logical)
-    for mode in (None, *modes):  # warm-up
-        run(2, 99, mode)
-    secs = {m: 0.0 for m in ("plain", *modes)}
-    counts = {m: 0 for m in secs}
-    examples = {m: 0 for m in secs}
-    order: list[str | None] = [None, *modes]
-    for chunk in range(chunks):
-        for mode in order if chunk % 2 == 0 else order[::-1]:
-            s, n, e = run(steps, chunk, mode)
-            secs[mode or "plain"] += s
-            counts[mode or "plain"] += n
-            examples[mode or "plain"] += e
+    t = trainer(overrides, logical)
+    timed = alternate(
+        [None, *modes],
+        chunks,
+        lambda mode, chunk: t.round(steps, chunk, mode),
+        warmup=lambda mode: t.round(2, 99, mode),
+    )
+    secs = {mode or "plain": sum(x.seconds for x in xs) for mode, xs in timed.items()}
+    counts = {mode or "plain": sum(x.steps for x in xs) for mode, xs in timed.items()}
+    examples = {mode or "plain": sum(x.examples for x in xs) for mode, xs in timed.items()}
     per_step = {m: secs[m] / counts[m] for m in secs}
     per_example = {m: secs[m] / examples[m] for m in secs}
     out = {f"{m}_s_per_step": v for m, v in per_step.items()}
@@ -139,10 +93,8 @@ RSS_CASES: dict[str, tuple[int, str | None]] = {
 def rss_case(name: str, steps: int) -> dict[str, Any]:
     """Run one client setting for `steps` logical steps in this process; its peak RSS in MiB."""
     logical, mode = RSS_CASES[name]
-    run = _trainer(["train.batch_size=16"], logical)
-    seconds, taken, _ = run(steps, 0, mode)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    return {"case": name, "peak_rss_mib": peak, "steps": taken, "s_per_step": seconds / max(taken, 1)}
+    timing = trainer(["train.batch_size=16"], logical).round(steps, 0, mode)
+    return {"case": name, "peak_rss_mib": peak_rss_mib(), "steps": timing.steps, "s_per_step": timing.per_step}
 
 
 def rss_table(steps: int) -> list[dict[str, Any]]:
@@ -160,40 +112,33 @@ def rss_table(steps: int) -> list[dict[str, Any]]:
 
 
 def accuracy_table(strategies: list[str], eps: list[float], common: list[str]) -> list[dict[str, Any]]:
-    from fl.app.simulation import run_simulation
-
+    """Final accuracy of each strategy without DP and at each target ε."""
     out = []
     for strategy in strategies:
         for e in [None, *eps]:
-            run_dir = Path(tempfile.mkdtemp(prefix="bench-dp-")) / "run"
             priv = ["privacy=off"] if e is None else ["privacy=dp", f"privacy.target_epsilon={e}"]
-            t0 = time.perf_counter()
-            run_simulation([f"strategy={strategy}", *priv, *common, f"run_dir={run_dir}"])
-            rows = read_metrics(run_dir)
+            run = harness.simulate([f"strategy={strategy}", *priv, *common], prefix="bench-dp-")
             out.append(
                 {
                     "strategy": strategy,
                     "target_epsilon": e,
-                    "final_acc": rows[-1]["accuracy"],
-                    "epsilon_max": max((r.get("epsilon_max") or 0.0) for r in rows),
-                    "wall_s": time.perf_counter() - t0,
+                    "final_acc": run.final["accuracy"],
+                    "epsilon_max": max((r.get("epsilon_max") or 0.0) for r in run.rows),
+                    "wall_s": run.wall_s,
                 }
             )
             print(json.dumps(out[-1]), flush=True)
     return out
 
 
-def main() -> None:
-    set_quiet_env()
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--chunks", type=int, default=4)
+def main(argv: Sequence[str] | None = None) -> None:
+    """Step-time ratios, peak RSS (``--rss``) and accuracy per ε, as asked; ``--out``: all of it as JSON."""
+    ap = harness.parser(__doc__)
+    harness.add_timing(ap, steps=30, chunks=4, steps_help="examples per chunk ÷ 16 (steps at logical batch 16)")
     ap.add_argument("--eps", type=float, nargs="*", default=[1.0, 3.0, 8.0])
     ap.add_argument("--strategies", nargs="*", default=["fedit", "ffa_lora", "lora_fair", "fed_sb"])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--local-steps", type=int, default=10)
-    ap.add_argument("--clients", type=int, default=10)
-    ap.add_argument("--test-size", type=int, default=1000)
+    harness.add_federation(ap, rounds=5, local_steps=10, clients=10, test_size=1000)
+    harness.add_extra(ap)
     ap.add_argument(
         "--settings", nargs="*", default=list(DEFAULT_SETTINGS), help="step-time settings, logical/physical"
     )
@@ -204,7 +149,7 @@ def main() -> None:
     ap.add_argument("--rss-steps", type=int, default=3)
     ap.add_argument("--rss-case", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
-    args = ap.parse_args()
+    args = harness.parse(ap, argv)
     if args.rss_case:
         print(json.dumps(rss_case(args.rss_case, args.rss_steps)), flush=True)
         return
@@ -225,20 +170,10 @@ def main() -> None:
             flush=True,
         )
     if not args.skip_accuracy:
-        common = [
-            f"sim.num_clients={args.clients}",
-            f"sim.rounds={args.rounds}",
-            f"train.local_steps={args.local_steps}",
-            "data.partitioner=dirichlet",
-            "data.alpha=0.5",
-            f"data.test_size={args.test_size}",
-            "train.lr_schedule=constant",  # as recorded: constant rate, fp32
-            "train.precision=fp32",
-        ]
+        result["common"] = common = harness.federation(args)  # as recorded: constant rate, fp32
         result["accuracy"] = accuracy_table(args.strategies, args.eps, common)
-        result["common"] = common
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        harness.write_json(args.out, result)
 
 
 if __name__ == "__main__":

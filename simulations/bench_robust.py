@@ -1,4 +1,4 @@
-"""What each defence buys against each attack, and what it costs on a clean run (issue 23).
+"""What each defence buys against each attack, and what it costs on a clean run.
 
 Usage::
 
@@ -16,27 +16,26 @@ every round, each method at its YAML rate. The grid:
 2. FedIT and Fed-SB on {none, scaling} × {none, the best defence of step 1 (`--best` to fix it)}.
 3. A second seed for the headline cells (FFA-LoRA {none, scaling} × {none, best}).
 
-Each cell is an ordinary run folder under `<dir>/cells/`, run by `simulations.sweep.run_sweep` as its own
-`fl-sim` process: re-running the same command skips finished cells, a failing one is recorded and the rest go
-on. Writes `<dir>/robust.md` (the tables and the issue's goals, met or not, with the numbers) and `robust.json`.
+Each cell is an ordinary run folder under `<dir>/cells/`, run by the harness's sweep (`simulations.sweep`) as
+its own `fl-sim` process: re-running the same command skips finished cells, a failing one is recorded and the rest
+go on. Writes `<dir>/robust.md` (the tables and the benchmark's goals, met or not, with the numbers) and
+`robust.json`. The goals: with no defence, 1 of 10 clients scaling its update ×100 drives FFA-LoRA to the majority
+class; the best defence keeps every attack within 3 points of the clean run; a defence costs at most 1 point on a
+clean run.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fl.outputs import read_metrics
-from fl.runtime_env import set_quiet_env
+from simulations import harness
 
 COMMON = ["sim.num_clients=10", "data.alpha=0.5", "sim.rounds=5", "train.local_steps=10", "sim.fraction_train=1.0"]
 SMOKE = [
-    "model=tiny",
-    "data.max_examples=600",
-    "data.test_size=100",
-    "data.max_length=32",
+    *harness.TINY,
     "sim.rounds=2",
     "train.local_steps=2",
     "train.batch_size=8",
@@ -80,17 +79,8 @@ def grid(best: str | None, smoke: bool, defences: list[str] | None = None) -> li
 
 def run_cells(cells: list[tuple[str, str, str, int]], root: Path, smoke: bool) -> dict[tuple[str, str, str, int], Any]:
     """Run (or skip, when done) every cell; its final accuracy (None when it failed)."""
-    from simulations.sweep import run_sweep
-
-    cases = [cell(*c, smoke) for c in cells]
-    record = run_sweep([], root, cases=cases)
-    by_overrides = {" ".join(e["overrides"]): e for e in record["cells"].values()}
-    out: dict[tuple[str, str, str, int], Any] = {}
-    for c, overrides in zip(cells, cases, strict=True):
-        entry = by_overrides.get(" ".join(overrides))
-        rows = read_metrics(Path(entry["dir"])) if entry and entry["status"] == "done" else []
-        out[c] = rows[-1]["accuracy"] if rows else None
-    return out
+    finals = harness.run_cases([cell(*c, smoke) for c in cells], root)
+    return {c: None if f is None else f["accuracy"] for c, f in zip(cells, finals, strict=True)}
 
 
 def best_defence(acc: dict[tuple[str, str, str, int], Any]) -> str:
@@ -128,7 +118,7 @@ def report(acc: dict[tuple[str, str, str, int], Any], best: str) -> str:
             lines.append(f"| {s} | {a} | {d} | {seed} | {_pct(v)} |")
     clean = acc[("ffa_lora", "none", "none", 0)]
     scaled = acc.get(("ffa_lora", "scale x100 (1/10)", "none", 0))
-    lines += ["", "## The issue's goals (FFA-LoRA, seed 0)", ""]
+    lines += ["", "## The goals (FFA-LoRA, seed 0)", ""]
     if clean is not None and scaled is not None:
         ok = scaled <= MAJORITY + 0.05
         lines.append(
@@ -151,12 +141,12 @@ def report(acc: dict[tuple[str, str, str, int], Any], best: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m simulations.bench_robust --dir DIR [--best DEFENCE] [--smoke] [--limit N]`."""
-    ap = argparse.ArgumentParser(prog="bench_robust", description=__doc__.split("\n")[0])
-    ap.add_argument("--dir", type=Path, default=Path("multirun/robust"))
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m simulations.bench_robust --dir DIR [--best DEFENCE] [--smoke] [--limit N] [--defences ...]`."""
+    ap = harness.parser(__doc__, prog="bench_robust")
+    ap.add_argument("--dir", type=Path, default=Path("multirun/robust"), help="the sweep folder (resumable)")
     ap.add_argument("--best", choices=[d for d in DEFENCES if d != "none"], help="skip choosing it from step 1")
-    ap.add_argument("--smoke", action="store_true", help="tiny random model, 2 rounds: checks the path only")
+    harness.add_tiny(ap, "--smoke", "--tiny", help="tiny random model, 2 rounds: checks the path only")
     ap.add_argument("--limit", type=int, help="run only the first N cells of step 1 (with --smoke)")
     ap.add_argument(
         "--defences",
@@ -164,25 +154,24 @@ def main(argv: list[str] | None = None) -> None:
         choices=list(DEFENCES),
         help="step 1 with these defences only (and none), then its table: no steps 2-3",
     )
-    args = ap.parse_args(argv)
-    set_quiet_env()
+    args = harness.parse(ap, argv)
     only = None if args.defences is None else ["none", *args.defences]
-    step1 = grid(None, args.smoke, only)
+    step1 = grid(None, args.tiny, only)
     step1 = step1[: args.limit] if args.limit else step1
-    acc = run_cells(step1, args.dir, args.smoke)
+    acc = run_cells(step1, args.dir, args.tiny)
     if only is not None and not args.limit:
         text = report(acc, args.best or best_defence(acc))
-        (args.dir / "robust-step1.md").write_text(text)
+        harness.write_text(args.dir / "robust-step1.md", text)
         print(text)
         return
     if args.limit:
         print(json.dumps({" / ".join(map(str, k)): v for k, v in acc.items()}, indent=2))
         return
     best = args.best or best_defence(acc)
-    acc = run_cells(grid(best, args.smoke), args.dir, args.smoke)
+    acc = run_cells(grid(best, args.tiny), args.dir, args.tiny)
     text = report(acc, best)
-    (args.dir / "robust.md").write_text(text)
-    (args.dir / "robust.json").write_text(json.dumps({" / ".join(map(str, k)): v for k, v in acc.items()}, indent=2))
+    harness.write_text(args.dir / "robust.md", text)
+    harness.write_json(args.dir / "robust.json", {" / ".join(map(str, k)): v for k, v in acc.items()})
     print(text)
 
 

@@ -12,51 +12,16 @@ actors), sampled every 0.2 s. Prints both as ratios to the first size (goal: wit
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
-import tempfile
-import threading
-import time
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-import psutil
-
-from fl.outputs import read_metrics
-from fl.runtime_env import set_quiet_env
-
-
-class PeakRSS:
-    """Peak summed RSS (bytes) of this process and all its descendants while running."""
-
-    def __init__(self, interval: float = 0.2) -> None:
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for p in [me, *me.children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):  # a process may exit between listing and reading
-                    total += p.memory_info().rss
-            self.peak = max(self.peak, total)
-            time.sleep(self.interval)
-
-    def __enter__(self) -> PeakRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+from simulations import harness
+from simulations.harness.timing import PeakRSS
 
 
 def run_size(n: int, rounds: int, sampled: int) -> dict[str, Any]:
-    from fl.app.simulation import run_simulation
-
-    run_dir = Path(tempfile.mkdtemp(prefix=f"bench-scale-{n}-")) / "run"
+    """One simulation of `n` clients, `sampled` a round: seconds per round and the process tree's peak memory."""
     overrides = [
         "model=tiny",
         "data.partitioner=iid",
@@ -66,41 +31,46 @@ def run_size(n: int, rounds: int, sampled: int) -> dict[str, Any]:
         f"sim.fraction_train={sampled / n}",
         f"sim.min_train_clients={min(sampled, n)}",
         f"sim.rounds={rounds}",
-        f"run_dir={run_dir}",
     ]
-    t0 = time.perf_counter()
     with PeakRSS() as mem:
-        run_simulation(overrides)
-    rows = [r for r in read_metrics(run_dir) if r["round"] > 0]
+        run = harness.simulate(overrides, prefix=f"bench-scale-{n}-")
+    rows = run.trained
     return {
         "clients": n,
         "sampled_per_round": rows[-1]["sampled"],
         "s_per_round": sum(r["round_seconds"] for r in rows) / len(rows),
         "peak_rss_MB": mem.peak / 2**20,
-        "job_wall_s": time.perf_counter() - t0,
+        "job_wall_s": run.wall_s,
     }
 
 
-def main() -> None:
-    set_quiet_env()
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sizes", type=int, nargs="*", default=[10, 100, 1000])
+def main(argv: Sequence[str] | None = None) -> None:
+    """Every size in turn; the JSON, then a table of ratios to the first size."""
+    ap = harness.parser(__doc__)
+    ap.add_argument("--sizes", type=int, nargs="*", default=[10, 100, 1000], help="virtual clients per run")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--sampled", type=int, default=10)
-    args = ap.parse_args()
+    ap.add_argument("--sampled", type=int, default=10, help="clients sampled per round")
+    args = harness.parse(ap, argv)
     results = [run_size(n, args.rounds, args.sampled) for n in args.sizes]
     base = results[0]
     for r in results:
         r["s_per_round_ratio"] = r["s_per_round"] / base["s_per_round"]
         r["peak_rss_ratio"] = r["peak_rss_MB"] / base["peak_rss_MB"]
     print(json.dumps(results, indent=2))
-    print("\n| clients | sampled/round | s/round | ratio | peak RSS MB | ratio | job wall s |")
-    print("|---|---|---|---|---|---|---|")
-    for r in results:
-        print(
-            f"| {r['clients']} | {r['sampled_per_round']} | {r['s_per_round']:.2f} | {r['s_per_round_ratio']:.2f} "
-            f"| {r['peak_rss_MB']:.0f} | {r['peak_rss_ratio']:.2f} | {r['job_wall_s']:.0f} |"
-        )
+    head = ["clients", "sampled/round", "s/round", "ratio", "peak RSS MB", "ratio", "job wall s"]
+    rows = [
+        [
+            r["clients"],
+            r["sampled_per_round"],
+            f"{r['s_per_round']:.2f}",
+            f"{r['s_per_round_ratio']:.2f}",
+            f"{r['peak_rss_MB']:.0f}",
+            f"{r['peak_rss_ratio']:.2f}",
+            f"{r['job_wall_s']:.0f}",
+        ]
+        for r in results
+    ]
+    print("\n" + harness.md_table(head, rows), end="")
 
 
 if __name__ == "__main__":

@@ -13,69 +13,52 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from clients.train import local_train
-from fl.app.workspace import get_workspace
-from fl.data import IndexedDataset
-from fl.runtime_env import set_quiet_env
-from privacy import ClientAccountant, make_private
+from privacy.engine import PrivateRound
+from simulations import harness
+from simulations.harness.timing import Trainer, alternate
 
-TINY = ["model=tiny", "data.max_examples=2000", "data.test_size=100", "data.max_length=32", "train.precision=fp32"]
+TINY = [*harness.TINY, "data.max_examples=2000"]
 
 
 def seconds_per_step(overrides: list[str], *, steps: int, chunks: int, batch: int) -> dict[str, float]:
     """Seconds per DP step with secure_mode's noise drawing off and on (alternating chunks, one process)."""
-    ws = get_workspace(overrides)
-    data = IndexedDataset(ws.task.train, np.arange(len(ws.task.train)))
-    acc = ClientAccountant("rdp")
+    t = Trainer(overrides, batch=batch)
 
     def run(secure: bool, seed: int) -> float:
-        def wrap(m, o, loader):
-            private = make_private(
-                model=m,
-                optimizer=o,
-                data_loader=loader,
-                noise_multiplier=1.0,
-                max_grad_norm=1.0,
-                accountant=acc,
-                loss_fn=ws.task_def.per_example_loss,
-            )
+        dp = t.dp("hooks")
+
+        def wrap(m: Any, o: Any, loader: Any) -> PrivateRound:
+            private = dp(m, o, loader)
             private.optimizer.secure_mode = secure  # Opacus' 2n-draw noise (n = 2); generator: torch's default
             return private
 
-        res = local_train(
-            ws.model, data, steps=steps, batch_size=batch, lr=1e-3, weight_decay=0.0, pad_id=ws.pad_id, seed=seed,
-            wrap=wrap,
-        )  # fmt: skip
-        return res.seconds / max(res.steps, 1)
+        return t.round(steps, seed, wrap=wrap).per_step
 
-    run(False, 99), run(True, 99)  # warm-up
-    times: dict[str, list[float]] = {"plain": [], "secure": []}
-    for chunk in range(chunks):
-        for secure in (False, True) if chunk % 2 == 0 else (True, False):
-            times["secure" if secure else "plain"].append(run(secure, chunk))
-    plain, noisy = float(np.mean(times["plain"])), float(np.mean(times["secure"]))
+    times = alternate([False, True], chunks, run, warmup=lambda secure: run(secure, 99))
+    plain, noisy = float(np.mean(times[False])), float(np.mean(times[True]))
     return {"plain_s_per_step": plain, "secure_s_per_step": noisy, "ratio": noisy / plain}
 
 
-def main() -> None:
-    set_quiet_env()
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--chunks", type=int, default=4)
+def main(argv: Sequence[str] | None = None) -> None:
+    """Time both arms on the chosen model; print the JSON and the ratio."""
+    ap = harness.parser(__doc__)
+    harness.add_timing(ap, steps=20, chunks=4, steps_help="DP steps per chunk")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--model", default="tiny", help="tiny, or a model group name (e.g. minilm)")
-    args = ap.parse_args()
+    args = harness.parse(ap, argv)
     overrides = TINY if args.model == "tiny" else [f"model={args.model}"]
     t0 = time.perf_counter()
     out: dict[str, float | str] = {}
-    out |= seconds_per_step([*overrides, f"train.batch_size={args.batch}"], steps=args.steps, chunks=args.chunks,
-                           batch=args.batch)  # fmt: skip
+    out |= seconds_per_step(
+        [*overrides, f"train.batch_size={args.batch}"], steps=args.steps, chunks=args.chunks, batch=args.batch
+    )
     try:
         import torchcsprng  # noqa: F401
 

@@ -8,8 +8,8 @@ Usage::
 Prints two ratios, measured now on this machine:
 
 1. throughput ratio = (bare loop seconds per step) / (framework `local_train` seconds per step) on the
-   same model, data and batches (goal >= 0.95). The two loops alternate in chunks so machine noise
-   hits both alike.
+   same model, data and batches (goal >= 0.95). The two loops alternate in chunks, in reversed order
+   every other chunk, so machine noise hits both alike.
 2. simulation overhead = (round wall − Σ client training seconds) / round wall, summed over rounds
    (goal <= 10%), with one client at a time (`sim.client_cpus=2`) so client compute does not overlap.
    Central evaluation on the server is timed separately and reported, not counted as overhead;
@@ -18,21 +18,17 @@ Prints two ratios, measured now on this machine:
 
 from __future__ import annotations
 
-import argparse
 import json
-import tempfile
 import time
-from pathlib import Path
+from collections.abc import Sequence
 
 import torch
 
-from clients.train import local_train, make_loader
+from clients.train import make_loader
 from fl.adapters import build_adapter
-from fl.app.workspace import get_workspace
-from fl.data import IndexedDataset
-from fl.outputs import read_metrics
-from fl.runtime_env import set_quiet_env
 from fl.tasks import load_base_model
+from simulations import harness
+from simulations.harness.timing import Trainer, alternate
 
 
 def bare_loop(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], lr: float) -> float:
@@ -50,9 +46,9 @@ def bare_loop(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], lr
 
 def throughput(steps: int, chunks: int) -> dict[str, float]:
     """Framework local_train vs a bare loop on the same batches (default model)."""
-    ws = get_workspace(["train.batch_size=16"])
-    cfg = ws.cfg
-    data = IndexedDataset(ws.task.train, torch.arange(4000).numpy())
+    t = Trainer(["train.batch_size=16"], batch=16, examples=4000)
+    ws, cfg = t.ws, t.ws.cfg
+    t.lr = float(cfg.strategy.lr)
     bare_model = build_adapter(
         load_base_model(cfg.model, num_labels=ws.num_labels, seed=0),
         kind="lora",
@@ -60,28 +56,21 @@ def throughput(steps: int, chunks: int) -> dict[str, float]:
         targets=list(cfg.model.target_modules),
         seed=0,
     )
-    fw_s, bare_s = 0.0, 0.0
-    warm = make_loader(data, batch_size=16, pad_id=ws.pad_id, seed=99)
-    bare_loop(bare_model, [next(iter(warm))] * 3, float(cfg.strategy.lr))  # warm-up, not timed
-    local_train(ws.model, data, steps=3, batch_size=16, lr=1e-9, weight_decay=0.0, pad_id=ws.pad_id, seed=99)
-    for chunk in range(chunks):
-        seed = 100 + chunk
-        loader = make_loader(data, batch_size=16, pad_id=ws.pad_id, seed=seed)
-        it = iter(loader)
-        batches = [next(it) for _ in range(steps)]  # the batches local_train will draw
-        bare_s += bare_loop(bare_model, batches, float(cfg.strategy.lr))
-        res = local_train(
-            ws.model,
-            data,
-            steps=steps,
-            batch_size=16,
-            lr=float(cfg.strategy.lr),
-            weight_decay=0.0,
-            pad_id=ws.pad_id,
-            seed=seed,
-        )
-        fw_s += res.seconds
-    n = steps * chunks
+
+    def run(arm: str, chunk: int) -> float:
+        if arm == "framework":
+            return t.round(steps, 100 + chunk).seconds
+        it = iter(make_loader(t.data, batch_size=16, pad_id=ws.pad_id, seed=100 + chunk))
+        return bare_loop(bare_model, [next(it) for _ in range(steps)], t.lr)  # the batches local_train draws
+
+    def warmup(arm: str) -> None:  # not timed
+        if arm == "framework":
+            t.round(3, 99)
+        else:
+            bare_loop(bare_model, [next(iter(make_loader(t.data, batch_size=16, pad_id=ws.pad_id, seed=99)))] * 3, t.lr)
+
+    timed = alternate(["bare", "framework"], chunks, run, warmup=warmup)
+    bare_s, fw_s, n = sum(timed["bare"]), sum(timed["framework"]), steps * chunks
     return {
         "framework_s_per_step": fw_s / n,
         "bare_s_per_step": bare_s / n,
@@ -91,11 +80,7 @@ def throughput(steps: int, chunks: int) -> dict[str, float]:
 
 def overhead(clients: int, rounds: int, steps: int) -> dict[str, float]:
     """Simulation overhead of a default-model run with one client at a time."""
-    from fl.app.simulation import run_simulation
-
-    run_dir = Path(tempfile.mkdtemp()) / "run"
-    t0 = time.perf_counter()
-    run_simulation(
+    run = harness.simulate(
         [
             f"sim.num_clients={clients}",
             f"sim.rounds={rounds}",
@@ -103,32 +88,27 @@ def overhead(clients: int, rounds: int, steps: int) -> dict[str, float]:
             f"train.local_steps={steps}",
             "data.partitioner=iid",
             "train.precision=fp32",  # as recorded
-            f"run_dir={run_dir}",
         ]
     )
-    job_wall = time.perf_counter() - t0
-    rows = [r for r in read_metrics(run_dir) if r["round"] > 0]
+    rows = run.trained
     round_wall = sum(r["round_seconds"] for r in rows)
     compute = sum(r["client_seconds"] for r in rows)
     return {
         "round_wall_s": round_wall,
         "client_compute_s": compute,
         "simulation_overhead": (round_wall - compute) / round_wall,
-        "central_eval_s": sum(r["eval_seconds"] for r in read_metrics(run_dir)),
-        "job_wall_s": job_wall,
-        "job_overhead_incl_startup_and_eval": (job_wall - compute) / job_wall,
+        "central_eval_s": sum(r["eval_seconds"] for r in run.rows),
+        "job_wall_s": run.wall_s,
+        "job_overhead_incl_startup_and_eval": (run.wall_s - compute) / run.wall_s,
     }
 
 
-def main() -> None:
-    set_quiet_env()
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=30, help="steps per chunk (throughput)")
-    ap.add_argument("--chunks", type=int, default=4, help="alternating chunks (throughput)")
-    ap.add_argument("--clients", type=int, default=4)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--local-steps", type=int, default=20)
-    args = ap.parse_args()
+def main(argv: Sequence[str] | None = None) -> None:
+    """Both measurements; the JSON, then the two ratios against their goals."""
+    ap = harness.parser(__doc__)
+    harness.add_timing(ap, steps=30, chunks=4, steps_help="steps per chunk (throughput)")
+    harness.add_federation(ap, rounds=2, local_steps=20, clients=4)
+    args = harness.parse(ap, argv)
     result = {"throughput": throughput(args.steps, args.chunks)}
     result["simulation"] = overhead(args.clients, args.rounds, args.local_steps)
     print(json.dumps(result, indent=2))

@@ -16,9 +16,9 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -29,8 +29,8 @@ from fl.accel import autocast
 from fl.app.config import compose
 from fl.app.workspace import get_workspace
 from fl.data import IndexedDataset, client_partition
-from fl.runtime_env import set_quiet_env
 from fl.schedule import round_lr
+from simulations import harness
 
 
 def pooled_indices(overrides: list[str]) -> np.ndarray:
@@ -106,17 +106,16 @@ def run(overrides: list[str], *, steps: int, eval_every: int) -> list[dict[str, 
     return history
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     """`python -m simulations.centralised [--steps N] [--eval-every K] [overrides...]`."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = harness.parser(__doc__)
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for fl-sim")
     ap.add_argument("--steps", type=int, default=1000, help="optimiser steps (compare at equal client steps)")
     ap.add_argument("--eval-every", type=int, default=100, help="evaluate every this many steps")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
-    args = ap.parse_args(argv)
+    args = harness.parse(ap, argv)
     if args.steps < 1 or args.eval_every < 1:
         ap.error(f"--steps ({args.steps}) and --eval-every ({args.eval_every}) must be at least 1")
-    set_quiet_env()
     torch.set_num_threads(args.threads)
     compose(args.overrides)  # a bad value fails here with the field's name
     run(list(args.overrides), steps=args.steps, eval_every=args.eval_every)

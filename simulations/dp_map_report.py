@@ -1,4 +1,5 @@
-"""The privacy–utility map's report (simulations/bench_dp_map.py runs the cells): its table and its plot.
+"""The privacy–utility map's report (simulations/bench_dp_map.py runs the cells): a cell's privacy figures, the
+table and the plot.
 
 One JSON line per finished cell is the input; a DP cell is matched with its non-DP twin(s) by variant, method,
 clients, local steps or epochs and seed. Kept apart from the runner so the report can be read and tested alone.
@@ -6,11 +7,41 @@ clients, local steps or epochs and seed. Kept apart from the runner so the repor
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 HEADLINE_EPSILON = 3.0
 OWN_RATE = "own-rate"  # the variant of a non-DP twin at the method's own (non-DP) learning rate
+
+
+def plan_figures(plan_file: Path) -> dict[str, Any]:
+    """σ and RDP order of a DP cell's plan (client 0's: the partitions are near equal), the ε PRV accounting gives at
+    that σ, and the σ PRV would plan for the same target; empty for a non-DP cell (no privacy_plan.json)."""
+    if not plan_file.is_file():
+        return {}
+    from privacy import plan_dp
+    from privacy.orders import prv_epsilon
+
+    plan = json.loads(plan_file.read_text())[0]
+    history = [(plan["noise_multiplier"], plan["sample_rate"], plan["dp_steps"])]
+    if plan["init_steps"]:
+        history.insert(0, (plan["init_noise_multiplier"], 1.0, plan["init_steps"]))
+    prv_sigma = plan_dp(
+        **{k: plan[k] for k in ("target_epsilon", "delta", "num_examples", "steps_per_round", "planned_rounds")},
+        batch_size=plan["batch_size"],
+        max_grad_norm=plan["max_grad_norm"],
+        accountant="prv",
+        init_steps=plan["init_steps"],
+        init_share=plan["init_share"],
+    ).noise_multiplier
+    return {
+        "sigma": plan["noise_multiplier"],
+        "rdp_order": plan["rdp_order"],
+        "examples_per_client": plan["num_examples"],
+        "prv_epsilon_at_rdp_sigma": prv_epsilon(history, plan["delta"]),
+        "prv_sigma": prv_sigma,
+    }
 
 
 def table(rows: list[dict[str, Any]]) -> str:

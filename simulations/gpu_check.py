@@ -15,7 +15,6 @@ docs/gpu.md says how to carry what a bare GPU machine lacks (simulations/gpu_bun
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.metadata
 import json
@@ -33,7 +32,7 @@ from typing import Any
 
 import torch
 
-from fl.runtime_env import set_quiet_env
+from simulations import harness
 from simulations.gpu_parts import Check, dp_part, federation_part, precision_part, strategies_part
 
 PARTS: dict[str, Callable[[Check], dict[str, Any]]] = {
@@ -106,7 +105,8 @@ def _since(t0: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    """Run every part not left out; write the JSON after each; 0 when none failed, else 1."""
+    parser = harness.parser(__doc__)
     parser.add_argument("--out", required=True, help="the JSON file to write")
     parser.add_argument("--minilm", help="a MiniLM folder: its tokenizer serves the tiny model; weights, if any, train")
     parser.add_argument("--steps", type=int, default=10, help="timed optimiser steps per measurement")
@@ -115,11 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--part-timeout", type=float, default=300.0, help="seconds one part may run (0: no limit)")
     parser.add_argument("--deadline", type=float, default=0.0, help="seconds the whole check may run (0: no limit)")
     parser.add_argument("--work-dir", help="run folders and the data cache (default: a temporary folder)")
-    args = parser.parse_args(argv)
+    args = harness.parse(parser, argv)
     skip = {s for s in args.skip.split(",") if s}
     if skip - set(PARTS):
         parser.error(f"--skip {sorted(skip - set(PARTS))}: unknown; the parts are {', '.join(PARTS)}")
-    set_quiet_env()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="gpu_check-")).resolve()
     work.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,8 @@ from fl.app.server_app import run_server
 from fl.app.workspace import Workspace, get_workspace
 from fl.data import IndexedDataset
 from fl.outputs import read_metrics
-from privacy import ClientAccountant, make_private
+from privacy import ClientAccountant
+from simulations.harness.timing import dp_wrap
 
 NO_CUDA = "torch.cuda.is_available() is False: no CUDA device"
 BF16_LOSS_TOLERANCE = 0.1  # |mean loss bf16 − fp32| / fp32 over the same batches from the same start
@@ -176,22 +177,7 @@ def dp_part(chk: Check) -> dict[str, Any]:
             modes.append(("hooks", "bf16"))
         for mode, precision in modes:
             acc = ClientAccountant("rdp")
-
-            def wrap(
-                m: Any, o: Any, loader: Any, mode: str = mode, acc: ClientAccountant = acc, loss: Any = ws.task_def
-            ) -> Any:
-                return make_private(
-                    model=m,
-                    optimizer=o,
-                    data_loader=loader,
-                    noise_multiplier=1.0,
-                    max_grad_norm=1.0,
-                    accountant=acc,
-                    grad_sample_mode=mode,
-                    noise_seed=7,  # seeded noise: the simulation's path
-                    loss_fn=loss.per_example_loss,
-                )
-
+            wrap = dp_wrap(ws, acc, mode=mode, noise_seed=7)  # seeded noise: the simulation's path
             r = _train(ws, chk, precision=precision, batch=batch, wrap=wrap)
             r["epsilon_at_1e-5"] = acc.epsilon(1e-5)
             r["dp_over_plain_step_time"] = r["step_seconds"] / res[f"plain/{precision}"]["step_seconds"]

@@ -15,8 +15,8 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,7 @@ from fl.adapters import HEAD_MARK
 from fl.app.workspace import get_workspace
 from fl.data import IndexedDataset, client_partition
 from fl.tasks import get_task
+from simulations import harness
 
 
 def norm_split(overrides: list[str], *, count: int) -> dict[str, float]:
@@ -95,13 +96,14 @@ def energy_capture(rank: int, *, count: int, clients: list[int]) -> dict[str, di
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: Sequence[str] | None = None) -> None:
+    """Both probes on the default model; ``--out``: the results as JSON too."""
+    ap = harness.parser(__doc__)
     ap.add_argument("--rank", type=int, default=64, help="Fed-SB rank r")
     ap.add_argument("--examples", type=int, default=256, help="examples per client gradient (and norm sample)")
     ap.add_argument("--clients", type=int, nargs="+", default=[0, 3], help="partitions; the first is the 'other'")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
-    args = ap.parse_args()
+    args = harness.parse(ap, argv)
     result: dict[str, Any] = {}
     for label, ov in {
         f"Fed-SB r={args.rank} init=random": ["strategy=fed_sb", f"strategy.rank={args.rank}", "strategy.init=random"],
@@ -113,8 +115,7 @@ def main() -> None:
     for key, v in result["energy"].items():
         print(f"{key}: mean {v['mean']:.4f}, median {v['median']:.4f}, min {v['min']:.4f}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        harness.write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from privacy import PrivacySettings
 from simulations.bench_dp_map import (
     MAP_RATES,
     NON_DP_RATES,
-    TINY,
     Cell,
     at_rate,
     best_cells,
@@ -20,11 +19,12 @@ from simulations.bench_dp_map import (
     grid,
     main,
     paper_cells,
-    read_done,
     run_map,
     with_own_rate_twins,
 )
 from simulations.dp_map_report import OWN_RATE, line_label, plot, table
+from simulations.harness import TINY
+from simulations.harness import read_jsonl as read_done
 
 
 def test_the_grid_is_methods_by_clients_by_steps_at_eps_3_with_non_dp_twins() -> None:
