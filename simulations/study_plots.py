@@ -44,46 +44,48 @@ def _errorbars(ax: Any, g: pd.DataFrame, x: str, positions: dict[Any, int], meth
 
 def plot_vs_partitioning(df: pd.DataFrame, out: Path, *, order: Callable[[str], Any]) -> Path:
     """Final accuracy (mean ± std over seeds) vs partitioning, IID first; a panel per client count."""
-    parts = sorted(df["partitioning"].unique(), key=order)
-    methods = sorted(df["method"].unique())
-    counts = sorted(df["clients"].unique())
-    fig, axes = _panels(len(counts))
-    for ax, clients in zip(axes, counts, strict=True):
-        g = df[df["clients"] == clients]
-        _errorbars(ax, g, "partitioning", {p: i for i, p in enumerate(parts)}, methods)
-        _floor(ax, g)
-        ax.set_xticks(range(len(parts)), parts)
-        ax.set(title=f"{clients} clients", xlabel="partitioning (more heterogeneous →)")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("final accuracy (held-out), mean ± std")
-    axes[-1].legend(fontsize=8)
-    fig.suptitle("Final accuracy vs data heterogeneity")
-    fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_heterogeneity.png", dpi=120)
-    plt.close(fig)
-    return out / "accuracy_vs_heterogeneity.png"
+    return _final_vs(
+        df,
+        out / "accuracy_vs_heterogeneity.png",
+        x=("partitioning", sorted(df["partitioning"].unique(), key=order), "partitioning (more heterogeneous →)"),
+        panel=("clients", sorted(df["clients"].unique()), "{} clients"),
+        title="Final accuracy vs data heterogeneity",
+    )
 
 
 def plot_vs_clients(df: pd.DataFrame, out: Path, *, order: Callable[[str], Any]) -> Path:
     """Final accuracy (mean ± std over seeds) vs the number of clients; a panel per partitioning."""
-    parts = sorted(df["partitioning"].unique(), key=order)
+    return _final_vs(
+        df,
+        out / "accuracy_vs_clients.png",
+        x=("clients", sorted(df["clients"].unique()), "number of clients"),
+        panel=("partitioning", sorted(df["partitioning"].unique(), key=order), "{}"),
+        title="Final accuracy vs number of clients",
+    )
+
+
+def _final_vs(
+    df: pd.DataFrame, path: Path, *, x: tuple[str, list[Any], str], panel: tuple[str, list[Any], str], title: str
+) -> Path:
+    """Final accuracy per method against column x = (name, values in order, axis label), one panel per value of
+    panel = (name, values in order, title format)."""
+    (x_col, x_values, x_label), (p_col, p_values, p_title) = x, panel
     methods = sorted(df["method"].unique())
-    counts = sorted(df["clients"].unique())
-    fig, axes = _panels(len(parts))
-    for ax, part in zip(axes, parts, strict=True):
-        g = df[df["partitioning"] == part]
-        _errorbars(ax, g, "clients", {c: i for i, c in enumerate(counts)}, methods)
+    fig, axes = _panels(len(p_values))
+    for ax, value in zip(axes, p_values, strict=True):
+        g = df[df[p_col] == value]
+        _errorbars(ax, g, x_col, {v: i for i, v in enumerate(x_values)}, methods)
         _floor(ax, g)
-        ax.set_xticks(range(len(counts)), [str(c) for c in counts])
-        ax.set(title=part, xlabel="number of clients")
+        ax.set_xticks(range(len(x_values)), [str(v) for v in x_values])
+        ax.set(title=p_title.format(value), xlabel=x_label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("final accuracy (held-out), mean ± std")
     axes[-1].legend(fontsize=8)
-    fig.suptitle("Final accuracy vs number of clients")
+    fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_clients.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return out / "accuracy_vs_clients.png"
+    return path
 
 
 def plot_rounds_grid(df: pd.DataFrame, out: Path, *, order: Callable[[str], Any]) -> Path:
