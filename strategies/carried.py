@@ -2,7 +2,7 @@
 
 A client's accountant lives in its own Flower context; a run that is resumed (`resume=<run dir>`) may start new
 client processes, so the server keeps a copy of each reported accountant, by partition, in its checkpoint and
-hands it back with the first message after the resume (`privacy.node` restores it).
+hands it back with the first message after the resume (`privacy.session` restores it).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from fl import constants as K
 from fl.adapters import load_tensors
 from fl.app.workspace import Workspace
-from fl.base_delta import apply_base_delta, delta_from_factors
+from fl.base_delta import apply_base_delta, fold_factors
 from fl.wire import from_record, to_record
 
 
@@ -45,7 +45,7 @@ def load_global(msg: Message, context: Context, ws: Workspace) -> dict[str, torc
     delta = content.array_records.get(K.BASE_DELTA)
     fold = from_record(delta) if delta is not None else {}  # FedEx-LoRA's fold (absolute)
     if K.BASE_DELTA_FACTORS in content.array_records:  # the same as factor pairs (FLoRA's stacks)
-        for name, d in delta_from_factors(from_record(content.array_records[K.BASE_DELTA_FACTORS])).items():
+        for name, d in fold_factors(ws.model, from_record(content.array_records[K.BASE_DELTA_FACTORS])).items():
             fold[name] = fold[name] + d if name in fold else d
     apply_base_delta(ws.model, fold)
     expected = {n for n, p in ws.model.named_parameters() if p.requires_grad}
