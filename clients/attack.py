@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from fl import constants as K
-from fl.config_privacy import require
+from fl.checks import require
 from fl.data import IndexedDataset
 from fl.tasks import get_task
 

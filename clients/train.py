@@ -25,6 +25,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from clients.drift import DriftControl
 from clients.optim import load_state_tensors, make_optimizer, state_tensors
 from fl.accel import autocast
+from fl.checks import derive_seed
 from fl.data import IndexedDataset
 from fl.tasks import get_task
 from privacy import release
@@ -49,7 +50,7 @@ class TrainResult:
 
 def round_seed(seed: int, server_round: int, partition_id: int) -> int:
     """A per-(run, round, client) seed."""
-    return (seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**31 - 1)
+    return derive_seed(seed, server_round=server_round, index=partition_id)
 
 
 def make_loader(

@@ -20,9 +20,9 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from fl import config_defence
+from fl.checks import require as _require
 from fl.config_optim import DriftConfig, ServerOptConfig
 from fl.config_privacy import PrivacyConfig
-from fl.config_privacy import require as _require
 from fl.schedule import SCHEDULES
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"

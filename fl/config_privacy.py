@@ -52,9 +52,3 @@ class PrivacyConfig:
     # simulated node policies, written like a node config: "partition-id=0 privacy-epsilon=3 privacy-delta=1e-5"
     node_policies: list[str] = field(default_factory=list)
     client: ClientDPConfig = field(default_factory=ClientDPConfig)  # client-level DP (`privacy=client`)
-
-
-def require(ok: bool, field_name: str, value: object, fix: str) -> None:
-    """Raise ValueError naming `field_name`, its value and the fix, unless `ok`."""
-    if not ok:
-        raise ValueError(f"{field_name}={value!r} is invalid: {fix}")

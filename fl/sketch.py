@@ -9,6 +9,8 @@ import zlib
 
 import torch
 
+from fl.checks import derive_seed
+
 
 def sketch_width(d_out: int, d_in: int, *, rank: int, oversample: int) -> int:
     """ℓ = r + p, capped at min(d_out, d_in) (then the sketch is exact)."""
@@ -23,7 +25,7 @@ def test_matrix(d_in: int, width: int, *, seed: int, name: str) -> torch.Tensor:
     A Gaussian matrix from a generator seeded by (`seed`, CRC-32 of `name`), orthonormalised by QR: every
     party derives the same Ω without sending it, and orthonormal columns bound the release's sensitivity.
     """
-    gen = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+    gen = torch.Generator().manual_seed(derive_seed(seed, stream=zlib.crc32(name.encode()), modulus=2**63))
     gauss = torch.randn(d_in, width, generator=gen, dtype=torch.float64)
     return orthonormal_basis(gauss)
 

@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from fl.checks import require
 from privacy.accountant import ACCOUNTANTS, ClientAccountant
 from privacy.orders import quiet_orders, rdp_epsilon
 
@@ -110,11 +111,6 @@ def epsilon_after(
     return acc.epsilon(delta)
 
 
-def _require(ok: bool, field: str, value: object, condition: str, fix: str) -> None:
-    if not ok:
-        raise ValueError(f"{field} must be {condition}, got {value!r}. {fix}")
-
-
 def plan_dp(
     *,
     target_epsilon: float,
@@ -164,33 +160,33 @@ def plan_dp(
         if extra_full_batch_steps not in (0, init_steps):
             raise ValueError("Pass extra_full_batch_steps or its old name init_steps, not both.")
         extra_full_batch_steps = init_steps
-    _require(
+    require(
         target_epsilon > 0,
         "privacy.target_epsilon",
         target_epsilon,
-        "> 0",
         "Set privacy.target_epsilon=3.0 or privacy=off.",
+        must="> 0",
     )
-    _require(0 < delta < 1, "privacy.delta", delta, "in (0, 1)", "Use a value below 1/n, or null for the default.")
-    _require(num_examples > 0, "num_examples", num_examples, "> 0", "A client needs data to train privately.")
-    _require(batch_size > 0, "train.batch_size", batch_size, "> 0", "Set train.batch_size=16.")
-    _require(steps_per_round > 0, "steps_per_round", steps_per_round, "> 0", "Set train.local_steps >= 1.")
-    _require(planned_rounds > 0, "privacy.planned_rounds", planned_rounds, "> 0", "Set it to the rounds to run.")
-    _require(max_grad_norm > 0, "privacy.max_grad_norm", max_grad_norm, "> 0", "Set privacy.max_grad_norm=1.0.")
-    _require(accountant in ACCOUNTANTS, "privacy.accountant", accountant, f"one of {sorted(ACCOUNTANTS)}", "")
-    _require(
+    require(0 < delta < 1, "privacy.delta", delta, "Use a value below 1/n, or null for the default.", must="in (0, 1)")
+    require(num_examples > 0, "num_examples", num_examples, "A client needs data to train privately.", must="> 0")
+    require(batch_size > 0, "train.batch_size", batch_size, "Set train.batch_size=16.", must="> 0")
+    require(steps_per_round > 0, "steps_per_round", steps_per_round, "Set train.local_steps >= 1.", must="> 0")
+    require(planned_rounds > 0, "privacy.planned_rounds", planned_rounds, "Set it to the rounds to run.", must="> 0")
+    require(max_grad_norm > 0, "privacy.max_grad_norm", max_grad_norm, "Set privacy.max_grad_norm=1.0.", must="> 0")
+    require(accountant in ACCOUNTANTS, "privacy.accountant", accountant, "", must=f"one of {sorted(ACCOUNTANTS)}")
+    require(
         extra_full_batch_steps >= 0,
         "extra_full_batch_steps",
         extra_full_batch_steps,
-        ">= 0",
         "Use the number of Fed-SB init releases (1 dense, 2 + 2 per power iteration for the sketch).",
+        must=">= 0",
     )
-    _require(
+    require(
         init_share is None or 0 < init_share < 1,
         "privacy.init_share",
         init_share,
-        "in (0, 1) or null",
         "Set privacy.init_share=0.1 (a tenth of ε for Fed-SB's init), or null for one σ.",
+        must="in (0, 1) or null",
     )
     q = sample_rate(num_examples, batch_size)
     steps = steps_per_round * planned_rounds

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from fl.config_privacy import CLIENT_CLIPPINGS, CLIPPINGS, require
+from fl.checks import require
+from fl.config_privacy import CLIENT_CLIPPINGS, CLIPPINGS
 from privacy.policy import parse_node_policies
 
 

@@ -59,6 +59,7 @@ from flwr.serverapp.strategy.dp_fixed_clipping import DifferentialPrivacyFixedCl
 from flwr.supercore.differential_privacy import compute_clip_model_update, compute_stdv, get_norm
 
 from fl import constants as K
+from fl.checks import derive_seed
 from fl.wire import from_record, to_record
 from privacy.client_level import add_gaussian_noise
 from strategies.base import LoraStrategy
@@ -68,7 +69,7 @@ from strategies.stats import RoundStats
 log = logging.getLogger(__name__)
 
 NORM_TOLERANCE = 1e-4  # relative slack when checking a node-clipped update against C (float32 rounding)
-NOISE_SALT = 7_919  # the noise generator's seed: run seed · 1_000_003 + salt + round
+NOISE_SALT = 7_919  # the noise generator's stream: fl.checks.derive_seed(seed, stream=salt, index=round)
 
 
 def update_norm(reply: list[np.ndarray], current: list[np.ndarray]) -> float:
@@ -182,7 +183,7 @@ class ClientLevelDP(DifferentialPrivacyFixedClippingBase):
         arrays, metrics = inner.aggregate_screened(rnd, kept, release=True)
         if arrays is not None:
             std = compute_stdv(self.noise_multiplier, self.clipping_norm, stats.aggregated)
-            gen = torch.Generator().manual_seed(inner.seed * 1_000_003 + NOISE_SALT + rnd)
+            gen = torch.Generator().manual_seed(derive_seed(inner.seed, stream=NOISE_SALT, index=rnd, modulus=2**63))
             arrays = to_record(add_gaussian_noise(from_record(arrays), std=std, generator=gen))
             stats.extra[K.CLIENT_DP_NOISE_STD] = std
             arrays = inner.server_step(rnd, arrays)  # server_opt= on the released aggregate: post-processing

@@ -38,8 +38,8 @@ from flwr.serverapp import Grid
 
 from fl import constants as K
 from fl.adapters import A_SUFFIX, BASE_SUFFIX, SB_B_SUFFIX, SB_R_SUFFIX
+from fl.checks import require
 from fl.config import StrategyConfig
-from fl.config_privacy import require
 from fl.wire import array_bytes, from_record, num_floats, to_record
 from strategies.base import LoraStrategy
 from strategies.lora_math import fedsb_init_factors

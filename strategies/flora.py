@@ -31,6 +31,7 @@ from flwr.app import ArrayRecord, RecordDict
 from fl import constants as K
 from fl.adapters import A_SUFFIX, B_SUFFIX
 from fl.base_delta import base_weight_name, factored
+from fl.checks import derive_seed
 from fl.wire import from_record, to_record
 from strategies.hetero import HeteroLoRA
 from strategies.hetero_math import flora_stack, weighted_product
@@ -85,7 +86,7 @@ class FLoRA(HeteroLoRA):
         return agg
 
     def _seed(self, server_round: int, rank: int) -> int:
-        return (self.seed * 1_000_003 + server_round * 10_007 + rank * 101) % (2**31 - 1)
+        return derive_seed(self.seed, server_round=server_round, index=rank * 101)
 
     def residual(
         self, states: list[dict[str, torch.Tensor]], weights: list[float], agg: Mapping[str, torch.Tensor]

@@ -33,12 +33,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from fl.checks import require
+
 STATE_TYPE = "fedlora-server-opt"
-
-
-def _require(ok: bool, key: str, value: object, fix: str) -> None:
-    if not ok:
-        raise ValueError(f"server_opt.{key}={value!r} is invalid: {fix}")
 
 
 class ServerOptimizer:
@@ -61,11 +58,11 @@ class ServerOptimizer:
     def __init__(
         self, *, lr: float = 1.0, momentum: float = 0.9, beta_1: float = 0.9, beta_2: float = 0.99, tau: float = 1e-3
     ) -> None:
-        _require(math.isfinite(lr) and lr > 0, "lr", lr, "use a server learning rate > 0.")
-        _require(0 <= momentum < 1, "momentum", momentum, "use a momentum in [0, 1).")
-        _require(0 <= beta_1 < 1, "beta_1", beta_1, "use a decay in [0, 1).")
-        _require(0 <= beta_2 < 1, "beta_2", beta_2, "use a decay in [0, 1).")
-        _require(math.isfinite(tau) and tau > 0, "tau", tau, "use an adaptivity floor τ > 0 (e.g. 1e-3).")
+        require(math.isfinite(lr) and lr > 0, "server_opt.lr", lr, "use a server learning rate > 0.")
+        require(0 <= momentum < 1, "server_opt.momentum", momentum, "use a momentum in [0, 1).")
+        require(0 <= beta_1 < 1, "server_opt.beta_1", beta_1, "use a decay in [0, 1).")
+        require(0 <= beta_2 < 1, "server_opt.beta_2", beta_2, "use a decay in [0, 1).")
+        require(math.isfinite(tau) and tau > 0, "server_opt.tau", tau, "use an adaptivity floor τ > 0 (e.g. 1e-3).")
         self.lr, self.momentum, self.beta_1, self.beta_2, self.tau = lr, momentum, beta_1, beta_2, tau
         self.m: dict[str, torch.Tensor] = {}  # first moment (avgm: the momentum buffer), float64
         self.v: dict[str, torch.Tensor] = {}  # second moment, float64
@@ -189,7 +186,7 @@ SERVER_OPTIMIZERS: dict[str, type[ServerOptimizer]] = {
 def make_server_optimizer(cfg: Any) -> ServerOptimizer:
     """The optimizer of a composed config's `server_opt` group, its values checked (errors name the key)."""
     s = cfg.server_opt
-    _require(s.name in SERVER_OPTIMIZERS, "name", s.name, f"use one of {', '.join(SERVER_OPTIMIZERS)}.")
+    require(s.name in SERVER_OPTIMIZERS, "server_opt.name", s.name, f"use one of {', '.join(SERVER_OPTIMIZERS)}.")
     return SERVER_OPTIMIZERS[str(s.name)](
         lr=float(s.lr),
         momentum=float(s.momentum),

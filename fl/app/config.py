@@ -16,7 +16,7 @@ from clients.attack import validate_attack
 from clients.drift import validate_drift
 from clients.optim import OPTIMIZERS
 from fl import config as ground
-from fl.config_privacy import require
+from fl.checks import require
 from privacy import ClientLevelSettings
 from privacy.config import validate_privacy
 

@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Self
 import torch
 from flwr.app import ArrayRecord
 
+from fl.checks import require
 from fl.config_defence import DefenceConfig
 from fl.wire import from_record
 from strategies import robust_math as rm
@@ -22,12 +23,6 @@ MEDIAN = "median"
 """The word for "the round's median" in `strategy.defence_bound` and `strategy.max_examples_weight`."""
 
 
-def require(ok: bool, key: str, value: object, fix: str) -> None:
-    """Raise ValueError naming `strategy.<key>` unless `ok`."""
-    if not ok:
-        raise ValueError(f"strategy.{key}={value!r} is invalid: {fix}")
-
-
 def number_or(value: object, word: str, key: str) -> float | None:
     """`value` as a positive float, or None when it is `word` (errors name `strategy.<key>`)."""
     if str(value) == word:
@@ -36,7 +31,7 @@ def number_or(value: object, word: str, key: str) -> float | None:
         x = float(str(value))
     except ValueError:
         x = float("nan")
-    require(x > 0, key, value, f"use a number > 0 or {word}.")
+    require(x > 0, f"strategy.{key}", value, f"use a number > 0 or {word}.")
     return x
 
 

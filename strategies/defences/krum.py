@@ -14,9 +14,10 @@ from typing import ClassVar
 
 import numpy as np
 
+from fl.checks import require
 from fl.config_defence import DefenceConfig
 from strategies import robust_math as rm
-from strategies.defences.base import Defence, Kept, UpdateSpace, keep_all, require
+from strategies.defences.base import Defence, Kept, UpdateSpace, keep_all
 from strategies.screening import Reply
 from strategies.stats import RoundStats
 
@@ -38,7 +39,7 @@ class Krum(Defence):
     client_dp_problem: ClassVar[str | None] = "a Krum pick moves by more than C/m when one client changes"
 
     def __init__(self, krum_f: int = 1) -> None:
-        require(krum_f >= 0, "krum_f", krum_f, "f, the hostile clients tolerated, must be >= 0.")
+        require(krum_f >= 0, "strategy.krum_f", krum_f, "f, the hostile clients tolerated, must be >= 0.")
         self.f = int(krum_f)
 
     def keep(self, n: int) -> int:

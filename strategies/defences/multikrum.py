@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from fl.checks import require
 from fl.config_defence import DefenceConfig
-from strategies.defences.base import require
 from strategies.defences.krum import Krum, KrumConfig
 
 
@@ -26,7 +26,7 @@ class MultiKrum(Krum):
 
     def __init__(self, krum_f: int = 1, multikrum_m: int | None = None) -> None:
         super().__init__(krum_f)
-        require(multikrum_m is None or multikrum_m >= 1, "multikrum_m", multikrum_m, "keep at least 1 update.")
+        require(multikrum_m is None or multikrum_m >= 1, "strategy.multikrum_m", multikrum_m, "keep at least 1 update.")
         self.m = None if multikrum_m is None else int(multikrum_m)
 
     def keep(self, n: int) -> int:

@@ -15,10 +15,11 @@ from typing import Any, ClassVar, Self
 
 import numpy as np
 
+from fl.checks import require
 from fl.config_defence import DefenceConfig
 from privacy import ClientLevelSettings
 from strategies import robust_math as rm
-from strategies.defences.base import MEDIAN, Defence, Kept, UpdateSpace, keep_all, number_or, record_clip, require
+from strategies.defences.base import MEDIAN, Defence, Kept, UpdateSpace, keep_all, number_or, record_clip
 from strategies.screening import Reply
 from strategies.stats import RoundStats
 
@@ -49,7 +50,10 @@ class NormBound(Defence):
 
     def __init__(self, bound: float | str | None = None, *, dp_clip: bool = False) -> None:
         require(
-            bound is not None, "defence_bound", bound, f"strategy.defence={self.name} needs a bound > 0 or {MEDIAN}."
+            bound is not None,
+            "strategy.defence_bound",
+            bound,
+            f"strategy.defence={self.name} needs a bound > 0 or {MEDIAN}.",
         )
         self.bound = number_or(bound, MEDIAN, "defence_bound")  # None: the round's median
         self.dp_clip = dp_clip
@@ -64,7 +68,7 @@ class NormBound(Defence):
             return cls(bound)
         require(
             bound is None or number_or(bound, MEDIAN, "defence_bound") == client.clip_norm,
-            "defence_bound",
+            "strategy.defence_bound",
             bound,
             f"under client-level DP the norm bound is privacy.client.clip_norm={client.clip_norm}: "
             "leave strategy.defence_bound unset.",

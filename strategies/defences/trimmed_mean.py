@@ -11,9 +11,10 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from fl.checks import require
 from fl.config_defence import DefenceConfig
 from strategies import robust_math as rm
-from strategies.defences.base import Kept, UpdateSpace, require
+from strategies.defences.base import Kept, UpdateSpace
 from strategies.defences.coordinate import CoordinateRule
 from strategies.screening import Reply
 from strategies.stats import RoundStats
@@ -33,7 +34,9 @@ class TrimmedMean(CoordinateRule):
     schema: ClassVar[type[DefenceConfig]] = TrimmedMeanConfig
 
     def __init__(self, trim_fraction: float = 0.2) -> None:
-        require(0 <= trim_fraction < 0.5, "trim_fraction", trim_fraction, "cut a fraction in [0, 0.5) at each end.")
+        require(
+            0 <= trim_fraction < 0.5, "strategy.trim_fraction", trim_fraction, "cut a fraction in [0, 0.5) at each end."
+        )
         self.cut = float(trim_fraction)
 
     def rule(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
