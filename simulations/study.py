@@ -106,7 +106,8 @@ def study_groups(runs: list[dict[str, Any]]) -> pd.DataFrame:
         extra = {k: v for k, v in g["axis"].items() if k not in LAYOUT_KEYS and not k.startswith("data.min_")}
         method = method_label(first) + (" (" + ", ".join(f"{k}={v}" for k, v in extra.items()) + ")" if extra else "")
         finals = [float(m["final_accuracy"]) for m in g["runs"]]
-        bests = [float(m.get("best_accuracy", float("nan"))) for m in g["runs"]]
+        # runs without a validation split have no validation-chosen round: NaN, never a round chosen on test data
+        bests = [float(m["best_accuracy"]) if m.get("best_accuracy") is not None else float("nan") for m in g["runs"]]
         majorities = [m.get("majority") for m in g["runs"]]
         flops = [m.get("did_not_learn") for m in g["runs"]]
         rows.append(
