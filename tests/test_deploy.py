@@ -1,7 +1,8 @@
 """Flower's Deployment Runtime on 127.0.0.1 (fl-deploy): TLS + SuperNode authentication, 2 SuperNodes, Fed-SB.
 
-One deployment serves most tests: it must write a simulation's outputs with a simulation's numbers, refuse a
-node with an unregistered key and a node without TLS, and leave no Flower process behind.
+One deployment serves most tests: it must write a simulation's outputs with a simulation's numbers (those of the
+in-process run, which are the Simulation Runtime's), refuse a node with an unregistered key and a node without
+TLS, and leave no Flower process behind.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+from loop_grid import LoopGrid
 
-from fl.app.simulation import run_simulation
+from fl.app.server_app import run_server
 from fl.deploy import CONNECTION, LocalFederation, deploy, flower_exit_code, flwr_cli, prepare_overrides
 from fl.deploy.certs import create_federation_credentials, create_node_keys
 from fl.outputs import read_metrics
@@ -93,7 +95,9 @@ def test_deployment_writes_a_simulations_outputs(deployed: Deployed) -> None:
 
 @pytest.mark.slow
 def test_deployment_ends_where_the_simulation_does(deployed: Deployed, tmp_path: Path) -> None:
-    sim = read_metrics(run_simulation([*deployed.overrides, f"run_dir={tmp_path / 'sim'}"]))
+    # the reference runs in-process (the real ServerApp and ClientApp, `LoopGrid`), which ends exactly where the
+    # Simulation Runtime does (test_reliability.py), without another ~30 s of Ray start-up
+    sim = read_metrics(run_server(LoopGrid(2), [*deployed.overrides, f"run_dir={tmp_path / 'sim'}"]))
     dep = read_metrics(deployed.run_dir)
     for rs, rd in zip(sim, dep, strict=True):
         for key in ("accuracy", "bytes_up", "bytes_down", "floats_up", "floats_down", "aggregated"):
@@ -150,10 +154,6 @@ def test_sigterm_mid_run_stops_every_process_of_a_warm_insecure_deployment(tiny:
 def test_mixed_ranks_from_each_supernodes_node_config(tiny: list[str], tmp_path: Path) -> None:
     """Two SuperNodes saying their own rank (`--node-config "... lora-rank=r"`), FlexLoRA across them: each
     client trains at its node's rank, and the run ends where the in-process run with those ranks ends."""
-    from loop_grid import LoopGrid
-
-    from fl.app.server_app import run_server
-
     job = [*tiny, "strategy=flexlora", "strategy.rank=4", "sim.num_clients=2", "sim.rounds=2"]
     ranks = {0: {"lora-rank": "2"}, 1: {"lora-rank": "4"}}
     dep = read_metrics(deploy([*job, f"run_dir={tmp_path / 'dep'}"], insecure=True, timeout=600, node_configs=ranks))

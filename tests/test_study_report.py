@@ -1,8 +1,8 @@
 """fl-report on a study: per-client-count pivots, "did not learn" marks, readable labels, pair verdicts.
 
-Two real tiny runs (FedIT, FFA-LoRA; one round, 2 clients: cells of the session's sweep) give the run-folder
-format; copies of them with another seed, another partitioning and set final accuracies make a 2-seed, 2-column
-study whose numbers are known.
+Two real tiny runs (FedIT, FFA-LoRA; one round, 2 clients; in-process through the real ServerApp and ClientApp,
+which write what a sweep's `fl-sim` cell writes) give the run-folder format; copies of them with another seed,
+another partitioning and set final accuracies make a 2-seed, 2-column study whose numbers are known.
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from loop_grid import LoopGrid
 from omegaconf import OmegaConf
 
 from fl import constants as K
+from fl.app.server_app import run_server
 from simulations.report import report
 from simulations.study import majority_share
 from simulations.sweep import expand, load_sweep
@@ -39,16 +41,10 @@ def _copy(src: Path, dst: Path, *, seed: int, alpha: float | None, final: float,
 
 
 @pytest.fixture(scope="module")
-def study(
-    tiny_sweep: tuple[Path, list[str]], tmp_path_factory: pytest.TempPathFactory
-) -> tuple[Path, dict[str, float]]:
-    base, _ = tiny_sweep  # the session's real sweep (conftest.py); its 2-client cells are copied, never changed
-    real = {}
-    for c in (base / "cells").iterdir():
-        cfg = OmegaConf.load(c / K.CONFIG_FILE)
-        if int(cfg.sim.num_clients) == 2:
-            real[str(cfg.strategy.name)] = c
-    assert set(real) == {"fedit", "ffa_lora"}
+def study(tiny: list[str], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, float]]:
+    runs = tmp_path_factory.mktemp("runs")
+    job = [*tiny, "sim.rounds=1", "data.partitioner=iid", "sim.num_clients=2"]
+    real = {s: run_server(LoopGrid(2), [*job, f"strategy={s}", f"run_dir={runs / s}"]) for s in ("fedit", "ffa_lora")}
     root = tmp_path_factory.mktemp("study")
     cfg = OmegaConf.load(real["fedit"] / K.CONFIG_FILE)
     floor = {s: majority_share(OmegaConf.merge(cfg, {"seed": s})) for s in (0, 1)}
