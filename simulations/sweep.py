@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fl.app.cli import exit_on_user_error
 from fl.app.config import CONFIG_DIR, compose
+from fl.app.processes import die_with_parent
 from fl.app.progress import clock
 from fl.checkpoint import CHECKPOINT_FILE
 
@@ -125,7 +126,15 @@ def run_sweep(
             entry["resumed"] = True
         started = time.monotonic()
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+            # the cell's fl-sim dies with the sweep (a stopped sweep used to leave its running cell behind)
+            proc = subprocess.run(
+                cmd,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=os.environ.copy(),
+                preexec_fn=die_with_parent(),
+            )
             ok = proc.returncode == 0 and (Path(entry["dir"]) / "summary.json").is_file()
             tail = (proc.stdout + proc.stderr)[-4000:]
         except subprocess.TimeoutExpired as e:
