@@ -60,7 +60,7 @@ def make_loader(
 
     `group_by_length` draws them with transformers' `LengthGroupedSampler` (as `Trainer(group_by_length=True)`):
     a shuffled order cut into mega-batches of 50 batches, each sorted by length, so a batch holds examples of
-    similar length and pads little (a MiniLM step on the tweets ~0.6x; BENCHMARKS.md, issue 22).
+    similar length and pads little (a MiniLM step on the tweets ~0.6x; BENCHMARKS.md, overheads).
     """
     gen = torch.Generator().manual_seed(seed)
     size = min(batch_size, len(dataset))

@@ -64,7 +64,7 @@ SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
 ADAPTER_DIR = "adapter"
 
-# Fed-SB's initialisation exchanges (phase init-grad; issue 12)
+# Fed-SB's initialisation exchanges (phase init-grad)
 INIT_STEP = "init-step"  # ConfigRecord: which init release a client is asked for, one of INIT_STEP_*
 INIT_EXCHANGE = "init-exchange"  # ConfigRecord: 0-based index of this init exchange (seeds its noise)
 INIT_STEP_DENSE = "dense"  # send G_k (every adapted W0's gradient sum)
