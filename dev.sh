@@ -103,7 +103,9 @@ case "$cmd" in
     "$VENV/bin/ruff" check .
     "$VENV/bin/mypy"
     "$VENV/bin/lint-imports"  # the layers of shared/DESIGN.md ([tool.importlinter] in pyproject.toml)
-    exec "$VENV/bin/pytest" -q "$@"
+    # Two pytest-xdist workers, a test module on one of them (its module-scoped runs happen once; tests/conftest.py).
+    # `bash dev.sh test -n 0` runs in one process (a later -n wins).
+    exec "$VENV/bin/pytest" -q -n 2 --dist loadscope "$@"
     ;;
   *)
     setup "$(job_extras "$@")"

@@ -1,4 +1,10 @@
-"""Shared fixtures: quiet offline environment, a tiny config, a per-session data cache."""
+"""Shared fixtures: quiet offline environment, a tiny config, a per-session data cache.
+
+`bash dev.sh test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadscope`): a module's tests run on
+one worker, so a module-scoped run happens once (a fixture that several modules read would run on each worker:
+share runs within a module). Each worker has its own FLWR_HOME and temporary folders (every run also keeps its
+own FLWR_HOME, and every Flower process binds a port the OS picks); the workers share the data cache.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,9 @@ import pytest
 from fl.runtime_env import set_quiet_env
 
 set_quiet_env()
-os.environ.setdefault("FLWR_HOME", str(Path(__file__).resolve().parent.parent / ".flwr"))
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ... under pytest-xdist; unset in a plain run
+_home = Path(os.environ.get("FLWR_HOME") or Path(__file__).resolve().parent.parent / ".flwr")
+os.environ["FLWR_HOME"] = str(_home / WORKER if WORKER else _home)
 
 TINY = [
     "model=tiny",
@@ -25,10 +33,24 @@ TINY = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _torch_on_one_thread() -> None:
+    """Torch on one thread in the test process, as in each simulated client (`sim.client_cpus=1`): the tiny
+    models' matrices gain nothing from a second thread (a golden case: 29 s instead of 57 s on 2 loaded cores),
+    and two xdist workers share 2 cores without oversubscribing them."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """One tokenised-data cache for the whole test session."""
-    return str(tmp_path_factory.mktemp("cache"))
+    """One tokenised-data cache for the whole test session, shared by its xdist workers (writes are atomic)."""
+    if not WORKER:
+        return str(tmp_path_factory.mktemp("cache"))
+    path = tmp_path_factory.getbasetemp().parent / "cache"  # the session's folder, above each worker's own
+    path.mkdir(exist_ok=True)
+    return str(path)
 
 
 @pytest.fixture
@@ -41,22 +63,6 @@ def tiny_overrides(cache_dir: str, tmp_path: Path) -> list[str]:
 def tiny(cache_dir: str) -> list[str]:
     """The tiny-run overrides (no run_dir), with the session's data cache."""
     return [*TINY, f"cache_dir={cache_dir}"]
-
-
-TINY_SWEEP = ["sim.rounds=1", "data.partitioner=iid", "strategy=fedit,ffa_lora", "sim.num_clients=2,3"]
-
-
-@pytest.fixture(scope="session")
-def tiny_sweep(tiny: list[str], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
-    """One real 4-cell `fl-sweep` (FedIT, FFA-LoRA × 2, 3 clients; one round), shared by test_sweep.py and
-    test_study_report.py: each cell is its own `fl-sim` process on Ray (~30 s each), so it runs once."""
-    from simulations.sweep import run_sweep
-
-    sweep_dir = tmp_path_factory.mktemp("sweep")
-    overrides = [*tiny, *TINY_SWEEP]
-    record = run_sweep(overrides, sweep_dir)
-    assert all(c["status"] == "done" for c in record["cells"].values())
-    return sweep_dir, overrides
 
 
 @pytest.fixture

@@ -104,7 +104,7 @@ def test_sigkill_of_fl_sims_process_group_leaves_no_flower_or_ray_process(tiny: 
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         t0 = time.monotonic()
-        while time.monotonic() - t0 < 20:
+        while time.monotonic() - t0 < 60:  # beside another xdist worker's run, two of Ray's agents outlived 20 s
             left = [p for p in seen | set(_of_run(flwr_home)) if _alive(p)]
             if not left:
                 break

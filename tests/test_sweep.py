@@ -24,9 +24,14 @@ def test_ready_sweeps_expand_to_the_grids_they_promise() -> None:
 
 
 @pytest.fixture(scope="module")
-def sweep(tiny_sweep: tuple[Path, list[str]]) -> tuple[Path, list[str]]:
-    """The session's 4-cell sweep (conftest.py): test_study_report.py reads it too and never writes into it."""
-    return tiny_sweep
+def sweep(tiny: list[str], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """One real 4-cell `fl-sweep` (FedIT, FFA-LoRA × 2, 3 clients; one round) read by this module's tests: each
+    cell is its own `fl-sim` process on Ray (~30 s each), so it runs once."""
+    sweep_dir = tmp_path_factory.mktemp("sweep")
+    overrides = [*tiny, "sim.rounds=1", "data.partitioner=iid", "strategy=fedit,ffa_lora", "sim.num_clients=2,3"]
+    record = run_sweep(overrides, sweep_dir)
+    assert all(c["status"] == "done" for c in record["cells"].values())
+    return sweep_dir, overrides
 
 
 def test_sweep_writes_one_run_per_cell_and_a_report(sweep: tuple[Path, list[str]]) -> None:
