@@ -25,7 +25,7 @@ import itertools
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import strategies
@@ -33,6 +33,7 @@ from clients.drift import DRIFTS
 from fl.app.config import compose
 from fl.config import StrategyConfig
 from fl.runtime_env import set_quiet_env
+from strategies.defences.registry import get_defence
 from strategies.robust import DEFENCES
 from strategies.server_opt import SERVER_OPTIMIZERS
 
@@ -63,13 +64,15 @@ def axes() -> dict[str, tuple[str, ...]]:
 
 
 def overrides(cell: Cell) -> list[str]:
-    """The Hydra overrides of a cell (a norm bound is the round's median, or the DP clip under client-level DP)."""
+    """The Hydra overrides of a cell (a defence with a bound gets the round's median, or the DP clip under
+    client-level DP)."""
     out = [f"strategy={cell['strategy']}"]
     if cell["privacy"] != "off":
         out.append(f"privacy={cell['privacy']}")
     if cell["defence"] != "none":
         out.append(f"strategy.defence={cell['defence']}")
-        if cell["defence"] == "norm_bound" and cell["privacy"] != "client":
+        bounded = any(f.name == "defence_bound" for f in fields(get_defence(cell["defence"]).schema))
+        if bounded and cell["privacy"] != "client":
             out.append("strategy.defence_bound=median")
     if cell["ranks"] == "mixed":
         out.append(MIXED_RANKS)

@@ -76,7 +76,7 @@ def failure_line(exc: BaseException) -> str:
 
 
 def failure_site(exc: BaseException) -> str:
-    """Where `exc` was raised, e.g. ``strategies/defences.py:120 in aggregate, round 1 aggregation``."""
+    """Where `exc` was raised, e.g. ``strategies/defences/median.py:40 in aggregate, round 1 aggregation``."""
     frames = [(f, line) for f, line in traceback.walk_tb(exc.__traceback__)]
     parts: list[str] = []
     ours = [(f, line) for f, line in frames if _is_ours(f.f_code.co_filename)]
@@ -127,7 +127,7 @@ def _is_ours(filename: str) -> bool:
 
 
 def _short_path(filename: str) -> str:
-    """`filename` relative to the import root it is under (``strategies/defences.py``), else as it is."""
+    """`filename` relative to the import root it is under (``strategies/defences/median.py``), else as it is."""
     path = Path(filename)
     roots = [Path(p).resolve() for p in sys.path if p and Path(p).is_dir()]
     under = [r for r in roots if r in path.resolve().parents]

@@ -61,12 +61,6 @@ class Workspace:
         releases = get_strategy(str(self.cfg.strategy.name)).client_init_releases(self.cfg)
         return PrivacySettings.from_config(self.cfg, init_releases=releases)
 
-    def fresh_base(self) -> torch.nn.Module:
-        """A new base model like the one `model` wraps, on CPU (for export)."""
-        return load_base_model(
-            self.cfg.model, num_labels=self.num_labels, seed=int(self.cfg.seed), cache_dir=self.cfg.cache_dir
-        )
-
 
 _CACHE: dict[tuple[tuple[str, ...], int | None], Workspace] = {}
 CACHE_SIZE = 4  # workspaces kept per process: one per rank a process serves in a heterogeneous federation
