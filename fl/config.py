@@ -147,6 +147,9 @@ class SimConfig:
     client_cpus: float = 1.0  # Ray CPUs per virtual client (2 cores here -> 2 clients at once)
     client_gpus: float = 0.0  # Ray GPUs per virtual client (0.25 = four clients share a GPU)
     ray_address: str | None = None  # an existing Ray cluster (e.g. auto); default: start a local Ray
+    # CPUs of the local Ray the run starts (null: every core of this machine); a sweep's parallel cells each
+    # take their share (simulations/launch.py). Ignored with ray_address: a cluster owns its resources.
+    cpus: int | None = None
     timeout: float = 3600.0  # seconds the server waits for a round's replies
     # heterogeneous ranks (fl.ranks): a list cycled over partition ids (or drawn from it, seeded); null: strategy.rank
     client_ranks: list[int] | None = None
@@ -387,6 +390,12 @@ def validate(cfg: DictConfig) -> None:
     )
     _require(cfg.log_level in LOG_LEVELS, "log_level", cfg.log_level, f"use one of {', '.join(LOG_LEVELS)}.")
     _require(sim.client_gpus >= 0, "sim.client_gpus", sim.client_gpus, "use 0 or a (fractional) GPU count.")
+    _require(
+        sim.cpus is None or sim.cpus >= sim.client_cpus,
+        "sim.cpus",
+        sim.cpus,
+        f"use null (every core) or at least sim.client_cpus={sim.client_cpus:g} (one client must fit).",
+    )
 
 
 def to_yaml(cfg: DictConfig) -> str:

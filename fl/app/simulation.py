@@ -116,7 +116,7 @@ def federation_config(cfg: DictConfig) -> dict[str, Any]:
         "verbose": str(cfg.log_level) == "debug",
     }
     if not cfg.sim.ray_address:  # a cluster owns its resources; a local Ray gets this machine's cores
-        fc["init-args-num-cpus"] = os.cpu_count() or 1
+        fc["init-args-num-cpus"] = int(cfg.sim.cpus or os.cpu_count() or 1)
     return fc
 
 
