@@ -178,10 +178,12 @@ def test_a_resumed_scaffold_run_with_adam_ends_where_the_uninterrupted_one_ends(
     from fl.app.cli import resume_overrides
 
     run_server(LoopGrid(NODES), _job(tiny, tmp_path / "full"))
-    run_server(LoopGrid(NODES), _job(tiny, tmp_path / "part", "sim.rounds=1"))
+    run_server(LoopGrid(NODES), _job(tiny, tmp_path / "first", "sim.rounds=1"))
+    (tmp_path / "first").rename(tmp_path / "part")  # a moved run folder resumes where it now is
     saved = Checkpoint.load(tmp_path / "part").strategy_state["scaffold"]
     assert set(saved["clients"]) == {0, 1, 2} and any(bool(t.abs().sum() > 0) for t in saved["c"].values())
     run_server(LoopGrid(NODES), resume_overrides(str(tmp_path / "part"), ["sim.rounds=2"]))  # fresh client contexts
+    assert not (tmp_path / "first").exists()
     full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "part")
     assert [r["round"] for r in resumed] == [0, 1, 2]
     for a, b in zip(full, resumed, strict=True):

@@ -90,12 +90,14 @@ def setup_logging() -> None:
 
 
 def resume_overrides(run_dir: str, cli: list[str]) -> list[str]:
-    """The checkpoint's overrides, then any given now (e.g. more `sim.rounds`), then `resume=`."""
+    """The checkpoint's overrides, then any given now (e.g. more `sim.rounds`), then `resume=`; the run folder is
+    the one resumed from, wherever the run first wrote (a moved or renamed folder keeps its outputs)."""
     from fl.checkpoint import Checkpoint
 
     ckpt = Checkpoint.load(run_dir)
+    saved = [o for o in ckpt.overrides if not o.startswith("run_dir=")]
     extra = [o for o in cli if not o.startswith(("resume=", "run_dir="))]
-    return [*ckpt.overrides, *extra, f"resume={run_dir}"]
+    return [*saved, *extra, f"run_dir={run_dir}", f"resume={run_dir}"]
 
 
 class _Terminated(KeyboardInterrupt):
