@@ -4,6 +4,7 @@ from strategies.fed_sb import FedSB
 from strategies.fedex_lora import FedExLoRA
 from strategies.fedit import FedIT
 from strategies.fedsa_lora import FedSALoRA
+from strategies.fedsvd import FedSVD
 from strategies.ffa_lora import FFALoRA
 from strategies.flexlora import FlexLoRA
 from strategies.flora import FLoRA
@@ -20,6 +21,7 @@ register("flora", FLoRA)
 register("flexlora", FlexLoRA)
 register("hetlora", HetLoRA)
 register("fedsa_lora", FedSALoRA)
+register("fedsvd", FedSVD)
 
 __all__ = [
     "FFALoRA",
@@ -27,6 +29,7 @@ __all__ = [
     "FedIT",
     "FedSALoRA",
     "FedSB",
+    "FedSVD",
     "FlexLoRA",
     "HetLoRA",
     "LoraFAIR",
