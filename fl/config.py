@@ -131,6 +131,9 @@ class TrainConfig:
     # batches of similar-length examples (transformers' LengthGroupedSampler): less padding, a cheaper step; DP
     # runs keep Opacus' Poisson sampling (its accounting assumes it), so there it does nothing
     group_by_length: bool = False
+    # FedLC's logit calibration (Zhang et al., ICML 2022): each client's logits shifted by τ·n_c^(-1/4) of its own
+    # label counts in its training loss; 0 = plain cross-entropy (clients.calibration)
+    fedlc_tau: float = 0.0
 
 
 @dataclass

@@ -1,10 +1,9 @@
 """The Flower ClientApp: load the server's tensors, train locally, reply with the trainable tensors.
 
 The config comes from the overrides in each message (the server's), composed with `fl.config.compose`, so every
-client sees the server's config whichever way the run was started. What a client keeps between the rounds it joins
-is `fl.app.client_state`'s; its privacy (the node's policy and budgets, the accountant, DP-SGD and its noise) is
-`privacy.session.ClientPrivacy`'s. Per-client evaluation scores the model a client would keep on its held-out share
-(`data.client_test_fraction`).
+client sees the server's config whichever way the run was started. What a client keeps between rounds is
+`fl.app.client_state`'s; its privacy (policy, budgets, accountant, DP-SGD) `privacy.session.ClientPrivacy`'s.
+Per-client evaluation scores the model a client would keep on its held-out share (`data.client_test_fraction`).
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from flwr.clientapp import ClientApp
 from omegaconf import DictConfig
 
 from clients.attack import attack_for
+from clients.calibration import calibrated_loss
 from clients.drift import client_drift, finish_round
 from clients.evaluate import evaluate
 from clients.fedsb_init import InitSpec, init_gradient_reply
@@ -151,6 +151,7 @@ def train(msg: Message, context: Context) -> Message:
         optimizer_state=kept_optimizer_state(cfg, context),
         group_by_length=bool(cfg.train.group_by_length),
         drift=drift,
+        loss_fn=calibrated_loss(ws.task_def, data, ws.num_labels, float(cfg.train.fedlc_tau)),  # FedLC, else None
     )
     content = RecordDict()
     finish_round(drift, content, context)  # SCAFFOLD: Δc_i in the reply, c_i kept (from the DP-trained model)

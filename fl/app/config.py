@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 import strategies
 from clients.attack import validate_attack
+from clients.calibration import validate_calibration
 from clients.drift import validate_drift
 from clients.optim import OPTIMIZERS
 from fl import config as ground
@@ -61,6 +62,7 @@ def validate_layers(cfg: DictConfig) -> None:
     validate_privacy(cfg)
     validate_attack(cfg)
     validate_drift(cfg)
+    validate_calibration(cfg)
     cls = strategies.get_strategy(str(cfg.strategy.name))
     # A throwaway build: FedAvg's notes (e.g. on fraction_evaluate) come with the run's own build.
     flwr_log = logging.getLogger("flwr")

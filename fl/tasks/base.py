@@ -9,7 +9,7 @@ the task; adding one is a module in `fl/tasks/` registered by its `model.task` n
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -27,6 +27,7 @@ class Task(ABC):
 
     name: ClassVar[str]
     class_labels: ClassVar[bool] = False  # examples carry one class label each (a label-flip attack needs them)
+    logit_calibration: ClassVar[bool] = False  # `calibrated_loss` exists (FedLC, `train.fedlc_tau`)
 
     @abstractmethod
     def build_model(
@@ -60,6 +61,11 @@ class Task(ABC):
     @abstractmethod
     def trained_modules(self, model: PreTrainedModel) -> list[str]:
         """Modules trained and averaged in full besides the adapter (PEFT ``modules_to_save``)."""
+
+    def calibrated_loss(self, shift: torch.Tensor) -> Callable[[Any, Mapping[str, torch.Tensor]], torch.Tensor]:
+        """Each example's cross-entropy on the class logits minus `shift` (one value per class): FedLC's
+        calibrated loss (`clients.calibration`); only tasks with ``logit_calibration`` have one."""
+        raise NotImplementedError(f"model.task={self.name} has no class logits to calibrate (train.fedlc_tau)")
 
     def model_inputs(self, batch: Mapping[str, torch.Tensor]) -> Batch:
         """The model's keyword inputs (the batch without ``labels``, so the model does not compute a loss)."""

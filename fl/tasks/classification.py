@@ -8,7 +8,7 @@ and padded per batch (`collate`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import datasets
@@ -117,6 +117,7 @@ class Classification(Task):
 
     name = NAME
     class_labels = True
+    logit_calibration = True
 
     def build_model(
         self, model_cfg: DictConfig, *, num_labels: int, seed: int, cache_dir: str | None = None
@@ -171,6 +172,13 @@ class Classification(Task):
 
     def per_example_loss(self, outputs: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(outputs.logits.float(), batch["labels"], reduction="none")
+
+    def calibrated_loss(self, shift: torch.Tensor) -> Callable[[Any, Mapping[str, torch.Tensor]], torch.Tensor]:
+        def loss(outputs: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+            logits = outputs.logits.float() - shift.to(outputs.logits.device)
+            return torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+
+        return loss
 
     @torch.no_grad()
     def evaluate(
