@@ -19,10 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import itertools
-import json
-import os
 import re
-import subprocess
 import sys
 import time
 from datetime import datetime
@@ -35,9 +32,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from fl.app.cli import exit_on_user_error
 from fl.app.config import CONFIG_DIR, compose
-from fl.app.processes import die_with_parent
 from fl.app.progress import clock
 from fl.checkpoint import CHECKPOINT_FILE
+from simulations.launch import LAUNCHERS, SWEEP_FILE, Launch, launch_cells, write_json
 
 SWEEP_DIR = CONFIG_DIR / "sweep"
 
@@ -90,68 +87,76 @@ def cell_id(cell: list[str], axes_keys: list[str]) -> str:
 
 
 def run_sweep(
-    overrides: list[str], sweep_dir: Path, *, cases: list[list[str]] | None = None, timeout: float | None = None
+    overrides: list[str],
+    sweep_dir: Path,
+    *,
+    cases: list[list[str]] | None = None,
+    timeout: float | None = None,
+    launch: Launch | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) every cell; returns the sweep record also written to sweep.json."""
+    """Run (or resume) every cell through Hydra's launcher `launch` (default: one after another here); returns
+    the sweep record also written to sweep.json.
+
+    Hydra's multirun runs the cells (`simulations.launch`); what it does not do is kept here: the cases (axes
+    that are not a product), a stable folder per cell, skipping the cells that finished and resuming the
+    stopped ones from their checkpoints (Hydra starts every job afresh, numbered by position), recording each
+    cell's end in sweep.json as it comes and the progress line with its ETA (a sweeper learns of its jobs only
+    when the whole batch returns), and a failed cell that does not end the others (Hydra's sweepers raise on
+    the first failed job).
+    """
+    launch = launch or Launch()
     cells = expand(overrides, cases)
     keys = [o.split("=", 1)[0] for o in overrides if "," in o.split("=", 1)[-1] or "(" in o.split("=", 1)[-1]]
     keys += [o.split("=", 1)[0] for case in cases or [] for o in case]
     for cell in cells:  # every cell's config must compose before anything runs
         compose(cell)
+    sweep_dir = sweep_dir.resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    record_path = sweep_dir / "sweep.json"
-    record: dict[str, Any] = {"overrides": overrides, "cells": {}}
-    t0, done_now = time.monotonic(), 0
+    record_path = sweep_dir / SWEEP_FILE
+    record: dict[str, Any] = {"overrides": overrides, "launcher": launch.launcher, "cells": {}}
     pending = []
     for cell in cells:
         cid = cell_id(cell, keys)
         run_dir = sweep_dir / "cells" / cid
-        record["cells"][cid] = {"overrides": cell, "dir": str(run_dir), "status": "pending"}
+        entry: dict[str, Any] = {"overrides": cell, "dir": str(run_dir), "status": "pending"}
+        record["cells"][cid] = entry
         if (run_dir / "summary.json").is_file():
-            record["cells"][cid]["status"] = "done"
-        else:
-            pending.append(cid)
-    _write(record_path, record)
+            entry["status"] = "done"
+            continue
+        pending.append(cid)
+        entry["tracking"] = tracking_overrides(cell, sweep_dir, cid, keys)
+        entry["checkpoint"] = str(run_dir / CHECKPOINT_FILE)
+        if (run_dir / CHECKPOINT_FILE).is_file():  # a cell stopped mid-run continues from its last complete round
+            entry["resume"] = True
+    write_json(record_path, record)
     total = len(pending)
-    print(f"fl-sweep: {len(cells)} cells, {len(cells) - total} already done, {total} to run -> {sweep_dir}")
-    for i, cid in enumerate(pending):
+    print(
+        f"fl-sweep: {len(cells)} cells, {len(cells) - total} already done, {total} to run "
+        f"({launch.launcher} launcher) -> {sweep_dir}"
+    )
+    t0, ended = time.monotonic(), 0
+
+    def on_status(cid: str, status: dict[str, Any]) -> None:
+        nonlocal ended
         entry = record["cells"][cid]
-        _progress(i, total, t0, done_now, cid)
-        track = tracking_overrides(entry["overrides"], sweep_dir, cid, keys)
-        cmd = [sys.executable, "-m", "fl.app.cli", *entry["overrides"], *track, f"hydra.run.dir={entry['dir']}"]
-        checkpoint = Path(entry["dir"]) / CHECKPOINT_FILE
-        if checkpoint.is_file():  # a cell stopped mid-run continues from its last complete round
-            cmd = [sys.executable, "-m", "fl.app.cli", f"resume={entry['dir']}", *track]
-            cmd.append(f"hydra.run.dir={entry['dir']}")
-            entry["resumed"] = True
-        started = time.monotonic()
-        try:
-            # the cell's fl-sim dies with the sweep (a stopped sweep used to leave its running cell behind)
-            proc = subprocess.run(
-                cmd,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                env=os.environ.copy(),
-                preexec_fn=die_with_parent(),
-            )
-            ok = proc.returncode == 0 and (Path(entry["dir"]) / "summary.json").is_file()
-            tail = (proc.stdout + proc.stderr)[-4000:]
-        except subprocess.TimeoutExpired as e:
-            ok, tail = False, f"timed out after {timeout} s: {e}"
-        entry["seconds"] = time.monotonic() - started
-        entry["status"] = "done" if ok else "failed"
-        if not ok:
-            Path(entry["dir"]).mkdir(parents=True, exist_ok=True)
-            (Path(entry["dir"]) / "FAILED.txt").write_text(tail)
-            entry["error"] = tail.strip().splitlines()[-1] if tail.strip() else "no output"
-            if entry.get("resumed") and checkpoint.is_file():  # a checkpoint that cannot resume: start over next time
-                os.replace(checkpoint, checkpoint.with_suffix(".failed-resume"))
-            print(f"  cell {cid} FAILED: {entry['error']}", file=sys.stderr)
-        else:
-            done_now += 1
-        _write(record_path, record)
-    _progress(total, total, t0, done_now, "")
+        entry.update(status)
+        entry.pop("resume", None)
+        ended += 1
+        if status["status"] == "failed":
+            print(f"  cell {cid} FAILED: {status['error']}", file=sys.stderr)
+        write_json(record_path, record)
+        _progress(ended, total, t0, cid)
+
+    if pending:
+        _progress(0, total, t0, "")
+        broken = launch_cells(sweep_dir, pending, launch, timeout=timeout, on_status=on_status)
+        for cid in pending:  # cells the launcher never ran (e.g. a Slurm submission refused)
+            if record["cells"][cid]["status"] == "pending":
+                on_status(cid, {"status": "failed", "error": broken or "the launcher did not run it"})
+    for entry in record["cells"].values():
+        for key in ("tracking", "checkpoint", "resume"):
+            entry.pop(key, None)
+    write_json(record_path, record)
     failed = [c for c, e in record["cells"].items() if e["status"] == "failed"]
     print(
         f"fl-sweep: {len(cells) - len(failed)}/{len(cells)} cells done, {len(failed)} failed. "
@@ -181,21 +186,16 @@ def tracking_overrides(cell: list[str], sweep_dir: Path, cid: str, keys: list[st
     return out
 
 
-def _progress(i: int, total: int, t0: float, done: int, cid: str) -> None:
-    """Cells done of total, elapsed, and an ETA from the mean time of the cells run so far."""
+def _progress(ended: int, total: int, t0: float, cid: str) -> None:
+    """Cells ended of total, elapsed, and an ETA from the mean time per ended cell so far (with parallel cells,
+    their throughput)."""
     elapsed = time.monotonic() - t0
-    eta = elapsed / i * (total - i) if i else float("nan")
+    eta = elapsed / ended * (total - ended) if ended else float("nan")
     width = 30
-    bar = "#" * int(width * i / max(total, 1))
+    bar = "#" * int(width * ended / max(total, 1))
     eta_s = "?" if eta != eta else clock(eta)
-    line = f"[{bar:<{width}}] cells {i}/{total} done · elapsed {clock(elapsed)} · ETA {eta_s}"
+    line = f"[{bar:<{width}}] cells {ended}/{total} done · elapsed {clock(elapsed)} · ETA {eta_s}"
     print(f"{line}  {cid}" if cid else line, flush=True)
-
-
-def _write(path: Path, record: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, path)
 
 
 def run_named(name: str, extra: list[str], sweep_dir: str | Path) -> None:
@@ -209,27 +209,53 @@ def run_named(name: str, extra: list[str], sweep_dir: str | Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`fl-sweep [sweep=NAME] [overrides...] [--dir DIR] [--timeout S]`."""
+    """`fl-sweep [sweep=NAME] [overrides...] [--dir DIR] [--timeout S] [--launcher L --jobs N --cpus C ...]`."""
     ap = argparse.ArgumentParser(prog="fl-sweep", description="Run a grid of fl-sim runs (resumable).")
     ap.add_argument(
-        "overrides", nargs="*", help="Hydra overrides; comma lists are swept; sweep=NAME loads a ready grid"
+        "overrides",
+        nargs="*",
+        help="Hydra overrides; comma lists are swept; sweep=NAME loads a ready grid; hydra.launcher.* go to it",
     )
     ap.add_argument("--dir", help="sweep folder (default multirun/<date>/<time>); reuse it to resume")
     ap.add_argument("--timeout", type=float, default=None, help="seconds per cell before it counts as failed")
+    ap.add_argument("--launcher", default="basic", choices=LAUNCHERS, help="Hydra launcher (default: one at a time)")
+    ap.add_argument("--jobs", type=int, default=None, help="cells at once (joblib workers, Slurm array parallelism)")
+    ap.add_argument("--cpus", type=int, default=None, help="CPUs per cell (default: this machine's cores / --jobs)")
+    ap.add_argument("--gpus", type=int, default=0, help="GPUs per cell (Submitit)")
+    ap.add_argument("--mem-gb", type=int, default=None, help="memory per cell in GB (Submitit)")
+    ap.add_argument("--ray-address", default=None, help="--launcher ray: the cluster every cell's simulation joins")
     args = ap.parse_args(argv)
     overrides: list[str] = []
+    extra: list[str] = []
     cases: list[list[str]] = []
     for o in args.overrides:
         if o.startswith("sweep="):
             more, cases = exit_on_user_error("fl-sweep", partial(load_sweep, o.split("=", 1)[1]))
             overrides.extend(more)
+        elif o.startswith(("hydra.launcher.", "hydra/launcher=")):
+            extra.append(o)
         else:
             overrides.append(o)
     if not cases and not any("," in o for o in overrides):
         print("fl-sweep: no swept value (use a=1,2 or sweep=NAME); running a single cell.", file=sys.stderr)
+    jobs = args.jobs or (1 if args.launcher in ("basic", "ray") else 2)
+    launch = exit_on_user_error(
+        "fl-sweep",
+        lambda: Launch(
+            args.launcher,
+            jobs=jobs,
+            cpus=args.cpus,
+            gpus=args.gpus,
+            mem_gb=args.mem_gb,
+            ray_address=args.ray_address,
+            extra=extra,
+        ),
+    )
     now = datetime.now()
     sweep_dir = Path(args.dir or Path("multirun") / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S"))
-    record = exit_on_user_error("fl-sweep", lambda: run_sweep(overrides, sweep_dir, cases=cases, timeout=args.timeout))
+    record = exit_on_user_error(
+        "fl-sweep", lambda: run_sweep(overrides, sweep_dir, cases=cases, timeout=args.timeout, launch=launch)
+    )
     sys.exit(1 if any(e["status"] == "failed" for e in record["cells"].values()) else 0)
 
 
