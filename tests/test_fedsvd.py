@@ -7,6 +7,7 @@ reports the ε its plan promised."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from fl.outputs import read_metrics
 from fl.tasks import load_base_model
 from fl.tasks.classification import collate
 from fl.wire import from_record
+from privacy import client_plan
 from strategies import get_strategy
 from strategies.svd_math import (
     from_frame,
@@ -129,9 +131,12 @@ def _job(tiny: list[str], run_dir: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def federation(tiny: list[str], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], LoopGrid]:
-    """Two rounds with per-client evaluation; the grid keeps each node's Context.state."""
+    """Two rounds with per-client evaluation and a defence (the median of 2 is their mean: the path, not its
+    effect); the grid keeps each node's Context.state."""
     run_dir = tmp_path_factory.mktemp("fedsvd") / "run"
-    overrides = _job(tiny, run_dir, "sim.fraction_evaluate=1.0", "data.client_test_fraction=0.2")
+    overrides = _job(
+        tiny, run_dir, "sim.fraction_evaluate=1.0", "data.client_test_fraction=0.2", "strategy.defence=median"
+    )
     grid = LoopGrid(NODES)
     return run_server(grid, overrides), overrides, grid
 
@@ -142,6 +147,7 @@ def test_each_round_is_exact_and_the_downlink_carries_the_new_a(federation: Any)
     assert [r["round"] for r in rows] == [0, 1, 2]
     for row in rows[1:]:
         assert row["aggregated"] == NODES and row["residual"] < 1e-6 and row["svd_residual"] < 1e-6
+        assert row["defence"] == "median"
         assert row["floats_up"] == NODES * B_FLOATS
         a_down = NODES * A_FLOATS if row["round"] > 1 else 0  # round 1 starts from the seed's A: no bytes
         assert row["floats_down"] == NODES * B_FLOATS + a_down
@@ -213,17 +219,24 @@ def test_a_resumed_run_with_a_server_optimizer_ends_where_the_uninterrupted_one_
         torch.testing.assert_close(value, other, rtol=1e-5, atol=1e-6)
 
 
-def test_sample_level_dp_reports_the_epsilon_its_plan_promised(tiny: list[str], tmp_path: Path) -> None:
+def test_sample_level_dp_reports_the_epsilon_its_plan_promised_with_a_server_optimizer(
+    tiny: list[str], tmp_path: Path
+) -> None:
+    """DP-SGD on B and the head, FedAvgM on the released B̄ (post-processing): each client's reported ε is an
+    independent RDP recomputation from privacy_plan.json, whose σ, q and steps are the plan without the optimizer."""
     job = _job(tiny, tmp_path / "dp", "privacy=dp", "privacy.target_epsilon=8", "privacy.batch_size=16")
-    rows = read_metrics(run_server(LoopGrid(NODES), [*job, "privacy.accountant=rdp"]))
+    job.append("privacy.accountant=rdp")
+    rows = read_metrics(run_server(LoopGrid(NODES), [*job, "server_opt=avgm"]))
     plans = json.loads((tmp_path / "dp" / "privacy_plan.json").read_text())
-    for p in plans:  # an independent RDP recomputation of every client's ε after both rounds
+    plain = get_workspace(job).privacy  # the same run without a server optimizer
+    for p in plans:
+        assert asdict(client_plan(plain, p["num_examples"])).items() <= p.items()
         acc = RDPAccountant()
         acc.history = [(p["noise_multiplier"], p["sample_rate"], 2 * p["steps_per_round"])]
         p["eps"] = acc.get_epsilon(delta=p["delta"])
     assert rows[2]["epsilon_max"] == pytest.approx(max(p["eps"] for p in plans), rel=1e-6)
     assert 0 < rows[2]["epsilon_max"] <= 8.0 + 1e-6
-    assert rows[2]["svd_residual"] < 1e-6 and rows[2]["residual"] < 1e-6
+    assert rows[2]["svd_residual"] < 1e-6 and rows[2]["residual"] < 1e-6 and rows[2]["server_step_ratio"] > 0
 
 
 def test_compose_refuses_scaffold_and_bad_fields_naming_the_key(tiny: list[str]) -> None:
