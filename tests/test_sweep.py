@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -50,6 +51,19 @@ def test_sweep_writes_one_run_per_cell_and_a_report(sweep: tuple[Path, list[str]
     names = {p.name for p in plots}
     assert {"accuracy_vs_round.png", "accuracy_vs_uplink.png", "accuracy_vs_clients.png"} <= names
     assert all(p.stat().st_size > 5000 for p in plots)
+
+
+def test_the_sequential_sweep_is_the_launchers_reference(sweep: tuple[Path, list[str]]) -> None:
+    """tests/golden_sweep.json holds this sweep's metrics, cell by cell: every Hydra launcher must reproduce them
+    (tests/test_launchers.py). `FEDLORA_RECORD_GOLDEN=1` rewrites it — only on purpose."""
+    from test_launchers import GOLDEN, assert_same_metrics, cell_metrics
+
+    got = cell_metrics(sweep[0])
+    if os.environ.get("FEDLORA_RECORD_GOLDEN", "") not in ("", "0"):
+        GOLDEN.write_text(json.dumps(dict(sorted(got.items())), indent=1) + "\n")
+    want = json.loads(GOLDEN.read_text())
+    assert set(got) == set(want)
+    assert_same_metrics(got, want)
 
 
 def test_interrupted_sweep_resumes_without_redoing_finished_cells(sweep: tuple[Path, list[str]]) -> None:
