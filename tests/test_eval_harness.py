@@ -111,6 +111,14 @@ def test_fl_eval_base_only_scores_the_zero_shot_model_beside_the_adapter(run_dir
     assert saved["base"]["tasks"][MC_TASK]["acc"] == pytest.approx(read_metrics(run_dir)[0]["accuracy"], abs=1e-12)
 
 
+def test_fl_eval_base_scores_a_model_named_by_overrides_without_a_run(cache_dir: str, tmp_path: Path) -> None:
+    out = tmp_path / "zero-shot"
+    main(["--base", *LLAMA, f"cache_dir={cache_dir}", "--out", str(out), "--tasks", MC_TASK, "--limit", "4"])
+    saved = json.loads((out / "eval.json").read_text())
+    assert list(saved) == ["base"] and saved["base"]["tasks"][MC_TASK]["n"] == 4 and saved["base"]["limit"] == 4
+    assert run_config(out).model.name == "tiny_llama"  # the composed config beside it
+
+
 def test_a_base_delta_is_folded_into_w0_before_the_adapter(run_dir: Path, tmp_path: Path) -> None:
     adapter = tmp_path / "adapter"
     shutil.copytree(run_dir / "adapter", adapter)

@@ -18,6 +18,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from fl import constants as K
 from fl.app.eval.harness import HarnessOptions, build_model, require_lm_eval, run_harness, task_metrics
 from fl.app.eval.records import SHIPPED_TASKS, check_tasks, class_counts, heldout_records, write_records, write_tasks
 from fl.app.eval.track import flat_scores, log_scores
+from fl.config import to_yaml
 from fl.models import load_tokenizer
 from fl.outputs import read_metrics, write_atomic
 
@@ -49,21 +51,21 @@ def evaluate(
     which = "base" if adapter_dir is None else "adapter"
     work = out_dir / EVAL_DIR
     tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)
-    entry: dict[str, Any] = {"lm_eval": version, "limit": opts.limit}
+    held: dict[str, Any] = {}
     if any(t in SHIPPED_TASKS for t in opts.tasks):
         rows = heldout_records(cfg, tokenizer)
         check_tasks(list(opts.tasks), rows)
-        records = write_records(rows, work)
-        opts = HarnessOptions(**{**opts.__dict__, "include_path": write_tasks(records, work)})
-        entry.update(heldout_records=len(rows), heldout_classes=class_counts(rows))
+        opts = replace(opts, include_path=write_tasks(write_records(rows, work), work))
+        held = {"heldout_records": len(rows), "heldout_classes": class_counts(rows)}
     t0 = time.perf_counter()
-    model = build_model(cfg, adapter_dir)
-    results = run_harness(model, tokenizer, opts)
+    results = run_harness(build_model(cfg, adapter_dir), tokenizer, opts)
     entry = {
         "model": which,
         "adapter_dir": str(adapter_dir) if adapter_dir is not None else None,
         "tasks": task_metrics(results),
-        **entry,
+        "lm_eval": version,
+        "limit": opts.limit,
+        **held,
         "seconds": time.perf_counter() - t0,
     }
     _write_samples(results.get("samples", {}), work / which)
@@ -138,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
             cfg, out_dir, adapter = compose(args.target), args.out or Path("outputs/eval-base"), None
             out_dir.mkdir(parents=True, exist_ok=True)
-            write_atomic(out_dir / K.CONFIG_FILE, OmegaConf.to_yaml(cfg))
+            write_atomic(out_dir / K.CONFIG_FILE, to_yaml(cfg))
         else:
             if len(args.target) != 1:
                 raise ValueError("give one RUN_DIR (or --base with Hydra overrides).")
