@@ -25,6 +25,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -165,22 +166,27 @@ def run_cell(
         env.update(dict.fromkeys(THREAD_ENVS, str(cpus)))
     status: dict[str, Any] = {"resumed": bool(entry.get("resume")), "host": os.uname().nodename}
     started = time.monotonic()
-    try:
-        # the cell's fl-sim dies with this job (and, through its own children, every process it started)
-        proc = subprocess.run(
-            cell_command(entry, cpus=cpus, ray_address=ray_address),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=env,
-            preexec_fn=die_with_parent(),
-        )
-        ok = proc.returncode == 0 and (run_dir / "summary.json").is_file()
-        tail = (proc.stdout + proc.stderr)[-4000:]
-    except subprocess.TimeoutExpired as e:
-        ok, tail = False, f"timed out after {timeout} s: {e}"
-    except OSError as e:  # e.g. the venv is missing on this node
-        ok, tail = False, f"could not start fl-sim: {e}"
+    with tempfile.TemporaryFile("w+", errors="replace") as output:  # not a pipe: a long log would fill it
+        try:
+            # the cell's fl-sim dies with this job (and, through its own children, every process it started)
+            proc: subprocess.Popen[str] | None = subprocess.Popen(
+                cell_command(entry, cpus=cpus, ray_address=ray_address),
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env=env,
+                preexec_fn=die_with_parent(),
+            )
+        except OSError as e:  # e.g. the venv is missing on this node
+            proc, tail = None, f"could not start fl-sim: {e}"
+        if proc is not None:
+            ended = _follow(proc, timeout=timeout)
+            if ended == "orphaned":  # the launcher is gone (a stopped fl-sweep): the next call plans it again
+                return {"status": "stopped"}
+            output.seek(0)
+            out = output.read()
+            tail = out[-4000:] if ended == "exited" else f"timed out after {timeout} s: {out[-3000:]}"
+    ok = proc is not None and proc.returncode == 0 and (run_dir / "summary.json").is_file()
     status["seconds"] = time.monotonic() - started
     status["status"] = "done" if ok else "failed"
     if not ok:
@@ -192,6 +198,24 @@ def run_cell(
             os.replace(checkpoint, checkpoint.with_suffix(".failed-resume"))
     write_json(status_path(sweep_dir, cid), status)
     return status
+
+
+def _follow(proc: subprocess.Popen[str], *, timeout: float | None) -> str:
+    """Wait for the cell's fl-sim: `exited`, `timeout` (stopped), or `orphaned` (stopped because this job's
+    parent went away: a joblib or Submitit worker outlives a killed multirun, and its cell must not)."""
+    parent = os.getppid()
+    deadline = time.monotonic() + timeout if timeout else None
+    while proc.poll() is None:
+        if os.getppid() != parent or (deadline is not None and time.monotonic() > deadline):
+            proc.terminate()  # fl-sim stops every process it started (SIGTERM), then exits
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            return "orphaned" if os.getppid() != parent else "timeout"
+        time.sleep(POLL)
+    return "exited"
 
 
 def write_json(path: Path, record: dict[str, Any]) -> None:
