@@ -131,6 +131,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:N or auto (default train.device)")
     parser.add_argument("--no-track", action="store_true", help="do not log the scores to the run's tracking backend")
     args = parser.parse_args(argv)
+    try:
+        require_lm_eval()
+    except ImportError as e:
+        parser.exit(2, f"fl-eval: error: {e}\n")
     set_quiet_env()
     setup_logging()
 
