@@ -71,7 +71,7 @@ job_extras() {
   done
 }
 
-FULL=dev,tracking,tune
+FULL=dev,tracking,tune,eval  # eval: lm-evaluation-harness, which fl-eval's tests run
 
 # The default job is the quickstart preset (configs/experiment/quickstart.yaml: MiniLM's top 3 blocks, tweets cut
 # at 40 tokens) unless the command names an experiment, another model or dataset (the preset is tuned for MiniLM
@@ -109,6 +109,7 @@ case "$cmd" in
     ;;
   *)
     setup "$(job_extras "$@")"
+    if [ "$cmd" = fl-eval ]; then setup eval; fi  # lm-evaluation-harness (fl/app/eval/)
     [ -x "$VENV/bin/$cmd" ] || setup "$FULL"  # a dev tool (pytest, ruff, mypy, ...) is not in the core install
     exec "$VENV/bin/$cmd" "$@"
     ;;
