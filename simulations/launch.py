@@ -23,16 +23,19 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import hydra
+import psutil
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
@@ -290,5 +293,16 @@ def _cell_job(cfg: DictConfig) -> str:
     return str(status["status"])
 
 
+def _stop_workers(signum: int, frame: object) -> None:
+    """SIGTERM to the multirun (fl-sweep stopped: the kernel's signal, `die_with_parent`) goes on to its direct
+    children, by PID: a launcher's idle or busy workers (joblib's, Submitit's local ones) would otherwise outlive
+    it, and a busy one its cell; each cell's fl-sim stops what it started."""
+    for child in psutil.Process().children():
+        with suppress(psutil.NoSuchProcess):
+            child.terminate()
+    sys.exit(143)
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _stop_workers)
     _cell_job()

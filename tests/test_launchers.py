@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -152,7 +153,6 @@ def ray_cluster() -> Iterator[str]:
     temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths have a length limit
     port = free_port()
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--block", "--disable-usage-stats"]
-    common += ["--include-dashboard=false"]
 
     def node_ports() -> list[str]:
         names = ("node-manager", "object-manager", "metrics-export", "runtime-env-agent")
@@ -162,6 +162,7 @@ def ray_cluster() -> Iterator[str]:
     ray = str(Path(sys.executable).parent / "ray")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     head = [ray, "start", "--head", f"--port={port}", f"--temp-dir={temp}", f"--ray-client-server-port={free_port()}"]
+    head.append("--include-dashboard=false")
     procs.start([*head, *common, *node_ports()], env=env, log_path=temp / "head.log")
     address = f"127.0.0.1:{port}"
     try:
@@ -171,6 +172,7 @@ def ray_cluster() -> Iterator[str]:
         yield address
     finally:
         procs.stop()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _wait_for_nodes(address: str, n: int, env: dict[str, str], timeout: float = 180) -> None:
