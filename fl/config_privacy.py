@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 # privacy.engine.CLIPPINGS (a test keeps them equal): named here so that composing a config does not import Opacus
 CLIPPINGS = ("flat", "per_layer")
 
+# privacy.accountant.ACCOUNTANTS (a test keeps them equal), for the same reason
+ACCOUNTANT_KINDS = ("prv", "rdp")
+
 CLIENT_CLIPPINGS = ("server", "client")
 """Where a client's update is clipped under client-level DP: by the server wrapper, or by the node's mod."""
 
@@ -38,7 +41,7 @@ class PrivacyConfig:
     target_epsilon: float = 3.0
     delta: float | None = None  # default: below 1 / n_k for each client
     max_grad_norm: float = 1.0
-    accountant: str = "rdp"  # rdp | prv
+    accountant: str = "prv"  # prv (Opacus PRV: upper bound, eps_error 0.01) | rdp; plans σ in both DP modes
     poisson_sampling: bool = True
     planned_rounds: int | None = None  # rounds the budget is planned for; default sim.rounds
     batch_size: int | None = None  # logical (expected Poisson) batch q and σ are planned for; default train.batch_size

@@ -8,7 +8,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from fl.checks import require
-from fl.config_privacy import CLIENT_CLIPPINGS, CLIPPINGS
+from fl.config_privacy import ACCOUNTANT_KINDS, CLIENT_CLIPPINGS, CLIPPINGS
 from privacy.policy import parse_node_policies
 
 
@@ -17,6 +17,12 @@ def validate_privacy(cfg: DictConfig) -> None:
     p, t = cfg.privacy, cfg.train
     if p.node_policies:
         parse_node_policies(p.node_policies)  # raises naming the entry and the fix
+    require(
+        p.accountant in ACCOUNTANT_KINDS,
+        "privacy.accountant",
+        p.accountant,
+        f"use {' or '.join(ACCOUNTANT_KINDS)} (prv: tight, the default; rdp: Rényi DP, looser).",
+    )
     if p.enabled:
         require(
             not t.gradient_checkpointing,

@@ -2,9 +2,13 @@
 
 A run's accountant (`privacy.policy.AccountantStore`) composes the rounds of one Flower run. A node that trains
 in several federations over the same data, or is resumed by a server (a new Flower run), spends one budget over
-all of them. The ledger keeps, per run, that run's accountant history and its RDP curve on fixed orders
-(`LEDGER_ORDERS`); RDP composes by addition (Mironov 2017, Prop. 1), so the node's lifetime RDP is the sum of
-the runs' curves, converted to (ε, δ) once. A task whose *plan* (every release it could make) would take the
+all of them. The ledger keeps, per run, that run's accountant history — its (σ, q, steps) releases, which are the
+mechanism whatever accountant bounded them — and its RDP curve on fixed orders (`LEDGER_ORDERS`). The lifetime ε
+is the whole lifetime history (every run's releases, and a task's plan) composed by *one* accountant, the task's:
+under PRV the concatenated histories (`ClientAccountant`, PRV composes any list of Poisson-subsampled Gaussian
+releases), under RDP the sum of the runs' curves (RDP composes by addition, Mironov 2017, Prop. 1), converted to
+(ε, δ) once. So runs planned with different accountants compose soundly: nothing adds ε's of different
+accountants, and no run's ε is trusted as given. A task whose *plan* (every release it could make) would take the
 lifetime ε past the node's budget is declined before anything is computed from the data.
 
 Node config (``flower-supernode --node-config "... privacy-ledger=tweets privacy-lifetime-epsilon=8"``):
@@ -28,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from privacy.accountant import DEFAULT_ACCOUNTANT, history_epsilon, merged
 from privacy.orders import DEFAULT_ORDERS, History, epsilon_from_curve, rdp_curve
 
 NODE_LEDGER = "privacy-ledger"  # a ledger name (under privacy-state-dir) or a .json path
@@ -139,11 +144,19 @@ class PrivacyLedger:
         with self._locked() as state:
             return dict(state["runs"])
 
-    def spent(self, delta: float, *, extra: History = (), exclude: str | None = None) -> float:
-        """Lifetime ε at δ of every run but `exclude`, plus `extra` releases (e.g. a task's whole plan)."""
+    def spent(
+        self, delta: float, *, extra: History = (), exclude: str | None = None, accountant: str = DEFAULT_ACCOUNTANT
+    ) -> float:
+        """Lifetime ε at δ of every run but `exclude`, plus `extra` releases (e.g. a task's whole plan), by
+        `accountant` over the whole history, whichever accountant each run was planned with."""
         with self._locked() as state:
-            curves = [np.asarray(r["rdp"]) for k, r in state["runs"].items() if k != exclude]
-        total = sum(curves, np.zeros(len(LEDGER_ORDERS))) + rdp_curve(extra, LEDGER_ORDERS)
+            runs = [r for k, r in state["runs"].items() if k != exclude]
+        if accountant != "rdp":
+            history = [(float(s), float(q), int(n)) for r in runs for s, q, n in r["history"]] + list(extra)
+            return history_epsilon(accountant, tuple(merged(history)), delta)
+        total = sum((np.asarray(r["rdp"]) for r in runs), np.zeros(len(LEDGER_ORDERS))) + rdp_curve(
+            extra, LEDGER_ORDERS
+        )
         if not total.any():
             return 0.0
         return epsilon_from_curve(total, LEDGER_ORDERS, delta)[0]
@@ -179,13 +192,21 @@ def _continues(new: Sequence[Sequence[float]], old: Sequence[Sequence[float]]) -
 
 
 def ledger_decline(
-    budget: LifetimeBudget, *, key: str, planned: History, delta: float, target_epsilon: float
+    budget: LifetimeBudget,
+    *,
+    key: str,
+    planned: History,
+    delta: float,
+    target_epsilon: float,
+    accountant: str = DEFAULT_ACCOUNTANT,
 ) -> str | None:
-    """Why a run `key` whose plan releases `planned` would pass the node's lifetime budget (None: it fits)."""
+    """Why a run `key` whose plan releases `planned` would pass the node's lifetime budget (None: it fits); the
+    lifetime history and the plan composed by the task's `accountant` (the one its plan is made with, so a task
+    that fits its own target alone fits a fresh ledger of that ε)."""
     ledger = PrivacyLedger(budget.path)
     d = budget.delta if budget.delta is not None else delta
-    spent = ledger.spent(d, exclude=key)
-    total = ledger.spent(d, extra=planned, exclude=key)
+    spent = ledger.spent(d, exclude=key, accountant=accountant)
+    total = ledger.spent(d, extra=planned, exclude=key, accountant=accountant)
     if total <= budget.epsilon + 1e-9:
         return None
     left = max(0.0, budget.epsilon - spent) if math.isfinite(spent) else 0.0
@@ -193,5 +214,6 @@ def ledger_decline(
     return (
         f"this node's lifetime budget for its data (ledger {budget.name!r}, {NODE_LIFETIME_EPSILON}="
         f"{budget.epsilon:g} at δ={d:.3g}) has ε={left:.3g} left: ε={spent:.4g} spent over {others} earlier "
-        f"run(s), and this task's plan (privacy.target_epsilon={target_epsilon:g}) would take it to ε={total:.4g}"
+        f"run(s), and this task's plan (privacy.target_epsilon={target_epsilon:g}) would take it to ε={total:.4g} "
+        f"(every run's releases composed by {accountant})"
     )

@@ -30,6 +30,10 @@ MIN_ORDER = 1.0 + 1e-4
 ORDER_WARNING = "Optimal order is the"
 """The start of the warning `opacus.accountants.analysis.rdp.get_privacy_spent` gives at an edge order."""
 
+PRV_EPS_ERROR = 0.01
+"""The PRV accountant's ε error (Opacus' default `eps_error`): its ε is an upper bound, within this of the true ε
+of the composed mechanism (Gopi et al. 2021, Thm. 5.5). Stated in every plan (`DPPlan.eps_error`)."""
+
 History = Sequence[tuple[float, float, int]]
 """(σ, q, steps) entries of a Poisson-subsampled Gaussian mechanism, as Opacus' accountants keep them."""
 
@@ -95,18 +99,19 @@ def rdp_epsilon(
         used = more
 
 
-def prv_epsilon(history: History, delta: float) -> float:
+def prv_epsilon(history: History, delta: float, *, eps_error: float = PRV_EPS_ERROR) -> float:
     """ε of `history` at δ by Opacus' PRV accountant (Gopi et al. 2021): the numerical composition of the
-    privacy loss distributions, usually tighter than RDP's conversion; shown beside RDP in the DP map."""
+    privacy loss distributions, usually tighter than RDP's conversion. The upper bound: the true ε lies within
+    `eps_error` below it."""
     acc = PRVAccountant()
     acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
-    return prv_accountant_epsilon(acc, delta)
+    return prv_accountant_epsilon(acc, delta, eps_error=eps_error)
 
 
-def prv_accountant_epsilon(acc: IAccountant, delta: float) -> float:
-    """`acc.get_epsilon(delta)`, quietly. PRV at q = 1 takes log(1 - q) = log 0 on purpose (the result is exact),
-    and Opacus sizes PRV's domain from an RDP bound at its default orders (prv/domain.py), whose optimum can sit at
-    their edge: that bound only sizes the domain, it is not the ε returned, so its edge-order warning is noise
-    (seen once per actor with privacy.accountant=prv, and in the DP map's PRV column)."""
+def prv_accountant_epsilon(acc: IAccountant, delta: float, *, eps_error: float = PRV_EPS_ERROR) -> float:
+    """`acc.get_epsilon(delta, eps_error=eps_error)` (PRV's upper bound), quietly. PRV at q = 1 takes
+    log(1 - q) = log 0 on purpose (the result is exact), and Opacus sizes PRV's domain from an RDP bound at its
+    default orders (prv/domain.py), whose optimum can sit at their edge: that bound only sizes the domain, it is not
+    the ε returned, so its edge-order warning is noise (seen once per actor with privacy.accountant=prv)."""
     with np.errstate(divide="ignore"), quiet_orders():
-        return float(acc.get_epsilon(delta=delta))
+        return float(acc.get_epsilon(delta=delta, eps_error=eps_error))

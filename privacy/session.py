@@ -292,7 +292,14 @@ def _lifetime_decline(context: Context, settings: PrivacySettings, plan: DPPlan 
         return (
             f"this node keeps a lifetime privacy budget (ledger {budget.name!r}) but the task has privacy.enabled=false"
         )
-    return ledger_decline(budget, key=key, planned=plan.history(), delta=plan.delta, target_epsilon=plan.target_epsilon)
+    return ledger_decline(
+        budget,
+        key=key,
+        planned=plan.history(),
+        delta=plan.delta,
+        target_epsilon=plan.target_epsilon,
+        accountant=plan.accountant,
+    )
 
 
 def _store(context: Context) -> AccountantStore | None:
@@ -306,7 +313,11 @@ def _store(context: Context) -> AccountantStore | None:
 def _load_accountant(context: Context, msg: Message, kind: str, *, delta: float) -> ClientAccountant:
     """The node's accountant: the record with the most privacy loss (at `delta`) among the node's own file
     (`privacy-state-dir`), its `Context.state`, and the copy the server kept from its last reply (sent after
-    a resume); a new one if there is none. The server's copy can raise the record, never lower it."""
+    a resume); a new one if there is none. The server's copy can raise the record, never lower it.
+
+    Every record is re-accounted by `kind`, the plan's accountant (`ClientAccountant.converted`): a run resumed
+    under another ``privacy.accountant`` keeps every release it made and is measured against its plan by the
+    accountant that made the plan."""
     store = _store(context)
     own = [store.load() if store is not None else None]
     if K.STATE_PRIVACY in context.state.config_records:
@@ -314,7 +325,8 @@ def _load_accountant(context: Context, msg: Message, kind: str, *, delta: float)
     server = None
     if K.STATE_PRIVACY in msg.content.config_records:
         server = ClientAccountant.from_config_record(msg.content.config_records[K.STATE_PRIVACY])
-    chosen = most_spent([*own, server], delta=delta) or ClientAccountant(kind)
+    records = [acc.converted(kind) if acc is not None else None for acc in [*own, server]]
+    chosen = most_spent(records, delta=delta) or ClientAccountant(kind)
     found = _ledger(context)
     if found is not None and server is not None and chosen.steps:  # a server-side resume: continue its entry
         PrivacyLedger(found[0].path).record(found[1], chosen.opacus.history, resumed=True)

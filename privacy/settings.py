@@ -27,12 +27,14 @@ class ClientLevelSettings:
     noise_multiplier: float | None = None  # σ on the sum of clipped updates, or None: planned from target_epsilon
     target_epsilon: float | None = None  # ε after the planned rounds (None when σ is given)
     delta: float | None = None  # None: 1 / (10 · sim.num_clients)
+    accountant: str = "prv"  # `privacy.accountant`: "prv" | "rdp"
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> ClientLevelSettings:
-        """From ``cfg.privacy.client``."""
+        """From ``cfg.privacy.client`` (and ``cfg.privacy.accountant``)."""
         c = cfg.privacy.client
         return cls(
+            accountant=str(cfg.privacy.accountant),
             enabled=bool(c.enabled),
             clipping=str(c.clipping),
             clip_norm=float(c.clip_norm),
@@ -59,7 +61,7 @@ class PrivacySettings:
     max_grad_norm : float
         C, the per-example clipping bound.
     accountant : str
-        ``"rdp"`` or ``"prv"``.
+        ``"prv"`` (the default) or ``"rdp"``: plans σ and accounts every release, sample- and client-level.
     poisson_sampling : bool
         Poisson batches, as the accounting assumes.
     planned_rounds : int
