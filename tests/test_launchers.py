@@ -112,7 +112,7 @@ def test_a_cell_killed_mid_run_resumes_on_the_next_call(tiny: list[str], tmp_pat
     cmd = [sys.executable, "-m", "simulations.sweep", *overrides, "--dir", str(tmp_path)]
     sweep = subprocess.Popen([*cmd, "--launcher", "joblib", "--jobs", "2"], cwd=ROOT, start_new_session=True)
     deadline = time.monotonic() + 600
-    while not list(tmp_path.glob("cells/*/checkpoint.pt")):  # round 1 is saved: kill the sweep in round 2
+    while not list(tmp_path.glob("cells/*/checkpoint.pt")):  # a round is saved: kill the sweep in the next
         assert sweep.poll() is None and time.monotonic() < deadline, "no checkpoint before the sweep ended"
         time.sleep(0.5)
     tree = [psutil.Process(sweep.pid), *psutil.Process(sweep.pid).children(recursive=True)]
@@ -127,7 +127,7 @@ def test_a_cell_killed_mid_run_resumes_on_the_next_call(tiny: list[str], tmp_pat
     record = run_sweep(overrides, tmp_path, launch=Launch("joblib", jobs=2))
     entry = record["cells"][cell.name]
     assert entry["status"] == "done" and entry["resumed"]
-    assert json.loads((cell / K.SUMMARY_FILE).read_text())["resumed_from_round"] == 1
+    assert json.loads((cell / K.SUMMARY_FILE).read_text())["resumed_from_round"] in (0, 1)  # the last one saved
     assert [r["round"] for r in read_metrics(cell)] == [0, 1, 2]
 
 
