@@ -33,7 +33,7 @@ def _order_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
 
 
 def test_a_plan_at_the_edge_of_the_orders_widens_them_and_matches_opacus_on_the_wider_orders() -> None:
-    plan = plan_dp(**EDGE, planned_rounds=1, max_grad_norm=1.0)
+    plan = plan_dp(**EDGE, planned_rounds=1, max_grad_norm=1.0, accountant="rdp")  # RDP's orders: its own test
     assert plan.rdp_max_order is not None and plan.rdp_order is not None
     assert plan.rdp_max_order > max(DEFAULT_ORDERS) and max(DEFAULT_ORDERS) < plan.rdp_order < plan.rdp_max_order
     eps, order, used = rdp_epsilon(plan.history(), plan.delta)
@@ -42,7 +42,10 @@ def test_a_plan_at_the_edge_of_the_orders_widens_them_and_matches_opacus_on_the_
     ref_eps, ref_order = ref.get_privacy_spent(delta=plan.delta, alphas=list(used))
     assert (eps, order) == (ref_eps, ref_order) == (pytest.approx(ref_eps), plan.rdp_order)
     assert EDGE["target_epsilon"] - 0.01 <= eps <= EDGE["target_epsilon"]
-    assert epsilon_after(plan.noise_multiplier, sample_rate=plan.sample_rate, steps=10, delta=plan.delta) == eps
+    assert (
+        epsilon_after(plan.noise_multiplier, sample_rate=plan.sample_rate, steps=10, delta=plan.delta, accountant="rdp")
+        == eps
+    )
     with warnings.catch_warnings(record=True) as caught:  # Opacus' own default orders: looser, and it warns
         warnings.simplefilter("always")
         loose, _ = ref.get_privacy_spent(delta=plan.delta)
@@ -53,7 +56,7 @@ def test_inside_the_orders_the_epsilon_is_opacus_own_and_the_plan_records_its_or
     # the issue's headline plan: σ = 0.7227 at q = 0.0204, 9 steps, δ = 8.1e-6, optimum at order 4.5
     plan = plan_dp(
         target_epsilon=3.0, delta=8.1e-6, num_examples=12_500, batch_size=256, steps_per_round=3, planned_rounds=3,
-        max_grad_norm=0.1,
+        max_grad_norm=0.1, accountant="rdp",
     )  # fmt: skip
     assert plan.noise_multiplier == pytest.approx(0.7227, abs=1e-3) and plan.rdp_order == 4.5
     assert plan.rdp_max_order == max(DEFAULT_ORDERS) and plan.dp_steps == 9

@@ -131,7 +131,7 @@ def test_a_state_of_another_kind_or_a_corrupt_one_is_refused() -> None:
 def test_would_exceed_flips_exactly_at_the_budget() -> None:
     acc = ClientAccountant("rdp")
     acc.step(noise_multiplier=1.0, sample_rate=0.05, steps=40)
-    target = epsilon_after(1.0, sample_rate=0.05, steps=50, delta=DELTA)  # the budget after 10 more steps
+    target = epsilon_after(1.0, sample_rate=0.05, steps=50, delta=DELTA, accountant="rdp")  # 10 more steps
     kw = {"target_epsilon": target, "delta": DELTA, "noise_multiplier": 1.0, "sample_rate": 0.05}
     assert not acc.would_exceed(**kw, steps=10)
     assert acc.would_exceed(**kw, steps=11)
@@ -172,6 +172,7 @@ def _rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float
 @pytest.mark.parametrize(("share", "init_steps"), [(0.1, 1), (0.3, 1), (0.1, 2)])
 def test_init_share_gives_the_init_its_own_sigma_composed_within_the_budget(share: float, init_steps: int) -> None:
     kw = {"num_examples": 1000, "batch_size": 64, "steps_per_round": 20, "planned_rounds": 5, "max_grad_norm": 1.0}
+    kw["accountant"] = "rdp"  # checked with RDP's maths alone; PRV's init share: tests/test_privacy_prv.py
     plan = plan_dp(target_epsilon=3.0, delta=DELTA, extra_full_batch_steps=init_steps, init_share=share, **kw)
     assert plan.init_steps == init_steps and plan.init_noise_multiplier is not None and plan.init_share == share
     init_only = _rdp_epsilon([(plan.init_noise_multiplier, 1.0, init_steps)], DELTA)
@@ -569,7 +570,7 @@ def test_noisy_gradient_sum_bounds_each_example_and_charges_one_full_batch_step(
     noise = torch.cat([g.reshape(-1) for g in noisy]) - together
     assert float(noise.std()) == pytest.approx(sigma * clip, rel=0.1)  # N(0, (σC)²) per coordinate
     assert acc.opacus.history == [(sigma, 1.0, 1)]
-    assert acc.epsilon(DELTA) == epsilon_after(sigma, sample_rate=1.0, steps=1, delta=DELTA)
+    assert acc.epsilon(DELTA) == epsilon_after(sigma, sample_rate=1.0, steps=1, delta=DELTA, accountant="rdp")
 
 
 def test_noisy_gradient_sum_rejects_noise_without_clipping() -> None:

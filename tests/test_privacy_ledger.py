@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from opacus.accountants import PRVAccountant
 
 from fl import constants as K
 from fl.adapters import trainable_state
@@ -86,12 +87,18 @@ def test_two_federations_in_a_row_share_the_ledger_and_the_second_is_declined_na
     assert reason is not None and f"has ε={3.5 - spent:.3g} left" in reason and "privacy-lifetime-epsilon=3.5" in reason
     assert "ledger 'tweets'" in reason and "1 earlier run(s)" in reason
     assert list(PrivacyLedger(ledger.path).runs()) == ["run-1-partition-0"]  # a restart reads the same file
-    # a task that fits what is left trains, and its releases add to the ledger (RDP curves add)
+    assert "composed by prv" in reason  # privacy.accountant=prv, the default since issue 41
+    # a task that fits what is left trains, and its releases add to the ledger: both runs' histories composed by one
+    # PRV accountant (the task's), or their RDP curves added
     assert _reason(train(_message(_job(tiny, 0.5), 1), second)) is None
     runs = ledger.runs()
+    both = PRVAccountant()
+    both.history = [tuple(h) for r in ("run-1-partition-0", "run-2-partition-0") for h in runs[r]["history"]]
+    assert ledger.spent(1e-3) == pytest.approx(both.get_epsilon(delta=1e-3), rel=1e-9)
     total = np.asarray(runs["run-1-partition-0"]["rdp"]) + np.asarray(runs["run-2-partition-0"]["rdp"])
-    assert ledger.spent(1e-3) == pytest.approx(epsilon_from_curve(total, LEDGER_ORDERS, 1e-3)[0])
-    assert spent < ledger.spent(1e-3) <= 3.5
+    by_rdp = ledger.spent(1e-3, accountant="rdp")
+    assert by_rdp == pytest.approx(epsilon_from_curve(total, LEDGER_ORDERS, 1e-3)[0])
+    assert spent < ledger.spent(1e-3) <= 3.5 and ledger.spent(1e-3) < by_rdp
 
 
 def test_a_server_side_resume_continues_the_nodes_ledger_entry(tiny: list[str], tmp_path: Path) -> None:
