@@ -16,6 +16,7 @@ import torch
 from flwr.app import ArrayRecord, Message
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from loop_grid import LoopGrid
+from opacus.accountants import PRVAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from opacus.accountants.rdp import RDPAccountant
 
@@ -153,17 +154,23 @@ def test_a_node_that_did_not_clip_is_rejected_under_client_side_clipping(
     assert (st.rejected, st.aggregated) == (1, NODES - 1)
 
 
-def test_epsilon_over_rounds_is_opacus_rdp_of_the_subsampled_gaussian(tiny: list[str]) -> None:
+def test_epsilon_over_rounds_is_opacus_prv_of_the_subsampled_gaussian(tiny: list[str]) -> None:
+    """privacy.accountant=prv (the default since issue 41; RDP before): each round's ε is Opacus' own PRV accountant
+    of the releases so far, below RDP's for the same releases."""
     overrides = _job(tiny, "fedit", "sim.fraction_train=0.67", "sim.min_train_clients=1", "sim.rounds=3")
     strategy, _, _ = _run(overrides, rounds=3)
     plan = plan_client_level(compose(overrides))
     q = 2 / NODES  # round(0.67 · 3) = 2 of 3 clients per round
     assert plan.sample_rate == q and plan.delta == pytest.approx(1 / (10 * NODES))
+    assert plan.accountant == "prv" and plan.eps_error == 0.01
     for rnd in (1, 2, 3):
+        prv = PRVAccountant()
+        prv.history = [(plan.noise_multiplier, q, rnd)]
         orders = RDPAccountant.DEFAULT_ALPHAS
         rdp = compute_rdp(q=q, noise_multiplier=plan.noise_multiplier, steps=rnd, orders=orders)
-        eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=plan.delta)
-        assert strategy.stats[rnd].extra[K.CLIENT_DP_EPSILON] == pytest.approx(eps, rel=1e-12)
+        rdp_eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=plan.delta)
+        eps = strategy.stats[rnd].extra[K.CLIENT_DP_EPSILON]
+        assert eps == pytest.approx(prv.get_epsilon(delta=plan.delta), rel=1e-12) and eps < rdp_eps
         assert strategy.stats[rnd].sampled == 2
     assert 8.0 - 0.01 <= strategy.stats[3].extra[K.CLIENT_DP_EPSILON] <= 8.0  # σ planned for ε = 8 after 3 rounds
     resumed = type(strategy).from_config(
@@ -221,7 +228,11 @@ def test_a_client_dp_simulation_logs_epsilon_per_round(tiny: list[str], tmp_path
         assert rows[rnd]["aggregated"] == 2 and rows[rnd]["rejected"] == 0
         assert rows[rnd][K.CLIENT_DP_RELEASES] == rnd
         eps = client_level_epsilon(
-            noise_multiplier=plan["noise_multiplier"], sample_rate=2 / NODES, releases=rnd, delta=plan["delta"]
+            noise_multiplier=plan["noise_multiplier"],
+            sample_rate=2 / NODES,
+            releases=rnd,
+            delta=plan["delta"],
+            accountant=plan["accountant"],
         )
         assert rows[rnd][K.CLIENT_DP_EPSILON] == pytest.approx(eps, rel=1e-12)
     assert rows[2][K.CLIENT_DP_EPSILON] <= 8.0 and (run_dir / "adapter").is_dir()

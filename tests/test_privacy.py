@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from loop_grid import LoopGrid
@@ -77,7 +78,8 @@ def test_plan_meets_the_budget_without_wasting_it(init_steps: int) -> None:
         max_grad_norm=1.0,
         init_steps=init_steps,
     )
-    acc = ClientAccountant("rdp")
+    assert plan.accountant == "prv" and plan.eps_error == 0.01  # the default since issue 41 (RDP before)
+    acc = ClientAccountant(plan.accountant)
     if init_steps:
         acc.step(noise_multiplier=plan.noise_multiplier, sample_rate=1.0)
     acc.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=100)
@@ -258,12 +260,14 @@ def test_dp_simulation_reports_true_epsilon_and_exhausted_clients_decline(tiny: 
     import json
 
     plans = json.loads((run_dir / "privacy_plan.json").read_text())
+    assert all(p["accountant"] == "prv" and p["eps_error"] == 0.01 for p in plans)
     eps_ref = max(_eps(p["noise_multiplier"], p["sample_rate"], p["steps_per_round"], p["delta"]) for p in plans)
     assert rows[1]["epsilon_max"] == pytest.approx(eps_ref, rel=1e-6)
 
 
 def _eps(sigma: float, q: float, steps: int, delta: float) -> float:
-    acc = RDPAccountant()
+    """An independent Opacus PRV accountant stepped one step at a time (the default accountant since issue 41)."""
+    acc = PRVAccountant()
     for _ in range(steps):
         acc.step(noise_multiplier=sigma, sample_rate=q)
     return float(acc.get_epsilon(delta=delta))
@@ -276,10 +280,18 @@ def _rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float
     return float(get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0])
 
 
+def _prv_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
+    """ε from an Opacus PRV accountant given the history (no code of ours)."""
+    with np.errstate(divide="ignore"):  # q = 1: Opacus takes log(1 - q) = log 0 on purpose
+        acc = PRVAccountant()
+        acc.history = history
+        return float(acc.get_epsilon(delta=delta))
+
+
 def test_each_clients_epsilon_is_recomputed_from_privacy_plan_json(tiny: list[str], tmp_path: Path) -> None:
     """Fed-SB's private init (its own σ from privacy.init_share) + DP-SGD at a logical batch of 16 made of physical
     batches of 8: the ε each client reports after the init and after a round equals an independent recomputation
-    from what privacy_plan.json says (σ_init, σ, q, steps)."""
+    (Opacus' PRV accountant: the default) from what privacy_plan.json says (σ_init, σ, q, steps)."""
     run_dir = run_server(  # in-process (the DP simulation above runs on Ray)
         LoopGrid(2),
         [
@@ -302,11 +314,16 @@ def test_each_clients_epsilon_is_recomputed_from_privacy_plan_json(tiny: list[st
     plans = json.loads((run_dir / "privacy_plan.json").read_text())
     assert all(p["init_steps"] == 1 and p["init_noise_multiplier"] > p["noise_multiplier"] for p in plans)
     assert all(p["batch_size"] == 16 and p["sample_rate"] == sample_rate(p["num_examples"], 16) for p in plans)
-    init = [_rdp_epsilon([(p["init_noise_multiplier"], 1.0, 1)], p["delta"]) for p in plans]
+    init = [_prv_epsilon([(p["init_noise_multiplier"], 1.0, 1)], p["delta"]) for p in plans]
     after = [
+        _prv_epsilon([(p["init_noise_multiplier"], 1.0, 1), (p["noise_multiplier"], p["sample_rate"], 2)], p["delta"])
+        for p in plans
+    ]
+    rdp_after = [
         _rdp_epsilon([(p["init_noise_multiplier"], 1.0, 1), (p["noise_multiplier"], p["sample_rate"], 2)], p["delta"])
         for p in plans
     ]
+    assert all(a < r for a, r in zip(after, rdp_after, strict=True))  # PRV, the plan's accountant, is the tighter
     assert max(init) <= 0.2 * 8  # the init's share
     for row, ref in ((rows[0], init), (rows[1], after)):  # two clients: max and mean pin both values
         assert row["epsilon_max"] == pytest.approx(max(ref), rel=1e-6)
