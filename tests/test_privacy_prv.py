@@ -144,9 +144,11 @@ def test_fed_sb_init_releases_at_q1_stay_above_the_exact_gaussian_and_within_the
 def test_client_level_prv_at_q1_is_an_upper_bound_of_the_exact_gaussian(sigma: float, rounds: int) -> None:
     """10 of 10 clients every round (q = 1), few rounds: PRV's delicate corner. Its ε is above the exact one by at
     most its ε error; RDP's is above by far more."""
-    kw = {"noise_multiplier": sigma, "sample_rate": 1.0, "releases": rounds, "delta": 0.01}
     exact = _exact_gaussian_epsilon(sigma, rounds, 0.01)
-    prv, rdp = client_level_epsilon(**kw), client_level_epsilon(**kw, accountant="rdp")
+    prv, rdp = (
+        client_level_epsilon(noise_multiplier=sigma, sample_rate=1.0, releases=rounds, delta=0.01, accountant=kind)
+        for kind in ("prv", "rdp")
+    )
     assert exact <= prv <= exact + PRV_EPS_ERROR + 1e-3 and prv < rdp
 
 
