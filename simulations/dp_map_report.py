@@ -24,6 +24,14 @@ def plan_figures(plan_file: Path) -> dict[str, Any]:
     from privacy.orders import prv_epsilon
 
     plan = json.loads(plan_file.read_text())[0]
+    if plan.get("eps_error") is not None:  # a PRV-planned cell: its σ is PRV's, RDP's is recorded beside it
+        return {
+            "sigma": plan["rdp_noise_multiplier"],
+            "rdp_order": plan.get("rdp_order"),
+            "examples_per_client": plan["num_examples"],
+            "prv_epsilon_at_rdp_sigma": None,
+            "prv_sigma": plan["noise_multiplier"],
+        }
     history = [(plan["noise_multiplier"], plan["sample_rate"], plan["dp_steps"])]
     if plan["init_steps"]:
         history.insert(0, (plan["init_noise_multiplier"], 1.0, plan["init_steps"]))
