@@ -60,18 +60,23 @@ covers() {
   done
 }
 
-# The extras a job's overrides need: tracking=<backend> installs that backend, +tune=<method> the Optuna sweeper.
+# The extras a job's overrides need, all of them: tracking=<backend> installs that backend, +tune=<method> the
+# Optuna sweeper, a Hydra launcher (fl-sweep --launcher joblib|submitit_*, hydra/launcher=…) the launchers.
 job_extras() {
-  local a
+  local a prev="" out=""
   for a in "$@"; do
     case "$a" in
-      tracking=mlflow | tracking=tensorboard | tracking=wandb) echo "${a#tracking=}"; return ;;
-      +tune=* | tune=* | hydra/sweeper=optuna) echo tune; return ;;  # Hydra's Optuna sweeper (configs/tune/)
+      tracking=mlflow | tracking=tensorboard | tracking=wandb) out="$out,${a#tracking=}" ;;
+      +tune=* | tune=* | hydra/sweeper=optuna) out="$out,tune" ;;  # Hydra's Optuna sweeper (configs/tune/)
+      --launcher=joblib | --launcher=submitit_* | hydra/launcher=joblib | hydra/launcher=submitit_*) out="$out,launchers" ;;
     esac
+    case "$prev $a" in "--launcher joblib" | "--launcher submitit_"*) out="$out,launchers" ;; esac
+    prev=$a
   done
+  echo "${out#,}"
 }
 
-FULL=dev,tracking,tune,eval  # eval: lm-evaluation-harness, which fl-eval's tests run
+FULL=dev,tracking,tune,eval,launchers  # eval: lm-eval (fl-eval's tests); launchers: Hydra's joblib/Submitit
 
 # The default job is the quickstart preset (configs/experiment/quickstart.yaml: MiniLM's top 3 blocks, tweets cut
 # at 40 tokens) unless the command names an experiment, another model or dataset (the preset is tuned for MiniLM

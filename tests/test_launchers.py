@@ -96,10 +96,10 @@ def test_submitit_local_runs_a_sweep_and_records_a_failing_cell(
 ) -> None:
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher is not installed")
     base = [*tiny, "sim.rounds=1", "data.partitioner=iid", "sim.num_clients=2"]
-    cases = [["strategy=fedit"], ["strategy=ffa_lora"], ["strategy=fedit", "model.tokenizer=/no/such/tokenizer"]]
+    cases = [["strategy=ffa_lora"], ["strategy=fedit", "model.tokenizer=/no/such/tokenizer"]]  # 2 cells, 1 fails
     record = run_sweep(base, tmp_path, cases=cases, launch=Launch("submitit_local", jobs=2, cpus=1))
     status = {" ".join(e["overrides"][-2:]): e["status"] for e in record["cells"].values()}
-    assert sorted(status.values()) == ["done", "done", "failed"], status
+    assert sorted(status.values()) == ["done", "failed"], status
     failed = next(e for e in record["cells"].values() if e["status"] == "failed")
     assert "/no/such/tokenizer" in (Path(failed["dir"]) / "FAILED.txt").read_text()
     assert json.loads((tmp_path / "sweep.json").read_text())["cells"] == record["cells"]
@@ -131,6 +131,7 @@ def test_a_cell_killed_mid_run_resumes_on_the_next_call(tiny: list[str], tmp_pat
     assert [r["round"] for r in read_metrics(cell)] == [0, 1, 2]
 
 
+@pytest.mark.heavy  # ~4 tiny runs; tests/test_tune.py runs the Optuna sweeper in CI, the joblib test above joblib
 def test_an_optuna_study_runs_four_trials_two_at_a_time_on_joblib(cache_dir: str, tmp_path: Path) -> None:
     overrides = [*TINY, f"cache_dir={cache_dir}", "sim.num_clients=2", "sim.rounds=1", "sim.cpus=1"]
     cmd = [sys.executable, "-m", "fl.app.cli", "-m", "+tune=ffa_lora", "hydra.sweeper.n_trials=4"]
@@ -186,7 +187,7 @@ def _wait_for_nodes(address: str, n: int, env: dict[str, str], timeout: float = 
     raise TimeoutError(f"the Ray cluster at {address} did not reach {n} nodes in {timeout:.0f} s")
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # a real 2-node Ray cluster + 4 cells: ~6 min on 2 loaded cores
 def test_a_ray_cluster_runs_the_cells_each_simulation_joining_it(
     ray_cluster: str, tiny: list[str], tmp_path: Path, sequential: dict[str, list[dict[str, Any]]]
 ) -> None:
