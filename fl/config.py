@@ -46,8 +46,7 @@ class ModelConfig:
     name: str = "minilm"
     task: str = "seq_cls"  # a registered fl.tasks name: seq_cls | causal_lm
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    # transformer blocks that get adapters (PEFT layers_to_transform), e.g. [3, 4, 5]: backward stops at the
-    # lowest one, so a step costs less (MiniLM, top 3 of 6: 0.69x in fp32); null: every block
+    # blocks with adapters (PEFT layers_to_transform), e.g. [3,4,5]: cheaper backward (MiniLM top 3: 0.69x); null: all
     lora_layers: list[int] | None = None
     tokenizer: str | None = None  # defaults to the model's own (tiny reuses MiniLM's, tiny_llama SmolLM2's)
     arch: TinyArch | None = None  # only the tiny models: their shape
@@ -65,14 +64,11 @@ class DataConfig:
     test_size: int = 2000  # examples held out on the server for central evaluation (0 only on a node's own file)
     labels: list[str] | None = None  # class names in label-id order; default: the sorted labels found in the data
     max_examples: int | None = None  # subsample the training pool (quick runs)
-    # examples after the held-out split kept out of every client: a slice the run treats as public, e.g. the
-    # server's data for Fed-SB's init (strategy.init=server strategy.init_data=public); never evaluated on
+    # examples kept out of every client and never evaluated on, treated as public (Fed-SB's init_data=public)
     public_size: int = 0
-    # the server's validation split: training examples no client holds, scored every round; what a run or a
-    # tuner chooses (best round, a rate) reads it, never the test split (fl.data.val_order); 0 = off
+    # the server's validation split (training examples no client holds): every choice reads it, never the test; 0=off
     val_size: int = 0
-    # per-client evaluation (with sim.fraction_evaluate > 0): each client holds out this seeded share of its own
-    # partition, never trains on it, and scores the model it would keep on it; 0 = off, else in (0, 0.5]
+    # per-client evaluation (sim.fraction_evaluate > 0): each client's held-out share; 0 = off, else in (0, 0.5]
     client_test_fraction: float = 0.0
     max_length: int = 64  # tokens; batches are padded dynamically up to this
     partitioner: str = "dirichlet"  # iid | dirichlet | pathological | natural
@@ -98,8 +94,7 @@ class StrategyConfig:
     alpha: float = 16.0  # LoRA scaling s = alpha / rank
     dropout: float = 0.0
     lr: float = 1e-3  # client learning rate (AdamW); methods tune their own default
-    # robust aggregation against hostile clients (strategies/defences/, docs/reliability.md): a registered defence;
-    # its own fields (e.g. strategy.trim_fraction) join this group from its schema (fl.config_defence)
+    # a registered defence (strategies/defences/); its fields (e.g. strategy.trim_fraction) join this group
     defence: str = "none"
     max_examples_weight: str | None = None  # cap on a claimed count: null | a number | median | equal (weights 1)
 
@@ -131,8 +126,7 @@ class TrainConfig:
     # batches of similar-length examples (transformers' LengthGroupedSampler): less padding, a cheaper step; DP
     # runs keep Opacus' Poisson sampling (its accounting assumes it), so there it does nothing
     group_by_length: bool = False
-    # FedLC's logit calibration (Zhang et al., ICML 2022): each client's logits shifted by τ·n_c^(-1/4) of its own
-    # label counts in its training loss; 0 = plain cross-entropy (clients.calibration)
+    # FedLC (Zhang et al., ICML 2022): logits shifted by τ·n_c^(-1/4) of the client's label counts; 0 = off
     fedlc_tau: float = 0.0
 
 
