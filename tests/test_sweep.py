@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
+from fl.outputs import read_metrics
+from simulations.launch import Launch
 from simulations.report import report
 from simulations.sweep import expand, load_sweep, run_sweep
 
@@ -24,14 +28,27 @@ def test_ready_sweeps_expand_to_the_grids_they_promise() -> None:
         load_sweep("nosuch")
 
 
+def _recording() -> bool:
+    return os.environ.get("FEDLORA_RECORD_GOLDEN", "") not in ("", "0")
+
+
 @pytest.fixture(scope="module")
 def sweep(tiny: list[str], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
-    """One real 4-cell `fl-sweep` (FedIT, FFA-LoRA × 2, 3 clients; one round) read by this module's tests: each
-    cell is its own `fl-sim` process on Ray (~30 s each), so it runs once."""
+    """One real 4-cell `fl-sweep` (FedIT, FFA-LoRA × 2, 3 clients; one round; tracked in MLflow) read by this
+    module's tests: each cell is its own `fl-sim` process on Ray (~30 s each), so it runs once. It runs on Hydra's
+    joblib launcher, 2 cells at a time, and must reproduce the sequential sweep's metrics cell by cell
+    (tests/golden_sweep.json, recorded one cell after another with `FEDLORA_RECORD_GOLDEN=1`)."""
     sweep_dir = tmp_path_factory.mktemp("sweep")
     overrides = [*tiny, "sim.rounds=1", "data.partitioner=iid", "strategy=fedit,ffa_lora", "sim.num_clients=2,3"]
-    record = run_sweep(overrides, sweep_dir)
+    overrides.append("tracking=mlflow")  # the sweep is one MLflow experiment (test below)
+    joblib = importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is not None
+    launch = Launch("joblib", jobs=2) if joblib and not _recording() else None  # None: one after another
+    record = run_sweep(overrides, sweep_dir, launch=launch)
     assert all(c["status"] == "done" for c in record["cells"].values())
+    if launch is not None:  # each cell's Ray had its share of the cores, not all of them
+        assert "hydra.launcher.n_jobs=2" in launch.hydra_overrides(timeout=None)
+        for entry in record["cells"].values():
+            assert yaml.safe_load((Path(entry["dir"]) / "config.yaml").read_text())["sim"]["cpus"] == launch.cell_cpus()
     return sweep_dir, overrides
 
 
@@ -53,13 +70,14 @@ def test_sweep_writes_one_run_per_cell_and_a_report(sweep: tuple[Path, list[str]
     assert all(p.stat().st_size > 5000 for p in plots)
 
 
-def test_the_sequential_sweep_is_the_launchers_reference(sweep: tuple[Path, list[str]]) -> None:
-    """tests/golden_sweep.json holds this sweep's metrics, cell by cell: every Hydra launcher must reproduce them
-    (tests/test_launchers.py). `FEDLORA_RECORD_GOLDEN=1` rewrites it — only on purpose."""
+def test_the_sweep_reproduces_the_sequential_sweep_cell_by_cell(sweep: tuple[Path, list[str]]) -> None:
+    """tests/golden_sweep.json holds the sequential sweep's metrics, cell by cell: every Hydra launcher must
+    reproduce them (here joblib, 2 at a time; tests/test_launchers.py the others). `FEDLORA_RECORD_GOLDEN=1` runs
+    the fixture one cell after another and rewrites it — only on purpose."""
     from test_launchers import GOLDEN, assert_same_metrics, cell_metrics
 
     got = cell_metrics(sweep[0])
-    if os.environ.get("FEDLORA_RECORD_GOLDEN", "") not in ("", "0"):
+    if _recording():
         GOLDEN.write_text(json.dumps(dict(sorted(got.items())), indent=1) + "\n")
     want = json.loads(GOLDEN.read_text())
     assert set(got) == set(want)
@@ -119,3 +137,20 @@ def test_seeds_are_a_sweep_axis_and_the_report_gives_mean_and_std(
     assert "(n=2)" in cell and (("±" in cell) or finals[0] == finals[1])
     assert "mean ± sample std" in (tmp_path / "seeds.md").read_text()
     assert {"accuracy_vs_round_seeds.png", "final_accuracy_seeds.png"} <= {p.name for p in plots}
+
+
+def test_the_sweep_is_one_mlflow_experiment_with_one_run_per_cell(sweep: tuple[Path, list[str]]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    sweep_dir, _ = sweep
+    cells = json.loads((sweep_dir / "sweep.json").read_text())["cells"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{sweep_dir.resolve()}/mlruns/mlflow.db")
+    (exp,) = [e for e in client.search_experiments() if e.name == sweep_dir.name]
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 4
+    assert {r.data.tags["strategy"] for r in runs} == {"fedit", "ffa_lora"}
+    assert {r.info.run_name for r in runs} == set(cells)
+    for r in runs:
+        assert r.data.metrics["accuracy"] == pytest.approx(
+            read_metrics(Path(cells[r.info.run_name]["dir"]))[-1]["accuracy"]
+        )

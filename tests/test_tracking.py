@@ -13,7 +13,6 @@ from loop_grid import LoopGrid
 from fl.app.server_app import run_server
 from fl.app.tracking import numeric_metrics
 from fl.outputs import read_metrics
-from simulations.sweep import run_sweep
 
 NODES = 2
 SIM = [f"sim.num_clients={NODES}", "sim.rounds=2", "data.partitioner=iid"]
@@ -111,30 +110,3 @@ def test_tracked_run_reads_back_equal_to_metrics_jsonl(backend: str, tiny: list[
     assert set(got) == set(want)
     for key, by_round in want.items():
         assert got[key] == pytest.approx(by_round, rel=1e-6), key
-
-
-def test_sweep_is_one_experiment_with_one_run_per_cell(tiny: list[str], tmp_path: Path) -> None:
-    sweep_dir = tmp_path / "sw"
-    record = run_sweep(
-        [
-            *tiny,
-            "sim.rounds=1",
-            "sim.num_clients=2",
-            "data.partitioner=iid",
-            "tracking=mlflow",
-            "strategy=fedit,ffa_lora",
-        ],
-        sweep_dir,
-    )
-    assert all(c["status"] == "done" for c in record["cells"].values())
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{sweep_dir.resolve()}/mlruns/mlflow.db")
-    (exp,) = [e for e in client.search_experiments() if e.name == sweep_dir.name]
-    runs = client.search_runs([exp.experiment_id])
-    assert len(runs) == 2
-    assert {r.data.tags["strategy"] for r in runs} == {"fedit", "ffa_lora"}
-    assert {r.info.run_name for r in runs} == set(record["cells"])
-    for r in runs:
-        cell = Path(record["cells"][r.info.run_name]["dir"])
-        assert r.data.metrics["accuracy"] == pytest.approx(read_metrics(cell)[-1]["accuracy"])
