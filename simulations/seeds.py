@@ -23,7 +23,11 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-NOT_A_SETTING = {"seed", "run_dir", "resume", "cache_dir"}
+NOT_A_SETTING = {"seed", "run_dir", "resume", "cache_dir", "log_level"}
+# where a run ran and what watched it, not what it computed: a cell of a parallel sweep (sim.cpus, a launcher's
+# share) and a repeat run one after another, tracked or not, are the same setting
+RESOURCES = {"sim.cpus", "sim.client_cpus", "sim.client_gpus", "sim.ray_address", "train.threads"}
+NOT_A_SETTING_PREFIXES = ("tracking.",)
 
 
 def flat_config(cfg: DictConfig | ListConfig) -> dict[str, Any]:
@@ -40,7 +44,11 @@ def flat_config(cfg: DictConfig | ListConfig) -> dict[str, Any]:
             out[prefix[:-1]] = node
 
     walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return {k: v for k, v in out.items() if k not in NOT_A_SETTING}
+    return {
+        k: v
+        for k, v in out.items()
+        if k not in NOT_A_SETTING and k not in RESOURCES and not k.startswith(NOT_A_SETTING_PREFIXES)
+    }
 
 
 def swept_keys(runs: list[dict[str, Any]]) -> list[str]:

@@ -84,6 +84,24 @@ def test_the_sweep_reproduces_the_sequential_sweep_cell_by_cell(sweep: tuple[Pat
     assert_same_metrics(got, want)
 
 
+def test_the_sweep_is_one_mlflow_experiment_with_one_run_per_cell(sweep: tuple[Path, list[str]]) -> None:
+    # before the resume test below, which adds a run for the cell it resumes
+    from mlflow.tracking import MlflowClient
+
+    sweep_dir, _ = sweep
+    cells = json.loads((sweep_dir / "sweep.json").read_text())["cells"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{sweep_dir.resolve()}/mlruns/mlflow.db")
+    (exp,) = [e for e in client.search_experiments() if e.name == sweep_dir.name]
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 4
+    assert {r.data.tags["strategy"] for r in runs} == {"fedit", "ffa_lora"}
+    assert {r.info.run_name for r in runs} == set(cells)
+    for r in runs:
+        assert r.data.metrics["accuracy"] == pytest.approx(
+            read_metrics(Path(cells[r.info.run_name]["dir"]))[-1]["accuracy"]
+        )
+
+
 def test_interrupted_sweep_resumes_without_redoing_finished_cells(sweep: tuple[Path, list[str]]) -> None:
     sweep_dir, overrides = sweep
     cells = sorted((sweep_dir / "cells").iterdir())
@@ -137,20 +155,3 @@ def test_seeds_are_a_sweep_axis_and_the_report_gives_mean_and_std(
     assert "(n=2)" in cell and (("±" in cell) or finals[0] == finals[1])
     assert "mean ± sample std" in (tmp_path / "seeds.md").read_text()
     assert {"accuracy_vs_round_seeds.png", "final_accuracy_seeds.png"} <= {p.name for p in plots}
-
-
-def test_the_sweep_is_one_mlflow_experiment_with_one_run_per_cell(sweep: tuple[Path, list[str]]) -> None:
-    from mlflow.tracking import MlflowClient
-
-    sweep_dir, _ = sweep
-    cells = json.loads((sweep_dir / "sweep.json").read_text())["cells"]
-    client = MlflowClient(tracking_uri=f"sqlite:///{sweep_dir.resolve()}/mlruns/mlflow.db")
-    (exp,) = [e for e in client.search_experiments() if e.name == sweep_dir.name]
-    runs = client.search_runs([exp.experiment_id])
-    assert len(runs) == 4
-    assert {r.data.tags["strategy"] for r in runs} == {"fedit", "ffa_lora"}
-    assert {r.info.run_name for r in runs} == set(cells)
-    for r in runs:
-        assert r.data.metrics["accuracy"] == pytest.approx(
-            read_metrics(Path(cells[r.info.run_name]["dir"]))[-1]["accuracy"]
-        )

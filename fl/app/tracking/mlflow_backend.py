@@ -15,6 +15,7 @@ seconds once per store.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -49,6 +50,15 @@ def store_uri(tracking: DictConfig, run_dir: Path) -> str:
     return store_paths(tracking, run_dir)[0]
 
 
+def _store_lock(uri: str) -> contextlib.AbstractContextManager[object]:
+    """An exclusive lock on an SQLite store (``<store>.lock``); no lock for a server or another database."""
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    return FileLock(uri[len("sqlite:///") :] + ".lock")
+
+
 class MlflowTracker(Tracker):
     """One MLflow run in experiment `tracking.experiment`, named `tracking.run_name` (default the folder's)."""
 
@@ -56,14 +66,22 @@ class MlflowTracker(Tracker):
         uri, artifacts = store_paths(tracking, run_dir)
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(tracking_uri=uri)
         name = str(tracking.experiment)
-        exp = self.client.get_experiment_by_name(name)
-        exp_id = (
-            exp.experiment_id if exp is not None else self.client.create_experiment(name, artifact_location=artifacts)
-        )
-        run_name = str(tracking.run_name or Path(run_dir).name)
-        self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=tag_pairs(tracking.tags)).info.run_id
+        # A sweep's parallel cells (fl-sweep --launcher joblib) share one SQLite store: the first to open it builds
+        # MLflow's tables, and two at once fail ("Online migration expected to match one row", "duplicate column
+        # name"), as do two creating the same experiment. One lock file beside the store serialises opening it
+        # (filelock: the lock package huggingface_hub and torch already use).
+        with _store_lock(uri):
+            self.client = MlflowClient(tracking_uri=uri)
+            exp = self.client.get_experiment_by_name(name)
+            exp_id = (
+                exp.experiment_id
+                if exp is not None
+                else self.client.create_experiment(name, artifact_location=artifacts)
+            )
+            run_name = str(tracking.run_name or Path(run_dir).name)
+            run = self.client.create_run(exp_id, run_name=run_name, tags=tag_pairs(tracking.tags))
+        self.run_id = run.info.run_id
         self.uri = uri
 
     def log_params(self, params: Mapping[str, str]) -> None:
