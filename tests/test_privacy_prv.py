@@ -38,9 +38,9 @@ N, BATCH, STEPS, TARGET = 3600, 64, 40, 3.0  # q = 1/57 ≈ 0.0175, 40 steps: th
 DELTA = 1 / (10 * N)
 
 
-@pytest.fixture(scope="module")
-def prv_plan() -> DPPlan:
-    return plan_dp(
+def _plan(**kw: object) -> DPPlan:
+    """The test federation's plan (N examples, batch 64, 40 steps, ε 3); keywords override."""
+    args: dict[str, object] = dict(
         target_epsilon=TARGET,
         delta=DELTA,
         num_examples=N,
@@ -49,6 +49,12 @@ def prv_plan() -> DPPlan:
         planned_rounds=1,
         max_grad_norm=0.1,
     )
+    return plan_dp(**{**args, **kw})  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def prv_plan() -> DPPlan:
+    return _plan()
 
 
 def _prv_bounds(history: list[tuple[float, float, int]], delta: float, eps_error: float) -> tuple[float, float]:
@@ -101,16 +107,7 @@ def test_a_prv_plans_epsilon_is_between_a_tight_recomputation_and_its_target(prv
 
 
 def test_prv_plans_less_noise_than_rdp_for_the_same_target(prv_plan: DPPlan) -> None:
-    rdp = plan_dp(
-        target_epsilon=TARGET,
-        delta=DELTA,
-        num_examples=N,
-        batch_size=BATCH,
-        steps_per_round=STEPS,
-        planned_rounds=1,
-        max_grad_norm=0.1,
-        accountant="rdp",
-    )
+    rdp = _plan(accountant="rdp")
     assert rdp.eps_error is None and rdp.rdp_noise_multiplier == rdp.noise_multiplier
     assert prv_plan.rdp_noise_multiplier == rdp.noise_multiplier
     assert prv_plan.noise_multiplier < 0.93 * rdp.noise_multiplier  # measured: 9.6% less noise here
@@ -118,17 +115,7 @@ def test_prv_plans_less_noise_than_rdp_for_the_same_target(prv_plan: DPPlan) -> 
 
 
 def test_fed_sb_init_releases_at_q1_stay_above_the_exact_gaussian_and_within_their_share() -> None:
-    plan = plan_dp(
-        target_epsilon=TARGET,
-        delta=DELTA,
-        num_examples=N,
-        batch_size=BATCH,
-        steps_per_round=10,
-        planned_rounds=1,
-        max_grad_norm=0.1,
-        init_steps=2,
-        init_share=0.2,
-    )
+    plan = _plan(steps_per_round=10, init_steps=2, init_share=0.2)
     assert plan.init_noise_multiplier is not None
     init = ClientAccountant()
     init.step(noise_multiplier=plan.init_noise_multiplier, sample_rate=1.0, steps=2)
