@@ -40,6 +40,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from fl.app.processes import die_with_parent
+from fl.outputs import write_atomic
 
 SWEEP_FILE = "sweep.json"
 LAUNCHER_DIR = "launcher"  # inside the sweep folder: Hydra's multirun folder, a status.json per cell, the log
@@ -222,11 +223,9 @@ def _follow(proc: subprocess.Popen[str], *, timeout: float | None) -> str:
 
 
 def write_json(path: Path, record: dict[str, Any]) -> None:
-    """Atomically: a reader (fl-sweep's progress) never sees half a file."""
+    """Atomically (`fl.outputs.write_atomic`): a reader (fl-sweep's progress) never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(record, indent=2))
 
 
 def launch_cells(
