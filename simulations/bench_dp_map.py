@@ -48,7 +48,7 @@ from typing import Any
 from simulations import harness
 from simulations.dp_map_report import HEADLINE_EPSILON, OWN_RATE, plan_figures, plot, table
 
-METHODS = ("ffa_lora", "fedit", "fed_sb")
+METHODS = ("ffa_lora", "fedit", "fed_sb", "fedsvd")
 CLIENTS = (3, 10)
 LOCAL_STEPS = (3, 17, 50)  # × ROUNDS = 9, 51, 150 DP steps per client
 ROUNDS = 3
@@ -57,15 +57,17 @@ LOGICAL_BATCH = 64  # fits the grid in ~6-7 h of 2 cores; the presets' 256 would
 PHYSICAL_BATCH = 64
 # Examples per second on 2 cores (bf16 EPYC, MiniLM), from the 9-step DP runs and their non-DP runs (BENCHMARKS.md,
 # "The DP grid"); --estimate uses the map's own finished cells instead where it has them.
-THROUGHPUT = {("ffa_lora", True): 43.0, ("fedit", True): 32.0, ("fed_sb", True): 49.0}
+THROUGHPUT = {("ffa_lora", True): 43.0, ("fedit", True): 32.0, ("fed_sb", True): 49.0, ("fedsvd", True): 43.0}
 # The methods' own non-DP constant rates (BENCHMARKS.md, "The four methods"; the study's): a DP preset's rate can be
 # stable only under clipping (FFA-LoRA's 5e-2 diverged without it in the map's first cells), so --own-rate-twins
 # adds a second twin at these rates and the table's gap is taken to the better twin.
-NON_DP_RATES = {"ffa_lora": 1e-2, "fedit": 3e-3, "fed_sb": 1e-2}
+NON_DP_RATES = {"ffa_lora": 1e-2, "fedit": 3e-3, "fed_sb": 1e-2, "fedsvd": 1e-2}
 # The rates of the map's cells, pinned: the presets' rates when the map began (2026-12-05). The presets are chosen
 # from the map and may change; a cell must mean the same run whenever it is (re)run. `--lr` and variants override.
-MAP_RATES = {"ffa_lora": 5e-2, "fedit": 3e-3, "fed_sb": 1e-2}
-THROUGHPUT_NON_DP = {"ffa_lora": 70.0, "fedit": 60.0, "fed_sb": 30.0}
+# FedSVD (added 2026-12-06) trains FFA-LoRA's B against an A that is FFA-LoRA's random A in round 1 and an orthonormal
+# basis after it (row norm 1 vs ~0.58): FFA-LoRA's rates, not tuned for it; its throughput is FFA-LoRA's estimate.
+MAP_RATES = {"ffa_lora": 5e-2, "fedit": 3e-3, "fed_sb": 1e-2, "fedsvd": 5e-2}
+THROUGHPUT_NON_DP = {"ffa_lora": 70.0, "fedit": 60.0, "fed_sb": 30.0, "fedsvd": 70.0}
 EXAMPLES = {3: 12_000, 10: 3_600}  # ≈ tweets per client
 
 PAPER_EPOCHS = 2.0

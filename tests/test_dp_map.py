@@ -29,7 +29,7 @@ from simulations.harness import read_jsonl as read_done
 
 def test_the_grid_is_methods_by_clients_by_steps_at_eps_3_with_non_dp_twins() -> None:
     cells = grid()
-    assert len(cells) == 3 * 2 * 3 * 2 and len({c.key for c in cells}) == len(cells)
+    assert len(cells) == 4 * 2 * 3 * 2 and len({c.key for c in cells}) == len(cells)  # FedSVD the fourth method
     assert sorted({c.dp_steps or 0 for c in cells}) == [9, 51, 150] and {c.epsilon for c in cells} == {3.0, None}
     steps = [c.dp_steps for c in cells]
     assert steps == sorted(steps, key=lambda n: n or 0)  # by DP steps first: a stopped map has whole columns
