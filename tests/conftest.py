@@ -1,6 +1,6 @@
 """Shared fixtures: quiet offline environment, a tiny config, a per-session data cache.
 
-`bash dev.sh test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadscope`): a module's tests run on
+`bash dev.sh test` runs the suite on three pytest-xdist workers (`-n 3 --dist loadscope`): a module's tests run on
 one worker, so a module-scoped run happens once (a fixture that several modules read would run on each worker:
 share runs within a module). Each worker has its own FLWR_HOME and temporary folders (every run also keeps its
 own FLWR_HOME, and every Flower process binds a port the OS picks); the workers share the data cache.
@@ -30,6 +30,10 @@ TINY = [
     "train.batch_size=8",
     "train.eval_batch_size=64",
     "train.precision=fp32",  # tests compare numbers to float tolerance; bf16 has its own tests (test_accel.py)
+    # A simulation's local Ray gets one CPU, hence one ClientApp actor: each actor imports torch, transformers,
+    # PEFT and Opacus (~9 s of CPU) to train a tiny client for ~1 s, and a second one only doubled that while the
+    # suite's other worker waited for the cores. Clients still run on Ray, one after another.
+    "sim.cpus=1",
 ]
 
 
@@ -37,7 +41,7 @@ TINY = [
 def _torch_on_one_thread() -> None:
     """Torch on one thread in the test process, as in each simulated client (`sim.client_cpus=1`): the tiny
     models' matrices gain nothing from a second thread (a golden case: 29 s instead of 57 s on 2 loaded cores),
-    and two xdist workers share 2 cores without oversubscribing them."""
+    and the xdist workers share 2 cores without each claiming both."""
     import torch
 
     torch.set_num_threads(1)

@@ -136,9 +136,9 @@ def test_a_client_that_times_out_is_counted_and_the_round_goes_on(
 
     faults("2:1:sleep")
     monkeypatch.setenv("FEDLORA_FAULT_SLEEP", "25")
-    run_dir = run_simulation(
-        [*tiny, *SIM, "sim.rounds=2", "sim.timeout=10", f"run_dir={tmp_path / 'r'}"], client_app="faulty_client:app"
-    )
+    # sim.cpus=2: two actors; the sleeper holds one into round 2 (with one actor, round 2 would queue behind it)
+    overrides = [*tiny, *SIM, "sim.cpus=2", "sim.rounds=2", "sim.timeout=10", f"run_dir={tmp_path / 'r'}"]
+    run_dir = run_simulation(overrides, client_app="faulty_client:app")
     rows = {r["round"]: r for r in read_metrics(run_dir)}
     assert rows[1]["failed"] == 1 and rows[1]["aggregated"] == 2 and not rows[1]["skipped"]
     assert rows[2]["aggregated"] >= 2
