@@ -16,7 +16,6 @@ from clients.train import local_train
 from fl.adapters import build_adapter, trainable_state
 from fl.app.config import compose
 from fl.app.server_app import run_server
-from fl.app.simulation import run_simulation
 from fl.data import IndexedDataset, TokenizedSplit
 from fl.outputs import read_metrics
 from fl.tasks import get_task, load_base_model
@@ -239,7 +238,10 @@ def test_noisy_gradient_sum_is_the_plain_sum_without_clipping_or_noise() -> None
 
 
 def test_dp_simulation_reports_true_epsilon_and_exhausted_clients_decline(tiny: list[str], tmp_path: Path) -> None:
-    run_dir = run_simulation(
+    # In-process: DP-SGD in Ray actors runs in tests/test_causal_lm.py (FFA-LoRA + DP) and on SuperNodes in
+    # tests/test_privacy_deploy.py; a Ray run here cost ~40 s of the suite's CPU for the same ServerApp/ClientApp.
+    run_dir = run_server(
+        LoopGrid(2),
         [
             *tiny,
             "privacy=dp",
@@ -249,7 +251,7 @@ def test_dp_simulation_reports_true_epsilon_and_exhausted_clients_decline(tiny: 
             "sim.num_clients=2",
             "data.partitioner=iid",
             f"run_dir={tmp_path / 'r'}",
-        ]
+        ],
     )
     rows = read_metrics(run_dir)
     assert 0 < rows[1]["epsilon_max"] <= 8.0
@@ -292,7 +294,7 @@ def test_each_clients_epsilon_is_recomputed_from_privacy_plan_json(tiny: list[st
     """Fed-SB's private init (its own σ from privacy.init_share) + DP-SGD at a logical batch of 16 made of physical
     batches of 8: the ε each client reports after the init and after a round equals an independent recomputation
     (Opacus' PRV accountant: the default) from what privacy_plan.json says (σ_init, σ, q, steps)."""
-    run_dir = run_server(  # in-process (the DP simulation above runs on Ray)
+    run_dir = run_server(  # in-process, as the DP simulation above
         LoopGrid(2),
         [
             *tiny,
