@@ -110,7 +110,7 @@ case "$cmd" in
     "$VENV/bin/lint-imports"  # the layers of shared/DESIGN.md ([tool.importlinter] in pyproject.toml)
     # Three pytest-xdist workers on 2 cores, a test module on one of them (its module-scoped runs happen once;
     # tests/conftest.py): a third worker trains while the others wait on Flower and Ray processes starting and
-    # stopping (2 workers left the cores ~20% idle; 3: 5%, and the suite 2.4 min shorter, BENCHMARKS.md).
+    # stopping (at 3 the cores were 5% idle and pytest 2.4 min shorter than at 2; BENCHMARKS.md, test-suite time).
     # `bash dev.sh test -n 0` runs in one process (a later -n wins).
     exec "$VENV/bin/pytest" -q -n 3 --dist loadscope "$@"
     ;;
