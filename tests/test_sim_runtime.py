@@ -22,7 +22,7 @@ from loop_grid import LoopGrid
 from fl.app.processes import free_port
 from fl.app.relay import ProgressFile, ProgressReader
 from fl.app.server_app import run_server
-from fl.app.simulation import SIM_DIR, run_simulation, server_error
+from fl.app.simulation import SIM_DIR, run_simulation, server_error, superlink_cause
 from fl.outputs import read_metrics
 
 SIM = ["sim.num_clients=3", "sim.rounds=2", "train.local_steps=2", "data.partitioner=iid"]
@@ -203,3 +203,15 @@ def test_a_failed_serverapp_is_named_by_its_exception(tiny: list[str], tmp_path:
     )
     assert server_error(log) == "KeyError: 'strategy.nosuch'"
     assert server_error("no traceback here") is None
+
+
+def test_a_serverapp_dropped_by_the_superlink_names_why() -> None:
+    """A ServerApp paused past Flower's heartbeat timeout raises nothing; the SuperLink's log (copied from a run
+    paused 30 min with SIGSTOP, 2026-12-06) says it refused the task's token from then on."""
+    log = (
+        "ERROR :     [/v1/runtime/send-task-heartbeat][ApiError:1008] Runtime task-token authentication failed.\n"
+        '2026-12-06T23:45:10.428Z INFO [uvicorn.access] 127.0.0.1:59496 - "POST /v1/runtime/send-task-heartbeat" 401\n'
+    )
+    cause = superlink_cause(log)
+    assert cause is not None and "heartbeat" in cause and "token expired" in cause
+    assert superlink_cause("INFO :      SuperExec terminated gracefully.") is None

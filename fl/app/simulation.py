@@ -60,6 +60,17 @@ def server_error(log_text: str) -> str | None:
     return f"{found.group(1)}: {found.group(2)}" if found else None
 
 
+def superlink_cause(log_text: str) -> str | None:
+    """Why the SuperLink ended a ServerApp that raised nothing: it stopped accepting the task's token once the
+    task's heartbeats stopped (seen when fl-sim's processes were paused with SIGSTOP for 30 min, then resumed)."""
+    if "task-token authentication failed" in log_text:
+        return (
+            "the SuperLink stopped accepting the ServerApp (Flower's task token expired: its heartbeats stopped, "
+            "the processes were paused or starved past Flower's heartbeat timeout)"
+        )
+    return None
+
+
 SIM_DIR = ".sim"  # inside the run folder: app/, flwr-home/, logs/, progress.jsonl
 CONNECTION = "fl-sim"
 DEFAULT_CLIENT_APP = "fl.app.client_app:app"
@@ -202,9 +213,12 @@ def run_simulation(overrides: list[str], *, client_app: str | None = None) -> Pa
             raise SimulationError(f"{cause}; traceback in {run_dir / ERROR_LOG}{again}")
         log_path = logs / "serverapp.log"
         text = log_path.read_text(errors="replace") if log_path.is_file() else ""
-        why = server_error(text) or "no exception in its log; it ends:\n" + text[-3000:]
+        link = logs / "superlink.log"
+        expired = superlink_cause(link.read_text(errors="replace")) if link.is_file() else None
+        why = server_error(text) or expired or "no exception in its log; it ends:\n" + text[-3000:]
+        resume = f"; continue with fl-sim resume={run_dir}" if (run_dir / CHECKPOINT_FILE).is_file() else ""
         raise SimulationError(
-            f"the run ended without writing {summary}: the ServerApp failed with {why} (log: {log_path})"
+            f"the run ended without writing {summary}: the ServerApp failed with {why} (log: {log_path}){resume}"
         )
     return run_dir
 
