@@ -31,8 +31,8 @@ TINY = [
     "train.eval_batch_size=64",
     "train.precision=fp32",  # tests compare numbers to float tolerance; bf16 has its own tests (test_accel.py)
     # A simulation's local Ray gets one CPU, hence one ClientApp actor: each actor imports torch, transformers,
-    # PEFT and Opacus (~9 s of CPU) to train a tiny client for ~1 s, and a second one only doubled that while the
-    # suite's other worker waited for the cores. Clients still run on Ray, one after another.
+    # PEFT and Opacus (~9 s of CPU) to train a tiny client for ~1 s (a tiny run: 44 -> 38 s of CPU with one; the
+    # suite's wall did not measurably change, BENCHMARKS.md). Clients still run on Ray, one after another.
     "sim.cpus=1",
 ]
 

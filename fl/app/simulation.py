@@ -203,22 +203,21 @@ def run_simulation(overrides: list[str], *, client_app: str | None = None) -> Pa
         with shielded():  # a second Ctrl-C cannot leave processes behind
             procs.stop()
     if not written_since(summary, since):
+        again = (
+            f"; the run folder keeps what it wrote: after a fix, continue with fl-sim resume={run_dir}"
+            if (run_dir / CHECKPOINT_FILE).is_file()
+            else ""
+        )
         cause = read_failure(run_dir, since)
         if cause is not None:  # the ServerApp's own record (fl.app.server_app.make_server_app)
-            again = (
-                f"; the run folder keeps what it wrote: after a fix, continue with fl-sim resume={run_dir}"
-                if (run_dir / CHECKPOINT_FILE).is_file()
-                else ""
-            )
             raise SimulationError(f"{cause}; traceback in {run_dir / ERROR_LOG}{again}")
         log_path = logs / "serverapp.log"
         text = log_path.read_text(errors="replace") if log_path.is_file() else ""
         link = logs / "superlink.log"
         expired = superlink_cause(link.read_text(errors="replace")) if link.is_file() else None
         why = server_error(text) or expired or "no exception in its log; it ends:\n" + text[-3000:]
-        resume = f"; continue with fl-sim resume={run_dir}" if (run_dir / CHECKPOINT_FILE).is_file() else ""
         raise SimulationError(
-            f"the run ended without writing {summary}: the ServerApp failed with {why} (log: {log_path}){resume}"
+            f"the run ended without writing {summary}: the ServerApp failed with {why} (log: {log_path}){again}"
         )
     return run_dir
 
