@@ -143,6 +143,9 @@ class SimConfig:
     fraction_evaluate: float = 0.0
     client_cpus: float = 1.0  # Ray CPUs per virtual client (2 cores here -> 2 clients at once)
     client_gpus: float = 0.0  # Ray GPUs per virtual client (0.25 = four clients share a GPU)
+    # ray: Flower's Simulation Runtime (a SuperLink, flwr-simulation, Ray actors); inline: the ServerApp and each
+    # ClientApp call in fl-sim's own process, clients one after another (fl/app/inline.py: tiny runs, debugging)
+    runtime: str = "ray"
     ray_address: str | None = None  # an existing Ray cluster (e.g. auto); default: start a local Ray
     # CPUs of the local Ray the run starts (null: every core of this machine); a sweep's parallel cells each
     # take their share (simulations/launch.py). Ignored with ray_address: a cluster owns its resources.
@@ -310,6 +313,18 @@ def validate(cfg: DictConfig) -> None:
         "sim.client_ranks",
         sim.client_ranks,
         "list positive integer ranks, e.g. [2,4,8,16], or null for strategy.rank everywhere.",
+    )
+    _require(
+        sim.runtime in ("ray", "inline"),
+        "sim.runtime",
+        sim.runtime,
+        "use ray (Flower's Simulation Runtime) or inline (every client in fl-sim's process, one after another).",
+    )
+    _require(
+        sim.runtime == "ray" or not sim.ray_address,
+        "sim.runtime",
+        sim.runtime,
+        f"an inline run does not use Ray: drop sim.ray_address={sim.ray_address}, or use sim.runtime=ray.",
     )
     _require(
         sim.client_rank_draw in ("cycle", "random"),

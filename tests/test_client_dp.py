@@ -215,9 +215,10 @@ def test_privacy_off_and_dp_leave_the_client_mode_off() -> None:
 
 
 def test_a_client_dp_simulation_logs_epsilon_per_round(tiny: list[str], tmp_path: Path) -> None:
-    """One real Flower simulation: Fed-SB, node-side clipping through the ClientApp's mod, 2 of 3 clients a round."""
+    """One fl-sim run (inline): Fed-SB, node-side clipping through the ClientApp's mod, 2 of 3 clients a round."""
     overrides = [
         *_job(tiny, "fed_sb", "sim.fraction_train=0.67", "sim.min_train_clients=1", "privacy.client.clipping=client"),
+        "sim.runtime=inline",
         f"run_dir={tmp_path / 'run'}",
     ]
     run_dir = run_simulation(overrides)

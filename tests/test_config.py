@@ -60,6 +60,8 @@ def test_appended_unknown_strategy_key_is_refused() -> None:
         ("privacy=dp train.precision=fp16", "train.precision"),
         ("privacy=dp train.gradient_checkpointing=true", "train.gradient_checkpointing"),
         ("sim.client_gpus=-1", "sim.client_gpus"),
+        ("sim.runtime=local", "sim.runtime"),
+        ("sim.runtime=inline sim.ray_address=auto", "sim.ray_address=auto"),
     ],
 )
 def test_bad_values_name_the_field(override: str, field: str | None) -> None:

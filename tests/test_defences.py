@@ -225,7 +225,7 @@ def test_an_attackers_reply_is_dropped_by_krum_in_a_real_run_and_counted_rejecte
 
 
 def test_a_claimed_count_is_capped_in_a_real_simulation(tiny: list[str], tmp_path: Path) -> None:
-    """The Simulation Runtime (Ray): the attacker claims 100x its examples; the cap at the round's median holds it."""
+    """An fl-sim run (inline): the attacker claims 100x its examples; the cap at the round's median holds it."""
     run_dir = run_simulation(
         [
             *tiny,
@@ -239,6 +239,7 @@ def test_a_claimed_count_is_capped_in_a_real_simulation(tiny: list[str], tmp_pat
             "data.partitioner=iid",
             "strategy.max_examples_weight=median",
             "strategy.defence=median",
+            "sim.runtime=inline",
             f"run_dir={tmp_path / 'sim'}",
         ]
     )

@@ -111,6 +111,7 @@ def test_simulation_keeps_b_per_client_and_scores_each_client(
         "data.partitioner=iid",
         "data.client_test_fraction=0.25",
         "sim.fraction_evaluate=1.0",
+        "sim.runtime=inline",  # fl-sim's whole path, its clients in this process (Ray's is test_simulation's)
         f"run_dir={tmp_path / 'run'}",
     ]
     run_dir = run_simulation(overrides, client_app="spy_client:app")

@@ -1,6 +1,7 @@
 """Sweep cells and tuning trials through Hydra's launchers (simulations/launch.py), on loopback only.
 
-Every cell is a real tiny `fl-sim` run. The sequential sweep's metrics (recorded in tests/golden_sweep.json) are
+Every cell is a real tiny `fl-sim` run (on `sim.runtime=inline`, except on the Ray cluster, where each cell's
+simulation joins the cluster). The sequential sweep's metrics (recorded in tests/golden_sweep.json) are
 what each launcher must reproduce cell by cell; the joblib case is tests/test_sweep.py's own 4-cell sweep, which
 runs on joblib, 2 cells at a time, and is checked against them there.
 """
@@ -77,7 +78,7 @@ def test_submitit_local_runs_a_sweep_and_records_a_failing_cell(
     tiny: list[str], tmp_path: Path, sequential: dict[str, list[dict[str, Any]]]
 ) -> None:
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher is not installed")
-    base = [*tiny, "sim.rounds=1", "data.partitioner=iid", "sim.num_clients=2"]
+    base = [*tiny, "sim.rounds=1", "data.partitioner=iid", "sim.num_clients=2", "sim.runtime=inline"]
     cases = [["strategy=ffa_lora"], ["strategy=fedit", "model.tokenizer=/no/such/tokenizer"]]  # 2 cells, 1 fails
     record = run_sweep(base, tmp_path, cases=cases, launch=Launch("submitit_local", jobs=2, cpus=1))
     status = {" ".join(e["overrides"][-2:]): e["status"] for e in record["cells"].values()}
@@ -91,6 +92,7 @@ def test_submitit_local_runs_a_sweep_and_records_a_failing_cell(
 
 def test_a_cell_killed_mid_run_resumes_on_the_next_call(tiny: list[str], tmp_path: Path) -> None:
     overrides = [*tiny, "sim.rounds=2", "data.partitioner=iid", "strategy=fedit", "sim.num_clients=2"]
+    overrides.append("sim.runtime=inline")  # the launcher's kill and resume are under test, not Ray's
     cmd = [sys.executable, "-m", "simulations.sweep", *overrides, "--dir", str(tmp_path)]
     sweep = subprocess.Popen([*cmd, "--launcher", "joblib", "--jobs", "2"], cwd=ROOT, start_new_session=True)
     deadline = time.monotonic() + 600
@@ -100,7 +102,7 @@ def test_a_cell_killed_mid_run_resumes_on_the_next_call(tiny: list[str], tmp_pat
     tree = [psutil.Process(sweep.pid), *psutil.Process(sweep.pid).children(recursive=True)]
     sweep.send_signal(signal.SIGKILL)
     sweep.wait()
-    _, left = psutil.wait_procs(tree, timeout=60)  # the multirun, its worker, fl-sim, its SuperLink and Ray
+    _, left = psutil.wait_procs(tree, timeout=60)  # the multirun, its worker and fl-sim
     for p in left:
         p.kill()
     assert not left, f"processes outlived the killed sweep: {[p.pid for p in left]}"
@@ -115,7 +117,7 @@ def test_a_cell_killed_mid_run_resumes_on_the_next_call(tiny: list[str], tmp_pat
 
 @pytest.mark.heavy  # ~4 tiny runs; tests/test_tune.py runs the Optuna sweeper in CI, the joblib test above joblib
 def test_an_optuna_study_runs_four_trials_two_at_a_time_on_joblib(cache_dir: str, tmp_path: Path) -> None:
-    overrides = [*TINY, f"cache_dir={cache_dir}", "sim.num_clients=2", "sim.rounds=1", "sim.cpus=1"]
+    overrides = [*TINY, f"cache_dir={cache_dir}", "sim.num_clients=2", "sim.rounds=1", "sim.runtime=inline"]
     cmd = [sys.executable, "-m", "fl.app.cli", "-m", "+tune=ffa_lora", "hydra.sweeper.n_trials=4"]
     cmd += ["hydra.sweeper.n_jobs=2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
     done = subprocess.run(

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import Context, Error, Message
-from flwr.common.constant import ErrorCode
 from loop_grid import LoopGrid
 from safetensors.torch import load_file
 
@@ -67,23 +65,16 @@ def test_enough_good_replies_are_aggregated_without_the_bad_one(tiny: list[str],
     assert all(bool(torch.isfinite(t).all()) for t in state.values())
 
 
-def _replying_with_errors(msg: Message, context: Context) -> Message:
-    """The faulty ClientApp, its exception turned into an error reply as Flower's Simulation Runtime does."""
-    from faulty_client import app
-
-    try:
-        return app(msg, context)  # type: ignore[no-any-return]
-    except Exception as e:  # what the runtime catches: any exception of the ClientApp
-        reason = f"{type(e)}:<'{e}'>"
-        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
-
-
 def test_a_clients_exception_reaches_the_rounds_metrics_in_fed_sbs_init_and_in_training(
     tiny: list[str], tmp_path: Path, faults, one_thread
 ) -> None:  # type: ignore[no-untyped-def]
+    """Inline (fl.app.inline): an exception becomes an error reply, as Flower's Simulation Runtime makes it (the
+    Ray run of test_failing_and_bad_clients_do_not_stop_the_run reads the same reason)."""
+    from faulty_client import app
+
     faults("1:0:raise,2:1:raise")  # round 0: Fed-SB's init exchange; round 1: training
     overrides = [*tiny, *SIM, "strategy=fed_sb", "strategy.rank=2", "sim.rounds=1", f"run_dir={tmp_path / 'r'}"]
-    rows = read_metrics(run_server(LoopGrid(NODES, app=_replying_with_errors), overrides))
+    rows = read_metrics(run_server(LoopGrid(NODES, app=app), overrides))
     assert rows[0]["failed"] == 1 and "injected client failure" in rows[0]["client_errors"]["1"]
     assert rows[1]["failed"] == 1 and list(rows[1]["client_errors"]) == ["2"]
     assert "injected client failure" in rows[1]["client_errors"]["2"] and rows[1]["aggregated"] == 2

@@ -81,10 +81,14 @@ def test_adapter_reloads_with_plain_peft_to_the_framework_predictions(
     assert correct / len(ds) == read_metrics(run_dir)[-1]["accuracy"]
 
 
-def test_same_overrides_give_the_same_metrics(run: tuple[Path, list[str]], tmp_path: Path) -> None:
+def test_the_inline_runtime_gives_the_ray_runs_metrics(run: tuple[Path, list[str]], tmp_path: Path) -> None:
+    """The same overrides on `sim.runtime=inline` (fl.app.inline: every ClientApp call in this process) end with
+    the Ray run's metrics, to the bit: the tests and tiny sweeps that run inline measure what Ray would."""
     run_dir, overrides = run
-    again = run_simulation([*[o for o in overrides if not o.startswith("run_dir=")], f"run_dir={tmp_path / 'again'}"])
+    same = [o for o in overrides if not o.startswith("run_dir=")]
+    again = run_simulation([*same, "sim.runtime=inline", f"run_dir={tmp_path / 'again'}"])
     a, b = read_metrics(run_dir), read_metrics(again)
+    assert len(a) == len(b) == 3
     for ra, rb in zip(a, b, strict=True):
         for key in ("accuracy", "loss", "bytes_up", "bytes_down", "residual", "train_loss"):
             assert ra.get(key) == rb.get(key), (key, ra.get(key), rb.get(key))

@@ -35,12 +35,16 @@ def _recording() -> bool:
 @pytest.fixture(scope="module")
 def sweep(tiny: list[str], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     """One real 4-cell `fl-sweep` (FedIT, FFA-LoRA × 2, 3 clients; one round; tracked in MLflow) read by this
-    module's tests: each cell is its own `fl-sim` process on Ray (~30 s each), so it runs once. It runs on Hydra's
-    joblib launcher, 2 cells at a time, and must reproduce the sequential sweep's metrics cell by cell
-    (tests/golden_sweep.json, recorded one cell after another with `FEDLORA_RECORD_GOLDEN=1`)."""
+    module's tests: each cell is its own `fl-sim` process, so it runs once. It runs on Hydra's joblib launcher, 2
+    cells at a time, and must reproduce the sequential sweep's metrics cell by cell (tests/golden_sweep.json,
+    recorded one cell after another on Ray with `FEDLORA_RECORD_GOLDEN=1`). The cells run on `sim.runtime=inline`
+    (the sweep is under test, not Flower's runtime: a tiny cell ~10 s of CPU instead of ~40 on Ray), so the golden
+    file also checks that the inline runtime ends where Ray does; recording runs the cells on Ray."""
     sweep_dir = tmp_path_factory.mktemp("sweep")
     overrides = [*tiny, "sim.rounds=1", "data.partitioner=iid", "strategy=fedit,ffa_lora", "sim.num_clients=2,3"]
-    overrides.append("tracking=mlflow")  # the sweep is one MLflow experiment (test below)
+    overrides.append("tracking=mlflow")
+    if not _recording():
+        overrides.append("sim.runtime=inline")  # the sweep is one MLflow experiment (test below)
     joblib = importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is not None
     launch = Launch("joblib", jobs=2) if joblib and not _recording() else None  # None: one after another
     record = run_sweep(overrides, sweep_dir, launch=launch)
@@ -127,7 +131,7 @@ def test_seeds_are_a_sweep_axis_and_a_failing_cell_is_recorded_while_the_sweep_g
 
     from simulations.report import load_runs
 
-    base = [*tiny, "sim.rounds=1", "data.partitioner=iid", "strategy=fedit", "sim.num_clients=2"]
+    base = [*tiny, "sim.rounds=1", "data.partitioner=iid", "strategy=fedit", "sim.num_clients=2", "sim.runtime=inline"]
     assert [c[-1] for c in expand([*base, "seed=0,1,2"])] == ["seed=0", "seed=1", "seed=2"]
     # seed 0 is the fixture's fedit / 2-client cell (same settings); run seed 1 beside it
     sweep_dir, _ = sweep

@@ -1,5 +1,5 @@
 """Choosing on validation: the best round is the validation split's pick, and a tiny Optuna study (Hydra's Optuna
-sweeper through `fl-sim -m +tune=…`, the real runtime) optimises the final validation accuracy and writes its best
+sweeper through `fl-sim -m +tune=…`, its trials inline) optimises the final validation accuracy and writes its best
 parameters."""
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ def test_the_best_round_is_the_validation_splits_pick_not_the_tests() -> None:
 
 def test_a_tiny_optuna_study_maximises_the_final_validation_accuracy(cache_dir: str, tmp_path: Path) -> None:
     sweep = tmp_path / "tune"
-    overrides = [*TINY, f"cache_dir={cache_dir}", "sim.num_clients=2", "sim.rounds=1"]
-    # three trials (each a Ray simulation): the must-show's tiny study; the best is the max of their validation finals
+    overrides = [*TINY, f"cache_dir={cache_dir}", "sim.num_clients=2", "sim.rounds=1", "sim.runtime=inline"]
+    # three trials (each an inline fl-sim run: the sweeper is under test, not Ray): the must-show's tiny study; the
+    # best is the max of their validation finals
     cmd = [sys.executable, "-m", "fl.app.cli", "-m", "+tune=ffa_lora", "hydra.sweeper.n_trials=3"]
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "0"}
     done = subprocess.run(

@@ -17,10 +17,14 @@
 With `sim.ray_address` (e.g. ``auto`` or ``127.0.0.1:6379``) `flwr-simulation` joins that Ray cluster
 (RAY_ADDRESS) instead of starting one, and the cluster keeps running after the job. Without it a fresh local
 Ray is started (RAY_ADDRESS=local), also when a `ray start` cluster happens to run on this machine.
+
+With `sim.runtime=inline` steps 2-5 are replaced by the ServerApp's `run_server` in this process, its clients
+called one after another (`fl.app.inline`): same config, same run folder, same metrics, no processes.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
@@ -133,8 +137,7 @@ def federation_config(cfg: DictConfig) -> dict[str, Any]:
 
 def simulation_env(cfg: DictConfig, flwr_home: Path, progress_file: Path) -> dict[str, str]:
     """The SuperLink's environment, inherited by `flwr-simulation` and (on a local Ray) by its actors."""
-    threads = max(1, int(cfg.train.threads or cfg.sim.client_cpus))  # torch threads per actor: its CPUs
-    env = child_env(flwr_home, client_threads=threads)
+    env = child_env(flwr_home, client_threads=_client_threads(cfg))  # torch threads per actor: its CPUs
     env[SIMULATION_ENV] = "1"  # simulated nodes keep the seeded noise (no Opacus secure_mode)
     env["RAY_ADDRESS"] = str(cfg.sim.ray_address or "local")
     # What this process can import, flwr-simulation and its actors can too (tests' ClientApps included).
@@ -169,8 +172,11 @@ def run_simulation(overrides: list[str], *, client_app: str | None = None) -> Pa
         cfg = compose(overrides)
     run_dir = Path(str(cfg.run_dir)).expanduser().resolve()
     overrides = [o for o in overrides if not o.startswith("run_dir=")] + [f"run_dir={run_dir}"]
-    fed = federation_config(cfg)
     check_server_config(cfg)
+    if cfg.sim.runtime == "inline":
+        check_partitions(cfg)
+        return _run_inline(cfg, run_dir, overrides, client_app)
+    fed = federation_config(cfg)
     check_partitions(cfg)
 
     work = run_dir / SIM_DIR
@@ -202,6 +208,36 @@ def run_simulation(overrides: list[str], *, client_app: str | None = None) -> Pa
         reader.close()
         with shielded():  # a second Ctrl-C cannot leave processes behind
             procs.stop()
+    _raise_unless_finished(run_dir, since, logs)
+    return run_dir
+
+
+def _run_inline(cfg: DictConfig, run_dir: Path, overrides: list[str], client_app: str | None) -> Path:
+    """`sim.runtime=inline` (fl.app.inline): the ServerApp and every ClientApp call in this process."""
+    from fl.app.inline import run_inline
+
+    app = None
+    if client_app:  # ``module:attribute``, as Flower loads a ClientApp
+        module, _, attr = client_app.partition(":")
+        app = getattr(importlib.import_module(module), attr)
+    since = time.time_ns()
+    try:
+        run_inline(overrides, int(cfg.sim.num_clients), threads=_client_threads(cfg), client_app=app)
+    except Exception:  # recorded in error.log by run_inline; said below in one line, as a Ray run's
+        log.debug("The inline run failed", exc_info=True)
+    _raise_unless_finished(run_dir, since, None)
+    return run_dir
+
+
+def _client_threads(cfg: DictConfig) -> int:
+    """Torch threads of a simulated client: `train.threads`, else its reserved CPUs (`sim.client_cpus`)."""
+    return max(1, int(cfg.train.threads or cfg.sim.client_cpus))
+
+
+def _raise_unless_finished(run_dir: Path, since: int, logs: Path | None) -> None:
+    """SimulationError naming why the run did not write its summary (the ServerApp's error.log, else Flower's and
+    the SuperLink's logs under `logs`), with the resume command when a checkpoint exists."""
+    summary = run_dir / K.SUMMARY_FILE
     if not written_since(summary, since):
         again = (
             f"; the run folder keeps what it wrote: after a fix, continue with fl-sim resume={run_dir}"
@@ -211,6 +247,8 @@ def run_simulation(overrides: list[str], *, client_app: str | None = None) -> Pa
         cause = read_failure(run_dir, since)
         if cause is not None:  # the ServerApp's own record (fl.app.server_app.make_server_app)
             raise SimulationError(f"{cause}; traceback in {run_dir / ERROR_LOG}{again}")
+        if logs is None:
+            raise SimulationError(f"the run ended without writing {summary}{again}")
         log_path = logs / "serverapp.log"
         text = log_path.read_text(errors="replace") if log_path.is_file() else ""
         link = logs / "superlink.log"
@@ -219,7 +257,6 @@ def run_simulation(overrides: list[str], *, client_app: str | None = None) -> Pa
         raise SimulationError(
             f"the run ended without writing {summary}: the ServerApp failed with {why} (log: {log_path}){again}"
         )
-    return run_dir
 
 
 def _follow(
