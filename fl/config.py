@@ -290,12 +290,7 @@ def validate(cfg: DictConfig) -> None:
     _require(0 <= s.dropout < 1, "strategy.dropout", s.dropout, "use a value in [0, 1).")
     _require(sim.num_clients >= 1, "sim.num_clients", sim.num_clients, "need at least one client.")
     _require(sim.rounds >= 1, "sim.rounds", sim.rounds, "need at least one round.")
-    _require(
-        0 < sim.fraction_train <= 1,
-        "sim.fraction_train",
-        sim.fraction_train,
-        "use a fraction in (0, 1].",
-    )
+    _require(0 < sim.fraction_train <= 1, "sim.fraction_train", sim.fraction_train, "use a fraction in (0, 1].")
     _require(
         0 <= sim.fraction_evaluate <= 1,
         "sim.fraction_evaluate",
@@ -314,18 +309,10 @@ def validate(cfg: DictConfig) -> None:
         sim.client_ranks,
         "list positive integer ranks, e.g. [2,4,8,16], or null for strategy.rank everywhere.",
     )
-    _require(
-        sim.runtime in ("ray", "inline"),
-        "sim.runtime",
-        sim.runtime,
-        "use ray (Flower's Simulation Runtime) or inline (every client in fl-sim's process, one after another).",
-    )
-    _require(
-        sim.runtime == "ray" or not sim.ray_address,
-        "sim.runtime",
-        sim.runtime,
-        f"an inline run does not use Ray: drop sim.ray_address={sim.ray_address}, or use sim.runtime=ray.",
-    )
+    inline_on_ray = f"an inline run does not use Ray: drop sim.ray_address={sim.ray_address}, or use sim.runtime=ray."
+    runtimes = "use ray (Flower's Simulation Runtime) or inline (every client in fl-sim's process, one after another)."
+    ok = sim.runtime == "ray" or (sim.runtime == "inline" and not sim.ray_address)
+    _require(ok, "sim.runtime", sim.runtime, inline_on_ray if sim.runtime == "inline" else runtimes)
     _require(
         sim.client_rank_draw in ("cycle", "random"),
         "sim.client_rank_draw",
@@ -372,12 +359,7 @@ def validate(cfg: DictConfig) -> None:
         "use a positive number of epochs, or null to use train.local_steps.",
     )
     _require(0 <= t.momentum < 1, "train.momentum", t.momentum, "use a momentum in [0, 1).")
-    _require(
-        t.lr_schedule in SCHEDULES,
-        "train.lr_schedule",
-        t.lr_schedule,
-        f"use one of {', '.join(SCHEDULES)}.",
-    )
+    _require(t.lr_schedule in SCHEDULES, "train.lr_schedule", t.lr_schedule, f"use one of {', '.join(SCHEDULES)}.")
     _require(
         0 <= t.warmup_rounds < sim.rounds,
         "train.warmup_rounds",

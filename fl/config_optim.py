@@ -21,6 +21,9 @@ class ServerOptConfig:
     beta_1: float = 0.9  # adam, yogi, adagrad: first-moment decay (adagrad: 0 = Reddi et al.'s FedAdagrad)
     beta_2: float = 0.99  # adam, yogi: second-moment decay
     tau: float = 1e-3  # adam, yogi, adagrad: τ, the adaptivity floor added to √v
+    # Server-side model averaging (SWA; strategies/averaging.py): from this round on, the model the server scores
+    # and exports is the mean of the rounds' global models (the clients still train from the global); 0: off
+    average_from: int = 0
 
 
 @dataclass

@@ -20,6 +20,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fl import constants as K
 from fl.wire import from_record, num_floats, to_record
+from strategies.averaging import ModelAverage
 from strategies.bridge import ConfigBridge
 from strategies.carried import AccountantCopies
 from strategies.hooks import MethodHooks
@@ -63,6 +64,9 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
         The step from this round's aggregate to the next global arrays (`server_opt=`; default: the aggregate).
     scaffold : ScaffoldServer, optional
         SCAFFOLD's control variate c (`drift=scaffold`, `strategies.scaffold`); default: none.
+    average : ModelAverage, optional
+        The running mean of the rounds' globals the server scores and exports (`server_opt.average_from`,
+        `strategies.averaging`); default: none (the global itself).
     """
 
     def __init__(
@@ -86,6 +90,7 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
         server_gradient: ServerGradient | None = None,
         robust: RobustAggregation | None = None,
         server_opt: ServerOptimizer | None = None,
+        average: ModelAverage | None = None,
         scaffold: ScaffoldServer | None = None,
     ) -> None:
         super().__init__(
@@ -117,6 +122,7 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
         self.server_opt = server_opt or ServerOptimizer()  # server_opt=: the step from aggregate to global
         self.opt_before: dict[str, torch.Tensor] = {}  # this round's global state as the server optimizer sees it
         self.scaffold = scaffold or ScaffoldServer(num_clients=num_nodes, enabled=False)  # drift=scaffold: c
+        self.average = average or ModelAverage()  # server_opt.average_from: the model scored and exported (SWA)
 
     def state_dict(self) -> dict[str, Any]:
         """Server state beyond the global arrays (for checkpoints)."""
@@ -128,6 +134,7 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
             "robust": self.robust.state_dict(),
             "server_opt": self.server_opt.state_dict(),
             "scaffold": self.scaffold.state_dict(),
+            "average": self.average.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -139,6 +146,7 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
         self.robust.load_state_dict(state.get("robust", {}))
         self.server_opt.load_state_dict(state.get("server_opt", {}))
         self.scaffold.load_state_dict(state.get("scaffold", {}))
+        self.average.load_state_dict(state.get("average", {}))
 
     # ------------------------------------------------------------------ Flower hooks
     def start(self, grid: Grid, initial_arrays: ArrayRecord, **kwargs: Any) -> Any:  # type: ignore[override]
@@ -170,6 +178,8 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
             log.info("%s: %s", type(self).__name__, self.server_opt.describe())
         if self.scaffold.active:
             log.info("%s: %s", type(self).__name__, self.scaffold.describe())
+        if self.average.active:
+            log.info("%s: %s", type(self).__name__, self.average.describe(self.rounds))
         super().summary()
 
     def config_record(self, server_round: int, phase: str, *extra: Mapping[str, Any]) -> ConfigRecord:
@@ -224,6 +234,17 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
         den = sum(float(((view[k].double() - self.opt_before[k].double()) ** 2).sum()) for k in view)
         stats.extra[K.SERVER_STEP_RATIO] = (num / den) ** 0.5 if den > 0 else 0.0
         return to_record(self.with_optimizer_view(agg, stepped))
+
+    def scored(self, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        """The global arrays the server scores after (absolute) round `server_round`: `arrays`, or the running mean
+        of the rounds' globals from `server_opt.average_from` on (`strategies.averaging`; call once a round)."""
+        if not self.average.active:
+            return arrays
+        return to_record(self.average.update(server_round, from_record(arrays)))
+
+    def exported(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The arrays the run exports, given the last global `arrays`: those, or the mean `scored` last returned."""
+        return to_record(self.average.model(from_record(arrays))) if self.average.active else arrays
 
     def screen(self, server_round: int, replies: Iterable[Message]) -> list[Reply]:
         """The sound training replies of (absolute) round `server_round`, each decoded once (`screening.screen`)."""

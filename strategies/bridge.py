@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Self
 from fl import ranks
 from fl.config import StrategyConfig
 from fl.config_defence import defence_fields
+from strategies.averaging import ModelAverage
 from strategies.robust import RobustAggregation
 from strategies.scaffold import make_scaffold
 from strategies.server_opt import make_server_optimizer
@@ -37,6 +38,10 @@ class ConfigBridge:
 
     server_opt_problem: ClassVar[str | None] = None
     """Why a server optimizer (`server_opt=`) is not defined for this method; None: it steps `optimizer_view`."""
+
+    average_problem: ClassVar[str | None] = None
+    """Why the mean of the rounds' global arrays (`server_opt.average_from`, `strategies.averaging`) is not a model
+    of this method; None: it is."""
 
     scaffold_problem: ClassVar[str | None] = None
     """Why SCAFFOLD (`drift=scaffold`) is not defined for this method; mixed-rank methods and methods with
@@ -73,8 +78,15 @@ class ConfigBridge:
                 f"server_opt={cfg.server_opt.name} does not compose with strategy={s.name}: {cls.server_opt_problem}. "
                 "Use server_opt=none with this method."
             )
+        average_from = int(cfg.server_opt.average_from)
+        if average_from and cls.average_problem is not None:
+            raise ValueError(
+                f"server_opt.average_from={average_from} does not compose with strategy={s.name}: "
+                f"{cls.average_problem}. Use server_opt.average_from=0 with this method."
+            )
         return {
             "server_opt": make_server_optimizer(cfg),
+            "average": ModelAverage(average_from),
             "scaffold": make_scaffold(cfg, cls),
             "num_nodes": int(sim.num_clients),
             "rounds": int(sim.rounds),

@@ -57,6 +57,9 @@ class FedExLoRA(LoraStrategy):
         "W0 + ΣE + s·B̄·Ā; a step on Ā, B̄ alone would leave the folded part un-stepped and the product inexact "
         "again, and the fold lives in clients' W0, where no server moment can act"
     )
+    average_problem: ClassVar[str | None] = (
+        "part of each round's model is the residual folded into the clients' W0, which a mean of Ā, B̄ leaves out"
+    )
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

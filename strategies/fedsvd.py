@@ -107,6 +107,9 @@ class FedSVD(LoraStrategy):
         "each round's re-factorisation changes the basis of B (B' = B·A·A'ᵀ), so c and every client's c_i, kept in "
         "B's coordinates across rounds, would correct in a basis no client trains in any more"
     )
+    average_problem: ClassVar[str | None] = (
+        "each round re-factorises A, so the rounds' B̄ live in different bases and their mean is no round's model"
+    )
 
     @classmethod
     def describe(cls, fields: Mapping[str, Any]) -> str:

@@ -33,6 +33,9 @@ class FlexLoRA(HeteroLoRA):
     """FlexLoRA (https://arxiv.org/abs/2402.11505): average s_k·B_k·A_k, truncated SVD to each client's rank."""
 
     title: ClassVar[str] = "FlexLoRA"
+    average_problem: ClassVar[str | None] = (
+        "its model is the server's ΔW truncated at each rank, not the global arrays; their mean is not implemented"
+    )
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -53,6 +53,7 @@ class FLoRA(HeteroLoRA):
         "each round's exact stack is folded into the clients' frozen W0 and every client restarts a fresh LoRA, "
         "so no global adapter persists between rounds for a server optimizer to step"
     )
+    average_problem: ClassVar[str | None] = "the model lives in the clients' folded W0, not in global arrays to average"
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

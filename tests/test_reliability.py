@@ -83,7 +83,10 @@ def test_a_clients_exception_reaches_the_rounds_metrics_in_fed_sbs_init_and_in_t
 DP = ["privacy=dp", "privacy.target_epsilon=8", "privacy.planned_rounds=3"]
 
 
-@pytest.mark.parametrize(("strategy", "extra"), [("fedit", []), ("fed_sb", []), ("fedit", DP)])
+@pytest.mark.parametrize(
+    ("strategy", "extra"),
+    [("fedit", []), ("fed_sb", []), ("fedit", DP), ("ffa_lora", ["server_opt.average_from=1"])],  # the mean resumes
+)
 def test_resume_ends_where_the_uninterrupted_run_ends(
     tiny: list[str], tmp_path: Path, strategy: str, extra: list[str]
 ) -> None:
@@ -108,8 +111,10 @@ def test_resume_ends_where_the_uninterrupted_run_ends(
     fb = load_file(str(resumed / "adapter" / "adapter_model.safetensors"))
     assert fa.keys() == fb.keys()
     assert all(torch.allclose(fa[k], fb[k], atol=1e-6) for k in fa)
-    if extra:  # the clients' accountants resumed too: ε kept composing from where it was
+    if extra == DP:  # the clients' accountants resumed too: ε kept composing from where it was
         assert b[-1]["epsilon_max"] > b[1]["epsilon_max"] > 0
+    if strategy == "ffa_lora":  # the checkpointed mean resumed: round 3 scored the mean of rounds 1-3
+        assert [r["averaged_rounds"] for r in b] == [0, 1, 2, 3] == [r["averaged_rounds"] for r in a]
 
 
 def test_resume_from_a_folder_without_checkpoint_names_it(tmp_path: Path) -> None:

@@ -117,7 +117,7 @@ def run_server(grid: Grid, overrides: list[str]) -> Path:
         if history and history[-1]["round"] == server_round:  # resumed: this round is already recorded
             return MetricRecord({"accuracy": history[-1]["accuracy"], "loss": history[-1]["loss"]})
         t_eval = time.perf_counter()
-        load_tensors(ws.model, strategy.materialize(arrays))
+        load_tensors(ws.model, strategy.materialize(strategy.scored(server_round, arrays)))
         apply_base_delta(ws.model, strategy.base_delta())
         split = test_split if server_round >= rounds else round_split  # the last round scores all of it
         loss, acc = evaluate(
@@ -136,6 +136,8 @@ def run_server(grid: Grid, overrides: list[str]) -> Path:
                 pad_id=ws.pad_id,
                 precision=str(cfg.train.precision),
             )
+        if strategy.average.active:  # server_opt.average_from: how many rounds' globals the scored model averages
+            row["averaged_rounds"] = strategy.average.count
         if round_split is not test_split:  # sim.round_eval_size: say which rounds scored a subset
             row["eval_examples"] = len(split)
         st = strategy.stats.get(server_round)
@@ -173,6 +175,7 @@ def run_server(grid: Grid, overrides: list[str]) -> Path:
         tracker.finish("FAILED")
         raise
     try:
+        final = strategy.exported(final)  # server_opt.average_from: the mean of the globals, as last scored
         load_tensors(ws.model, strategy.materialize(final))
         apply_base_delta(ws.model, strategy.base_delta())
         export_peft(ws.model, kind=ws.kind, base=export_base(ws), out_dir=out.adapter_dir)  # type: ignore[arg-type]
