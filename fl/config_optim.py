@@ -24,6 +24,7 @@ class ServerOptConfig:
     # Server-side model averaging (SWA; strategies/averaging.py): from this round on, the model the server scores
     # and exports is the mean of the rounds' global models (the clients still train from the global); 0: off
     average_from: int = 0
+    average_window: int = 0  # 0: the uniform mean of every round from average_from; k: then an EMA of weight 1/k
 
 
 @dataclass

@@ -10,6 +10,10 @@ With x_t the global arrays after round t and T0 = `server_opt.average_from`, the
     x̄_t = x_t                                  for t < T0
     x̄_t = (1 / (t − T0 + 1)) · Σ_{s=T0..t} x_s   for t ≥ T0   (updated as x̄ ← x̄ + (x_t − x̄) / n)
 
+or, with a window k = `server_opt.average_window` > 0, the same mean for the first k rounds from T0 and then an
+exponential moving average x̄ ← x̄ + (x_t − x̄) / k (a late global weighs 1/k, one k rounds older ~1/(e·k)): the mean
+forgets the early rounds that a uniform mean from T0 keeps at full weight.
+
 while the clients keep training from x_t itself: the trajectory is the run's without averaging, only what is
 evaluated differs. FedSWA also cycles the client rate within each averaging window; here the rate is whatever
 `train.lr_schedule` says. The mean is taken over the method's global arrays (`to_record` of what it sends): exact in
@@ -40,12 +44,21 @@ class ModelAverage:
     ----------
     start : int
         T0, the first round whose global joins the mean (`server_opt.average_from`); 0 turns averaging off.
+    window : int
+        k (`server_opt.average_window`): after k rounds the mean becomes an exponential moving average of weight
+        1/k; 0 keeps the uniform mean of every round from T0.
     """
 
-    def __init__(self, start: int = 0) -> None:
+    def __init__(self, start: int = 0, window: int = 0) -> None:
         if start < 0:
             raise ValueError(f"server_opt.average_from={start} is invalid: use 0 (off) or a round >= 1.")
-        self.start = int(start)
+        if window < 0:
+            raise ValueError(f"server_opt.average_window={window} is invalid: use 0 (every round) or a window >= 1.")
+        if window and not start:
+            raise ValueError(
+                f"server_opt.average_window={window} needs server_opt.average_from >= 1 (the round averaging starts)."
+            )
+        self.start, self.window = int(start), int(window)
         self.mean: dict[str, torch.Tensor] = {}
         self.count = 0
         self.last_round = 0
@@ -60,7 +73,8 @@ class ModelAverage:
             if (rounds is not None and self.start > rounds)
             else ""
         )
-        return f"the model scored and exported is the mean of the globals from round {self.start} on (SWA){late}"
+        how = f"an exponential moving average (weight 1/{self.window})" if self.window else "the mean"
+        return f"the model scored and exported is {how} of the globals from round {self.start} on (SWA){late}"
 
     def update(self, server_round: int, arrays: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Add round `server_round`'s global `arrays` (from round `start` on; once per round) and return the model
@@ -78,7 +92,9 @@ class ModelAverage:
         for key, value in arrays.items():
             x = value.detach().to(torch.float64)
             prev = self.mean.get(key)
-            self.mean[key] = x.clone() if prev is None else prev + (x - prev) / self.count
+            self.mean[key] = (
+                x.clone() if prev is None else prev + (x - prev) / min(self.count, self.window or self.count)
+            )
         return self.model(arrays)
 
     def model(self, arrays: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -91,6 +107,7 @@ class ModelAverage:
         return {
             "type": STATE_TYPE,
             "start": self.start,
+            "window": self.window,
             "count": self.count,
             "last_round": self.last_round,
             "mean": dict(self.mean),
@@ -101,10 +118,10 @@ class ModelAverage:
             return
         if state.get("type") != STATE_TYPE:
             raise ValueError(f"not a model-average state: {state.get('type')!r}")
-        if int(state["start"]) != self.start and int(state["count"]):
+        if (int(state["start"]), int(state.get("window", 0))) != (self.start, self.window) and int(state["count"]):
             raise ValueError(
-                f"server_opt.average_from={self.start}, but the checkpoint's mean started at round {state['start']}: "
-                "resume with the same value"
+                f"server_opt.average_from={self.start} average_window={self.window}, but the checkpoint's mean has "
+                f"average_from={state['start']} average_window={state.get('window', 0)}: resume with the same values"
             )
         self.count, self.last_round = int(state["count"]), int(state["last_round"])
         self.mean = {k: v.to(torch.float64) for k, v in state["mean"].items()}

@@ -86,7 +86,7 @@ class ConfigBridge:
             )
         return {
             "server_opt": make_server_optimizer(cfg),
-            "average": ModelAverage(average_from),
+            "average": ModelAverage(average_from, int(cfg.server_opt.average_window)),
             "scaffold": make_scaffold(cfg, cls),
             "num_nodes": int(sim.num_clients),
             "rounds": int(sim.rounds),

@@ -34,10 +34,21 @@ def test_the_mean_is_of_the_rounds_from_the_start_on_in_the_arrays_dtypes() -> N
     again = ModelAverage(2)
     again.load_state_dict(avg.state_dict())
     assert again.update(5, {"b": torch.full((2,), 7.0)})["b"].tolist() == [4.0, 4.0]
-    with pytest.raises(ValueError, match=r"average_from=3.*started at round 2"):
+    with pytest.raises(
+        ValueError, match=r"average_from=3 average_window=0, but the checkpoint's mean has average_from=2"
+    ):
         ModelAverage(3).load_state_dict(avg.state_dict())
     with pytest.raises(ValueError, match=r"server_opt\.average_from=-1"):
         ModelAverage(-1)
+    with pytest.raises(ValueError, match=r"server_opt\.average_window=2 needs server_opt\.average_from >= 1"):
+        ModelAverage(0, 2)
+    ema = ModelAverage(1, 2)  # the mean of the first 2 rounds, then x̄ ← x̄ + (x − x̄)/2
+    for t, want in [(1, 1.0), (2, 1.5), (3, 2.25), (4, 3.125)]:
+        assert ema.update(t, {"b": torch.tensor([float(t)])})["b"].item() == want
+    with pytest.raises(
+        ValueError, match="average_window=3, but the checkpoint's mean has average_from=1 average_window=2"
+    ):
+        ModelAverage(1, 3).load_state_dict(ema.state_dict())
     off = ModelAverage(0)
     assert not off.active and off.update(3, xs[2])["b"].tolist() == [3.0, 3.0] and off.count == 0
 
