@@ -50,6 +50,8 @@ class InlineGrid(Grid):
     also runs through `send_and_receive`.
     """
 
+    pull_interval = 0.0  # each pull runs a client to its reply: nothing to wait for between pulls (ProgressGrid)
+
     def __init__(self, num_nodes: int, app: Any = None, *, node_config: dict[str, Any] | None = None) -> None:
         if app is None:
             from fl.app.client_app import app as client_app  # the real ClientApp (torch, PEFT, Opacus)

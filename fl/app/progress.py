@@ -183,6 +183,7 @@ class ProgressGrid(Grid):
     def __init__(self, grid: Grid, progress: Progress) -> None:
         self.grid = grid
         self.progress = progress
+        self.pull_interval = getattr(grid, "pull_interval", self.pull_interval)  # an inline grid answers at once
 
     def set_run(self, run: Any) -> None:  # the Grid ABC's methods, delegated
         self.grid.set_run(run)
