@@ -147,7 +147,7 @@ def simulated_node() -> Iterator[None]:
             os.environ[SIMULATION_ENV] = before
 
 
-def run_inline(overrides: list[str], num_clients: int, *, threads: int, client_app: Any = None) -> Path:
+def run_inline(overrides: list[str], run_dir: Path, num_clients: int, *, threads: int, client_app: Any = None) -> Path:
     """Run the job of `overrides` with `num_clients` inline nodes; the ServerApp's failures are recorded as on Ray
     (`<run folder>/error.log`) and raised. Returns the run folder."""
     from fl.app.console import write_failure
@@ -157,6 +157,5 @@ def run_inline(overrides: list[str], num_clients: int, *, threads: int, client_a
     try:
         return run_server(InlineGrid(num_clients, client_app), overrides)
     except Exception as e:
-        run_dir = next(o.partition("=")[2] for o in reversed(overrides) if o.startswith("run_dir="))
         write_failure(run_dir, e)
         raise

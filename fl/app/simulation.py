@@ -222,7 +222,7 @@ def _run_inline(cfg: DictConfig, run_dir: Path, overrides: list[str], client_app
         app = getattr(importlib.import_module(module), attr)
     since = time.time_ns()
     try:
-        run_inline(overrides, int(cfg.sim.num_clients), threads=_client_threads(cfg), client_app=app)
+        run_inline(overrides, run_dir, int(cfg.sim.num_clients), threads=_client_threads(cfg), client_app=app)
     except Exception:  # recorded in error.log by run_inline; said below in one line, as a Ray run's
         log.debug("The inline run failed", exc_info=True)
     _raise_unless_finished(run_dir, since, None)
