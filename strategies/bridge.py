@@ -84,6 +84,11 @@ class ConfigBridge:
                 f"server_opt.average_from={average_from} does not compose with strategy={s.name}: "
                 f"{cls.average_problem}. Use server_opt.average_from=0 with this method."
             )
+        if average_from > int(sim.rounds):
+            raise ValueError(
+                f"server_opt.average_from={average_from} is after the last round (sim.rounds={sim.rounds}): no "
+                "global would join the mean. Use a round <= sim.rounds, or 0 (off)."
+            )
         return {
             "server_opt": make_server_optimizer(cfg),
             "average": ModelAverage(average_from, int(cfg.server_opt.average_window)),

@@ -60,6 +60,12 @@ def test_methods_whose_globals_are_not_their_model_are_refused_naming_both_keys(
     assert str(get_strategy(strategy).average_problem) in str(e.value)
 
 
+def test_a_start_after_the_last_round_is_refused_naming_both_keys() -> None:
+    with pytest.raises(ValueError, match=r"server_opt\.average_from=6 is after the last round \(sim\.rounds=5\)"):
+        compose(["model=tiny", "sim.rounds=5", "server_opt.average_from=6"])
+    compose(["model=tiny", "sim.rounds=5", "server_opt.average_from=5"])  # the last round alone is a mean of one
+
+
 def test_the_scored_and_exported_model_is_the_mean_of_the_globals(tiny: list[str], tmp_path: Path) -> None:
     """Two inline runs of one federation, with and without averaging from round 2: the clients' trajectory is the
     same (round 1 and 2 score the same model), round 3 scores the mean of the globals of rounds 2 and 3, and the
