@@ -137,6 +137,7 @@ class SimConfig:
     num_clients: int = 10
     rounds: int = 5
     fraction_train: float = 1.0
+    client_sampling: str = "uniform"  # uniform (a fresh draw each round) | cyclic (strategies/sampling.py)
     min_train_clients: int = 2
     # federated (client-side) evaluation on each client's held-out share (needs data.client_test_fraction > 0);
     # central eval always runs

@@ -83,6 +83,7 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
         warmup_rounds: int = 0,
         lr_min: float = 0.0,
         fraction_train: float = 1.0,
+        client_sampling: str = "uniform",
         fraction_evaluate: float = 0.0,
         min_train_nodes: int = 2,
         timeout: float = 3600.0,
@@ -111,7 +112,8 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
         self.round_config = RoundConfig(list(overrides), self.adapter_kind, *sched)
         self.timeout, self.server_gradient = timeout, server_gradient
         hello = partial(self.config_record, 0, K.PHASE_HELLO)
-        self.sampler = NodeSampler(seed=seed, num_nodes=num_nodes, timeout=timeout, hello=hello)
+        cyclic = client_sampling == "cyclic"  # sim.client_sampling (bridge.py checks the value)
+        self.sampler = NodeSampler(seed=seed, num_nodes=num_nodes, timeout=timeout, hello=hello, cyclic=cyclic)
         self.stats: dict[int, RoundStats] = {}
         self.expected: dict[str, tuple[int, ...]] = {}
         self.round_offset = 0  # rounds completed before this session (resume); Flower counts from 1
@@ -128,6 +130,7 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
         """Server state beyond the global arrays (for checkpoints)."""
         return {
             "rng": self.sampler.state_dict()["rng"],
+            "sampler_queue": self.sampler.state_dict()["queue"],
             "fixed": dict(self.fixed),
             "accountants": self.accountants.state_dict(),
             "releases": self.releases,
@@ -139,7 +142,7 @@ class LoraStrategy(ConfigBridge, MethodHooks, FedAvg):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore `state_dict()`."""
-        self.sampler.load_state_dict({"rng": state["rng"]})
+        self.sampler.load_state_dict({"rng": state["rng"], "queue": state.get("sampler_queue", [])})
         self.fixed = dict(state["fixed"])
         self.accountants.load_state_dict(state.get("accountants", {}))
         self.releases = int(state.get("releases", 0))

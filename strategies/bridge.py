@@ -84,6 +84,18 @@ class ConfigBridge:
                 f"server_opt.average_from={average_from} does not compose with strategy={s.name}: "
                 f"{cls.average_problem}. Use server_opt.average_from=0 with this method."
             )
+        sampling = str(sim.client_sampling)
+        if sampling not in ("uniform", "cyclic"):
+            raise ValueError(
+                f"sim.client_sampling={sampling!r} is not a sampler: use uniform (a fresh seeded draw each round) or "
+                "cyclic (a seeded permutation of the clients, k a round: each trains once every N/k rounds)."
+            )
+        if sampling == "cyclic" and cfg.privacy.client.enabled:
+            raise ValueError(
+                "sim.client_sampling=cyclic does not compose with client-level DP (privacy=client): its ε counts on "
+                "the amplification of a random draw of the clients each round, which a cycle is not. Use "
+                "sim.client_sampling=uniform."
+            )
         if average_from > int(sim.rounds):
             raise ValueError(
                 f"server_opt.average_from={average_from} is after the last round (sim.rounds={sim.rounds}): no "
@@ -102,6 +114,7 @@ class ConfigBridge:
             "warmup_rounds": int(t.warmup_rounds),
             "lr_min": float(t.lr_min),
             "fraction_train": float(sim.fraction_train),
+            "client_sampling": sampling,
             "fraction_evaluate": float(sim.fraction_evaluate),
             "min_train_nodes": int(sim.min_train_clients),
             "timeout": float(sim.timeout),

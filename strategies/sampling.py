@@ -39,10 +39,20 @@ class NodeSampler:
         Seconds to wait for them (`sim.timeout`), and the floor of the hello query's timeout.
     hello : callable
         The ConfigRecord of the hello query.
+    cyclic : bool
+        `sim.client_sampling=cyclic`: shuffled cyclic participation (Cho et al., "On the Convergence of Federated
+        Averaging with Cyclic Client Participation", ICML 2023): a seeded permutation of the partitions is taken k
+        a round, a new one when it runs out, so every client trains once in every ⌈N/k⌉ rounds instead of when
+        independent draws happen to pick it. Flower's strategies draw afresh each round (`sample_nodes`): no
+        cyclic sampler to reuse. False: a fresh uniform draw each round.
     """
 
-    def __init__(self, *, seed: int, num_nodes: int, timeout: float, hello: Callable[[], ConfigRecord]) -> None:
+    def __init__(
+        self, *, seed: int, num_nodes: int, timeout: float, hello: Callable[[], ConfigRecord], cyclic: bool = False
+    ) -> None:
         self.rng = np.random.default_rng(int(seed) + 17)
+        self.cyclic = cyclic
+        self.queue: list[int] = []  # cyclic: the partition ids left in this cycle's permutation, in order
         self.seed, self.num_nodes, self.timeout, self.hello = int(seed), int(num_nodes), float(timeout), hello
         self.partition_of: dict[int, int] = {}  # node id -> partition id
         self.rank_of: dict[int, int] = {}  # node id -> the LoRA rank it trains at (when its hello says)
@@ -90,8 +100,25 @@ class NodeSampler:
         k = min(len(known), max(minimum, round(fraction * len(known))))
         if k == len(known):
             return known
+        if self.cyclic:
+            return self.next_in_cycle(known, k)
         picks = self.rng.choice(len(known), size=k, replace=False)
         return [known[i] for i in sorted(picks)]
+
+    def next_in_cycle(self, known: list[int], k: int) -> list[int]:
+        """The next `k` of the cycle's partitions among the `known` nodes, in partition order. When the cycle runs
+        out mid-round its last partitions go first and a new permutation, those at its end, fills the round; a
+        partition whose node is offline is passed over until the next cycle."""
+        node_of = {self.partition_of[n]: n for n in known}
+        picks: list[int] = []
+        while len(picks) < k:
+            if not self.queue:
+                fresh = [int(p) for p in self.rng.permutation(sorted(node_of))]
+                self.queue = [p for p in fresh if p not in picks] + [p for p in fresh if p in picks]
+            p = self.queue.pop(0)
+            if p in node_of and p not in picks:
+                picks.append(p)
+        return [node_of[p] for p in sorted(picks)]
 
     def subset(self, grid: Grid, fraction: float, *, salt: int) -> list[int]:
         """A seeded `fraction` (at least one) of all known nodes from a generator of its own (seed + `salt`),
@@ -104,9 +131,10 @@ class NodeSampler:
         return [known[i] for i in sorted(picks)]
 
     def state_dict(self) -> dict[str, Any]:
-        """The draw generator's state (for checkpoints)."""
-        return {"rng": self.rng.bit_generator.state}
+        """The draw generator's state and the cycle's partitions left (for checkpoints)."""
+        return {"rng": self.rng.bit_generator.state, "queue": list(self.queue)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()`."""
         self.rng.bit_generator.state = state["rng"]
+        self.queue = [int(p) for p in state.get("queue", [])]

@@ -85,7 +85,12 @@ DP = ["privacy=dp", "privacy.target_epsilon=8", "privacy.planned_rounds=3"]
 
 @pytest.mark.parametrize(
     ("strategy", "extra"),
-    [("fedit", []), ("fed_sb", []), ("fedit", DP), ("ffa_lora", ["server_opt.average_from=1"])],  # the mean resumes
+    [
+        ("fedit", []),
+        ("fed_sb", []),
+        ("fedit", DP),
+        ("ffa_lora", ["server_opt.average_from=1", "sim.client_sampling=cyclic"]),  # the mean and the cycle resume
+    ],
 )
 def test_resume_ends_where_the_uninterrupted_run_ends(
     tiny: list[str], tmp_path: Path, strategy: str, extra: list[str]
