@@ -8,7 +8,8 @@ The same grid of MiniLM cells (FedIT and FFA-LoRA × seeds 0 and 1; 5 clients, D
 every round) runs twice through `fl-sweep`, in one process, one arm after the other: `--launcher basic` (each cell
 gets every core) and `--launcher joblib --jobs 2` (each cell one share of them). Prints the wall time of each
 arm, their ratio (parallel ÷ sequential: below 1 means two cells at once pays on this machine), and whether every
-cell's final metrics are the same on both launchers (they must be: a cell's seed fixes its run).
+cell's final metrics are the same on both launchers (they must be: a cell's seed fixes its run). Each arm's folder
+under `--dir` is emptied first: a timing is of whole sweeps, never of cells resumed from an earlier call.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, Self
 
 from fl import ranks
+from fl.checks import require
 from fl.config import StrategyConfig
 from fl.config_defence import defence_fields
 from strategies.averaging import ModelAverage
@@ -85,11 +86,8 @@ class ConfigBridge:
                 f"{cls.average_problem}. Use server_opt.average_from=0 with this method."
             )
         sampling = str(sim.client_sampling)
-        if sampling not in ("uniform", "cyclic"):
-            raise ValueError(
-                f"sim.client_sampling={sampling!r} is not a sampler: use uniform (a fresh seeded draw each round) or "
-                "cyclic (a seeded permutation of the clients, k a round: each trains once every N/k rounds)."
-            )
+        samplers = "use uniform (a fresh seeded draw each round) or cyclic (a seeded permutation, k clients a round)."
+        require(sampling in ("uniform", "cyclic"), "sim.client_sampling", sampling, samplers)
         if sampling == "cyclic" and cfg.privacy.client.enabled:
             raise ValueError(
                 "sim.client_sampling=cyclic does not compose with client-level DP (privacy=client): its ε counts on "

@@ -52,7 +52,7 @@ def test_a_cycle_that_runs_out_mid_round_never_repeats_a_client_in_it_and_passes
 @pytest.mark.parametrize(
     ("extra", "match"),
     [
-        (["sim.client_sampling=cycle"], r"sim\.client_sampling='cycle' is not a sampler: use uniform .* or cyclic"),
+        (["sim.client_sampling=cycle"], r"sim\.client_sampling='cycle' is invalid: use uniform .* or cyclic"),
         (["sim.client_sampling=cyclic", "privacy=client"], r"does not compose with client-level DP \(privacy=client\)"),
     ],
 )
