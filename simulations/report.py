@@ -8,6 +8,8 @@ swept-axis pivot and error-bar plots (`simulations/seeds.py`). When the runs var
 the partitioning (a study, `simulations/study.py`), report.md opens with a methods × partitioning pivot per
 client count (readable labels, "did not learn" marks, which differences exceed the seeds' spread), and the
 accuracy-vs-heterogeneity and vs-clients plots carry ± std error bars; the per-run table follows.
+`--beside NAME=DIR2` puts another study's cells beside these in the pivots and pairs (rows "FedIT · NAME"), e.g. a
+rescue study beside the study it reruns with another recipe.
 """
 
 from __future__ import annotations
@@ -178,11 +180,23 @@ def plot_accuracy_vs_uplink(runs: list[dict[str, Any]], out: Path) -> Path:
     return _save(fig, out / "accuracy_vs_uplink.png")
 
 
-def report(root: Path) -> tuple[pd.DataFrame, list[Path]]:
-    """Write report.md, report.csv and the plots into `root`; returns the table and the plot paths."""
+def report(
+    root: Path, beside: dict[str, Path] | None = None, name: str | None = None
+) -> tuple[pd.DataFrame, list[Path]]:
+    """Write report.md, report.csv and the plots into `root`; returns the table and the plot paths.
+
+    ``beside`` (name → folder): other studies whose pivots rows stand beside this one's, named "FedIT · <name>"
+    (this one's rows "· <name>", default its folder's name). Only the study section reads them; the per-run
+    table, report.csv and seeds.md stay this folder's.
+    """
     runs = load_runs(root)
     if not runs:
         raise FileNotFoundError(f"No run folder (with {K.SUMMARY_FILE}) under {root}.")
+    others = {}
+    for key, folder in (beside or {}).items():
+        others[key] = load_runs(Path(folder))
+        if not others[key]:
+            raise FileNotFoundError(f"--beside {key}={folder}: no run folder (with {K.SUMMARY_FILE}) under it.")
     df = pd.DataFrame([{k: v for k, v in r.items() if not k.startswith("_")} for r in runs])
     df = df.sort_values(["strategy", "num_clients", "heterogeneity"]).reset_index(drop=True)
     df.to_csv(root / "report.csv", index=False)
@@ -194,9 +208,11 @@ def report(root: Path) -> tuple[pd.DataFrame, list[Path]]:
     shown = shown.rename(columns={"cum_bytes_up": "up MB", "cum_bytes_down": "down MB", "did_not_learn": "learned?"})
     plots = [plot_accuracy_vs_round(runs, root), plot_accuracy_vs_uplink(runs, root)]
     plots += seed_report(runs, root, markdown=markdown_table)
-    study = is_study(runs)
+    study = is_study(runs + [r for other in others.values() for r in other])
     if study:  # the pivots per client count are the main table; the per-run table follows
-        text, more = study_report(runs, root, markdown=markdown_table)
+        text, more = study_report(
+            runs, root, markdown=markdown_table, name=name or root.resolve().name, beside=others or None
+        )
         plots += more
         (root / "report.md").write_text(text + "\n## Every run\n\n" + markdown_table(shown))
     else:
@@ -220,11 +236,26 @@ def report(root: Path) -> tuple[pd.DataFrame, list[Path]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`fl-report DIR`."""
+    """`fl-report DIR [--beside NAME=DIR2 ...]`."""
     ap = argparse.ArgumentParser(prog="fl-report", description=__doc__.split("\n")[0])
     ap.add_argument("dir", help="a run folder or a sweep folder")
+    ap.add_argument(
+        "--beside",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="another study's folder whose cells stand beside DIR's in the pivots, rows named 'FedIT · NAME' "
+        "(repeatable), e.g. a rescue study beside the study it reruns",
+    )
+    ap.add_argument("--name", help="DIR's rows' name when --beside is given (default: DIR's folder name)")
     args = ap.parse_args(argv)
-    _, plots = exit_on_user_error("fl-report", lambda: report(Path(args.dir)))
+    beside = {}
+    for item in args.beside:
+        key, sep, folder = item.partition("=")
+        if not sep or not key or not folder:
+            ap.error(f"--beside {item!r}: give NAME=DIR, e.g. --beside study=docs/study-runs")
+        beside[key] = Path(folder)
+    _, plots = exit_on_user_error("fl-report", lambda: report(Path(args.dir), beside, args.name))
     print((Path(args.dir) / "report.md").read_text())
     print((Path(args.dir) / "seeds.md").read_text())
     print("plots:", *[str(p) for p in plots], sep="\n  ")

@@ -221,11 +221,33 @@ def study_markdown(df: pd.DataFrame, *, markdown: Any) -> str:
     return "".join(parts)
 
 
-def study_report(runs: list[dict[str, Any]], root: Path, *, markdown: Any) -> tuple[str, list[Path]]:
-    """Write study.csv, pivot_<n>_clients.csv, pairs.csv and the error-bar plots; returns (markdown, plots)."""
+def labelled_groups(runs: list[dict[str, Any]], name: str | None = None) -> pd.DataFrame:
+    """`study_groups` with " · name" after each method: a study's rows beside another's in one pivot."""
+    df = study_groups(runs)
+    return df if name is None else df.assign(method=df["method"] + f" · {name}")
+
+
+def study_report(
+    runs: list[dict[str, Any]],
+    root: Path,
+    *,
+    markdown: Any,
+    name: str | None = None,
+    beside: dict[str, list[dict[str, Any]]] | None = None,
+) -> tuple[str, list[Path]]:
+    """Write study.csv, pivot_<n>_clients.csv, pairs.csv and the error-bar plots; returns (markdown, plots).
+
+    ``beside`` maps a name to another study's runs (e.g. the study a rescue reruns with another recipe): each
+    study is grouped on its own (its recipe's keys never enter the method labels), its rows named
+    "FedIT · <name>", and the pivots, pairs and plots show both, so each cell reads against its twin.
+    """
     from simulations.study_plots import plot_rounds_grid, plot_vs_clients, plot_vs_partitioning
 
-    df = study_groups(runs)
+    df = labelled_groups(runs, name if beside else None)
+    if beside:
+        df = pd.concat([df, *(labelled_groups(other, key) for key, other in beside.items())], ignore_index=True)
+        df["_order"] = df["partitioning"].map(_partition_order)
+        df = df.sort_values(["clients", "_order", "method"]).drop(columns="_order").reset_index(drop=True)
     df.drop(columns="curves").to_csv(root / "study.csv", index=False)
     for clients, table in pivots(df).items():
         table.to_csv(root / f"pivot_{clients}_clients.csv", index=False)

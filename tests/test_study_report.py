@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from fl import constants as K
 from fl.app.server_app import run_server
-from simulations.report import report
+from simulations.report import main, report
 from simulations.study import majority_share
 from simulations.sweep import expand, load_sweep
 
@@ -132,6 +132,32 @@ def test_labels_are_readable_and_no_folder_name_reaches_the_tables(study: tuple[
     assert "target_epsilon" not in text and "epsilon_spent" not in text  # no DP in these runs: no empty DP columns
     assert {"accuracy_vs_heterogeneity.png", "accuracy_vs_round_study.png"} <= {p.name for p in plots}
     assert all(p.stat().st_size > 5000 for p in plots)
+
+
+def test_a_rescue_study_stands_beside_the_study_it_reruns(study: tuple[Path, dict[str, float]], tmp_path: Path) -> None:
+    root, _ = study
+    rescue = tmp_path / "rescue"
+    shutil.copytree(root / "cells", rescue / "cells")
+    for cell in (rescue / "cells").glob("fedit-0.1-*"):  # the study's did-not-learn cell, rescued
+        summary = json.loads((cell / K.SUMMARY_FILE).read_text())
+        summary["final_accuracy"] = 0.65 if "seed0" in cell.name else 0.66
+        (cell / K.SUMMARY_FILE).write_text(json.dumps(summary))
+    report(rescue, beside={"study": root})
+    pivot = pd.read_csv(rescue / "pivot_2_clients.csv").set_index("method")
+    assert list(pivot.index) == ["FFA-LoRA · rescue", "FFA-LoRA · study", "FedIT · rescue", "FedIT · study"]
+    assert pivot.loc["FedIT · rescue", "Dirichlet α=0.1"] == "0.655 ± 0.007 (n=2)"
+    assert pivot.loc["FedIT · study", "Dirichlet α=0.1"].endswith("— did not learn (2/2)")
+    assert pivot.loc["FedIT · rescue", "IID"] == pivot.loc["FedIT · study", "IID"] == "0.710 ± 0.014 (n=2)"
+    pairs = pd.read_csv(rescue / "pairs.csv")
+    rescued = pairs[(pairs["higher"] == "FedIT · rescue") & (pairs["lower"] == "FedIT · study")]
+    assert len(rescued) == 1 and rescued["partitioning"].item() == "Dirichlet α=0.1"
+    text = (rescue / "report.md").read_text()
+    assert "cellfolder" not in text.split("## Every run")[0]
+    assert len(pd.read_csv(rescue / "report.csv")) == 8  # the per-run table stays the rescue's own runs
+    with pytest.raises(FileNotFoundError, match="--beside empty="):
+        report(rescue, beside={"empty": tmp_path / "nothing"})
+    with pytest.raises(SystemExit):  # "--beside 'study': give NAME=DIR" on stderr, before anything is read
+        main([str(rescue), "--beside", "study"])
 
 
 def test_the_study_gives_every_cell_the_same_client_steps_and_runs_seed_0_first() -> None:
