@@ -34,6 +34,9 @@ Usage::
     python -m simulations.bench_dp_map --out runs/dp_paper.jsonl --paper  # the paper's regime, in shape
     python -m simulations.bench_dp_map --out F --methods ffa_lora --lr 1e-2  # a rate other than the preset's
     python -m simulations.bench_dp_map --out F --paper --methods fed_sb --lr 1e-2  # the paper's regime at that rate
+    python -m simulations.bench_dp_map --out F --clients 10 --local-steps 50 --methods ffa_lora --lr 1e-2 \
+        --variant prv --set privacy.accountant=prv      # planned with PRV (the map's cells pin RDP, as they ran)
+    python -m simulations.bench_dp_map --out F ... --variant adam --set server_opt=adam server_opt.lr=1e-2
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from hydra.errors import HydraException
+
+from fl.app.config import compose
 from simulations import harness
 from simulations.dp_map_report import HEADLINE_EPSILON, OWN_RATE, plan_figures, plot, table
 
@@ -146,7 +152,10 @@ class Cell:
             "sim.fraction_train=1.0",
             f"seed={self.seed}",
             *([f"strategy.lr={MAP_RATES[self.method]:g}"] if self.method in MAP_RATES else []),
-            *self.extra,  # after the pinned rate: the last value of a key wins
+            # pinned: every cell before 2026-12-06 was planned with RDP (PRV is the default since); a key must mean
+            # the same run whenever it is (re)run. PRV's cells are a variant: --variant prv --set privacy.accountant=prv
+            "privacy.accountant=rdp",
+            *self.extra,  # after the pinned rate and accountant: the last value of a key wins
         ]
         work = "epochs" if self.local_epochs is not None else "steps"
         amount = self.local_epochs if self.local_epochs is not None else self.local_steps
@@ -203,6 +212,17 @@ def at_rate(cells: Iterable[Cell], lr: float) -> list[Cell]:
     name = f"lr{lr:g}"
     return [
         replace(c, variant=f"{c.variant}-{name}" if c.variant else name, extra=(*c.extra, f"strategy.lr={lr:g}"))
+        for c in cells
+    ]
+
+
+def with_settings(cells: Iterable[Cell], variant: str, settings: Sequence[str]) -> list[Cell]:
+    """The cells with extra overrides `settings` (DP cell and twin alike) as variant `variant`: a server optimizer
+    (``server_opt=adam server_opt.lr=1e-2``), FedProx (``drift=fedprox``), PRV planning (``privacy.accountant=prv``)."""
+    if not variant or not settings or any("=" not in s for s in settings):
+        raise ValueError(f"--variant {variant!r} --set {' '.join(settings)!r}: give a name and KEY=VALUE overrides")
+    return [
+        replace(c, variant=f"{c.variant}-{variant}" if c.variant else variant, extra=(*c.extra, *settings))
         for c in cells
     ]
 
@@ -316,6 +336,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument(
         "--own-rate-twins", action="store_true", help="a second non-DP twin per cell at the method's own rate"
     )
+    ap.add_argument("--variant", default="", help="with --set: the name of the cells these overrides make")
+    ap.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with --variant: overrides added to every cell, DP and twin (e.g. server_opt=adam server_opt.lr=1e-2)",
+    )
     args = harness.parse(ap, argv)
     if args.report:
         rows = harness.read_jsonl(args.out)
@@ -332,6 +360,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         cells = grid(args.methods, args.clients, args.local_steps, rounds=args.rounds, seeds=args.seeds)
     if args.lr is not None:  # --paper --lr: the paper's regime at a rate of the map's (variant paper…-lr<X>)
         cells = at_rate(cells, args.lr)
+    if args.variant or args.set:
+        try:
+            cells = with_settings(cells, args.variant, args.set)
+            compose([*extra, *cells[0].overrides(batch=args.batch, physical=args.physical_batch)])
+        except (ValueError, HydraException) as exc:  # a typo in --set fails here, naming the key, before any run
+            ap.error(f"--variant/--set: {exc}")
     if args.own_rate_twins:
         cells = with_own_rate_twins(cells)
     if args.no_twins:

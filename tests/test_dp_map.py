@@ -21,6 +21,7 @@ from simulations.bench_dp_map import (
     paper_cells,
     run_map,
     with_own_rate_twins,
+    with_settings,
 )
 from simulations.dp_map_report import OWN_RATE, line_label, plot, table
 from simulations.harness import TINY
@@ -107,6 +108,21 @@ def test_cells_at_another_rate_are_a_variant_whose_twin_is_its_own(tmp_path: Pat
     assert [c.variant for c in best_cells(read_done(out))] == ["", ""]  # ε ∈ {1, 8} stay on the preset's cells
 
 
+def test_the_map_pins_rdp_and_a_variant_adds_prv_planning_or_a_server_optimizer_to_cell_and_twin() -> None:
+    base = grid(["ffa_lora"], [10], [50])
+    assert compose([*TINY, *base[0].overrides(batch=64, physical=32)]).privacy.accountant == "rdp"  # as the map ran
+    prv = with_settings(base, "prv", ["privacy.accountant=prv"])
+    assert [c.key for c in prv] == ["prv-ffa_lora-c10-s50x3-eps3-seed0", "prv-ffa_lora-c10-s50x3-off-seed0"]
+    assert compose([*TINY, *prv[0].overrides(batch=64, physical=32)]).privacy.accountant == "prv"
+    adam = with_settings(at_rate(base, 1e-2), "adam", ["server_opt=adam", "server_opt.lr=1e-2"])
+    assert adam[0].key == "lr0.01-adam-ffa_lora-c10-s50x3-eps3-seed0"
+    for cell in adam:  # the DP cell and its twin both step with the server optimizer
+        cfg = compose([*TINY, *cell.overrides(batch=64, physical=32)])
+        assert (cfg.server_opt.name, cfg.server_opt.lr, cfg.strategy.lr) == ("adam", pytest.approx(1e-2), 1e-2)
+    with pytest.raises(ValueError, match="give a name and KEY=VALUE"):
+        with_settings(base, "", ["server_opt=adam"])
+
+
 def test_the_paper_regime_composes_with_epochs_its_batch_and_fed_sb_s_two_inits() -> None:
     cells = paper_cells(2.0)
     assert [c.epsilon for c in cells] == [3.0] * 4 + [None] * 4 and len({c.key for c in cells}) == 8
@@ -163,6 +179,8 @@ def test_the_plot_puts_a_rate_variant_and_an_own_rate_twin_at_that_rate_on_one_l
     [
         (["--paper", "--methods", "lora_fair"], "invalid choice: 'lora_fair'"),  # no pinned rate: not a map method
         (["--paper", "--own-rate-twins"], "--own-rate-twins is for the grid"),
+        (["--variant", "adam", "--set", "server_opt.lrr=1"], "Could not override 'server_opt.lrr'"),
+        (["--set", "server_opt=adam"], "give a name and KEY=VALUE"),
     ],
 )
 def test_the_map_s_command_line_rejects_what_it_would_silently_ignore(
