@@ -28,6 +28,18 @@ def test_ready_sweeps_expand_to_the_grids_they_promise() -> None:
         load_sweep("nosuch")
 
 
+@pytest.mark.parametrize(
+    "name", sorted(p.stem for p in (Path(__file__).parents[1] / "configs" / "sweep").glob("*.yaml"))
+)
+def test_every_ready_sweep_expands_and_its_first_and_last_cells_compose(name: str) -> None:
+    from fl.app.config import compose
+
+    cells = expand(*load_sweep(name))
+    assert cells and len({" ".join(c) for c in cells}) == len(cells)  # no cell twice
+    for cell in (cells[0], cells[-1]):  # a typo in a key or a group option fails here, not hours into the sweep
+        compose(cell)
+
+
 def _recording() -> bool:
     return os.environ.get("FEDLORA_RECORD_GOLDEN", "") not in ("", "0")
 
