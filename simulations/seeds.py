@@ -25,8 +25,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 NOT_A_SETTING = {"seed", "run_dir", "resume", "cache_dir", "log_level"}
 # where a run ran and what watched it, not what it computed: a cell of a parallel sweep (sim.cpus, a launcher's
-# share) and a repeat run one after another, tracked or not, are the same setting
-RESOURCES = {"sim.cpus", "sim.client_cpus", "sim.client_gpus", "sim.ray_address", "train.threads"}
+# share) and a repeat run one after another, tracked or not, are the same setting; so are a run whose clients ran on
+# Ray and one whose clients ran in fl-sim's process (sim.runtime=inline ends where Ray does: tests/golden_sweep.json)
+RESOURCES = {"sim.cpus", "sim.client_cpus", "sim.client_gpus", "sim.ray_address", "sim.runtime", "train.threads"}
 NOT_A_SETTING_PREFIXES = ("tracking.",)
 
 

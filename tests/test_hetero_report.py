@@ -39,6 +39,12 @@ def test_ranks_group_into_one_row_per_method_and_rank() -> None:
     assert {g["axis"]["sim.client_ranks"] for g in groups} == {None, "[2, 4, 8, 16]"}
 
 
+def test_where_a_run_ran_is_not_a_setting() -> None:
+    a = flat_config(OmegaConf.create({"strategy": {"name": "fedit"}, "sim": {"runtime": "ray", "cpus": 2}}))
+    b = flat_config(OmegaConf.create({"strategy": {"name": "fedit"}, "sim": {"runtime": "inline", "cpus": 1}}))
+    assert a == b == {"strategy.name": "fedit"}  # Ray or in-process clients, a core or two: one setting, one row
+
+
 def test_the_hetero_sweep_cells_compose() -> None:
     overrides, cases = load_sweep("hetero")
     cells = expand(overrides, cases)
