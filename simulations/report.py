@@ -193,6 +193,8 @@ def report(
     if not runs:
         raise FileNotFoundError(f"No run folder (with {K.SUMMARY_FILE}) under {root}.")
     others = {}
+    if beside and (name or root.resolve().name) in beside:
+        raise ValueError(f"--beside {name or root.resolve().name}=…: that name is DIR's own rows'; give --name another")
     for key, folder in (beside or {}).items():
         others[key] = load_runs(Path(folder))
         if not others[key]:

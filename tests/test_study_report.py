@@ -156,6 +156,8 @@ def test_a_rescue_study_stands_beside_the_study_it_reruns(study: tuple[Path, dic
     assert len(pd.read_csv(rescue / "report.csv")) == 8  # the per-run table stays the rescue's own runs
     with pytest.raises(FileNotFoundError, match="--beside empty="):
         report(rescue, beside={"empty": tmp_path / "nothing"})
+    with pytest.raises(ValueError, match="give --name another"):  # two studies' rows under one name
+        report(rescue, beside={"rescue": root})
     with pytest.raises(SystemExit):  # "--beside 'study': give NAME=DIR" on stderr, before anything is read
         main([str(rescue), "--beside", "study"])
 
