@@ -193,8 +193,9 @@ def report(
     if not runs:
         raise FileNotFoundError(f"No run folder (with {K.SUMMARY_FILE}) under {root}.")
     others = {}
-    if beside and (name or root.resolve().name) in beside:
-        raise ValueError(f"--beside {name or root.resolve().name}=…: that name is DIR's own rows'; give --name another")
+    name = name or root.resolve().name
+    if beside and name in beside:
+        raise ValueError(f"--beside {name}=…: that name is DIR's own rows'; give --name another")
     for key, folder in (beside or {}).items():
         others[key] = load_runs(Path(folder))
         if not others[key]:
@@ -212,9 +213,7 @@ def report(
     plots += seed_report(runs, root, markdown=markdown_table)
     study = is_study(runs + [r for other in others.values() for r in other])
     if study:  # the pivots per client count are the main table; the per-run table follows
-        text, more = study_report(
-            runs, root, markdown=markdown_table, name=name or root.resolve().name, beside=others or None
-        )
+        text, more = study_report(runs, root, markdown=markdown_table, name=name, beside=others or None)
         plots += more
         (root / "report.md").write_text(text + "\n## Every run\n\n" + markdown_table(shown))
     else:
