@@ -10,17 +10,26 @@ ClientApp puts in its reply) and from the formula (LoRA r·(d_in+d_out), FFA-LoR
 projection), plus Fed-SB's one-off init-gradient upload (every adapted W0). It then times `local_train`
 (batch 8, the preset's setting) for FedIT r=8, Fed-SB r=32 and FedIT r=8 under Opacus DP-SGD, after one
 warm-up step, with `--threads` torch threads (one per simulated client on 2 cores).
+
+``--head`` times instead what `logits_to_keep` saves (`fl.tasks.causal_lm.CausalLM.model_inputs`: vocabulary
+logits only from the first position that predicts a response token): the server's evaluation of the held-out
+split and a training step (forward + backward, batch 8), each with the full logits and with the kept ones,
+alternated `--repeats` times in one process so that both see the same machine; it prints the ratios.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from fl.accel import autocast
 from fl.adapters import trainable_state
 from fl.app.workspace import get_workspace
+from fl.tasks.base import Batch, Task
+from fl.tasks.causal_lm import CausalLM
 from fl.wire import num_floats
 from simulations import harness
 from simulations.harness.timing import Trainer
@@ -55,6 +64,43 @@ def seconds_per_step(overrides: list[str], *, steps: int, dp: bool) -> float:
     return t.round(steps, 99, mode).per_step
 
 
+class FullLogits(CausalLM):
+    """The causal-LM task as it was before `logits_to_keep`: vocabulary logits at every position."""
+
+    def model_inputs(self, batch: Any) -> Batch:
+        return Task.model_inputs(self, batch)
+
+
+def head_seconds(overrides: list[str], *, repeats: int, precision: str) -> dict[str, Any]:
+    """Seconds of one held-out evaluation and of one training step, full logits vs kept, alternated."""
+    ws = get_workspace(overrides)
+    kept, full = ws.task_def, FullLogits()
+    split, pad, bs = ws.task.test, ws.pad_id, int(ws.cfg.train.eval_batch_size)
+    rows = [(split.input_ids[i], int(split.labels[i]), int(split.prompt_lengths[i])) for i in range(len(split))]
+    batches = [kept.collate(rows[i : i + 8], pad) for i in range(0, 8 * repeats, 8)]  # unsorted, like training
+    model = ws.model
+    model.train()
+    times: dict[str, list[float]] = {k: [] for k in ("eval_full", "eval_kept", "step_full", "step_kept")}
+    metrics: dict[str, Any] = {}
+    for r in range(repeats):
+        for name, task in (("full", full), ("kept", kept)) if r % 2 == 0 else (("kept", kept), ("full", full)):
+            t0 = time.perf_counter()
+            with autocast(torch.device("cpu"), precision):  # this task's evaluate, not the registered one's
+                metrics[name] = task.evaluate(model, split, batch_size=bs, pad_id=pad)
+            times[f"eval_{name}"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            with autocast(torch.device("cpu"), precision):
+                loss = task.per_example_loss(model(**task.model_inputs(batches[r])), batches[r]).mean()
+            loss.backward()
+            times[f"step_{name}"].append(time.perf_counter() - t0)
+            model.zero_grad(set_to_none=True)
+    out: dict[str, Any] = {k: min(v) for k, v in times.items()}
+    out["eval_ratio_kept_over_full"] = out["eval_kept"] / out["eval_full"]
+    out["step_ratio_kept_over_full"] = out["step_kept"] / out["step_full"]
+    out["records"], out["precision"], out["metrics"] = len(split), precision, metrics
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """The floats of every method, then (unless ``--skip-steps``) the timed steps; all of it into ``--out``."""
     ap = harness.parser(__doc__)
@@ -62,8 +108,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (one per simulated client on 2 cores)")
     ap.add_argument("--out", default="outputs/bench_causal.json")
     ap.add_argument("--skip-steps", action="store_true", help="only the floats (no training)")
+    ap.add_argument("--head", action="store_true", help="only the full-vs-kept logits timing (eval and a step)")
+    ap.add_argument("--repeats", type=int, default=3, help="--head: alternations (the minimum of each is kept)")
+    ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="--head: the forwards' precision")
     args = harness.parse(ap, argv)
     torch.set_num_threads(args.threads)
+    if args.head:
+        ov = ["+experiment=smollm2", "data.test_size=500", f"train.precision={args.precision}", "strategy=fedit"]
+        result = head_seconds(ov, repeats=args.repeats, precision=args.precision)
+        print(result, flush=True)
+        harness.write_json(args.out, result)
+        return
     rows: dict[str, Any] = {"floats": {}, "seconds_per_step": {}, "threads": args.threads, "steps": args.steps}
     for strategy, rank in METHODS.items():
         ov = [*BASE, f"strategy={strategy}", f"strategy.rank={rank}"]

@@ -66,8 +66,18 @@ def run(overrides: list[str], *, steps: int, eval_every: int) -> list[dict[str, 
             lr_min=float(cfg.train.lr_min),
         )
 
-    loss0, acc0 = evaluate(model, ws.task.test, batch_size=bs, pad_id=ws.pad_id, precision=precision)
-    history = [{"step": 0, "accuracy": acc0, "loss": loss0, "seconds": 0.0}]
+    def scores() -> dict[str, float]:  # test, and the validation split (data.val_size) every choice reads
+        row: dict[str, float] = {}
+        row["loss"], row["accuracy"] = evaluate(
+            model, ws.task.test, batch_size=bs, pad_id=ws.pad_id, precision=precision
+        )
+        if ws.task.val is not None:
+            row["val_loss"], row["val_accuracy"] = evaluate(
+                model, ws.task.val, batch_size=bs, pad_id=ws.pad_id, precision=precision
+            )
+        return row
+
+    history = [{"step": 0, **scores(), "seconds": 0.0}]
     print(json.dumps(history[-1]), flush=True)
     t0, step = time.perf_counter(), 0
     with torch.random.fork_rng(devices=[]):
@@ -84,16 +94,8 @@ def run(overrides: list[str], *, steps: int, eval_every: int) -> list[dict[str, 
                 opt.step()
                 step += 1
                 if step % eval_every == 0 or step == steps:
-                    loss_t, acc = evaluate(model, ws.task.test, batch_size=bs, pad_id=ws.pad_id, precision=precision)
-                    history.append(
-                        {
-                            "step": step,
-                            "accuracy": acc,
-                            "loss": loss_t,
-                            "lr": lr_at(step - 1),
-                            "seconds": time.perf_counter() - t0,
-                        }
-                    )
+                    seconds = time.perf_counter() - t0
+                    history.append({"step": step, **scores(), "lr": lr_at(step - 1), "seconds": seconds})
                     print(json.dumps(history[-1]), flush=True)
                 if step >= steps:
                     break

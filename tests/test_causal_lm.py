@@ -100,6 +100,49 @@ def test_prompt_tokens_carry_no_loss(tokenizer, tmp_path: Path) -> None:  # type
     assert not torch.allclose(task.per_example_loss(type("O", (), {"logits": bumped})(), batch), base)
 
 
+def test_only_the_response_positions_get_logits_and_every_score_is_unchanged(cache_dir: str) -> None:
+    """`logits_to_keep` (CausalLM.model_inputs): the LM head runs from the first position that predicts a response
+    token; the per-example losses, gradients and the evaluation's metrics equal those from the full logits."""
+    ws = get_workspace([*LLAMA, "seed=3"])
+    task, model, split = ws.task_def, ws.model, ws.task.test
+    items = [(split.input_ids[i], int(split.labels[i]), int(split.prompt_lengths[i])) for i in range(6)]
+    batch = task.collate(items, ws.pad_id)
+    full_inputs = {k: v for k, v in batch.items() if k != "labels"}
+    kept_inputs = task.model_inputs(batch)
+    first = min(p for _, _, p in items) - 1  # the first position whose logits predict a response token
+    assert kept_inputs["logits_to_keep"] == batch["input_ids"].shape[1] - first
+    full, kept = model(**full_inputs), model(**kept_inputs)
+    assert kept.logits.shape[1] == kept_inputs["logits_to_keep"] < full.logits.shape[1]
+    loss_full, loss_kept = task.per_example_loss(full, batch), task.per_example_loss(kept, batch)
+    assert torch.allclose(loss_kept, loss_full, atol=1e-6)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    g_full = torch.autograd.grad(loss_full.sum(), trained)
+    g_kept = torch.autograd.grad(task.per_example_loss(model(**kept_inputs), batch).sum(), trained)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_full, g_kept, strict=True))
+    # the evaluation (label words at the prompt's last position, response-token accuracy) against the full logits
+    metrics = task.evaluate(model, split, batch_size=5, pad_id=ws.pad_id)
+    words = torch.tensor([w[0] for w in split.label_token_ids])
+    correct, loss = 0, 0.0
+    for i in range(len(split)):
+        one = task.collate([(split.input_ids[i], int(split.labels[i]), int(split.prompt_lengths[i]))], ws.pad_id)
+        with torch.no_grad():
+            out = model(**{k: v for k, v in one.items() if k != "labels"})
+        loss += float(task.per_example_loss(out, one)[0])
+        correct += int(out.logits[0, int(split.prompt_lengths[i]) - 1, words].argmax()) == int(split.labels[i])
+    assert metrics["accuracy"] == correct / len(split)
+    assert metrics["loss"] == pytest.approx(loss / len(split), rel=1e-5)
+
+
+def test_a_causal_lm_without_logits_to_keep_is_refused_naming_the_model() -> None:
+    from fl.tasks.causal_lm import accept_logits_to_keep
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None: ...
+
+    with pytest.raises(ValueError, match=r"model.name=org/old: Old.forward takes no `logits_to_keep`"):
+        accept_logits_to_keep(Old(), "org/old")  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     ("rows", "match"),
     [

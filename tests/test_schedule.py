@@ -68,3 +68,17 @@ def test_centralised_reference_follows_the_federations_schedule(tiny: list[str])
     assert lrs == pytest.approx([r1, r1, r2, r2]) and r2 < r1
     assert [h["step"] for h in history] == [0, 1, 2, 3, 4]
     assert all(0.0 <= h["accuracy"] <= 1.0 and math.isfinite(h["loss"]) for h in history)
+
+
+def test_centralised_reference_scores_the_validation_split_choices_read(tiny: list[str]) -> None:
+    from fl.app.workspace import get_workspace
+    from simulations.centralised import run
+
+    ov = [*tiny, "sim.rounds=1", "data.val_size=24"]
+    history = run(ov, steps=1, eval_every=1)
+    val = get_workspace(ov).task.val
+    assert val is not None and len(val) == 24
+    assert all({"val_loss", "val_accuracy"} <= h.keys() for h in history)
+    assert all(0.0 <= h["val_accuracy"] <= 1.0 and math.isfinite(h["val_loss"]) for h in history)
+    assert history[0]["val_loss"] != history[0]["loss"]  # another split than the test split
+    assert "val_accuracy" not in run([*tiny, "sim.rounds=1"], steps=1, eval_every=1)[0]

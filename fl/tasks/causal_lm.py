@@ -10,6 +10,7 @@ prompt — no generation. Records without a class report response-token accuracy
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -32,6 +33,33 @@ def response_labels(ids: torch.Tensor, prompt_length: int) -> torch.Tensor:
     labels = ids.clone().long()
     labels[:prompt_length] = IGNORE
     return labels
+
+
+def logits_kept(labels: torch.Tensor) -> int:
+    """How many last positions need logits: from the first that predicts a labelled token to the end.
+
+    Position j's logits predict token j + 1; the result is passed to the model as ``logits_to_keep`` (transformers
+    slices the hidden states before the LM head).
+    """
+    scored = (labels[:, 1:] != IGNORE).any(0).nonzero()
+    first = int(scored[0, 0]) if len(scored) else labels.shape[1] - 1
+    return int(labels.shape[1] - first)
+
+
+def accept_logits_to_keep(model: PreTrainedModel, name: str) -> PreTrainedModel:
+    """`model`, checked to take ``logits_to_keep`` (`CausalLM.model_inputs` passes it on every forward).
+
+    transformers' causal LMs do (Llama, Qwen, Mistral, Gemma, GPT-2, …); the few that do not (xLSTM, speech and
+    music decoders) are refused here, before anything trains, rather than shimmed: a patched ``forward`` would not
+    survive the model copies the framework makes.
+    """
+    if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+        raise ValueError(
+            f"model.name={name}: {type(model).__name__}.forward takes no `logits_to_keep`, which model.task=causal_lm "
+            "passes to score only the response positions; use a transformers causal LM that takes it (Llama, Qwen, "
+            "Mistral, Gemma, GPT-2 and most others do)."
+        )
+    return model
 
 
 class CausalLM(Task):
@@ -68,7 +96,7 @@ class CausalLM(Task):
         if model.config.pad_token_id is None:
             model.config.pad_token_id = model.config.eos_token_id
         model.eval()
-        return model
+        return accept_logits_to_keep(model, str(model_cfg.name))
 
     def build_data(
         self, data_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, *, seed: int, cache_dir: str | None = None
@@ -140,10 +168,22 @@ class CausalLM(Task):
             labels[i, : len(ids)] = response_labels(ids, prompt_length)
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
+    def model_inputs(self, batch: Mapping[str, torch.Tensor]) -> Batch:
+        """The batch without ``labels``, and ``logits_to_keep``: only the positions from the first one that predicts
+        a response token get vocabulary logits. The prompt's positions never carry loss, and their logits (vocab
+        49,152 × ~95 prompt tokens a record on SmolLM2) were most of the LM head's work and memory, in training
+        and in every evaluation (BENCHMARKS.md, "Causal LM")."""
+        inputs = super().model_inputs(batch)
+        inputs["logits_to_keep"] = logits_kept(batch["labels"])
+        return inputs
+
     def per_example_loss(self, outputs: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Mean next-token cross-entropy over each example's response tokens, shape (batch,)."""
+        """Mean next-token cross-entropy over each example's response tokens, shape (batch,).
+
+        ``outputs.logits`` may hold only the last K positions (`logits_to_keep`): they predict the last K − 1 tokens.
+        """
         logits = outputs.logits[:, :-1].float()
-        target = batch["labels"][:, 1:].to(logits.device)
+        target = batch["labels"][:, batch["labels"].shape[1] - logits.shape[1] :].to(logits.device)
         tokens = torch.nn.functional.cross_entropy(
             logits.transpose(1, 2), target, ignore_index=IGNORE, reduction="none"
         )
@@ -171,7 +211,8 @@ class CausalLM(Task):
             batch = {k: v.to(device) for k, v in self.collate(items, pad_id).items()}
             out = model(**self.model_inputs(batch))
             total_loss += float(self.per_example_loss(out, batch).sum())
-            target = batch["labels"][:, 1:]
+            skipped = batch["labels"].shape[1] - out.logits.shape[1]  # positions without logits (model_inputs)
+            target = batch["labels"][:, skipped + 1 :]
             pred = out.logits[:, :-1].argmax(-1)
             tok_right += int(((pred == target) & (target != IGNORE)).sum())
             tok_all += int((target != IGNORE).sum())
@@ -180,7 +221,7 @@ class CausalLM(Task):
             if single:  # one forward: the first response position scores every one-token label word
                 first = torch.tensor([w[0] for w in words], device=device)
                 rows = torch.arange(len(idx), device=device)
-                at = torch.tensor([p for _, _, p in items], device=device) - 1
+                at = torch.tensor([p for _, _, p in items], device=device) - 1 - skipped
                 scores = out.logits[rows, at].float().log_softmax(-1)[:, first]
             else:
                 scores = self._word_scores(model, items, words, pad_id=pad_id, device=device)
