@@ -76,6 +76,7 @@ def head_seconds(overrides: list[str], *, repeats: int, precision: str) -> dict[
     ws = get_workspace(overrides)
     kept, full = ws.task_def, FullLogits()
     split, pad, bs = ws.task.test, ws.pad_id, int(ws.cfg.train.eval_batch_size)
+    assert split.prompt_lengths is not None  # a causal-LM split
     rows = [(split.input_ids[i], int(split.labels[i]), int(split.prompt_lengths[i])) for i in range(len(split))]
     batches = [kept.collate(rows[i : i + 8], pad) for i in range(0, 8 * repeats, 8)]  # unsorted, like training
     model = ws.model

@@ -110,9 +110,10 @@ def test_only_the_response_positions_get_logits_and_every_score_is_unchanged(cac
     full_inputs = {k: v for k, v in batch.items() if k != "labels"}
     kept_inputs = task.model_inputs(batch)
     first = min(p for _, _, p in items) - 1  # the first position whose logits predict a response token
-    assert kept_inputs["logits_to_keep"] == batch["input_ids"].shape[1] - first
+    length = batch["input_ids"].shape[1]
+    assert kept_inputs["logits_to_keep"].tolist() == list(range(first, length))
     full, kept = model(**full_inputs), model(**kept_inputs)
-    assert kept.logits.shape[1] == kept_inputs["logits_to_keep"] < full.logits.shape[1]
+    assert kept.logits.shape[1] == length - first < full.logits.shape[1]
     loss_full, loss_kept = task.per_example_loss(full, batch), task.per_example_loss(kept, batch)
     assert torch.allclose(loss_kept, loss_full, atol=1e-6)
     trained = [p for p in model.parameters() if p.requires_grad]

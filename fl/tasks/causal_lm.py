@@ -38,8 +38,8 @@ def response_labels(ids: torch.Tensor, prompt_length: int) -> torch.Tensor:
 def logits_kept(labels: torch.Tensor) -> int:
     """How many last positions need logits: from the first that predicts a labelled token to the end.
 
-    Position j's logits predict token j + 1; the result is passed to the model as ``logits_to_keep`` (transformers
-    slices the hidden states before the LM head).
+    Position j's logits predict token j + 1; those last positions are passed to the model as ``logits_to_keep``
+    (transformers slices the hidden states before the LM head).
     """
     scored = (labels[:, 1:] != IGNORE).any(0).nonzero()
     first = int(scored[0, 0]) if len(scored) else labels.shape[1] - 1
@@ -47,7 +47,7 @@ def logits_kept(labels: torch.Tensor) -> int:
 
 
 def accept_logits_to_keep(model: PreTrainedModel, name: str) -> PreTrainedModel:
-    """`model`, checked to take ``logits_to_keep`` (`CausalLM.model_inputs` passes it on every forward).
+    """`model`, checked to take ``logits_to_keep`` (`CausalLM.model_inputs` passes the positions on every forward).
 
     transformers' causal LMs do (Llama, Qwen, Mistral, Gemma, GPT-2, …); the few that do not (xLSTM, speech and
     music decoders) are refused here, before anything trains, rather than shimmed: a patched ``forward`` would not
@@ -174,7 +174,8 @@ class CausalLM(Task):
         49,152 × ~95 prompt tokens a record on SmolLM2) were most of the LM head's work and memory, in training
         and in every evaluation (BENCHMARKS.md, "Causal LM")."""
         inputs = super().model_inputs(batch)
-        inputs["logits_to_keep"] = logits_kept(batch["labels"])
+        length = batch["labels"].shape[1]
+        inputs["logits_to_keep"] = torch.arange(length - logits_kept(batch["labels"]), length)  # positions
         return inputs
 
     def per_example_loss(self, outputs: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
