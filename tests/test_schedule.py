@@ -81,4 +81,4 @@ def test_centralised_reference_scores_the_validation_split_choices_read(tiny: li
     assert all({"val_loss", "val_accuracy"} <= h.keys() for h in history)
     assert all(0.0 <= h["val_accuracy"] <= 1.0 and math.isfinite(h["val_loss"]) for h in history)
     assert history[0]["val_loss"] != history[0]["loss"]  # another split than the test split
-    assert "val_accuracy" not in run([*tiny, "sim.rounds=1"], steps=1, eval_every=1)[0]
+    assert "val_accuracy" not in run([*tiny, "sim.rounds=1", "data.val_size=0"], steps=1, eval_every=1)[0]
