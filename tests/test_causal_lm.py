@@ -4,6 +4,7 @@ through a real Flower simulation on a tiny random Llama, and exports that reload
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -238,3 +239,26 @@ def test_a_client_subset_keeps_what_its_task_needs(run) -> None:  # type: ignore
         "accuracy",
         "perplexity",
     }
+
+
+def test_the_centralised_anchor_trains_on_the_clients_objective(
+    cache_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`simulations.centralised` steps on the task's per-example losses (kept logits, a mean over examples), as
+    every client does (`clients.train`), not on the model's own token-weighted loss over full logits."""
+    from simulations.centralised import run as centralised
+
+    task = get_task("causal_lm")
+    calls: list[tuple[bool, bool]] = []
+    real = type(task).loss_of
+
+    def spy(self, model, batch):  # type: ignore[no-untyped-def]
+        losses = real(self, model, batch)
+        calls.append((model.training, losses.requires_grad and losses.ndim == 1))
+        return losses
+
+    monkeypatch.setattr(type(task), "loss_of", spy)
+    overrides = [*LLAMA, "sim.rounds=1", "sim.num_clients=2", "data.partitioner=iid", f"cache_dir={cache_dir}"]
+    history = centralised(overrides, steps=2, eval_every=2)
+    assert calls == [(True, True), (True, True)]  # one per optimiser step, per-example and differentiable
+    assert [h["step"] for h in history] == [0, 2] and all(math.isfinite(h["loss"]) for h in history)
