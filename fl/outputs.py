@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +78,19 @@ def best_round(history: list[dict[str, Any]]) -> dict[str, Any]:
         "best_round_accuracy": best["accuracy"],
         "best_round_val_accuracy": best[K.VAL_ACCURACY],
     }
+
+
+def late_swing(history: list[dict[str, Any]], last: int = 3) -> float | None:
+    """The largest change in test accuracy between consecutive rounds among the last `last` federated rounds
+    (round 0, the starting model, excluded), e.g. 46.2 → 56.2 → 59.2 gives 0.10; None with fewer than 2 rounds.
+
+    A final accuracy is only as citable as the rounds before it are stable: a run that swings by 10 points a round
+    ends wherever the last draw of clients left it. Rounds before the last may score a seeded subset of the
+    held-out split (`sim.round_eval_size`), the last all of it, so the last step carries that subset's sampling
+    error too.
+    """
+    scored = [float(r["accuracy"]) for r in history if r.get("round", 0) >= 1 and r.get("accuracy") is not None]
+    tail = scored[-max(last, 2) :]
+    if len(tail) < 2:
+        return None
+    return max(abs(b - a) for a, b in pairwise(tail))

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 
 from fl import constants as K
 from fl.app.cli import exit_on_user_error
-from fl.outputs import best_round, read_metrics
+from fl.outputs import best_round, late_swing, read_metrics
 from privacy.settings import planned_epsilon
 from simulations.seeds import flat_config, seed_report
 from simulations.study import (
@@ -88,6 +88,8 @@ def load_runs(root: Path) -> list[dict[str, Any]]:
                 and float(summary["final_accuracy"]) < majority + DID_NOT_LEARN_MARGIN,
                 # the test accuracy of the round the validation split picks (None without one: no honest pick)
                 "best_accuracy": best_round(rows)["best_round_accuracy"],
+                # the largest round-to-round change of test accuracy in the last 3 rounds: how stable the final is
+                "swing_last3": late_swing(rows, 3),
                 "cum_bytes_up": summary["cum_bytes_up"],
                 "cum_bytes_down": summary["cum_bytes_down"],
                 "wall_seconds": summary["wall_seconds"],

@@ -108,6 +108,10 @@ def group_seeds(runs: list[dict[str, Any]]) -> tuple[pd.DataFrame, list[dict[str
                 "residual_max": max(
                     (m["residual_max"] for m in members if m.get("residual_max") is not None), default=None
                 ),
+                # the worst seed's largest round-to-round change in its last 3 rounds (report.load_runs)
+                "swing_last3_max": max(
+                    (m["swing_last3"] for m in members if m.get("swing_last3") is not None), default=None
+                ),
             }
         )
         g["label"] = axis_label(g["axis"])

@@ -14,7 +14,7 @@ import yaml
 from conftest import TINY
 
 from fl import constants as K
-from fl.outputs import best_round, read_metrics
+from fl.outputs import best_round, late_swing, read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,6 +29,16 @@ def test_the_best_round_is_the_validation_splits_pick_not_the_tests() -> None:
     assert best_round(history) == {"best_round": 3, "best_round_accuracy": 0.58, "best_round_val_accuracy": 0.55}
     no_val = [{"round": 0, "accuracy": 0.4}, {"round": 1, "accuracy": 0.9}]
     assert best_round(no_val) == {"best_round": None, "best_round_accuracy": None, "best_round_val_accuracy": None}
+
+
+def test_the_late_swing_is_the_largest_step_between_the_last_rounds() -> None:
+    rounds = [0.444, 0.474, 0.552, 0.462, 0.562, 0.592]  # SmolLM2 FedAvgM seed 0 (BENCHMARKS.md): 10.0 points
+    history = [{"round": i, "accuracy": a} for i, a in enumerate(rounds)]
+    assert late_swing(history) == pytest.approx(0.100)
+    assert late_swing(history, last=5) == pytest.approx(0.100)  # 55.2 -> 46.2 is 9.0, less
+    assert late_swing(history, last=2) == pytest.approx(0.030)
+    assert late_swing([{"round": 0, "accuracy": 0.3}, {"round": 1, "accuracy": 0.6}]) is None  # round 0 is no round
+    assert late_swing([{"round": 0, "accuracy": 0.3}]) is None
 
 
 def test_a_tiny_optuna_study_maximises_the_final_validation_accuracy(cache_dir: str, tmp_path: Path) -> None:
