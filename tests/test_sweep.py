@@ -163,9 +163,7 @@ def test_seeds_are_a_sweep_axis_and_a_failing_cell_is_recorded_while_the_sweep_g
     assert seeds["final_std"][0] == pytest.approx(abs(finals[1] - finals[0]) / 2**0.5)  # sample std, n = 2
     assert seeds["server_s_mean"][0] > 0 and seeds["residual_max"][0] > 0
     swings = [r["swing_last3"] for r in load_runs(tmp_path) if r["swing_last3"] is not None]
-    assert (
-        seeds["swing_last3_max"][0] == pytest.approx(max(swings)) if swings else pd.isna(seeds["swing_last3_max"][0])
-    )
+    assert seeds["swing_last3_max"][0] == pytest.approx(max(swings)) if swings else pd.isna(seeds["swing_last3_max"][0])
     pivot = pd.read_csv(tmp_path / "pivot.csv")
     assert list(pivot["method"]) == ["FedIT"]  # the strategy's report title
     cell = str(pivot.iloc[0, 1])
