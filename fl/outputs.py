@@ -89,8 +89,10 @@ def late_swing(history: list[dict[str, Any]], last: int = 3) -> float | None:
     held-out split (`sim.round_eval_size`), the last all of it, so the last step carries that subset's sampling
     error too.
     """
+    if last < 2:
+        raise ValueError(f"late_swing: last={last}; a swing needs at least 2 rounds.")
     scored = [float(r["accuracy"]) for r in history if r.get("round", 0) >= 1 and r.get("accuracy") is not None]
-    tail = scored[-max(last, 2) :]
+    tail = scored[-last:]
     if len(tail) < 2:
         return None
     return max(abs(b - a) for a, b in pairwise(tail))

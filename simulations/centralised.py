@@ -30,7 +30,6 @@ from fl.app.config import compose
 from fl.app.workspace import get_workspace
 from fl.data import IndexedDataset, client_partition
 from fl.schedule import round_lr
-from fl.tasks import get_task
 from simulations import harness
 
 
@@ -49,7 +48,7 @@ def run(overrides: list[str], *, steps: int, eval_every: int) -> list[dict[str, 
     cfg = ws.cfg
     data = IndexedDataset(ws.task.train, pooled_indices(overrides))
     model = ws.model
-    task = get_task(data.split.task)  # kept logits and per-example means for a causal LM, as the clients train
+    task = ws.task_def  # kept logits and per-example means for a causal LM, as the clients train
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=float(cfg.strategy.lr), weight_decay=float(cfg.train.weight_decay))
     seed = round_seed(int(cfg.seed), 0, 0)

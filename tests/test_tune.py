@@ -39,6 +39,8 @@ def test_the_late_swing_is_the_largest_step_between_the_last_rounds() -> None:
     assert late_swing(history, last=2) == pytest.approx(0.030)
     assert late_swing([{"round": 0, "accuracy": 0.3}, {"round": 1, "accuracy": 0.6}]) is None  # round 0 is no round
     assert late_swing([{"round": 0, "accuracy": 0.3}]) is None
+    with pytest.raises(ValueError, match="last=1"):
+        late_swing(history, last=1)
 
 
 def test_a_tiny_optuna_study_maximises_the_final_validation_accuracy(cache_dir: str, tmp_path: Path) -> None:
