@@ -111,8 +111,10 @@ case "$cmd" in
     # Three pytest-xdist workers on 2 cores, a test module on one of them (its module-scoped runs happen once;
     # tests/conftest.py): a third worker trains while the others wait on Flower and Ray processes starting and
     # stopping (at 3 the cores were 5% idle and pytest 2.4 min shorter than at 2; BENCHMARKS.md, test-suite time).
-    # `bash dev.sh test -n 0` runs in one process (a later -n wins).
-    exec "$VENV/bin/pytest" -q -n 3 --dist loadscope "$@"
+    # `bash dev.sh test -n 0` runs in one process (a later -n wins). A test that hung past pytest-timeout's limit
+    # ([tool.pytest.ini_options]) runs once more, and -rR lists it: a hang seen once is reported, not hidden; an
+    # assertion that fails is never rerun.
+    exec "$VENV/bin/pytest" -q -n 3 --dist loadscope --reruns 1 --only-rerun "Timeout" -rR "$@"
     ;;
   *)
     setup "$(job_extras "$@")"
