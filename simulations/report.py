@@ -52,6 +52,25 @@ def heterogeneity(cfg: Any) -> str:
     return str(d.partitioner)
 
 
+# the metric a task's column shows: a choice task's accuracy, a generation task's exact match
+LM_EVAL_METRICS = ("acc", "exact_match")
+
+
+def lm_eval_scores(summary: dict[str, Any]) -> dict[str, float]:
+    """``{"lm_eval_<task>": score}`` of the run's adapter as `fl-eval RUN` scored it (summary.json's ``eval``).
+
+    A task's score is its ``acc`` where lm-eval gives one, else its ``exact_match``; a run fl-eval has not scored
+    has none (the report's column is empty there, and the seeds' mean counts only the runs scored).
+    """
+    tasks = summary.get("eval", {}).get("adapter", {}).get("tasks", {})
+    out = {}
+    for task, metrics in sorted(tasks.items()):
+        metric = next((m for m in LM_EVAL_METRICS if m in metrics), None)
+        if metric is not None:
+            out[f"lm_eval_{task}"] = float(metrics[metric])
+    return out
+
+
 def load_runs(root: Path) -> list[dict[str, Any]]:
     """Every complete run folder below `root` (including `root` itself)."""
     runs = []
@@ -90,6 +109,7 @@ def load_runs(root: Path) -> list[dict[str, Any]]:
                 "best_accuracy": best_round(rows)["best_round_accuracy"],
                 # the largest round-to-round change of test accuracy in the last 3 rounds: how stable the final is
                 "swing_last3": late_swing(rows, 3),
+                **lm_eval_scores(summary),
                 "cum_bytes_up": summary["cum_bytes_up"],
                 "cum_bytes_down": summary["cum_bytes_down"],
                 "wall_seconds": summary["wall_seconds"],

@@ -5,7 +5,8 @@ out, so any swept value (learning rate, rank, α …) keeps runs apart even wher
 column for it. Writes, next to report.md:
 
 - ``seeds.md`` / ``seeds.csv``: one row per group — the strategy, the swept values, n, final and best
-  accuracy as mean ± sample std (ddof 1; blank for n = 1), uplink and wall time means;
+  accuracy as mean ± sample std (ddof 1; blank for n = 1), uplink and wall time means, and each lm-eval task
+  `fl-eval` scored the runs on (``lm_eval_<task>``: mean ± std over the seeds scored, their count in ``_n``);
 - a paper-style pivot in ``seeds.md`` (and ``pivot.csv``): methods as rows, the swept axis as columns,
   "mean ± std" in each cell;
 - ``accuracy_vs_round_seeds.png`` (mean ± std band per group) and ``final_accuracy_seeds.png``
@@ -90,6 +91,11 @@ def group_seeds(runs: list[dict[str, Any]]) -> tuple[pd.DataFrame, list[dict[str
     for g in groups.values():
         members = g["runs"]
         final_m, final_s = _mean_std([m["final_accuracy"] for m in members])
+        lm_eval: dict[str, Any] = {}  # fl-eval's scores (report.lm_eval_scores), over the seeds it scored
+        for key in sorted({k for m in members for k in m if k.startswith("lm_eval_")}):
+            scored = [m[key] for m in members if m.get(key) is not None]
+            mean, std = _mean_std(scored)
+            lm_eval.update({f"{key}_mean": mean, f"{key}_std": std, f"{key}_n": len(scored)})
         best_m, best_s = _mean_std([m["best_accuracy"] for m in members])
         rows.append(
             {
@@ -112,6 +118,7 @@ def group_seeds(runs: list[dict[str, Any]]) -> tuple[pd.DataFrame, list[dict[str
                 "swing_last3_max": max(
                     (m["swing_last3"] for m in members if m.get("swing_last3") is not None), default=None
                 ),
+                **lm_eval,
             }
         )
         g["label"] = axis_label(g["axis"])
@@ -208,7 +215,12 @@ def seed_report(runs: list[dict[str, Any]], root: Path, *, markdown: Any) -> lis
     shown = df.copy()
     shown["final accuracy"] = [mean_pm_std(m, s, n) for m, s, n in zip(df.final_mean, df.final_std, df.n, strict=True)]
     shown["best accuracy"] = [mean_pm_std(m, s, n) for m, s, n in zip(df.best_mean, df.best_std, df.n, strict=True)]
-    shown = shown.drop(columns=["final_mean", "final_std", "best_mean", "best_std"]).round(2)
+    shown = shown.drop(columns=["final_mean", "final_std", "best_mean", "best_std"])
+    for key in [c[: -len("_mean")] for c in df.columns if c.startswith("lm_eval_") and c.endswith("_mean")]:
+        trio = zip(df[f"{key}_mean"], df[f"{key}_std"], df[f"{key}_n"], strict=True)
+        shown[key] = [mean_pm_std(m, s, int(n)) if n == n and n else "" for m, s, n in trio]
+        shown = shown.drop(columns=[f"{key}_mean", f"{key}_std", f"{key}_n"])
+    shown = shown.round(2)
     if "residual_max" in df:  # ~1e-8 for the exact methods: rounding would print 0
         shown["residual_max"] = [f"{v:.1e}" if v == v and v is not None else "" for v in df["residual_max"]]
     text = (

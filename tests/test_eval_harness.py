@@ -141,3 +141,30 @@ def test_the_choice_task_is_refused_on_free_text_records() -> None:
     check_tasks([GEN_TASK], [{"prompt": "p", "response": "Blue."}])
     with pytest.raises(ValueError, match="fl_heldout_mc needs records whose response is their class word"):
         check_tasks([MC_TASK], [{"prompt": "p", "response": "Blue."}])
+
+
+def test_fl_eval_scores_several_runs_in_turn_and_fl_report_shows_their_scores(
+    run_dir: Path, scored: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from simulations.report import report
+
+    other = tmp_path / "cells" / "copy"  # the same run with its scores dropped: scored again, to the same figure
+    shutil.copytree(run_dir, other)
+    (other / "eval.json").unlink()
+    summary = json.loads((other / "summary.json").read_text())
+    summary.pop("eval")
+    (other / "summary.json").write_text(json.dumps(summary))
+    missing = tmp_path / "cells" / "missing"
+    args = [str(run_dir), str(missing), str(other), "--skip-scored", "--tasks", MC_TASK, "--device", "cpu"]
+    with pytest.raises(SystemExit) as ended:
+        main([*args, "--no-track"])
+    out, err = capsys.readouterr()
+    assert ended.value.code == 2 and "1 of 3 runs not scored" in err
+    assert f"fl-eval: {missing}: error:" in err and "no config.yaml" in err  # named, and the next run still scored
+    assert f"{run_dir}: already scored on {MC_TASK}" in out  # --skip-scored: its eval.json has the task
+    again = json.loads((other / "eval.json").read_text())["adapter"]["tasks"][MC_TASK]
+    assert again["acc"] == pytest.approx(scored["tasks"][MC_TASK]["acc"]) and again["n"] == 22
+    df, _ = report(tmp_path / "cells")  # fl-report: the run's lm-eval accuracy per run and over seeds
+    assert list(df["lm_eval_fl_heldout_mc"]) == [pytest.approx(again["acc"])]
+    seeds = (tmp_path / "cells" / "seeds.md").read_text()
+    assert "lm_eval_fl_heldout_mc" in seeds and "lm_eval_fl_heldout_gen" not in seeds

@@ -1,6 +1,7 @@
 """`fl-eval` / `python -m fl.app.eval`: score a run's exported adapter, or a base model, with lm-evaluation-harness.
 
     fl-eval RUN_DIR [--tasks fl_heldout_mc fl_heldout_gen mmlu ...]   # the run's adapter (and base delta)
+    fl-eval RUN_DIR RUN_DIR ... [--skip-scored]                      # several runs (a sweep's cells), in turn
     fl-eval RUN_DIR --base-only                                       # the run's base model, zero-shot
     fl-eval --base model=smollm2 data.test_size=500 --out DIR         # a base model from Hydra overrides
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -106,16 +108,27 @@ def run_config(run_dir: Path) -> DictConfig:
     return cfg
 
 
+def scored_already(run_dir: Path, tasks: Sequence[str], *, which: str = "adapter") -> bool:
+    """Whether `run_dir`'s eval.json already holds `which`'s scores on every one of `tasks` (``--skip-scored``)."""
+    path = run_dir / EVAL_FILE
+    if not path.is_file():
+        return False
+    done = json.loads(path.read_text()).get(which, {}).get("tasks", {})
+    return all(t in done for t in tasks)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """The `fl-eval` command line (see the module docstring)."""
-    from fl.app.cli import exit_on_user_error, setup_logging
+    from fl.app.cli import USER_ERRORS, exit_on_user_error, one_line, setup_logging
     from fl.runtime_env import set_quiet_env
 
     parser = argparse.ArgumentParser(
         prog="fl-eval",
         description="Score a run's exported adapter (or a base model) with EleutherAI's lm-evaluation-harness.",
     )
-    parser.add_argument("target", nargs="*", help="RUN_DIR, or with --base: Hydra overrides naming the model/data")
+    parser.add_argument(
+        "target", nargs="*", help="RUN_DIR (or several, scored in turn), or with --base: Hydra overrides"
+    )
     parser.add_argument(
         "--tasks",
         nargs="+",
@@ -130,6 +143,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--num-fewshot", type=int, help="few-shot examples (hub tasks; the shipped ones are 0-shot)")
     parser.add_argument("--device", help="cpu, cuda, cuda:N or auto (default train.device)")
     parser.add_argument("--no-track", action="store_true", help="do not log the scores to the run's tracking backend")
+    parser.add_argument(
+        "--skip-scored", action="store_true", help="leave a RUN_DIR whose eval.json already has every task asked"
+    )
     args = parser.parse_args(argv)
     try:
         require_lm_eval()
@@ -138,19 +154,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     set_quiet_env()
     setup_logging()
 
-    def go() -> dict[str, Any]:
-        if args.base:
-            from fl.app.config import compose
-
-            cfg, out_dir, adapter = compose(args.target), args.out or Path("outputs/eval-base"), None
-            out_dir.mkdir(parents=True, exist_ok=True)
-            write_atomic(out_dir / K.CONFIG_FILE, to_yaml(cfg))
-        else:
-            if len(args.target) != 1:
-                raise ValueError("give one RUN_DIR (or --base with Hydra overrides).")
-            out_dir = Path(args.target[0])
-            cfg = run_config(out_dir)
-            adapter = None if args.base_only else out_dir / K.ADAPTER_DIR
+    def score(cfg: DictConfig, out_dir: Path, adapter: Path | None) -> dict[str, Any]:
         opts = HarnessOptions(
             tasks=tuple(args.tasks),
             batch_size=args.batch_size or int(cfg.train.eval_batch_size),
@@ -161,6 +165,46 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         return evaluate(cfg, out_dir, adapter_dir=adapter, opts=opts, track=not args.no_track and not args.base)
 
-    entry = exit_on_user_error("fl-eval", go)
-    for task, metrics in entry["tasks"].items():
-        print(task, " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    def show(entry: dict[str, Any], prefix: str = "") -> None:
+        for task, metrics in entry["tasks"].items():
+            items = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+            print(f"{prefix}{task} {items}")
+
+    if args.base:
+        from fl.app.config import compose
+
+        def base() -> dict[str, Any]:
+            cfg, out_dir = compose(args.target), args.out or Path("outputs/eval-base")
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(out_dir / K.CONFIG_FILE, to_yaml(cfg))
+            return score(cfg, out_dir, None)
+
+        show(exit_on_user_error("fl-eval", base))
+        return
+    if not args.target:
+        parser.exit(2, "fl-eval: error: give a RUN_DIR (or several), or --base with Hydra overrides.\n")
+    runs = [Path(t) for t in args.target]
+    which = "base" if args.base_only else "adapter"
+
+    def one(run_dir: Path) -> dict[str, Any]:
+        return score(run_config(run_dir), run_dir, None if args.base_only else run_dir / K.ADAPTER_DIR)
+
+    if len(runs) == 1:
+        if args.skip_scored and scored_already(runs[0], args.tasks, which=which):
+            print(f"{runs[0]}: already scored on {' '.join(args.tasks)} (--skip-scored)")
+            return
+        show(exit_on_user_error("fl-eval", lambda: one(runs[0])))
+        return
+    # several runs (a sweep's cells): one that fails is named in one line and the others are still scored
+    failed: list[str] = []
+    for run_dir in runs:
+        if args.skip_scored and scored_already(run_dir, args.tasks, which=which):
+            print(f"{run_dir}: already scored on {' '.join(args.tasks)} (--skip-scored)")
+            continue
+        try:
+            show(one(run_dir), prefix=f"{run_dir}: ")
+        except USER_ERRORS as e:
+            print(f"fl-eval: {run_dir}: error: {one_line(e)}", file=sys.stderr)
+            failed.append(str(run_dir))
+    if failed:
+        parser.exit(2, f"fl-eval: {len(failed)} of {len(runs)} runs not scored: {' '.join(failed)}\n")
