@@ -80,14 +80,37 @@ def _majority(data_json: str, seed: int) -> float:
     return float(counts.max() / counts.sum())
 
 
+@lru_cache(maxsize=16)
+def _majority_words(cfg_json: str) -> float | None:
+    """The largest class's share of a causal-LM run's scored held-out records, or None where the run scored no
+    label words (free-text responses)."""
+    from omegaconf import OmegaConf
+
+    from fl.models import load_tokenizer
+    from fl.tasks import get_task
+
+    cfg = OmegaConf.create(json.loads(cfg_json))
+    tokenizer = load_tokenizer(cfg.model, cfg.cache_dir)  # the split the run scored: prompts over max_length dropped
+    test = get_task("causal_lm").build_data(cfg.data, tokenizer, seed=int(cfg.seed), cache_dir=cfg.cache_dir).test
+    if test.label_token_ids is None or not len(test):
+        return None
+    counts = np.bincount(test.labels.numpy())
+    return float(counts.max() / counts.sum())
+
+
 def majority_share(cfg: Any) -> float | None:
     """The largest class's share of the run's held-out split (what always predicting it scores).
 
-    Classification runs only (`model.task=seq_cls`); None for other tasks, whose accuracy has no such floor.
+    Classification runs, and causal-LM runs scored by label words (the tweets as instructions: the records the run
+    scored, read from its on-disk data cache); None for free-text tasks, whose accuracy has no such floor.
     """
     from omegaconf import OmegaConf
 
-    if str(cfg.model.get("task", "seq_cls")) != "seq_cls":
+    task = str(cfg.model.get("task", "seq_cls"))
+    if task == "causal_lm":
+        keep = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "data")}
+        return _majority_words(json.dumps({**keep, "seed": int(cfg.seed), "cache_dir": cfg.cache_dir}, default=str))
+    if task != "seq_cls":
         return None
     return _majority(json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True), int(cfg.seed))
 

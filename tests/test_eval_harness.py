@@ -166,5 +166,8 @@ def test_fl_eval_scores_several_runs_in_turn_and_fl_report_shows_their_scores(
     assert again["acc"] == pytest.approx(scored["tasks"][MC_TASK]["acc"]) and again["n"] == 22
     df, _ = report(tmp_path / "cells")  # fl-report: the run's lm-eval accuracy per run and over seeds
     assert list(df["lm_eval_fl_heldout_mc"]) == [pytest.approx(again["acc"])]
+    # the majority floor of a label-word run: the largest class's share of the records it scored (22 of 24)
+    counts = json.loads((other / "eval.json").read_text())["adapter"]["heldout_classes"]
+    assert list(df["majority"]) == [pytest.approx(max(counts.values()) / sum(counts.values()))]
     seeds = (tmp_path / "cells" / "seeds.md").read_text()
     assert "lm_eval_fl_heldout_mc" in seeds and "lm_eval_fl_heldout_gen" not in seeds
