@@ -171,3 +171,15 @@ def test_fl_eval_scores_several_runs_in_turn_and_fl_report_shows_their_scores(
     assert list(df["majority"]) == [pytest.approx(max(counts.values()) / sum(counts.values()))]
     seeds = (tmp_path / "cells" / "seeds.md").read_text()
     assert "lm_eval_fl_heldout_mc" in seeds and "lm_eval_fl_heldout_gen" not in seeds
+
+
+def test_a_run_without_its_tokenizer_here_gets_no_majority_floor_and_a_warning(
+    run_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from simulations.study import majority_share
+
+    cfg = run_config(run_dir)
+    cfg.model.tokenizer = "/no/such/tokenizer"  # a run folder copied to a machine without its model
+    with caplog.at_level("WARNING", logger="simulations.study"):
+        assert majority_share(cfg) is None
+    assert "No majority floor" in caplog.text and "/no/such/tokenizer" in caplog.text

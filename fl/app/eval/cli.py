@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -119,7 +120,7 @@ def scored_already(run_dir: Path, tasks: Sequence[str], *, which: str = "adapter
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The `fl-eval` command line (see the module docstring)."""
-    from fl.app.cli import USER_ERRORS, exit_on_user_error, one_line, setup_logging
+    from fl.app.cli import DEBUG_ENV, USER_ERRORS, exit_on_user_error, one_line, setup_logging
     from fl.runtime_env import set_quiet_env
 
     parser = argparse.ArgumentParser(
@@ -189,22 +190,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     def one(run_dir: Path) -> dict[str, Any]:
         return score(run_config(run_dir), run_dir, None if args.base_only else run_dir / K.ADAPTER_DIR)
 
-    if len(runs) == 1:
-        if args.skip_scored and scored_already(runs[0], args.tasks, which=which):
-            print(f"{runs[0]}: already scored on {' '.join(args.tasks)} (--skip-scored)")
-            return
-        show(exit_on_user_error("fl-eval", lambda: one(runs[0])))
-        return
-    # several runs (a sweep's cells): one that fails is named in one line and the others are still scored
+    # each run in turn (a sweep's cells): one that fails is named in one line and the others are still scored
     failed: list[str] = []
     for run_dir in runs:
+        prefix = f"{run_dir}: " if len(runs) > 1 else ""
         if args.skip_scored and scored_already(run_dir, args.tasks, which=which):
             print(f"{run_dir}: already scored on {' '.join(args.tasks)} (--skip-scored)")
             continue
         try:
-            show(one(run_dir), prefix=f"{run_dir}: ")
+            show(one(run_dir), prefix=prefix)
         except USER_ERRORS as e:
-            print(f"fl-eval: {run_dir}: error: {one_line(e)}", file=sys.stderr)
+            if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                raise
+            print(f"fl-eval: {prefix}error: {one_line(e)} (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
             failed.append(str(run_dir))
-    if failed:
+    if failed and len(runs) > 1:
         parser.exit(2, f"fl-eval: {len(failed)} of {len(runs)} runs not scored: {' '.join(failed)}\n")
+    if failed:
+        sys.exit(2)
