@@ -155,6 +155,9 @@ class Cell:
             # pinned: every cell before 2026-12-06 was planned with RDP (PRV is the default since); a key must mean
             # the same run whenever it is (re)run. PRV's cells are a variant: --variant prv --set privacy.accountant=prv
             "privacy.accountant=rdp",
+            # pinned too: every cell so far ran in fp32 (CPUs without native bf16, where precision=auto is fp32); on
+            # a bf16 CPU `auto` would train under bf16 autocast and a resumed map would mix the two under one key
+            "train.precision=fp32",
             *self.extra,  # after the pinned rate and accountant: the last value of a key wins
         ]
         work = "epochs" if self.local_epochs is not None else "steps"

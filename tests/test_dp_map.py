@@ -110,7 +110,10 @@ def test_cells_at_another_rate_are_a_variant_whose_twin_is_its_own(tmp_path: Pat
 
 def test_the_map_pins_rdp_and_a_variant_adds_prv_planning_or_a_server_optimizer_to_cell_and_twin() -> None:
     base = grid(["ffa_lora"], [10], [50])
-    assert compose([*TINY, *base[0].overrides(batch=64, physical=32)]).privacy.accountant == "rdp"  # as the map ran
+    cfg = compose([*TINY, *base[0].overrides(batch=64, physical=32)])
+    assert (cfg.privacy.accountant, cfg.train.precision) == ("rdp", "fp32")  # as the map ran, on any CPU
+    bf16 = with_settings(base, "bf16", ["train.precision=bf16"])  # a variant may still choose its precision
+    assert compose([*TINY, *bf16[0].overrides(batch=64, physical=32)]).train.precision == "bf16"
     prv = with_settings(base, "prv", ["privacy.accountant=prv"])
     assert [c.key for c in prv] == ["prv-ffa_lora-c10-s50x3-eps3-seed0", "prv-ffa_lora-c10-s50x3-off-seed0"]
     assert compose([*TINY, *prv[0].overrides(batch=64, physical=32)]).privacy.accountant == "prv"
