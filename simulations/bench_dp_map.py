@@ -52,7 +52,7 @@ from hydra.errors import HydraException
 
 from fl.app.config import compose
 from simulations import harness
-from simulations.dp_map_report import HEADLINE_EPSILON, OWN_RATE, plan_figures, plot, table
+from simulations.dp_map_report import HEADLINE_EPSILON, OWN_RATE, plan_figures, plot, seeds_table, table
 
 METHODS = ("ffa_lora", "fedit", "fed_sb", "fedsvd")
 CLIENTS = (3, 10)
@@ -351,6 +351,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.report:
         rows = harness.read_jsonl(args.out)
         print(table(rows))
+        print("\nOver seeds (mean ± std; the gap over the seeds that have both arms):\n")
+        print(seeds_table(rows))
         if any(r.get("dp_steps") for r in rows):
             plot(rows, args.out.with_suffix(".png"))
         return

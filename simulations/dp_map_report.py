@@ -8,6 +8,7 @@ clients, local steps or epochs and seed. Kept apart from the runner so the repor
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,60 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {name} | {r['clients']} | {steps(r)} | {r['epsilon']:g} | "
             f"{100 * r['accuracy']:.1f} | {acc_t} | {acc_o} | {gap} | {r.get('sigma', float('nan')):.3f} | "
             f"{r.get('prv_sigma', float('nan')):.3f} | {r['wall_s']:.0f} / {wall_t} |"
+        )
+    return "\n".join(lines)
+
+
+def _mean_std(values: list[float]) -> str:
+    """``m ± s`` in percent (sample std, n − 1), or the one value when there is one."""
+    pct = [100 * v for v in values]
+    if len(pct) == 1:
+        return f"{pct[0]:.1f}"
+    return f"{statistics.mean(pct):.1f} ± {statistics.stdev(pct):.1f}"
+
+
+def seeds_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown over seeds: each DP setting (variant, method, clients, DP steps, ε) with its accuracy and its twins'
+    as mean ± std over the seeds run, the gap of the means, and which seeds each side has.
+
+    The gap is taken over the seeds that have both a DP cell and a twin (a seed whose twin has not run yet is
+    listed but not in the gap), so a half-finished second seed never compares unlike runs.
+    """
+
+    def setting(r: dict[str, Any]) -> tuple[str, ...]:
+        keys = ("variant", "method", "clients", "rounds", "local_steps", "local_epochs")
+        return tuple("" if r.get(k) is None else str(r[k]) for k in keys)
+
+    twins = {(setting(r), r["seed"]): r["accuracy"] for r in rows if r["epsilon"] is None}
+    groups: dict[tuple[tuple[str, ...], float], dict[int, dict[str, Any]]] = {}
+    for r in rows:
+        if r["epsilon"] is not None:
+            groups.setdefault((setting(r), float(r["epsilon"])), {})[int(r["seed"])] = r
+    lines = [
+        "| method | clients | DP steps | ε | accuracy (mean ± std) | seeds | non-DP twin | twin seeds | gap (paired) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def order(item: tuple[tuple[tuple[str, ...], float], dict[int, dict[str, Any]]]) -> tuple[Any, ...]:
+        (key, eps), dp = item
+        first = dp[min(dp)]
+        return (*key[:2], int(first["clients"]), float(first.get("dp_steps") or 0), key[5], eps)
+
+    for (key, eps), dp in sorted(groups.items(), key=order):
+        tw = {seed: twins[(key, seed)] for seed in sorted(dp) if (key, seed) in twins}
+        gap = (
+            f"{100 * (statistics.mean(tw.values()) - statistics.mean(dp[s]['accuracy'] for s in tw)):.1f}"
+            if tw
+            else "—"
+        )
+        first = dp[min(dp)]
+        name = f"{first['method']} ({first['variant']})" if first.get("variant") else first["method"]
+        taken = first.get("dp_steps_taken") or first.get("dp_steps")
+        steps = f"{taken:.0f}" if taken else "—"
+        lines.append(
+            f"| {name} | {first['clients']} | {steps} | {eps:g} | {_mean_std([dp[s]['accuracy'] for s in sorted(dp)])} "
+            f"| {','.join(map(str, sorted(dp)))} | {_mean_std(list(tw.values())) if tw else '—'} "
+            f"| {','.join(map(str, tw)) or '—'} | {gap} |"
         )
     return "\n".join(lines)
 

@@ -23,7 +23,7 @@ from simulations.bench_dp_map import (
     with_own_rate_twins,
     with_settings,
 )
-from simulations.dp_map_report import OWN_RATE, line_label, plot, table
+from simulations.dp_map_report import OWN_RATE, line_label, plot, seeds_table, table
 from simulations.harness import TINY
 from simulations.harness import read_jsonl as read_done
 
@@ -193,3 +193,35 @@ def test_the_map_s_command_line_rejects_what_it_would_silently_ignore(
     with pytest.raises(SystemExit):
         main()
     assert says in capsys.readouterr().err
+
+
+def test_the_seeds_table_gives_mean_and_std_and_a_gap_only_over_seeds_with_both_arms() -> None:
+    def row(method: str, seed: int, eps: float | None, acc: float, variant: str = "") -> dict[str, Any]:
+        return {
+            "method": method,
+            "clients": 10,
+            "local_steps": 50,
+            "rounds": 3,
+            "local_epochs": None,
+            "seed": seed,
+            "epsilon": eps,
+            "variant": variant,
+            "accuracy": acc,
+            "dp_steps": 150,
+        }
+
+    rows = [
+        row("fedsvd", 0, 3.0, 0.60),
+        row("fedsvd", 1, 3.0, 0.64),
+        row("fedsvd", 0, None, 0.74),
+        row("fedsvd", 1, None, 0.76),
+        row("fed_sb", 0, 3.0, 0.55),
+        row("fed_sb", 1, 3.0, 0.59),
+        row("fed_sb", 0, None, 0.70),  # seed 1's twin not run yet
+        row("fedsvd", 0, 3.0, 0.66, "prv"),  # a variant is its own row, without a twin
+    ]
+    lines = seeds_table(rows).splitlines()
+    assert "| fedsvd | 10 | 150 | 3 | 62.0 ± 2.8 | 0,1 | 75.0 ± 1.4 | 0,1 | 13.0 |" in lines
+    assert "| fed_sb | 10 | 150 | 3 | 57.0 ± 2.8 | 0,1 | 70.0 | 0 | 15.0 |" in lines  # 70 − 55, seed 0 only
+    assert "| fedsvd (prv) | 10 | 150 | 3 | 66.0 | 0 | — | — | — |" in lines
+    assert len(lines) == 2 + 3
