@@ -82,11 +82,12 @@ def group_seeds(runs: list[dict[str, Any]]) -> tuple[pd.DataFrame, list[dict[str
     def same(g: dict[str, Any]) -> str:
         return json.dumps([g["strategy"], g["axis"]], sort_keys=True, default=str)
 
-    seen: dict[str, int] = {}
+    alike: dict[str, list[dict[str, Any]]] = {}
     for g in groups.values():
-        seen[same(g)] = seen.get(same(g), 0) + 1
-    for g in [g for g in groups.values() if seen[same(g)] > 1]:  # one method at two ranks: the rank names the row
-        g["strategy"] = f"{g['strategy']} r={g['runs'][0]['_flat'].get('strategy.rank')}"
+        alike.setdefault(same(g), []).append(g)
+    for twins in (t for t in alike.values() if len(t) > 1):  # one method at two ranks or rates: they name the rows
+        for g in twins:
+            g["strategy"] = f"{g['strategy']} {_telling_apart(g, twins)}"
     rows = []
     for g in groups.values():
         members = g["runs"]
@@ -124,6 +125,19 @@ def group_seeds(runs: list[dict[str, Any]]) -> tuple[pd.DataFrame, list[dict[str
         g["label"] = axis_label(g["axis"])
     df = pd.DataFrame(rows).sort_values(["strategy", *axis]).reset_index(drop=True)
     return df, list(groups.values())
+
+
+def _telling_apart(group: dict[str, Any], alike: list[dict[str, Any]]) -> str:
+    """What tells `group` from the other groups of its method at the same swept values: the `strategy.*` settings
+    that differ among them, e.g. ``r=2`` or ``lr=0.003`` (without them the rows would share a name and one would
+    overwrite the other in the pivot)."""
+    flats = [g["runs"][0]["_flat"] for g in alike]
+    keys = sorted(
+        {k for f in flats for k in f if k.startswith("strategy.")}
+        - {k for k in flats[0] if all(json.dumps(f.get(k)) == json.dumps(flats[0].get(k)) for f in flats)}
+    )
+    own = group["runs"][0]["_flat"]
+    return ", ".join(f"{'r' if k == 'strategy.rank' else k.removeprefix('strategy.')}={own.get(k)}" for k in keys)
 
 
 def axis_label(axis: dict[str, Any]) -> str:

@@ -8,12 +8,14 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from fl.app.config import compose
-from simulations.seeds import flat_config, group_seeds
+from simulations.seeds import flat_config, group_seeds, pivot
 from simulations.sweep import expand, load_sweep
 
 
-def _run(strategy: str, rank: int, ranks: list[int] | None, seed: int, acc: float) -> dict[str, Any]:
-    cfg = OmegaConf.create({"strategy": {"name": strategy, "rank": rank}, "sim": {"client_ranks": ranks}, "seed": seed})
+def _run(strategy: str, rank: int, ranks: list[int] | None, seed: int, acc: float, lr: float = 1e-3) -> dict[str, Any]:
+    cfg = OmegaConf.create(
+        {"strategy": {"name": strategy, "rank": rank, "lr": lr}, "sim": {"client_ranks": ranks}, "seed": seed}
+    )
     return {
         "_flat": flat_config(cfg),
         "strategy": strategy,
@@ -37,6 +39,18 @@ def test_ranks_group_into_one_row_per_method_and_rank() -> None:
     assert set(df["n"]) == {3}
     assert df.loc[df["strategy"] == "fedit r=2", "final_mean"].item() == 0.51
     assert {g["axis"]["sim.client_ranks"] for g in groups} == {None, "[2, 4, 8, 16]"}
+
+
+def test_one_method_at_two_rates_gets_two_rows_named_by_the_rate_and_the_pivot_keeps_both() -> None:
+    runs = [
+        *(_run("ffa_lora", 8, None, s, 0.45, lr=1e-2) for s in range(2)),
+        *(_run("ffa_lora", 8, None, s, 0.50, lr=3e-3) for s in range(2)),
+        *(_run("fed_sb", 32, None, 0, 0.44, lr=3e-3),),
+    ]
+    df, groups = group_seeds(runs)
+    assert sorted(df["strategy"]) == ["fed_sb", "ffa_lora lr=0.003", "ffa_lora lr=0.01"]  # no rank: it is the same
+    table = pivot(df, groups)
+    assert len(table) == 3 and "0.500 ± 0.000 (n=2)" in table.to_string()
 
 
 def test_where_a_run_ran_is_not_a_setting() -> None:
