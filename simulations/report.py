@@ -94,6 +94,7 @@ def load_runs(root: Path) -> list[dict[str, Any]]:
                 "method": method_label(flat),
                 "partitioning": partition_label(flat),
                 "rank": int(cfg.strategy.rank),
+                "lr": float(cfg.strategy.lr),  # the client rate: runs of one method at two rates differ here
                 "num_clients": int(cfg.sim.num_clients),
                 "heterogeneity": heterogeneity(cfg),
                 "alpha": float(cfg.data.alpha) if cfg.data.partitioner == "dirichlet" else None,
