@@ -132,10 +132,8 @@ def _telling_apart(group: dict[str, Any], alike: list[dict[str, Any]]) -> str:
     that differ among them, e.g. ``r=2`` or ``lr=0.003`` (without them the rows would share a name and one would
     overwrite the other in the pivot)."""
     flats = [g["runs"][0]["_flat"] for g in alike]
-    keys = sorted(
-        {k for f in flats for k in f if k.startswith("strategy.")}
-        - {k for k in flats[0] if all(json.dumps(f.get(k)) == json.dumps(flats[0].get(k)) for f in flats)}
-    )
+    named = {k for f in flats for k in f if k.startswith("strategy.")}
+    keys = sorted(k for k in named if len({json.dumps(f.get(k), default=str) for f in flats}) > 1)
     own = group["runs"][0]["_flat"]
     return ", ".join(f"{'r' if k == 'strategy.rank' else k.removeprefix('strategy.')}={own.get(k)}" for k in keys)
 
