@@ -12,6 +12,11 @@ Usage::
 
     python -m simulations.centralised --steps 1000 --eval-every 100
     python -m simulations.centralised --steps 500 strategy=ffa_lora strategy.lr=1e-2
+    python -m simulations.centralised --steps 250 --out runs/anchor +experiment=smollm2   # then: fl-eval runs/anchor
+
+With ``--out DIR`` the folder is a run folder `fl-eval` scores like a federated one: ``config.yaml`` (the composed
+config), ``adapter/`` (a standard PEFT adapter of the trained model), ``summary.json`` (``final_accuracy``,
+``best_val_step``) and ``centralised.jsonl`` (the history; not ``metrics.jsonl``, whose rows are rounds).
 """
 
 from __future__ import annotations
@@ -19,16 +24,21 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 
 from clients.evaluate import evaluate
 from clients.train import make_loader, round_seed
 from fl.accel import autocast
+from fl.adapters import export_peft
 from fl.app.config import compose
+from fl.app.server_app import export_base
 from fl.app.workspace import get_workspace
 from fl.data import IndexedDataset, client_partition
+from fl.outputs import RunOutputs, write_atomic
 from fl.schedule import round_lr
 from simulations import harness
 
@@ -42,10 +52,18 @@ def pooled_indices(overrides: list[str]) -> np.ndarray:
     return np.sort(np.concatenate(parts))
 
 
-def run(overrides: list[str], *, steps: int, eval_every: int) -> list[dict[str, float]]:
-    """Train centrally for `steps` AdamW steps; evaluate on the held-out split every `eval_every` steps."""
+def run(
+    overrides: list[str], *, steps: int, eval_every: int, out_dir: str | Path | None = None
+) -> list[dict[str, float]]:
+    """Train centrally for `steps` AdamW steps; evaluate on the held-out split every `eval_every` steps.
+
+    With `out_dir`, also write a run folder `fl-eval` scores (see the module docstring).
+    """
     ws = get_workspace(overrides)
     cfg = ws.cfg
+    out = RunOutputs(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.write_config(cfg)
     data = IndexedDataset(ws.task.train, pooled_indices(overrides))
     model = ws.model
     task = ws.task_def  # kept logits and per-example means for a causal LM, as the clients train
@@ -78,8 +96,17 @@ def run(overrides: list[str], *, steps: int, eval_every: int) -> list[dict[str, 
             )
         return row
 
-    history = [{"step": 0, **scores(), "seconds": 0.0}]
-    print(json.dumps(history[-1]), flush=True)
+    def record(row: dict[str, float]) -> None:
+        history.append(row)
+        print(json.dumps(row), flush=True)
+        if out is not None:
+            with (out.dir / HISTORY_FILE).open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    history: list[dict[str, float]] = []
+    if out is not None:
+        write_atomic(out.dir / HISTORY_FILE, "")
+    record({"step": 0, **scores(), "seconds": 0.0})
     t0, step = time.perf_counter(), 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -96,8 +123,7 @@ def run(overrides: list[str], *, steps: int, eval_every: int) -> list[dict[str, 
                 step += 1
                 if step % eval_every == 0 or step == steps:
                     seconds = time.perf_counter() - t0
-                    history.append({"step": step, **scores(), "lr": lr_at(step - 1), "seconds": seconds})
-                    print(json.dumps(history[-1]), flush=True)
+                    record({"step": step, **scores(), "lr": lr_at(step - 1), "seconds": seconds})
                 if step >= steps:
                     break
     print(
@@ -106,7 +132,33 @@ def run(overrides: list[str], *, steps: int, eval_every: int) -> list[dict[str, 
         f"({cfg.train.lr_schedule} over {rounds} rounds' worth), {precision} "
         f"-> accuracy {history[-1]['accuracy']:.4f} on {len(ws.task.test)} held-out examples"
     )
+    if out is not None:
+        export_peft(ws.model, kind=ws.kind, base=export_base(ws), out_dir=out.adapter_dir)  # type: ignore[arg-type]
+        out.write_summary(summary(cfg, history, pooled=len(data), adapter_dir=out.adapter_dir))
     return history
+
+
+HISTORY_FILE = "centralised.jsonl"
+
+
+def summary(cfg: DictConfig, history: list[dict[str, float]], *, pooled: int, adapter_dir: Path) -> dict[str, object]:
+    """The run folder's ``summary.json``: the final scores, and the step the validation split would choose."""
+    last = history[-1]
+    scored = [h for h in history if "val_accuracy" in h]
+    best = max(scored, key=lambda h: h["val_accuracy"]) if scored else None  # first of ties: max keeps it
+    return {
+        "strategy": "centralised",
+        "adapter_kind": str(cfg.strategy.name),
+        "steps": int(last["step"]),
+        "pooled_examples": pooled,
+        "final_accuracy": last["accuracy"],
+        "final_loss": last["loss"],
+        "final_val_accuracy": last.get("val_accuracy"),
+        "best_val_step": best["step"] if best else None,
+        "best_val_step_accuracy": best["accuracy"] if best else None,
+        "wall_seconds": last["seconds"],
+        "adapter_dir": str(adapter_dir),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -116,12 +168,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=1000, help="optimiser steps (compare at equal client steps)")
     ap.add_argument("--eval-every", type=int, default=100, help="evaluate every this many steps")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--out", type=Path, help="write a run folder fl-eval scores (config, adapter, summary, history)")
     args = harness.parse(ap, argv)
     if args.steps < 1 or args.eval_every < 1:
         ap.error(f"--steps ({args.steps}) and --eval-every ({args.eval_every}) must be at least 1")
     torch.set_num_threads(args.threads)
     compose(args.overrides)  # a bad value fails here with the field's name
-    run(list(args.overrides), steps=args.steps, eval_every=args.eval_every)
+    run(list(args.overrides), steps=args.steps, eval_every=args.eval_every, out_dir=args.out)
 
 
 if __name__ == "__main__":

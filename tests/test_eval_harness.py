@@ -183,3 +183,26 @@ def test_a_run_without_its_tokenizer_here_gets_no_majority_floor_and_a_warning(
     with caplog.at_level("WARNING", logger="simulations.study"):
         assert majority_share(cfg) is None
     assert "No majority floor" in caplog.text and "/no/such/tokenizer" in caplog.text
+
+
+def test_the_centralised_anchor_writes_a_run_folder_fl_eval_scores_to_its_own_accuracy(
+    cache_dir: str, tmp_path: Path
+) -> None:
+    """`simulations.centralised --out`: config, a PEFT adapter and a summary, scored by lm-eval like a federated run
+    (the LLM table's anchor), and lm-eval's tweets accuracy is the anchor's own final accuracy."""
+    from simulations.centralised import HISTORY_FILE
+    from simulations.centralised import main as centralised
+
+    out = tmp_path / "anchor"
+    overrides = [o for o in LLAMA if not o.startswith("tracking=")]
+    threads = str(torch.get_num_threads())  # the CLI sets torch's threads: leave the process's as they were
+    centralised(["--steps", "2", "--eval-every", "1", "--threads", threads, "--out", str(out), *overrides])
+    centralised_summary = json.loads((out / "summary.json").read_text())
+    history = [json.loads(line) for line in (out / HISTORY_FILE).read_text().splitlines()]
+    assert [h["step"] for h in history] == [0, 1, 2] and centralised_summary["steps"] == 2
+    assert centralised_summary["final_accuracy"] == history[-1]["accuracy"]
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    main([str(out), "--tasks", MC_TASK, "--device", "cpu", "--no-track"])
+    mc = json.loads((out / "eval.json").read_text())["adapter"]["tasks"][MC_TASK]
+    assert mc["n"] == 22 and mc["acc"] == pytest.approx(centralised_summary["final_accuracy"], abs=1e-12)
+    assert json.loads((out / "summary.json").read_text())["eval"]["adapter"]["tasks"][MC_TASK] == mc
