@@ -145,7 +145,9 @@ def summary(cfg: DictConfig, history: list[dict[str, float]], *, pooled: int, ad
     """The run folder's ``summary.json``: the final scores, and the step the validation split would choose."""
     last = history[-1]
     scored = [h for h in history if "val_accuracy" in h]
-    best = max(scored, key=lambda h: h["val_accuracy"]) if scored else None  # first of ties: max keeps it
+    best = (
+        max(reversed(scored), key=lambda h: h["val_accuracy"]) if scored else None
+    )  # the latest wins a tie, as fl.outputs.best_round
     return {
         "strategy": "centralised",
         "adapter_kind": str(cfg.strategy.name),
