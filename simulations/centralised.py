@@ -38,7 +38,7 @@ from fl.app.config import compose
 from fl.app.server_app import export_base
 from fl.app.workspace import get_workspace
 from fl.data import IndexedDataset, client_partition
-from fl.outputs import RunOutputs, write_atomic
+from fl.outputs import RunOutputs, best_round, write_atomic
 from fl.schedule import round_lr
 from simulations import harness
 
@@ -144,10 +144,7 @@ HISTORY_FILE = "centralised.jsonl"
 def summary(cfg: DictConfig, history: list[dict[str, float]], *, pooled: int, adapter_dir: Path) -> dict[str, object]:
     """The run folder's ``summary.json``: the final scores, and the step the validation split would choose."""
     last = history[-1]
-    scored = [h for h in history if "val_accuracy" in h]
-    best = (
-        max(reversed(scored), key=lambda h: h["val_accuracy"]) if scored else None
-    )  # the latest wins a tie, as fl.outputs.best_round
+    best = best_round([{**h, "round": h["step"]} for h in history])  # the shared rule: val only, latest on a tie
     return {
         "strategy": "centralised",
         "adapter_kind": str(cfg.strategy.name),
@@ -156,8 +153,8 @@ def summary(cfg: DictConfig, history: list[dict[str, float]], *, pooled: int, ad
         "final_accuracy": last["accuracy"],
         "final_loss": last["loss"],
         "final_val_accuracy": last.get("val_accuracy"),
-        "best_val_step": best["step"] if best else None,
-        "best_val_step_accuracy": best["accuracy"] if best else None,
+        "best_val_step": best["best_round"],
+        "best_val_step_accuracy": best["best_round_accuracy"],
         "wall_seconds": last["seconds"],
         "adapter_dir": str(adapter_dir),
     }
